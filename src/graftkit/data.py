@@ -1,0 +1,286 @@
+"""Image folders in, labelled streams out: scan, split, decode, augment.
+
+Every file is decoded once while scanning, so an unreadable image is reported up front (in
+``skipped``) instead of killing a training run half-way. Training then streams images through a
+tf.data pipeline (parallel decode with the same ``load_image`` that ``predict`` uses, so a raw
+image at prediction time is processed exactly as in training).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from graftkit.defaults import AUGMENT, IMAGE_EXTENSIONS, TRAIN_DIR_NAME, VAL_DIR_NAMES
+from graftkit.errors import DataError, UsageError
+
+# Pillow refuses images with more pixels than this (decompression bombs) with an error.
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass
+class Split:
+    """One split: parallel lists of file paths and integer labels."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class ImageFolder:
+    """A scanned dataset: class names in label order, the two splits, and what was skipped."""
+
+    root: Path
+    classes: list[str]
+    train: Split
+    val: Split
+    skipped: list[dict[str, str]]
+    split_source: str  # "folders" (train/ and val/ given) or "seeded split of N%"
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode any supported image to a ``(size, size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied; alpha is composited on white; 16-bit images are scaled, not
+    clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
+    """
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def check_image(path: str) -> str | None:
+    """None when ``path`` decodes, else the reason it cannot be used."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        load_image(path, 32)
+    except Image.DecompressionBombError:
+        return "image has more pixels than the limit (possible decompression bomb)"
+    except FileNotFoundError:
+        return "file not found (dangling link?)"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:  # Pillow's "cannot identify image file", truncated data...
+        return f"unreadable image: {exc}".replace(str(path), "").replace("''", "").strip()
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
+        return f"unreadable image: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _list_files(class_dir: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+    return files
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def _scan_classes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, list[str]]:
+    """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
+    candidates: dict[str, list[str]] = {}
+    for class_dir in _class_dirs(folder):
+        paths = []
+        for f in _list_files(class_dir):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append({"path": str(f), "reason": f"not an image file ({f.suffix or 'no extension'})"})
+            else:
+                paths.append(str(f))
+        candidates[class_dir.name] = paths
+    all_paths = [p for ps in candidates.values() for p in ps]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        reasons = dict(zip(all_paths, pool.map(check_image, all_paths)))
+    result = {}
+    for name, paths in candidates.items():
+        for p in paths:
+            if reasons[p]:
+                skipped.append({"path": p, "reason": reasons[p]})
+        result[name] = [p for p in paths if not reasons[p]]
+    return result
+
+
+def _require_classes(by_class: dict[str, list[str]], where: Path) -> None:
+    if not by_class:
+        raise DataError(
+            f"{where} has no class subfolders: put the images of each class in {where}/<class>/"
+        )
+    empty = [c for c, ps in by_class.items() if not ps]
+    if empty:
+        raise DataError(
+            f"class folder {where / empty[0]} has no readable image: add images or remove the folder"
+        )
+    if len(by_class) < 2:
+        raise DataError(f"{where} has only one class ({next(iter(by_class))}): a classifier needs at least 2")
+
+
+def _seeded_split(by_class: dict[str, list[str]], val_split: float, seed: int) -> tuple[Split, Split]:
+    rng = random.Random(seed)
+    train, val = Split(), Split()
+    for label, name in enumerate(by_class):
+        paths = list(by_class[name])
+        rng.shuffle(paths)
+        n_val = int(round(len(paths) * val_split))
+        if len(paths) >= 2:
+            n_val = min(max(n_val, 1), len(paths) - 1)
+        else:
+            n_val = 0
+        for i, p in enumerate(paths):
+            target = val if i < n_val else train
+            target.paths.append(p)
+            target.labels.append(label)
+    return train, val
+
+
+def _as_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
+    split = Split()
+    for name, paths in by_class.items():
+        split.paths.extend(paths)
+        split.labels.extend([classes.index(name)] * len(paths))
+    return split
+
+
+def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
+    """``(train, val)`` folders when ``root`` holds them, else None."""
+    train = root / TRAIN_DIR_NAME
+    for name in VAL_DIR_NAMES:
+        if train.is_dir() and (root / name).is_dir():
+            return train, root / name
+    return None
+
+
+def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337) -> ImageFolder:
+    """Scan a class folder (or one with ``train/`` and ``val/``) and check every image."""
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: pass a folder with one subfolder per class")
+    if not 0.0 < val_split < 1.0:
+        raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
+    skipped: list[dict[str, str]] = []
+    dirs = find_split_dirs(root)
+    if dirs:
+        train_by_class = _scan_classes(dirs[0], skipped)
+        _require_classes(train_by_class, dirs[0])
+        classes = list(train_by_class)
+        val_by_class = _scan_classes(dirs[1], skipped)
+        unknown = sorted(set(val_by_class) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{dirs[1]} has classes missing from {dirs[0]}: {', '.join(unknown)}; "
+                "use the same class folders in both"
+            )
+        val = _as_split({c: ps for c, ps in val_by_class.items()}, classes)
+        if len(val) == 0:
+            raise DataError(f"{dirs[1]} has no readable image: add validation images or remove it")
+        return ImageFolder(root, classes, _as_split(train_by_class, classes), val, skipped, "folders")
+    by_class = _scan_classes(root, skipped)
+    _require_classes(by_class, root)
+    train, val = _seeded_split(by_class, val_split, seed)
+    if len(val) == 0:
+        raise DataError(f"{root} has too few images for a validation split: add images")
+    return ImageFolder(root, list(by_class), train, val, skipped,
+                       f"seeded split ({val_split:.0%} validation, seed {seed})")
+
+
+def parse_augment(spec: str | None) -> dict[str, float | bool]:
+    """``"flip,rotation=0.1,zoom=0.2"`` -> settings; ``"none"`` or empty -> no augmentation."""
+    if spec is None:
+        return dict(AUGMENT)
+    settings: dict[str, float | bool] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "none":
+            return {}
+        key, _, value = part.partition("=")
+        if key not in AUGMENT:
+            raise UsageError(f"unknown augmentation {key!r} in --augment; use {', '.join(AUGMENT)}")
+        if key == "flip":
+            settings[key] = True
+            continue
+        try:
+            settings[key] = float(value) if value else float(AUGMENT[key])
+        except ValueError:
+            raise UsageError(f"--augment {key}={value!r} is not a number") from None
+    return settings
+
+
+def augmenter(settings: dict[str, float | bool], seed: int):
+    """Keras random layers applied to training batches only (never saved with the model)."""
+    import keras
+    from keras import layers
+
+    stack = []
+    if settings.get("flip"):
+        stack.append(layers.RandomFlip("horizontal", seed=seed))
+    if settings.get("rotation"):
+        stack.append(layers.RandomRotation(settings["rotation"], seed=seed + 1))
+    if settings.get("zoom"):
+        stack.append(layers.RandomZoom(settings["zoom"], seed=seed + 2))
+    if settings.get("contrast"):
+        stack.append(layers.RandomContrast(settings["contrast"], value_range=(0, 255), seed=seed + 3))
+    return keras.Sequential(stack, name="augment") if stack else None
+
+
+def make_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    image_size: int,
+    batch_size: int,
+    shuffle: bool = False,
+    augment=None,
+    seed: int = 1337,
+):
+    """A prefetched tf.data stream of ``(float32 0-255 images, labels)`` batches."""
+    import tensorflow as tf
+
+    def decode(path):
+        img = tf.numpy_function(lambda p: load_image(p.decode(), image_size), [path], tf.uint8)
+        img.set_shape((image_size, image_size, 3))
+        return tf.cast(img, tf.float32)
+
+    if labels is None:
+        ds = tf.data.Dataset.from_tensor_slices(list(paths))
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, dtype=np.int32)))
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,35 @@
+"""The one place for facts and default hyper-parameters that several modules share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+VAL_DIR_NAMES = ("val", "validation")
+TRAIN_DIR_NAME = "train"
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+VAL_SPLIT = 0.2
+SEED = 1337
+BATCH_SIZE = 32
+HEAD_EPOCHS = 20  # on features computed once, so epochs are nearly free
+FINE_TUNE_EPOCHS = 5
+HEAD_LR = 1e-3
+FINE_TUNE_LR = 1e-5
+UNFREEZE = "all"
+DROPOUT = 0.2
+# Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).
+AUGMENT = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+
+CACHE_ENV = "GRAFTKIT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$GRAFTKIT_CACHE_DIR`` or ``~/.cache/graftkit``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "graftkit"

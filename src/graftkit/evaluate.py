@@ -1,0 +1,40 @@
+"""Scores of a classifier on labelled images: accuracy, per-class figures, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def predict_proba(model, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Class probabilities for image files, through the same decoder as training."""
+    from graftkit.data import make_dataset
+
+    if not paths:
+        return np.zeros((0, model.outputs[0].shape[-1]), dtype=np.float32)
+    size = int(model.inputs[0].shape[1])
+    ds = make_dataset(paths, None, size, batch_size)
+    return np.asarray(model.predict(ds, verbose=0))
+
+
+def scores(y_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    y_true = np.asarray(y_true)
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
+        "num_images": int(len(y_true)),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]),
+                "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }

@@ -1,0 +1,68 @@
+"""The guide's introspection (weights, trainable_weights, non_trainable_weights) for any target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graftkit.errors import BackboneError
+
+
+def _load_target(target: str):
+    import keras
+
+    from graftkit.backbones import REGISTRY, load_base
+
+    path = Path(target)
+    if path.is_dir():
+        from graftkit.predict import load
+
+        return f"run {path}", load(path).model
+    if target.endswith(".keras"):
+        if not path.is_file():
+            raise BackboneError(f"model file not found: {path}")
+        try:
+            return f"model file {path}", keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise BackboneError(f"cannot load {path}: {exc}") from None
+    if target in REGISTRY:
+        model, info = load_base(target, weights=None)
+        return f"backbone {target} at {info.image_size}x{info.image_size} (as graftkit builds it)", model
+    raise BackboneError(
+        f"{target!r} is not a run folder, a .keras file or a backbone ({', '.join(REGISTRY)})"
+    )
+
+
+def inspect_target(target: str, flatten: bool = False) -> tuple[str, list[dict], dict]:
+    """``(title, per-layer rows, totals)`` for a run folder, ``.keras`` file or backbone name."""
+    from graftkit.backbones.registry import count_params
+    from graftkit.graft import weight_table
+
+    title, model = _load_target(target)
+    totals = {
+        "weights": len(model.weights),
+        "trainable_weights": len(model.trainable_weights),
+        "non_trainable_weights": len(model.non_trainable_weights),
+        "params": count_params(model.weights),
+        "trainable_params": count_params(model.trainable_weights),
+    }
+    return title, weight_table(model, flatten=flatten), totals
+
+
+def backbone_rows() -> list[dict]:
+    """The registry as rows: input size, parameters, preprocessing, whether weights are local."""
+    from graftkit.backbones import REGISTRY, load_base
+    from graftkit.backbones.registry import count_params
+
+    rows = []
+    for entry in REGISTRY.values():
+        model, _ = load_base(entry.name, weights=None)
+        rows.append({
+            "name": entry.name,
+            "input_size": entry.input_size,
+            "params": count_params(model.weights),
+            "preprocessing": entry.preprocessing.text,
+            "weights_on_disk": entry.weights_on_disk(),
+            "weights_source": entry.weights_source,
+            "licence": entry.licence,
+        })
+    return rows

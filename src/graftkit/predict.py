@@ -1,0 +1,117 @@
+"""A finished run as a classifier: ``graftkit.load(run_dir).predict(paths)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graftkit.defaults import IMAGE_EXTENSIONS
+from graftkit.errors import DataError
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "probability": self.probability,
+                "top_k": [[lab, p] for lab, p in self.top_k]}
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
+    """Files as given, folders walked for images; returns ``(images, skipped)``."""
+    from graftkit.data import check_image
+
+    found, skipped = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            candidates = sorted(f for f in p.rglob("*")
+                                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            candidates = [p]
+        else:
+            raise DataError(f"no such file or folder: {p}")
+        for f in candidates:
+            reason = check_image(str(f))
+            if reason:
+                skipped.append({"path": str(f), "reason": reason})
+            else:
+                found.append(str(f))
+    return found, skipped
+
+
+class Classifier:
+    """A trained graftkit model with its labels: ``predict``, ``predict_proba``, ``evaluate``."""
+
+    def __init__(self, model, classes: list[str], metrics: dict | None = None):
+        self.model = model
+        self.classes_ = list(classes)
+        self.metrics_ = metrics or {}
+        self.image_size_ = int(model.inputs[0].shape[1])
+
+    def predict_proba(self, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        from graftkit.evaluate import predict_proba
+
+        return predict_proba(self.model, list(paths), batch_size)
+
+    def predict(self, paths: Sequence[str], top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
+        """Top-k labels for each image file (decoded exactly as in training)."""
+        probs = self.predict_proba(paths, batch_size)
+        k = max(1, min(top_k, len(self.classes_)))
+        out = []
+        for path, p in zip(paths, probs):
+            order = np.argsort(-p)[:k]
+            top = [(self.classes_[i], float(p[i])) for i in order]
+            out.append(Prediction(str(path), top[0][0], top[0][1], top))
+        return out
+
+    def evaluate(self, data_dir: str | os.PathLike, batch_size: int = 32) -> dict:
+        """Scores on a class folder, or on the ``val/`` of a folder with ``train/`` and ``val/``."""
+        from graftkit.data import _require_classes, _scan_classes, find_split_dirs
+        from graftkit.evaluate import scores
+
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root}")
+        dirs = find_split_dirs(root)
+        folder = dirs[1] if dirs else root
+        skipped: list[dict[str, str]] = []
+        by_class = _scan_classes(folder, skipped)
+        by_class = {c: ps for c, ps in by_class.items() if ps}
+        if not by_class:
+            _require_classes(by_class, folder)
+        unknown = sorted(set(by_class) - set(self.classes_))
+        if unknown:
+            raise DataError(
+                f"{folder} has classes the model was not trained on: {', '.join(unknown)}; "
+                f"the model knows {', '.join(self.classes_)}"
+            )
+        paths = [p for ps in by_class.values() for p in ps]
+        labels = [self.classes_.index(c) for c, ps in by_class.items() for _ in ps]
+        result = scores(labels, self.predict_proba(paths, batch_size), self.classes_)
+        result["data"] = str(folder)
+        result["skipped_files"] = skipped
+        return result
+
+
+def load(run_dir: str | os.PathLike) -> Classifier:
+    """Load a run folder written by ``graft fit`` (safe mode: no code runs from the file)."""
+    import keras
+
+    from graftkit.errors import RunError
+    from graftkit.run import read_run
+
+    model_path, labels, metrics = read_run(run_dir)
+    try:
+        model = keras.models.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise RunError(f"cannot load {model_path}: {exc}") from None
+    return Classifier(model, labels, metrics)

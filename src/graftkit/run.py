@@ -1,0 +1,141 @@
+"""The run folder: every output of ``graft fit``, each written atomically.
+
+A file appears under its final name only once complete (temp file + rename), so an interrupted
+run never leaves a half-written ``model.keras`` that looks valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from graftkit.errors import RunError
+
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+RUN_MARKERS = (MODEL_FILE, METRICS_FILE)
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Create ``out`` and prove it is writable before any training time is spent."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file: pass a folder path")
+    if path.is_dir() and not overwrite and any((path / m).exists() for m in RUN_MARKERS):
+        raise RunError(f"{path} already holds a run: pass --overwrite or choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise RunError(f"cannot write to {path}: {exc.strerror or exc}; choose another --out") from None
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic(Path(path), write)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_history(path: Path, rows: list[dict], columns) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_model(model, path: Path) -> None:
+    _atomic(Path(path), lambda tmp: model.save(tmp))
+
+
+def save_figure(fig, path: Path) -> None:
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+
+
+def plot_history(rows: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch across both phases, with the phase boundary marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = list(range(1, len(rows) + 1))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(steps, [r[key] for r in rows], "o-", label=f"train {key}")
+        ax.plot(steps, [r[f"val_{key}"] for r in rows], "o-", label=f"val {key}")
+        n_head = sum(r["phase"] == "head" for r in rows)
+        if 0 < n_head < len(rows):
+            ax.axvline(n_head + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(matrix, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
+                    color="white" if matrix[i][j] > top / 2 else "black", fontsize=8)
+    ax.set_title("validation confusion matrix")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def read_run(run_dir: str | os.PathLike) -> tuple[Path, list[str], dict]:
+    """``(model path, labels, metrics)`` of a finished run, or a clear error."""
+    path = Path(run_dir)
+    model_path = path / MODEL_FILE
+    if not model_path.is_file():
+        raise RunError(f"{path} is not a graftkit run (no {MODEL_FILE}); pass the --out of graft fit")
+    try:
+        labels = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {path / LABELS_FILE}: {exc}") from None
+    try:
+        metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    return model_path, labels, metrics

@@ -1,0 +1,156 @@
+"""The graft command end to end on generated images, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from graftkit.cli import main
+
+from .conftest import make_folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_writes_a_complete_run(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=10)
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "fit", data, "--out", run, "--image-size", "32",
+                             "--head-epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8",
+                             "--unfreeze", "2", "--fine-tune-lr", "1e-4")
+    assert code == 0, err
+    assert "final val accuracy" in out and "phase 2 (fine-tune)" in out
+    for name in ("model.keras", "labels.json", "metrics.json", "history.csv", "curves.png",
+                 "confusion_matrix.png"):
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val_accuracy", "backbone", "image_size", "classes", "num_train", "num_val",
+                "skipped_files", "phases"):
+        assert key in metrics
+    assert [p["name"] for p in metrics["phases"]] == ["head", "fine_tune"]
+    assert metrics["image_size"] == 32 and metrics["num_train"] + metrics["num_val"] == 30
+    assert metrics["val_accuracy"] >= metrics["phases"][0]["best_val_accuracy"] - 1e-6
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert list(rows[0]) == ["phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                             "seconds"]
+    assert [r["phase"] for r in rows] == ["head", "head", "fine_tune"]
+    assert json.loads((run / "labels.json").read_text()) == ["class_0", "class_1", "class_2"]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    code, _out, err = run_cli(capsys, "fit", data, "--out", run, "--image-size", "32")
+    assert code == 5 and "--overwrite" in err
+
+
+def test_saved_model_loads_in_plain_keras_and_takes_raw_pixels(trained_run):
+    """What a user deploys: keras.models.load_model alone, raw 0-255 RGB in, probabilities out."""
+    script = f"""
+import os; os.environ['KERAS_BACKEND'] = 'tensorflow'
+import sys; sys.modules['graftkit'] = None  # graftkit must not be needed
+import numpy as np, keras
+from PIL import Image
+m = keras.models.load_model({str(trained_run / 'run' / 'model.keras')!r})
+x = np.asarray(Image.open({str(trained_run / 'data' / 'class_2' / 'img_000.png')!r}).convert('RGB')
+               .resize((32, 32), Image.BILINEAR), dtype='float32')[None]
+p = m.predict(x, verbose=0)[0]
+print(round(float(p.sum()), 4), int(p.argmax()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    total, label = out.stdout.split()
+    assert float(total) == 1.0 and label == "2"
+
+
+def test_predict_formats(trained_run, capsys):
+    run, data = trained_run / "run", trained_run / "data"
+    code, out, _ = run_cli(capsys, "predict", run, data / "class_1", "--top-k", "2",
+                           "--format", "json")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 10
+    assert set(lines[0]) == {"path", "label", "probability", "top_k"}
+    assert len(lines[0]["top_k"]) == 2 and lines[0]["top_k"][0][0] == lines[0]["label"]
+    assert sum(r["label"] == "class_1" for r in lines) >= 8
+    code, out, _ = run_cli(capsys, "predict", run, data / "class_0" / "img_000.png",
+                           "--format", "csv")
+    assert code == 0 and out.splitlines()[0] == "path,label,probability,top_k"
+    code, out, _ = run_cli(capsys, "predict", run, data / "class_0" / "img_000.png")
+    assert code == 0 and "class_0" in out
+
+
+def test_predict_matches_training_preprocessing(trained_run):
+    """predict on a raw file equals the model on the pipeline's own decoding of that file."""
+    import numpy as np
+
+    import graftkit
+    from graftkit.data import load_image
+
+    clf = graftkit.load(trained_run / "run")
+    path = str(trained_run / "data" / "class_0" / "img_001.png")
+    direct = clf.model.predict(load_image(path, 32)[None].astype("float32"), verbose=0)[0]
+    np.testing.assert_allclose(clf.predict_proba([path])[0], direct, atol=1e-6)
+
+
+def test_evaluate(trained_run, capsys):
+    run, data = trained_run / "run", trained_run / "data"
+    code, out, _ = run_cli(capsys, "evaluate", run, data, "--format", "json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["num_images"] == 30 and result["accuracy"] >= 0.8
+    assert set(result["per_class"]) == {"class_0", "class_1", "class_2"}
+    code, out, _ = run_cli(capsys, "evaluate", run, data)
+    assert code == 0 and "confusion matrix" in out and "precision" in out
+
+
+def test_evaluate_refuses_foreign_classes(trained_run, tmp_path, capsys):
+    other = make_folder(tmp_path / "other", classes=2)
+    (other / "class_1").rename(other / "giraffe")
+    code, _, err = run_cli(capsys, "evaluate", trained_run / "run", other)
+    assert code == 3 and "giraffe" in err and "Traceback" not in err
+
+
+def test_inspect_and_backbones(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "inspect", trained_run / "run", "--format", "json")
+    assert code == 0
+    info = json.loads(out)
+    head = next(r for r in info["layers"] if r["layer"] == "head_dense")
+    assert (head["weights"], head["trainable_weights"], head["non_trainable_weights"]) == (2, 2, 0)
+    assert info["totals"]["trainable_weights"] == 2  # saved frozen: only the head trains
+    code, out, _ = run_cli(capsys, "inspect", "efficientnet_lite0", "--all")
+    assert code == 0 and "stem_bn" in out and "total:" in out
+    code, out, _ = run_cli(capsys, "backbones", "--format", "json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {"efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "xception", "resnet50",
+            "convnext_tiny"} <= set(rows)
+    assert rows["efficientnet_lite0"]["weights_on_disk"] is True
+    assert rows["efficientnet_lite0"]["params"] == 3_413_024  # incl. BN statistics
+
+
+@pytest.mark.parametrize("argv,code,fragment", [
+    (["fit", "{tmp}/missing", "--out", "{tmp}/r"], 3, "not found"),
+    (["fit", "{one}", "--out", "{tmp}/r"], 3, "only one class"),
+    (["fit", "{data}", "--out", "{tmp}/r", "--unfreeze", "lots"], 2, "--unfreeze"),
+    (["fit", "{data}", "--out", "{tmp}/r", "--base", "nope"], 4, "unknown backbone"),
+    (["fit", "{data}", "--out", "{tmp}/r", "--lr", "5"], 2, "--lr"),
+    (["predict", "{tmp}", "x.jpg"], 5, "not a graftkit run"),
+    (["inspect", "nothing-like-this"], 4, "not a run folder"),
+])
+def test_user_errors_are_one_line_with_an_exit_code(tmp_path, capsys, argv, code, fragment):
+    data = make_folder(tmp_path / "data", classes=2, per_class=3)
+    one = make_folder(tmp_path / "one", classes=1, per_class=3)
+    argv = [a.format(tmp=tmp_path, data=data, one=one) for a in argv]
+    got, _out, err = run_cli(capsys, *argv)
+    assert got == code
+    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_graft_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "graftkit.cli", "fit", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "examples:" in out and "--unfreeze" in out
