@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 
@@ -37,6 +38,7 @@ def cmd_fit(args) -> int:
         image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
+        augment_head=args.augment_head,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout,
         overwrite=args.overwrite, verbose=_verbose(),
     )
@@ -198,6 +200,8 @@ graft fit photos/ --out runs/chain --base runs/earlier/model.keras
                    help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
     p.add_argument("--no-augment", action="store_true",
                    help="no augmentation; phase 1 then runs on features computed once")
+    p.add_argument("--augment-head", action="store_true",
+                   help="augment in phase 1 too (the frozen base then runs every epoch)")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT,
                    help="validation fraction when the folder has no val/ (default 0.2)")
     p.add_argument("--dropout", type=float, default=defaults.DROPOUT)
@@ -247,12 +251,29 @@ graft demo --out /tmp/demo --overwrite
     return parser
 
 
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow's C++ start-up notes (oneDNN, CPU features) bypass every log setting."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _import_tensorflow_quietly()
     try:
         return args.func(args)
     except GraftError as exc:

@@ -110,7 +110,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
-def _scan_classes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, list[str]]:
+def scan_classes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, list[str]]:
     """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
     candidates: dict[str, list[str]] = {}
     for class_dir in _class_dirs(folder):
@@ -133,7 +133,7 @@ def _scan_classes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, list
     return result
 
 
-def _require_classes(by_class: dict[str, list[str]], where: Path) -> None:
+def require_classes(by_class: dict[str, list[str]], where: Path) -> None:
     if not by_class:
         raise DataError(
             f"{where} has no class subfolders: put the images of each class in {where}/<class>/"
@@ -194,10 +194,10 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337) 
     skipped: list[dict[str, str]] = []
     dirs = find_split_dirs(root)
     if dirs:
-        train_by_class = _scan_classes(dirs[0], skipped)
-        _require_classes(train_by_class, dirs[0])
+        train_by_class = scan_classes(dirs[0], skipped)
+        require_classes(train_by_class, dirs[0])
         classes = list(train_by_class)
-        val_by_class = _scan_classes(dirs[1], skipped)
+        val_by_class = scan_classes(dirs[1], skipped)
         unknown = sorted(set(val_by_class) - set(classes))
         if unknown:
             raise DataError(
@@ -208,8 +208,8 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337) 
         if len(val) == 0:
             raise DataError(f"{dirs[1]} has no readable image: add validation images or remove it")
         return ImageFolder(root, classes, _as_split(train_by_class, classes), val, skipped, "folders")
-    by_class = _scan_classes(root, skipped)
-    _require_classes(by_class, root)
+    by_class = scan_classes(root, skipped)
+    require_classes(by_class, root)
     train, val = _seeded_split(by_class, val_split, seed)
     if len(val) == 0:
         raise DataError(f"{root} has too few images for a validation split: add images")

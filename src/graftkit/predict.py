@@ -75,7 +75,7 @@ class Classifier:
 
     def evaluate(self, data_dir: str | os.PathLike, batch_size: int = 32) -> dict:
         """Scores on a class folder, or on the ``val/`` of a folder with ``train/`` and ``val/``."""
-        from graftkit.data import _require_classes, _scan_classes, find_split_dirs
+        from graftkit.data import find_split_dirs, require_classes, scan_classes
         from graftkit.evaluate import scores
 
         root = Path(data_dir)
@@ -84,10 +84,10 @@ class Classifier:
         dirs = find_split_dirs(root)
         folder = dirs[1] if dirs else root
         skipped: list[dict[str, str]] = []
-        by_class = _scan_classes(folder, skipped)
+        by_class = scan_classes(folder, skipped)
         by_class = {c: ps for c, ps in by_class.items() if ps}
         if not by_class:
-            _require_classes(by_class, folder)
+            require_classes(by_class, folder)
         unknown = sorted(set(by_class) - set(self.classes_))
         if unknown:
             raise DataError(

@@ -86,13 +86,29 @@ def fit(
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
         >>> result.metrics["val_accuracy"]  # doctest: +SKIP
     """
-    from graftkit.data import augmenter, make_dataset, parse_augment, scan
+    from graftkit.data import parse_augment
     from graftkit.run import prepare_run_dir
 
     unfreeze = _check_options(image_size, batch_size, head_epochs, fine_tune_epochs, lr,
                               fine_tune_lr, unfreeze, dropout)
     settings = augment if isinstance(augment, dict) else parse_augment(augment)
+    created = not Path(out).exists()
     run_dir = prepare_run_dir(out, overwrite)
+    try:
+        return _fit(data_dir, run_dir, base, weights, image_size, batch_size, head_epochs,
+                    fine_tune_epochs, unfreeze, lr, fine_tune_lr, settings, augment_head,
+                    val_split, seed, dropout, verbose, log)
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
+        raise
+
+
+def _fit(data_dir, run_dir, base, weights, image_size, batch_size, head_epochs, fine_tune_epochs,
+         unfreeze, lr, fine_tune_lr, settings, augment_head, val_split, seed, dropout, verbose,
+         log) -> FitResult:
+    from graftkit.data import augmenter, make_dataset, scan
+
     started = time.perf_counter()
 
     folder = scan(data_dir, val_split, seed)

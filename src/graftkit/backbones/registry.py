@@ -193,8 +193,8 @@ def _strip_classifier(model: keras.Model) -> keras.Model:
     out_layer = model.layers[-1]
     if isinstance(out_layer, layers.Dense):
         cut = out_layer
-        prev = out_layer._inbound_nodes[0].parent_nodes[0].operation if out_layer._inbound_nodes else None
-        if isinstance(prev, layers.Dropout):
+        prev = model.layers[-2] if len(model.layers) > 1 else None
+        if isinstance(prev, layers.Dropout) and out_layer.input is prev.output:
             cut = prev
         features = cut.input
     else:
