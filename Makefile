@@ -15,11 +15,11 @@ demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
