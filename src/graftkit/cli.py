@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `graft predict ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
