@@ -38,7 +38,7 @@ def cmd_fit(args) -> int:
         image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
-        augment_head=args.augment_head,
+        augment_head=args.augment_head, class_weight=args.class_weight, resume=args.resume,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout,
         overwrite=args.overwrite, verbose=_verbose(),
     )
@@ -59,6 +59,23 @@ def print_summary(m: dict, run_dir) -> None:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, labels.json, metrics.json, "
           "history.csv, curves.png, confusion_matrix.png)")
+
+
+def cmd_check(args) -> int:
+    from graftkit.check import check
+
+    rep = check(args.data_dir, args.val_split, args.seed)
+    if args.format == "json":
+        print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+        return rep.exit_code
+    print(f"{rep.data}: {rep.split}")
+    rows = [[c, n["train"], n["val"]] for c, n in rep.counts.items()]
+    print(_fmt_table(rows, ["class", "train", "val"]))
+    for f in rep.findings:
+        shown = ", ".join(f.paths[:3]) + (f" (+{len(f.paths) - 3} more)" if len(f.paths) > 3 else "")
+        print(f"{f.severity:<8} {f.kind:<18} {f.message}" + (f": {shown}" if shown else ""))
+    print(f"status: {rep.status} (exit code {rep.exit_code})")
+    return rep.exit_code
 
 
 def cmd_predict(args) -> int:
@@ -206,7 +223,22 @@ graft fit photos/ --out runs/chain --base runs/earlier/model.keras
                    help="validation fraction when the folder has no val/ (default 0.2)")
     p.add_argument("--dropout", type=float, default=defaults.DROPOUT)
     p.add_argument("--seed", type=int, default=defaults.SEED)
+    p.add_argument("--class-weight", choices=("auto", "none"), default="auto",
+                   help="auto: weigh classes when the largest has >1.5x the smallest's images")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (the same command does it too)")
+
+    p = _sub(subs, "check", cmd_check,
+             "check an image folder: unreadable files, duplicates, leakage, imbalance", """
+graft check photos/
+graft check photos/ --format json
+exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
+""")
+    p.add_argument("data_dir")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
 
     p = _sub(subs, "predict", cmd_predict, "predict the class of images", """
 graft predict runs/photos photo.jpg
@@ -280,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"graft {args.command}: interrupted", file=sys.stderr)
+        hint = " (every finished epoch is saved: run the same command again to resume)" \
+            if args.command == "fit" else ""
+        print(f"graft {args.command}: interrupted{hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `graft predict ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,6 +8,8 @@ image at prediction time is processed exactly as in training).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import random
 from collections.abc import Sequence
@@ -18,11 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from graftkit import defaults
 from graftkit.defaults import AUGMENT, IMAGE_EXTENSIONS, TRAIN_DIR_NAME, VAL_DIR_NAMES
 from graftkit.errors import DataError, UsageError
 
-# Pillow refuses images with more pixels than this (decompression bombs) with an error.
-Image.MAX_IMAGE_PIXELS = 89_478_485
+
+class ImageTooLarge(ValueError):
+    """More pixels than ``defaults.MAX_PIXELS``: refused before decoding."""
 
 
 @dataclass
@@ -46,6 +50,19 @@ class ImageFolder:
     val: Split
     skipped: list[dict[str, str]]
     split_source: str  # "folders" (train/ and val/ given) or "seeded split of N%"
+    probes: dict[str, ImageProbe] = field(default_factory=dict)
+    fatal: list[str] = field(default_factory=list)  # filled instead of raising when not strict
+
+
+@dataclass
+class ImageProbe:
+    """What scanning learnt of one file: why it is unusable, or its size and fingerprints."""
+
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    dhash: bytes = b""  # difference hash of the decoded image, for near-duplicates
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -55,6 +72,8 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
     """
     with Image.open(path) as img:
+        if img.width * img.height > defaults.MAX_PIXELS:
+            raise ImageTooLarge(f"{img.width}x{img.height} pixels")
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)
@@ -75,61 +94,114 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+HASH_SIDE = 16  # difference hash of HASH_SIDE**2 bits: 64 bits proved too coarse on photos
+
+
+def _difference_hash(pixels: np.ndarray) -> bytes:
+    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR)
+    a = np.asarray(gray, dtype=np.int16)
+    return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
+
+
+def probe_image(path: str) -> ImageProbe:
+    """Decode ``path`` once; the reason it is unusable, or its size and fingerprints."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            return ImageProbe("empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+        pixels = load_image(path, 32)
+    except ImageTooLarge as exc:
+        return ImageProbe(f"too many pixels ({exc}; limit {defaults.MAX_PIXELS:,}): "
+                          "possible decompression bomb")
+    except Image.DecompressionBombError:
+        return ImageProbe("too many pixels: possible decompression bomb")
+    except FileNotFoundError:
+        return ImageProbe("file not found (dangling symbolic link?)")
+    except PermissionError:
+        return ImageProbe("permission denied: make the file readable")
+    except IsADirectoryError:
+        return ImageProbe("a folder named like an image")
+    except OSError as exc:  # Pillow's "cannot identify image file", truncated data, ELOOP...
+        if exc.errno == errno.ELOOP:
+            return ImageProbe("symbolic link loop")
+        text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+        return ImageProbe(f"unreadable image: {text}")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
+        return ImageProbe(f"unreadable image: {type(exc).__name__}: {exc}")
+    return ImageProbe(None, width, height, hashlib.sha256(data).hexdigest(),
+                      _difference_hash(pixels))
+
+
 def check_image(path: str) -> str | None:
     """None when ``path`` decodes, else the reason it cannot be used."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        load_image(path, 32)
-    except Image.DecompressionBombError:
-        return "image has more pixels than the limit (possible decompression bomb)"
-    except FileNotFoundError:
-        return "file not found (dangling link?)"
-    except PermissionError:
-        return "permission denied"
-    except OSError as exc:  # Pillow's "cannot identify image file", truncated data...
-        return f"unreadable image: {exc}".replace(str(path), "").replace("''", "").strip()
-    except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
-        return f"unreadable image: {type(exc).__name__}: {exc}"
-    return None
+    return probe_image(path).reason
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _list_files(class_dir: Path) -> list[Path]:
+def _check_class_name(name: str, where: Path) -> None:
+    """Class names end up in file names of reports and exports: keep them plain."""
+    if name in (".", "..") or any(c in name for c in "/\\\0") or not name.isprintable():
+        raise DataError(f"class folder name {name!r} in {where} is not usable: rename it")
+
+
+def _list_files(class_dir: Path, skipped: list[dict[str, str]]) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        for name in [d for d in dirnames if _is_hidden(d)]:
+            skipped.append({"path": str(Path(dirpath) / name), "reason": "hidden folder"})
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+        for name in sorted(filenames):
+            target = files if not _is_hidden(name) else None
+            if target is None:
+                skipped.append({"path": str(Path(dirpath) / name), "reason": "hidden file"})
+            else:
+                target.append(Path(dirpath) / name)
     return files
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
+    dirs = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir():
+            continue
+        if _is_hidden(p.name):
+            skipped.append({"path": str(p), "reason": "hidden folder"})
+            continue
+        _check_class_name(p.name, folder)
+        dirs.append(p)
+    return dirs
 
 
-def scan_classes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, list[str]]:
+def scan_classes(folder: Path, skipped: list[dict[str, str]],
+                 probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
     """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
     candidates: dict[str, list[str]] = {}
-    for class_dir in _class_dirs(folder):
+    for class_dir in _class_dirs(folder, skipped):
         paths = []
-        for f in _list_files(class_dir):
+        for f in _list_files(class_dir, skipped):
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append({"path": str(f), "reason": f"not an image file ({f.suffix or 'no extension'})"})
+                ext = f.suffix or "no extension"
+                skipped.append({"path": str(f), "reason": f"not an image file ({ext})"})
             else:
                 paths.append(str(f))
         candidates[class_dir.name] = paths
     all_paths = [p for ps in candidates.values() for p in ps]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        reasons = dict(zip(all_paths, pool.map(check_image, all_paths)))
+        found = dict(zip(all_paths, pool.map(probe_image, all_paths)))
+    if probes is not None:
+        probes.update(found)
     result = {}
     for name, paths in candidates.items():
         for p in paths:
-            if reasons[p]:
-                skipped.append({"path": p, "reason": reasons[p]})
-        result[name] = [p for p in paths if not reasons[p]]
+            if found[p].reason:
+                skipped.append({"path": p, "reason": found[p].reason})
+        result[name] = [p for p in paths if not found[p].reason]
     return result
 
 
@@ -182,8 +254,13 @@ def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337) -> ImageFolder:
-    """Scan a class folder (or one with ``train/`` and ``val/``) and check every image."""
+def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
+         strict: bool = True) -> ImageFolder:
+    """Scan a class folder (or one with ``train/`` and ``val/``) and check every image.
+
+    With ``strict=False`` a fatal problem (fewer than two classes, a class without a readable
+    image) is recorded in ``fatal`` instead of raised, for ``graft check`` to report.
+    """
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -192,29 +269,49 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337) 
     if not 0.0 < val_split < 1.0:
         raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
     skipped: list[dict[str, str]] = []
+    probes: dict[str, ImageProbe] = {}
+    fatal: list[str] = []
+
+    def require(by_class, where):
+        try:
+            require_classes(by_class, where)
+        except DataError as exc:
+            if strict:
+                raise
+            fatal.append(str(exc))
+
     dirs = find_split_dirs(root)
     if dirs:
-        train_by_class = scan_classes(dirs[0], skipped)
-        require_classes(train_by_class, dirs[0])
+        train_by_class = scan_classes(dirs[0], skipped, probes)
+        require(train_by_class, dirs[0])
         classes = list(train_by_class)
-        val_by_class = scan_classes(dirs[1], skipped)
+        val_by_class = scan_classes(dirs[1], skipped, probes)
         unknown = sorted(set(val_by_class) - set(classes))
         if unknown:
-            raise DataError(
-                f"{dirs[1]} has classes missing from {dirs[0]}: {', '.join(unknown)}; "
-                "use the same class folders in both"
-            )
-        val = _as_split({c: ps for c, ps in val_by_class.items()}, classes)
-        if len(val) == 0:
-            raise DataError(f"{dirs[1]} has no readable image: add validation images or remove it")
-        return ImageFolder(root, classes, _as_split(train_by_class, classes), val, skipped, "folders")
-    by_class = scan_classes(root, skipped)
-    require_classes(by_class, root)
+            message = (f"{dirs[1]} has classes missing from {dirs[0]}: {', '.join(unknown)}; "
+                       "use the same class folders in both")
+            if strict:
+                raise DataError(message)
+            fatal.append(message)
+            val_by_class = {c: ps for c, ps in val_by_class.items() if c in classes}
+        val = _as_split(val_by_class, classes)
+        if len(val) == 0 and not fatal:
+            message = f"{dirs[1]} has no readable image: add validation images or remove it"
+            if strict:
+                raise DataError(message)
+            fatal.append(message)
+        return ImageFolder(root, classes, _as_split(train_by_class, classes), val, skipped,
+                           "folders", probes, fatal)
+    by_class = scan_classes(root, skipped, probes)
+    require(by_class, root)
     train, val = _seeded_split(by_class, val_split, seed)
-    if len(val) == 0:
-        raise DataError(f"{root} has too few images for a validation split: add images")
+    if len(val) == 0 and not fatal:
+        message = f"{root} has too few images for a validation split: add images"
+        if strict:
+            raise DataError(message)
+        fatal.append(message)
     return ImageFolder(root, list(by_class), train, val, skipped,
-                       f"seeded split ({val_split:.0%} validation, seed {seed})")
+                       f"seeded split ({val_split:.0%} validation, seed {seed})", probes, fatal)
 
 
 def parse_augment(spec: str | None) -> dict[str, float | bool]:

@@ -22,6 +22,14 @@ DROPOUT = 0.2
 # Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).
 AUGMENT = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
 
+# Images with more pixels than this are refused unread (decompression bombs); Pillow's default.
+MAX_PIXELS = 89_478_485
+# graft check: what counts as tiny, extreme, imbalanced or nearly identical.
+TINY_SIDE = 32
+MAX_ASPECT = 4.0
+IMBALANCE_RATIO = 1.5
+NEAR_DUPLICATE_BITS = 16  # of 256 in the difference hash (measured on flowers5)
+
 CACHE_ENV = "GRAFTKIT_CACHE_DIR"
 
 

@@ -28,8 +28,11 @@ def scores(y_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
+    present = support > 0
     return {
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
+        # mean recall over the classes present: what accuracy hides when classes are imbalanced
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
         "num_images": int(len(y_true)),
         "per_class": {
             c: {"precision": float(precision[i]), "recall": float(recall[i]),

@@ -29,7 +29,9 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise RunError(f"--out {path} is a file: pass a folder path")
-    if path.is_dir() and not overwrite and any((path / m).exists() for m in RUN_MARKERS):
+    unfinished = (path / ".checkpoint" / "state.json").is_file()  # resumable: not refused
+    if path.is_dir() and not overwrite and not unfinished and any(
+            (path / m).exists() for m in RUN_MARKERS):
         raise RunError(f"{path} already holds a run: pass --overwrite or choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ class KeepBest(keras.callbacks.Callback):
         self.best = best
         self.patience = patience
         self.target = target  # whose weights to keep, when not the model being fit
-        self._wait = 0
+        self.wait = 0
 
     def _owner(self) -> keras.Model:
         return self.target or self.model
@@ -66,10 +66,10 @@ class KeepBest(keras.callbacks.Callback):
         if self.best.beaten_by(acc, loss):
             self.best.val_accuracy, self.best.val_loss = acc, loss
             self.best.weights = self._owner().get_weights()
-            self._wait = 0
+            self.wait = 0
         else:
-            self._wait += 1
-            if self.patience is not None and self._wait >= self.patience:
+            self.wait += 1
+            if self.patience is not None and self.wait >= self.patience:
                 self.model.stop_training = True
 
     def on_train_end(self, logs=None):
@@ -107,6 +107,8 @@ class Schedule:
     unfreeze: int | str
     patience: int | None = 3
     verbose: int | str = "auto"
+    class_weight: dict[int, float] | None = None
+    checkpoint: object | None = None  # graftkit.checkpoint.RunCheckpoint
     history: list[dict] = field(default_factory=list)
 
 
@@ -114,24 +116,51 @@ def _compile(model: keras.Model, lr: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=LOSS, metrics=METRICS)
 
 
+def _phase_seconds(schedule: Schedule, phase: str) -> float:
+    return sum(r["seconds"] for r in schedule.history if r["phase"] == phase)
+
+
+def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Schedule, best: Best,
+               patience: int | None) -> int:
+    """``model.fit`` for one phase, resuming from the checkpoint's last epoch; epochs done."""
+    keep = KeepBest(best, patience)
+    callbacks = [EpochLog(phase, schedule.history), keep]
+    initial_epoch = 0
+    ckpt = schedule.checkpoint
+    if ckpt is not None:
+        from graftkit.checkpoint import EpochCheckpoint
+
+        if ckpt.state.get("phase") == phase and ckpt.state.get("epoch", 0) > 0:
+            ckpt.load_last(model)
+            initial_epoch = ckpt.state["epoch"]
+            keep.wait = ckpt.state.get("wait", 0)
+        callbacks.append(EpochCheckpoint(ckpt, phase, schedule.history, keep))
+    if initial_epoch >= epochs or (patience is not None and keep.wait >= patience):
+        model.set_weights(best.weights)  # the phase had ended before the interruption
+        return initial_epoch
+    hist = model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+        verbose=schedule.verbose, shuffle=False,  # the dataset shuffles itself
+        class_weight=schedule.class_weight, callbacks=callbacks,
+    )
+    return initial_epoch + len(hist.epoch)
+
+
 def train_head(model, base, train_ds, val_ds, schedule: Schedule, best: Best) -> PhaseResult:
     """Phase 1 through the frozen base, epoch by epoch (needed when images are augmented)."""
     freeze(base)
     _compile(model, schedule.head_lr)
-    start = time.perf_counter()
-    hist = model.fit(
-        train_ds, validation_data=val_ds, epochs=schedule.head_epochs, verbose=schedule.verbose,
-        shuffle=False,  # the dataset shuffles itself
-        callbacks=[EpochLog("head", schedule.history), KeepBest(best)],
-    )
-    return PhaseResult("head", len(hist.epoch), time.perf_counter() - start, best.val_accuracy)
+    done = _fit_phase(model, "head", train_ds, val_ds, schedule.head_epochs, schedule, best, None)
+    return PhaseResult("head", done, _phase_seconds(schedule, "head"), best.val_accuracy,
+                       "through the frozen base every epoch (augmented)")
 
 
 def train_head_on_features(model, base, train, val, schedule: Schedule, best: Best,
                            batch_size: int) -> PhaseResult:
     """Phase 1 on features computed once: the frozen base runs once per image, not per epoch.
 
-    ``train`` and ``val`` are ``(unshuffled image dataset, labels)`` pairs.
+    ``train`` and ``val`` are ``(unshuffled image dataset, labels)`` pairs. Its epochs take a
+    fraction of a second, so an interrupted phase 1 simply runs again.
     """
     freeze(base)
     start = time.perf_counter()
@@ -146,6 +175,7 @@ def train_head_on_features(model, base, train, val, schedule: Schedule, best: Be
     hist = head.fit(
         x_train, y_train, validation_data=(x_val, y_val), epochs=schedule.head_epochs,
         batch_size=batch_size, shuffle=True, verbose=schedule.verbose,
+        class_weight=schedule.class_weight,
         callbacks=[EpochLog("head", schedule.history), KeepBest(head_best)],
     )
     # The first epoch's row carries the one-off cost of computing the features.
@@ -164,14 +194,10 @@ def fine_tune(model, base, block_pattern: str, train_ds, val_ds, schedule: Sched
     """Phase 2: unfreeze, recompile at a low rate, keep the best weights of both phases."""
     counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     _compile(model, schedule.fine_tune_lr)  # trainable changed: only a compile makes it count
-    start = time.perf_counter()
-    hist = model.fit(
-        train_ds, validation_data=val_ds, epochs=schedule.fine_tune_epochs,
-        verbose=schedule.verbose, shuffle=False,
-        callbacks=[EpochLog("fine_tune", schedule.history), KeepBest(best, schedule.patience)],
-    )
+    done = _fit_phase(model, "fine_tune", train_ds, val_ds, schedule.fine_tune_epochs, schedule,
+                      best, schedule.patience)
     note = (f"unfroze {counts.unfrozen_blocks} blocks ({counts.trainable:,} trainable parameters), "
             "BatchNormalization frozen")
     freeze(base)  # the saved model comes back frozen, as it was after phase 1
-    return PhaseResult("fine_tune", len(hist.epoch), time.perf_counter() - start,
+    return PhaseResult("fine_tune", done, _phase_seconds(schedule, "fine_tune"),
                        best.val_accuracy, note)

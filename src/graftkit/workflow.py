@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from graftkit import defaults
-from graftkit.errors import UsageError
+from graftkit.errors import RunError, UsageError
 
 
 @dataclass
@@ -23,21 +25,45 @@ class FitResult:
     classes: list[str]
 
 
-def _check_options(image_size, batch_size, head_epochs, fine_tune_epochs, lr, fine_tune_lr,
-                   unfreeze, dropout) -> int | str:
-    if image_size is not None and image_size < 8:
-        raise UsageError(f"--image-size must be at least 8 (got {image_size})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    if head_epochs < 1:
-        raise UsageError(f"--head-epochs must be at least 1 (got {head_epochs})")
-    if fine_tune_epochs < 0:
-        raise UsageError(f"--fine-tune-epochs must be 0 or more (got {fine_tune_epochs})")
-    for name, value in (("--lr", lr), ("--fine-tune-lr", fine_tune_lr)):
-        if not 0 < value < 1:
-            raise UsageError(f"{name} must be between 0 and 1 (got {value})")
-    if not 0 <= dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1) (got {dropout})")
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything that decides a run's result; a resumed run must match it exactly."""
+
+    base: str
+    weights: str | None
+    image_size: int | None
+    batch_size: int
+    head_epochs: int
+    fine_tune_epochs: int
+    unfreeze: int | str
+    lr: float
+    fine_tune_lr: float
+    augment: dict
+    augment_head: bool
+    val_split: float
+    seed: int
+    dropout: float
+    class_weight: str
+
+    def check(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise UsageError(f"--image-size must be at least 8 (got {self.image_size})")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.head_epochs < 1:
+            raise UsageError(f"--head-epochs must be at least 1 (got {self.head_epochs})")
+        if self.fine_tune_epochs < 0:
+            raise UsageError(f"--fine-tune-epochs must be 0 or more (got {self.fine_tune_epochs})")
+        for name, value in (("--lr", self.lr), ("--fine-tune-lr", self.fine_tune_lr)):
+            if not 0 < value < 1:
+                raise UsageError(f"{name} must be between 0 and 1 (got {value})")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.class_weight not in ("auto", "none"):
+            raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
+
+
+def _parse_unfreeze(unfreeze) -> int | str:
     if str(unfreeze) == "all":
         return "all"
     try:
@@ -66,7 +92,10 @@ def fit(
     val_split: float = defaults.VAL_SPLIT,
     seed: int = defaults.SEED,
     dropout: float = defaults.DROPOUT,
+    class_weight: str = "auto",
     overwrite: bool = False,
+    resume: bool = False,
+    deterministic: bool = True,
     verbose: int | str = "auto",
     log: Callable[[str], None] = print,
 ) -> FitResult:
@@ -74,13 +103,18 @@ def fit(
 
     Args:
         data_dir: one subfolder per class, or ``train/`` and ``val/`` folders of them.
-        out: the run folder to write (refused if it holds a run, unless ``overwrite``).
+        out: the run folder to write (refused if it holds a finished run, unless ``overwrite``;
+            an unfinished run of the same command there is resumed).
         base: a backbone name (``graft backbones``) or a ``.keras`` model file.
         weights: ``"imagenet"``, ``None`` for random, or a local weights file.
         augment: None for the defaults, ``"none"``, a spec like ``"flip,zoom=0.2"``, or a dict.
         augment_head: augment in phase 1 too; the frozen base then runs every epoch instead
             of once (phase 1 otherwise trains the head on features computed once).
         unfreeze: ``"all"`` or the number of top blocks to fine-tune.
+        class_weight: ``"auto"`` weighs classes when the largest has more than 1.5x the
+            training images of the smallest; ``"none"`` never does.
+        resume: require a checkpoint in ``out`` and continue it (it is used anyway if present).
+        deterministic: TensorFlow's deterministic ops, so a seed gives the same figures.
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -89,78 +123,153 @@ def fit(
     from graftkit.data import parse_augment
     from graftkit.run import prepare_run_dir
 
-    unfreeze = _check_options(image_size, batch_size, head_epochs, fine_tune_epochs, lr,
-                              fine_tune_lr, unfreeze, dropout)
-    settings = augment if isinstance(augment, dict) else parse_augment(augment)
+    options = FitOptions(
+        str(base), None if weights is None else str(weights), image_size, batch_size,
+        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), lr, fine_tune_lr,
+        augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
+        val_split, seed, dropout, class_weight,
+    )
+    options.check()
     created = not Path(out).exists()
     run_dir = prepare_run_dir(out, overwrite)
     try:
-        return _fit(data_dir, run_dir, base, weights, image_size, batch_size, head_epochs,
-                    fine_tune_epochs, unfreeze, lr, fine_tune_lr, settings, augment_head,
-                    val_split, seed, dropout, verbose, log)
+        return _fit(Path(data_dir), run_dir, options, overwrite, resume, deterministic,
+                    verbose, log)
     except BaseException:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
         raise
 
 
-def _fit(data_dir, run_dir, base, weights, image_size, batch_size, head_epochs, fine_tune_epochs,
-         unfreeze, lr, fine_tune_lr, settings, augment_head, val_split, seed, dropout, verbose,
-         log) -> FitResult:
+def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, float] | None:
+    """Inverse-frequency weights (mean 1) when the imbalance passes the threshold."""
+    counts = [labels.count(c) for c in range(num_classes)]
+    present = [n for n in counts if n]
+    if mode == "none" or max(present) <= defaults.IMBALANCE_RATIO * min(present):
+        return None
+    total = sum(counts)
+    return {c: (total / (num_classes * n) if n else 0.0) for c, n in enumerate(counts)}
+
+
+def _check_free_space(run_dir: Path, model) -> None:
+    """Model file plus checkpoints (weights, optimizer moments, best copy), with a margin."""
+    need = model.count_params() * 4 * 6 + 50_000_000
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise RunError(f"{run_dir} has {free / 1e6:.0f} MB free; this run needs about "
+                       f"{need / 1e6:.0f} MB: free some space or choose another --out")
+
+
+def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
+         deterministic: bool, verbose, log) -> FitResult:
+    from graftkit.check import WARNING, report
+    from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import augmenter, make_dataset, scan
 
     started = time.perf_counter()
-
-    folder = scan(data_dir, val_split, seed)
+    folder = scan(data_dir, opt.val_split, opt.seed)
     log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
         f"{len(folder.val)} validation images ({folder.split_source}); "
         f"{len(folder.skipped)} files skipped")
-    for item in folder.skipped[:10]:
-        log(f"  skipped {item['path']}: {item['reason']}")
-    if len(folder.skipped) > 10:
-        log(f"  ... and {len(folder.skipped) - 10} more (see metrics.json skipped_files)")
+    checked = report(folder)
+    warnings = [f for f in checked.findings if f.severity == WARNING]
+    for f in warnings[:10]:
+        log(f"  check: {f.kind}: {f.message}" + (f" ({f.paths[0]}"
+            + (f" +{len(f.paths) - 1}" if len(f.paths) > 1 else "") + ")" if f.paths else ""))
+    if len(warnings) > 10:
+        log(f"  ... and {len(warnings) - 10} more warnings (graft check {data_dir})")
+
+    fingerprint = {**dataclasses.asdict(opt), "data": str(data_dir.resolve()),
+                   "classes": folder.classes, "num_train": len(folder.train),
+                   "num_val": len(folder.val)}
+    ckpt = RunCheckpoint(run_dir, fingerprint)
+    if ckpt.exists and overwrite:
+        ckpt.remove()
+    if resume and not ckpt.exists:
+        raise RunError(f"nothing to resume in {run_dir}: no checkpoint there; drop --resume")
+    state = ckpt.load() if ckpt.exists else None
+    if state:
+        log(f"resuming: {len(state['phases'])} phase(s) done, "
+            f"{state['epoch']} epoch(s) of the current one")
 
     import keras
+    import tensorflow as tf
 
     from graftkit.backbones import load_base
     from graftkit.graft import build_classifier
-    from graftkit.schedule import Best, Schedule, fine_tune, train_head, train_head_on_features
+    from graftkit.schedule import (
+        Best,
+        PhaseResult,
+        Schedule,
+        fine_tune,
+        train_head,
+        train_head_on_features,
+    )
 
-    keras.utils.set_random_seed(seed)
-    base_model, info = load_base(base, image_size, weights)
-    model = build_classifier(base_model, len(folder.classes), dropout)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    resumed_epochs = state["epoch"] if state else 0
+    keras.utils.set_random_seed(opt.seed + resumed_epochs)  # a resume replays no random stream
+    base_model, info = load_base(opt.base, opt.image_size, opt.weights)
+    model = build_classifier(base_model, len(folder.classes), opt.dropout)
+    _check_free_space(run_dir, model)
     size = info.image_size
     log(f"base: {info.name} at {size}x{size} (preprocessing {info.preprocessing})")
+    weights = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
+    if weights:
+        log("  class weights (imbalanced training set): "
+            + ", ".join(f"{folder.classes[c]} {w:.2f}" for c, w in weights.items()))
 
-    aug = augmenter(settings, seed) if settings else None
-    train_ds = make_dataset(folder.train.paths, folder.train.labels, size, batch_size,
-                            shuffle=True, augment=aug, seed=seed)
-    val_ds = make_dataset(folder.val.paths, folder.val.labels, size, batch_size)
-    schedule = Schedule(head_epochs, fine_tune_epochs, lr, fine_tune_lr, unfreeze,
-                        verbose=verbose)
+    aug = augmenter(opt.augment, opt.seed) if opt.augment else None
+    train_ds = make_dataset(folder.train.paths, folder.train.labels, size, opt.batch_size,
+                            shuffle=True, augment=aug, seed=opt.seed + resumed_epochs)
+    val_ds = make_dataset(folder.val.paths, folder.val.labels, size, opt.batch_size)
+    schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, opt.lr, opt.fine_tune_lr,
+                        opt.unfreeze, verbose=verbose, class_weight=weights, checkpoint=ckpt)
     best = Best()
-    if aug is None or not augment_head:
-        log("phase 1: head on features computed once by the frozen base (no augmentation)")
-        plain = (make_dataset(folder.train.paths, None, size, batch_size), folder.train.labels)
-        val_images = (make_dataset(folder.val.paths, None, size, batch_size), folder.val.labels)
-        phases = [train_head_on_features(model, base_model, plain, val_images, schedule, best,
-                                         batch_size)]
+    phases: list[PhaseResult] = []
+    if state:
+        phases = [PhaseResult(**p) for p in state["phases"]]
+        schedule.history = list(state["history"])
+        if state.get("best"):
+            best = Best(state["best"]["val_accuracy"], state["best"]["val_loss"],
+                        ckpt.best_weights())
+
+    on_features = aug is None or not opt.augment_head
+    if not phases:
+        if on_features:
+            schedule.history = []  # phase 1 on features is quick: it runs again from the start
+            log("phase 1: head on features computed once by the frozen base (no augmentation)")
+            plain = (make_dataset(folder.train.paths, None, size, opt.batch_size),
+                     folder.train.labels)
+            val_images = (make_dataset(folder.val.paths, None, size, opt.batch_size),
+                          folder.val.labels)
+            phases.append(train_head_on_features(model, base_model, plain, val_images, schedule,
+                                                 best, opt.batch_size))
+        else:
+            log(f"phase 1: head on the frozen base, augmentation {opt.augment}")
+            phases.append(train_head(model, base_model, train_ds, val_ds, schedule, best))
+        ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
     else:
-        log(f"phase 1: head on the frozen base, augmentation {settings}")
-        phases = [train_head(model, base_model, train_ds, val_ds, schedule, best)]
-    if fine_tune_epochs > 0:
-        log(f"phase 2: fine-tuning {unfreeze if unfreeze == 'all' else f'top {unfreeze} blocks'} "
-            f"of the base at lr {fine_tune_lr:g}, BatchNormalization frozen")
+        model.set_weights(best.weights)
+    if opt.fine_tune_epochs > 0 and len(phases) < 2:
+        what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
+        log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g}, "
+            "BatchNormalization frozen")
         phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
                                 schedule, best))
+        ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
+    elif len(phases) >= 2:
+        model.set_weights(best.weights)
 
-    return _write_run(run_dir, model, folder, info, phases, schedule, settings, started,
-                      dict(base=base, weights=str(weights), batch_size=batch_size, lr=lr,
-                           fine_tune_lr=fine_tune_lr, unfreeze=unfreeze, seed=seed,
-                           dropout=dropout, val_split=val_split))
+    result = _write_run(run_dir, model, folder, info, phases, schedule, opt, weights, checked,
+                        started)
+    ckpt.remove()
+    return result
 
 
-def _write_run(run_dir, model, folder, info, phases, schedule, settings, started, options):
+def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
+               checked, started):
     import keras
     import tensorflow as tf
 
@@ -185,6 +294,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, settings, started
     result = scores(folder.val.labels, probs, folder.classes)
     metrics = {
         "val_accuracy": result["accuracy"],
+        "balanced_accuracy": result["balanced_accuracy"],
         "backbone": info.name,
         "image_size": info.image_size,
         "preprocessing": info.preprocessing,
@@ -199,10 +309,12 @@ def _write_run(run_dir, model, folder, info, phases, schedule, settings, started
             for p in phases
         ],
         "total_seconds": round(time.perf_counter() - started, 2),
-        "augmentation": settings,
-        "options": options,
+        "options": dataclasses.asdict(opt),
+        "class_weight": {folder.classes[c]: w for c, w in weights.items()} if weights else None,
         "per_class": result["per_class"],
         "confusion_matrix": result["confusion_matrix"],
+        "check": {"status": checked.status,
+                  "findings": [f.as_dict() for f in checked.findings if f.severity != "note"]},
         "versions": {"graftkit": __version__, "keras": keras.__version__,
                      "tensorflow": tf.__version__, "python": platform.python_version()},
     }

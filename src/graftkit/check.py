@@ -1,0 +1,194 @@
+"""``graft check``: what is wrong with an image folder, before any training time is spent.
+
+Built on the scan that ``graft fit`` does anyway (every image decoded once), so the same report
+comes at the start of every fit for free. Severity decides the exit code of ``graft check``:
+0 clean (notes only), 1 warnings, 2 fatal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graftkit import defaults
+from graftkit.data import ImageFolder, scan
+
+FATAL, WARNING, NOTE = "fatal", "warning", "note"
+EXIT_CODES = {NOTE: 0, WARNING: 1, FATAL: 2}
+
+
+@dataclass
+class Finding:
+    severity: str
+    kind: str
+    message: str
+    paths: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"severity": self.severity, "kind": self.kind, "message": self.message,
+                "paths": self.paths}
+
+
+@dataclass
+class CheckReport:
+    """Counts per class and split, and the findings, worst first."""
+
+    data: str
+    split: str
+    counts: dict[str, dict[str, int]]
+    findings: list[Finding]
+
+    @property
+    def status(self) -> str:
+        severities = {f.severity for f in self.findings}
+        return next((s for s in (FATAL, WARNING) if s in severities), "clean")
+
+    @property
+    def exit_code(self) -> int:
+        return {"clean": 0, WARNING: 1, FATAL: 2}[self.status]
+
+    def as_dict(self) -> dict:
+        return {"data": self.data, "split": self.split, "status": self.status,
+                "exit_code": self.exit_code, "counts": self.counts,
+                "findings": [f.as_dict() for f in self.findings]}
+
+
+def _split_of(folder: ImageFolder) -> dict[str, str]:
+    where = {p: "train" for p in folder.train.paths}
+    where.update({p: "val" for p in folder.val.paths})
+    return where
+
+
+def _label_of(folder: ImageFolder) -> dict[str, str]:
+    labels = {}
+    for split in (folder.train, folder.val):
+        labels.update({p: folder.classes[y] for p, y in zip(split.paths, split.labels)})
+    return labels
+
+
+def _duplicates(folder: ImageFolder) -> list[Finding]:
+    split_of, label_of = _split_of(folder), _label_of(folder)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for path in split_of:
+        groups[folder.probes[path].sha256].append(path)
+    findings = []
+    for paths in (g for g in groups.values() if len(g) > 1):
+        labels = {label_of[p] for p in paths}
+        splits = {split_of[p] for p in paths}
+        if len(labels) > 1:
+            findings.append(Finding(WARNING, "conflicting_labels",
+                                    f"the same image is labelled {', '.join(sorted(labels))}",
+                                    paths))
+        if splits == {"train", "val"}:
+            findings.append(Finding(WARNING, "leak",
+                                    "exact duplicate across train and val: validation "
+                                    "overstates accuracy", paths))
+        else:
+            findings.append(Finding(WARNING, "duplicate",
+                                    f"exact duplicate inside {splits.pop()}", paths))
+    return findings
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
+
+
+def _near_duplicates(folder: ImageFolder) -> list[Finding]:
+    train, val = folder.train.paths, folder.val.paths
+    if not train or not val:
+        return []
+    t = np.frombuffer(b"".join(folder.probes[p].dhash for p in train), np.uint8)
+    t = t.reshape(len(train), -1)
+    bits = t.shape[1] * 8
+    t_sha = [folder.probes[p].sha256 for p in train]
+    findings = []
+    for v_path in val:
+        probe = folder.probes[v_path]
+        v = np.frombuffer(probe.dhash, np.uint8)
+        distance = _POPCOUNT[t ^ v].sum(axis=1)
+        for i in np.flatnonzero(distance <= defaults.NEAR_DUPLICATE_BITS):
+            if t_sha[i] != probe.sha256:  # exact copies are reported as leaks already
+                findings.append(Finding(WARNING, "near_duplicate",
+                                        f"val image nearly identical to a train image "
+                                        f"({int(distance[i])}/{bits} bits differ)",
+                                        [train[i], v_path]))
+    return findings
+
+
+def _shapes(folder: ImageFolder) -> list[Finding]:
+    tiny, extreme = [], []
+    for path in _split_of(folder):
+        probe = folder.probes[path]
+        if min(probe.width, probe.height) < defaults.TINY_SIDE:
+            tiny.append(path)
+        elif max(probe.width, probe.height) / min(probe.width, probe.height) > defaults.MAX_ASPECT:
+            extreme.append(path)
+    findings = []
+    if tiny:
+        findings.append(Finding(WARNING, "tiny",
+                                f"{len(tiny)} images under {defaults.TINY_SIDE} px on a side",
+                                tiny))
+    if extreme:
+        findings.append(Finding(WARNING, "aspect_ratio",
+                                f"{len(extreme)} images more than {defaults.MAX_ASPECT:g}:1, "
+                                "squashed to a square in training", extreme))
+    return findings
+
+
+def _imbalance(counts: dict[str, dict[str, int]]) -> list[Finding]:
+    train = {c: n["train"] for c, n in counts.items() if n["train"]}
+    if len(train) < 2:
+        return []
+    big, small = max(train, key=train.get), min(train, key=train.get)
+    ratio = train[big] / train[small]
+    if ratio <= defaults.IMBALANCE_RATIO:
+        return []
+    return [Finding(WARNING, "imbalance",
+                    f"class imbalance: {big} has {train[big]} training images, {small} "
+                    f"{train[small]} ({ratio:.1f}x); graft fit weights classes by default")]
+
+
+def _skipped(folder: ImageFolder) -> list[Finding]:
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for item in folder.skipped:
+        reason = item["reason"]
+        kind = ("hidden" if reason.startswith("hidden") else
+                "non_image" if reason.startswith("not an image") else "unreadable")
+        by_kind[kind].append(item)
+    findings = []
+    for item in by_kind["unreadable"]:
+        findings.append(Finding(WARNING, "unreadable", item["reason"], [item["path"]]))
+    if by_kind["non_image"]:
+        exts = Counter(i["reason"] for i in by_kind["non_image"])
+        findings.append(Finding(WARNING, "non_image",
+                                f"{len(by_kind['non_image'])} files that are not images: "
+                                + ", ".join(f"{n} {r.split('(')[-1].rstrip(')')}"
+                                            for r, n in exts.most_common()),
+                                [i["path"] for i in by_kind["non_image"]]))
+    if by_kind["hidden"]:
+        findings.append(Finding(NOTE, "hidden",
+                                f"{len(by_kind['hidden'])} hidden files or folders ignored",
+                                [i["path"] for i in by_kind["hidden"]]))
+    return findings
+
+
+def report(folder: ImageFolder) -> CheckReport:
+    """Findings for a scanned folder (``graftkit.data.scan``)."""
+    counts = {c: {"train": 0, "val": 0} for c in folder.classes}
+    for name, split in (("train", folder.train), ("val", folder.val)):
+        for y in split.labels:
+            counts[folder.classes[y]][name] += 1
+    findings = [Finding(FATAL, "fatal", message) for message in folder.fatal]
+    findings += _skipped(folder) + _duplicates(folder) + _near_duplicates(folder)
+    findings += _shapes(folder) + _imbalance(counts)
+    order = {FATAL: 0, WARNING: 1, NOTE: 2}
+    findings.sort(key=lambda f: order[f.severity])
+    return CheckReport(str(folder.root), folder.split_source, counts, findings)
+
+
+def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
+          seed: int = defaults.SEED) -> CheckReport:
+    """Scan and report, never raising for a fatal data problem (it becomes a finding)."""
+    return report(scan(data_dir, val_split, seed, strict=False))

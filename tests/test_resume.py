@@ -1,0 +1,109 @@
+"""Interrupted runs resume from their last epoch; reruns give the same figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from graftkit.cli import main
+
+from .conftest import make_folder
+
+FIT = ["--image-size", "48", "--head-epochs", "3", "--fine-tune-epochs", "4", "--batch-size", "8",
+       "--unfreeze", "3", "--fine-tune-lr", "1e-4", "--lr", "1e-2"]
+
+
+def _graft(args, cache) -> subprocess.Popen:
+    env = {**os.environ, "GRAFTKIT_CACHE_DIR": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "graftkit.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_phase2_epoch(run: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
+    state_file = run / ".checkpoint" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fit ended before it could be interrupted: {proc.stderr.read()}")
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("phase") == "fine_tune" and state.get("epoch", 0) >= 1:
+            return state
+        time.sleep(0.05)
+    pytest.fail("no phase-2 checkpoint appeared in time")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_phase2_then_resume(tmp_path, private_cache):
+    data = make_folder(tmp_path / "data", per_class=16, size=48)
+    run = tmp_path / "run"
+    proc = _graft(["fit", data, "--out", run, *FIT], private_cache)
+    state = _wait_for_phase2_epoch(run, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.keras").exists() and not (run / "metrics.json").exists()
+    done_before = state["epoch"]
+
+    proc = _graft(["fit", data, "--out", run, *FIT], private_cache)  # the same command resumes
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "resuming: 1 phase(s) done" in out
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    keys = [(r["phase"], int(r["epoch"])) for r in rows]
+    assert len(keys) == len(set(keys)), f"an epoch appears twice: {keys}"
+    assert [k for k in keys if k[0] == "head"] == [("head", i) for i in (1, 2, 3)]
+    fine = [k[1] for k in keys if k[0] == "fine_tune"]
+    assert fine == list(range(1, len(fine) + 1)) and len(fine) >= done_before
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["phases"][1]["epochs"] == len(fine)
+    assert not (run / ".checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_a_different_command_is_refused(tmp_path, private_cache, capsys):
+    data = make_folder(tmp_path / "data", per_class=16, size=48)
+    run = tmp_path / "run"
+    proc = _graft(["fit", data, "--out", run, *FIT], private_cache)
+    _wait_for_phase2_epoch(run, proc)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "interrupted" in err and "resume" in err and "Traceback" not in err
+    assert (run / ".checkpoint" / "state.json").is_file()
+
+    code = main(["fit", str(data), "--out", str(run), *FIT[:-2], "--lr", "0.002"])
+    err = capsys.readouterr().err
+    assert code == 5 and "different command" in err and "lr" in err
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", classes=2, per_class=4)
+    code = main(["fit", str(data), "--out", str(tmp_path / "run"), "--resume", "--image-size", "32"])
+    assert code == 5 and "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(tmp_path):
+    """Deterministic ops on: two runs of one command agree on every figure but the timings."""
+    from graftkit.workflow import fit
+
+    data = make_folder(tmp_path / "data", per_class=10, size=40)
+    figures = []
+    for name in ("a", "b"):
+        r = fit(data, tmp_path / name, image_size=32, head_epochs=3, fine_tune_epochs=2,
+                batch_size=8, fine_tune_lr=1e-3, verbose=0, log=lambda _m: None)
+        rows = list(csv.DictReader((r.run_dir / "history.csv").open()))
+        figures.append(([{k: v for k, v in row.items() if k != "seconds"} for row in rows],
+                        r.metrics["val_accuracy"], r.metrics["per_class"],
+                        r.metrics["confusion_matrix"]))
+    assert figures[0] == figures[1]
