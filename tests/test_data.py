@@ -88,7 +88,8 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path):
     (root / "class_1" / ".DS_Store").write_bytes(b"\0\0")
     folder = scan(root)
     reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((s["path"], s["reason"]) for s in folder.skipped)}
-    assert set(reasons) == {"empty.jpg", "page.jpg", "cut.png", "notes.txt"}
+    assert set(reasons) == {"empty.jpg", "page.jpg", "cut.png", "notes.txt", ".DS_Store"}
+    assert reasons[".DS_Store"] == "hidden file"
     assert "0 bytes" in reasons["empty.jpg"] and "not an image" in reasons["notes.txt"]
     assert len(folder.train) + len(folder.val) == 12
 

@@ -39,6 +39,7 @@ def cmd_fit(args) -> int:
         fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
         augment_head=args.augment_head, class_weight=args.class_weight, resume=args.resume,
+        unsafe=args.unsafe,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout,
         overwrite=args.overwrite, verbose=_verbose(),
     )
@@ -83,7 +84,7 @@ def cmd_predict(args) -> int:
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
-    clf = load(args.run_dir)
+    clf = load(args.run_dir, args.unsafe)
     paths, skipped = expand_paths(args.paths)
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
@@ -111,7 +112,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from graftkit.predict import load
 
-    result = load(args.run_dir).evaluate(args.data_dir)
+    result = load(args.run_dir, args.unsafe).evaluate(args.data_dir)
     if args.format == "json":
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -131,7 +132,7 @@ def cmd_evaluate(args) -> int:
 def cmd_inspect(args) -> int:
     from graftkit.inspect import inspect_target
 
-    title, rows, totals = inspect_target(args.target, flatten=args.all)
+    title, rows, totals = inspect_target(args.target, flatten=args.all, unsafe=args.unsafe)
     if args.format == "json":
         print(json.dumps({"model": title, "layers": rows, "totals": totals}, indent=2))
         return 0
@@ -226,6 +227,8 @@ graft fit photos/ --out runs/chain --base runs/earlier/model.keras
     p.add_argument("--class-weight", choices=("auto", "none"), default="auto",
                    help="auto: weigh classes when the largest has >1.5x the smallest's images")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (the same command does it too)")
 
@@ -247,6 +250,8 @@ graft predict runs/photos new_photos/ --top-k 3 --format json
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = _sub(subs, "evaluate", cmd_evaluate, "score a run on labelled images", """
@@ -255,6 +260,8 @@ graft evaluate runs/photos test_photos/ --format json
 """)
     p.add_argument("run_dir")
     p.add_argument("data_dir")
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = _sub(subs, "inspect", cmd_inspect,
@@ -265,6 +272,8 @@ graft inspect some/model.keras --format json
 """)
     p.add_argument("target", help="run folder, .keras file or backbone name")
     p.add_argument("--all", action="store_true", help="every layer inside nested models")
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = _sub(subs, "backbones", cmd_backbones, "list the backbones graftkit can build", """

@@ -103,11 +103,15 @@ def _difference_hash(pixels: np.ndarray) -> bytes:
     return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
 
 
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def probe_image(path: str) -> ImageProbe:
     """Decode ``path`` once; the reason it is unusable, or its size and fingerprints."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_bytes(path)
         if not data:
             return ImageProbe("empty file (0 bytes)")
         with Image.open(path) as img:

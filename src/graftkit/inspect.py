@@ -7,23 +7,19 @@ from pathlib import Path
 from graftkit.errors import BackboneError
 
 
-def _load_target(target: str):
-    import keras
-
+def _load_target(target: str, unsafe: bool = False):
     from graftkit.backbones import REGISTRY, load_base
+    from graftkit.backbones.registry import load_keras_file
 
     path = Path(target)
     if path.is_dir():
         from graftkit.predict import load
 
-        return f"run {path}", load(path).model
+        return f"run {path}", load(path, unsafe).model
     if target.endswith(".keras"):
         if not path.is_file():
             raise BackboneError(f"model file not found: {path}")
-        try:
-            return f"model file {path}", keras.models.load_model(path, compile=False, safe_mode=True)
-        except Exception as exc:
-            raise BackboneError(f"cannot load {path}: {exc}") from None
+        return f"model file {path}", load_keras_file(path, unsafe)
     if target in REGISTRY:
         model, info = load_base(target, weights=None)
         return f"backbone {target} at {info.image_size}x{info.image_size} (as graftkit builds it)", model
@@ -32,12 +28,13 @@ def _load_target(target: str):
     )
 
 
-def inspect_target(target: str, flatten: bool = False) -> tuple[str, list[dict], dict]:
+def inspect_target(target: str, flatten: bool = False,
+                   unsafe: bool = False) -> tuple[str, list[dict], dict]:
     """``(title, per-layer rows, totals)`` for a run folder, ``.keras`` file or backbone name."""
     from graftkit.backbones.registry import count_params
     from graftkit.graft import weight_table
 
-    title, model = _load_target(target)
+    title, model = _load_target(target, unsafe)
     totals = {
         "weights": len(model.weights),
         "trainable_weights": len(model.trainable_weights),

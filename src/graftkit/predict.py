@@ -102,16 +102,11 @@ class Classifier:
         return result
 
 
-def load(run_dir: str | os.PathLike) -> Classifier:
+def load(run_dir: str | os.PathLike, unsafe: bool = False) -> Classifier:
     """Load a run folder written by ``graft fit`` (safe mode: no code runs from the file)."""
-    import keras
-
+    from graftkit.backbones.registry import load_keras_file
     from graftkit.errors import RunError
     from graftkit.run import read_run
 
     model_path, labels, metrics = read_run(run_dir)
-    try:
-        model = keras.models.load_model(model_path, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise RunError(f"cannot load {model_path}: {exc}") from None
-    return Classifier(model, labels, metrics)
+    return Classifier(load_keras_file(model_path, unsafe, RunError), labels, metrics)

@@ -93,6 +93,7 @@ def fit(
     seed: int = defaults.SEED,
     dropout: float = defaults.DROPOUT,
     class_weight: str = "auto",
+    unsafe: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     deterministic: bool = True,
@@ -115,6 +116,7 @@ def fit(
             training images of the smallest; ``"none"`` never does.
         resume: require a checkpoint in ``out`` and continue it (it is used anyway if present).
         deterministic: TensorFlow's deterministic ops, so a seed gives the same figures.
+        unsafe: allow a ``.keras`` base that contains code (Lambda layers).
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -134,7 +136,7 @@ def fit(
     run_dir = prepare_run_dir(out, overwrite)
     try:
         return _fit(Path(data_dir), run_dir, options, overwrite, resume, deterministic,
-                    verbose, log)
+                    unsafe, verbose, log)
     except BaseException:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
@@ -161,7 +163,7 @@ def _check_free_space(run_dir: Path, model) -> None:
 
 
 def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
-         deterministic: bool, verbose, log) -> FitResult:
+         deterministic: bool, unsafe: bool, verbose, log) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import augmenter, make_dataset, scan
@@ -210,7 +212,7 @@ def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume
         tf.config.experimental.enable_op_determinism()
     resumed_epochs = state["epoch"] if state else 0
     keras.utils.set_random_seed(opt.seed + resumed_epochs)  # a resume replays no random stream
-    base_model, info = load_base(opt.base, opt.image_size, opt.weights)
+    base_model, info = load_base(opt.base, opt.image_size, opt.weights, unsafe)
     model = build_classifier(base_model, len(folder.classes), opt.dropout)
     _check_free_space(run_dir, model)
     size = info.image_size

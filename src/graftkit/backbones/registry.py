@@ -208,11 +208,22 @@ def _strip_classifier(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, features, name="base")
 
 
-def _load_keras_file(path: Path, image_size: int | None, unsafe: bool = False) -> tuple:
+def load_keras_file(path: Path, unsafe: bool = False, error=BackboneError) -> keras.Model:
+    """``keras.models.load_model`` in safe mode: a file that holds code is refused, not run."""
     try:
-        model = keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+        return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as exc:
-        raise BackboneError(f"cannot load {path} as a Keras model: {exc}") from None
+        text = str(exc)
+        if "Lambda" in text or "safe_mode" in text or "unsafe" in text.lower():
+            raise error(
+                f"{path} contains Python code (a Lambda layer or similar), which graftkit does "
+                "not run; pass --unsafe only if you trust where the file comes from"
+            ) from None
+        raise error(f"cannot load {path} as a Keras model: {text.splitlines()[0]}") from None
+
+
+def _load_keras_file(path: Path, image_size: int | None, unsafe: bool = False) -> tuple:
+    model = load_keras_file(path, unsafe, BackboneError)
     shape = model.inputs[0].shape
     native = shape[1] if shape[1] is not None else 224
     if image_size is not None and image_size != native and shape[1] is not None:
@@ -228,6 +239,7 @@ def load_base(
     base: str = "efficientnet_lite0",
     image_size: int | None = None,
     weights: str | Path | None = "imagenet",
+    unsafe: bool = False,
 ) -> tuple[keras.Model, BaseInfo]:
     """Build a frozen-ready base: raw 0-255 RGB in, pooled features out.
 
@@ -235,12 +247,13 @@ def load_base(
         base: a registry name (see ``graft backbones``) or a path to a ``.keras`` model.
         image_size: square input side; the backbone's native size when None.
         weights: ``"imagenet"``, ``None`` (random) or a local weights file.
+        unsafe: allow a ``.keras`` base that contains code (Lambda layers).
     """
     if str(base).endswith(".keras"):
         path = Path(base)
         if not path.is_file():
             raise BackboneError(f"model file not found: {path}")
-        return _load_keras_file(path, image_size)
+        return _load_keras_file(path, image_size, unsafe)
     if base not in REGISTRY:
         raise BackboneError(
             f"unknown backbone {base!r}; choose one of {', '.join(REGISTRY)} or pass a .keras file"
