@@ -55,7 +55,13 @@ def print_summary(m: dict, run_dir) -> None:
               f"best val accuracy {p['best_val_accuracy']:.4f}"
               + (f"  [{p['note']}]" if p["note"] else ""))
     print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
-          f"({m['total_seconds']:.1f} s in all)")
+          f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
+    recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
+    print(f"  recall per class     {recalls}")
+    if m.get("class_weight"):
+        print("  class weights        " + ", ".join(f"{c} {w:.2f}" for c, w in m["class_weight"].items()))
+    if m.get("check", {}).get("findings"):
+        print(f"  data check           {len(m['check']['findings'])} warnings (graft check DATA_DIR)")
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, labels.json, metrics.json, "
