@@ -64,8 +64,9 @@ def print_summary(m: dict, run_dir) -> None:
         print(f"  data check           {len(m['check']['findings'])} warnings (graft check DATA_DIR)")
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
-    print(f"  outputs              {run_dir}/ (model.keras, labels.json, metrics.json, "
-          "history.csv, curves.png, confusion_matrix.png)")
+    print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
+          "metrics.json, history.csv, predictions.csv, split.json, curves.png, "
+          "confusion_matrix.png)")
 
 
 def cmd_check(args) -> int:
@@ -164,6 +165,21 @@ def cmd_backbones(args) -> int:
     print(_fmt_table([[r["name"], r["input_size"], f"{r['params']:,}", r["preprocessing"],
                        "yes" if r["weights_on_disk"] else "no", r["weights_source"]] for r in rows],
                      ["name", "input", "params", "preprocessing", "weights on disk", "weights from"]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from graftkit.report import build_report
+
+    print(f"wrote {build_report(args.run_dir)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from graftkit.export import export, summary
+
+    result = export(args.run_dir, args.format, args.quantize, args.out)
+    print(summary(result))
     return 0
 
 
@@ -281,6 +297,23 @@ graft inspect some/model.keras --format json
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = _sub(subs, "report", cmd_report, "rebuild RUN_DIR/report.html (self-contained)", """
+graft report runs/photos
+""")
+    p.add_argument("run_dir")
+
+    p = _sub(subs, "export", cmd_export,
+             "export for TF Serving, TFLite or ONNX, verified by that runtime", """
+graft export runs/photos --format savedmodel
+graft export runs/photos --format tflite --quantize int8
+graft export runs/photos --format onnx --out deploy/
+""")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=("savedmodel", "tflite", "onnx"), default="savedmodel")
+    p.add_argument("--quantize", choices=("none", "float16", "int8"), default="none",
+                   help="tflite: none|float16|int8; onnx: none|int8; savedmodel: none")
+    p.add_argument("--out", help="folder for the export (default RUN_DIR/export/FORMAT[-Q])")
 
     p = _sub(subs, "backbones", cmd_backbones, "list the backbones graftkit can build", """
 graft backbones

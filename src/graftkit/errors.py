@@ -37,6 +37,12 @@ class RunError(GraftError):
     exit_code = 5
 
 
+class ExportError(GraftError):
+    """An exported model that does not reproduce the Keras model, or cannot be checked."""
+
+    exit_code = 6
+
+
 EXIT_CODES = {
     0: "success",
     1: "interrupted or unexpected error",
@@ -44,4 +50,5 @@ EXIT_CODES = {
     3: "data problem (folder, classes, images)",
     4: "backbone or weights problem",
     5: "run folder problem (cannot write, not a run, would overwrite)",
+    6: "export problem (the exported model disagrees with the Keras model)",
 }

@@ -21,6 +21,8 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+SPLIT_FILE = "split.json"  # the files of each split, for report, export and audits
+PREDICTIONS_FILE = "predictions.csv"  # validation predictions of the final model
 RUN_MARKERS = (MODEL_FILE, METRICS_FILE)
 
 
@@ -73,8 +75,45 @@ def write_history(path: Path, rows: list[dict], columns) -> None:
     write_text(path, buf.getvalue())
 
 
+def write_predictions(path: Path, paths, labels, probs, classes) -> None:
+    """One row per validation image: what the final model said, and its loss on it."""
+    import numpy as np
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "predicted", "probability", "true_probability", "loss"])
+    for p, y, row in zip(paths, labels, probs):
+        k = int(np.argmax(row))
+        true_p = float(row[y])
+        writer.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", f"{true_p:.6f}",
+                         f"{-np.log(max(true_p, 1e-12)):.6f}"])
+    write_text(path, buf.getvalue())
+
+
+def read_predictions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise RunError(f"{path} is missing: the run predates it; run graft fit again")
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_split(run_dir: Path) -> dict:
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise RunError(f"{path} is missing: the run predates it; run graft fit again")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def save_model(model, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: model.save(tmp))
+    """The model alone: an uncompiled copy, so no optimizer state (3x the weights) is saved."""
+    import keras
+
+    plain = keras.Model.from_config(model.get_config())
+    plain.set_weights(model.get_weights())
+    for src, dst in zip(model.layers, plain.layers):
+        dst.trainable = src.trainable
+    _atomic(Path(path), lambda tmp: plain.save(tmp))
 
 
 def save_figure(fig, path: Path) -> None:

@@ -284,11 +284,14 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         LABELS_FILE,
         METRICS_FILE,
         MODEL_FILE,
+        PREDICTIONS_FILE,
+        SPLIT_FILE,
         plot_confusion,
         plot_history,
         save_model,
         write_history,
         write_json,
+        write_predictions,
     )
     from graftkit.schedule import HISTORY_COLUMNS
 
@@ -299,6 +302,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "balanced_accuracy": result["balanced_accuracy"],
         "backbone": info.name,
         "image_size": info.image_size,
+        "data": str(folder.root),
         "preprocessing": info.preprocessing,
         "classes": folder.classes,
         "num_train": len(folder.train),
@@ -322,8 +326,17 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
     }
     save_model(model, run_dir / MODEL_FILE)
     write_json(run_dir / LABELS_FILE, folder.classes)
+    write_json(run_dir / SPLIT_FILE, {
+        "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
+        "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
+    })
+    write_predictions(run_dir / PREDICTIONS_FILE, folder.val.paths, folder.val.labels, probs,
+                      folder.classes)
     write_history(run_dir / HISTORY_FILE, schedule.history, HISTORY_COLUMNS)
     plot_history(schedule.history, run_dir / CURVES_FILE)
     plot_confusion(result["confusion_matrix"], folder.classes, run_dir / CONFUSION_FILE)
+    from graftkit.report import build_report
+
+    build_report(run_dir, metrics)
     write_json(run_dir / METRICS_FILE, metrics)  # last: its presence marks a finished run
     return FitResult(model, metrics, run_dir, folder.classes)

@@ -1,0 +1,212 @@
+"""``graft export``: the run's model for another runtime, verified by that runtime.
+
+Every export takes raw 0-255 RGB (preprocessing is inside the model; augmentation never was)
+and is checked after writing: the exported file is run by its own runtime (TensorFlow for a
+SavedModel, the TFLite interpreter, onnxruntime) on the run's validation images and compared
+with the Keras model. A float32 export must agree within 1e-4 on every probability and on every
+top-1 label, or the export fails; a quantized one reports its accuracy beside the float32 one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graftkit.errors import ExportError, UsageError
+
+FORMATS = ("savedmodel", "tflite", "onnx")
+QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
+            "onnx": ("none", "int8")}
+FP32_TOLERANCE = 1e-4
+MAX_CHECK_IMAGES = 256  # validation images run through the exported model
+CALIBRATION_IMAGES = 100  # training images for int8 calibration
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    quantize: str
+    size_bytes: int
+    keras_size_bytes: int
+    images_checked: int
+    max_abs_diff: float
+    top1_agreement: float
+    accuracy: float
+    keras_accuracy: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(x: np.ndarray, size: int = 32):
+    for i in range(0, len(x), size):
+        yield x[i: i + size]
+
+
+def _tflite_interpreter(path: Path):
+    try:  # the interpreter's new home; tf.lite.Interpreter is deprecated but still shipped
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    return Interpreter(model_path=str(path))
+
+
+def _run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
+    interp = _tflite_interpreter(path)
+    inp = interp.get_input_details()[0]
+    out = []
+    for batch in _batches(x):
+        interp.resize_tensor_input(inp["index"], batch.shape)
+        interp.allocate_tensors()
+        interp.set_tensor(inp["index"], batch.astype(np.float32))
+        interp.invoke()
+        out.append(interp.get_tensor(interp.get_output_details()[0]["index"]).astype(np.float32))
+    return np.concatenate(out)
+
+
+def _run_savedmodel(path: Path, x: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    return np.concatenate([loaded.serve(tf.constant(b)).numpy() for b in _batches(x)])
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: b.astype(np.float32)})[0]
+                           for b in _batches(x)])
+
+
+def _images(items: list, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
+    from graftkit.data import load_image
+
+    kept = [(p, label) for p, label in items if os.path.isfile(p)][:limit]
+    if not kept:
+        raise ExportError("none of the run's images are readable any more: the export "
+                          "cannot be verified; run graft export where the data is")
+    x = np.stack([load_image(p, size) for p, _ in kept]).astype(np.float32)
+    return x, [label for _, label in kept]
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = "none",
+           out: str | os.PathLike | None = None) -> ExportResult:
+    """Export a run's model, check it with its own runtime, write ``labels.txt`` beside it."""
+    from graftkit.predict import load
+    from graftkit.run import MODEL_FILE, read_split, write_json, write_text
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if quantize not in QUANTIZE[fmt]:
+        raise UsageError(f"--quantize {quantize} is not available for {fmt}; use "
+                         f"{' or '.join(QUANTIZE[fmt])}")
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+            import tf2onnx  # noqa: F401
+        except ImportError:
+            raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'") from None
+    run_dir = Path(run_dir)
+    clf = load(run_dir)
+    model, classes, size = clf.model, clf.classes_, clf.image_size_
+    split = read_split(run_dir)
+    name = fmt if quantize == "none" else f"{fmt}-{quantize}"
+    target_dir = Path(out) if out else run_dir / "export" / name
+    target_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
+    try:
+        saved = work / "savedmodel"
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+        if fmt == "savedmodel":
+            built, run = saved, _run_savedmodel
+        elif fmt == "tflite":
+            built, run = work / "model.tflite", _run_tflite
+            built.write_bytes(_convert_tflite(saved, quantize, split["train"], size))
+        else:
+            built, run = work / "model.onnx", _run_onnx
+            model.export(str(built), format="onnx", verbose=False)
+            if quantize == "int8":
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantized = work / "model-int8.onnx"
+                quantize_dynamic(str(built), str(quantized), weight_type=QuantType.QInt8)
+                built = quantized
+        x, labels = _images(split["val"], size, MAX_CHECK_IMAGES)
+        ref = model.predict(x, verbose=0)
+        got = run(built, x)
+        y = np.array([classes.index(label) for label in labels])
+        result = ExportResult(
+            path="", format=fmt, quantize=quantize, size_bytes=_size(built),
+            keras_size_bytes=(run_dir / MODEL_FILE).stat().st_size, images_checked=len(x),
+            max_abs_diff=float(np.abs(got - ref).max()),
+            top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()),
+            accuracy=float((got.argmax(1) == y).mean()),
+            keras_accuracy=float((ref.argmax(1) == y).mean()),
+        )
+        if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE
+                                   or result.top1_agreement < 1.0):
+            raise ExportError(
+                f"the {fmt} export disagrees with the Keras model (max difference "
+                f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
+                "nothing was written"
+            )
+        final = target_dir / ("saved_model" if fmt == "savedmodel" else built.name)
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(built, final)
+        result.path = str(final)
+        write_text(target_dir / "labels.txt", "".join(f"{c}\n" for c in classes))
+        write_json(target_dir / "export.json", result.as_dict())
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        # Integer kernels calibrated on training images (never the validation ones the
+        # accuracy is reported on); input and output stay float32 raw pixels/probabilities.
+        x, _ = _images(train_items, size, CALIBRATION_IMAGES)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([img[None]] for img in x)
+    return converter.convert()
+
+
+def summary(result: ExportResult) -> str:
+    lines = [
+        f"exported {result.format} ({result.quantize}) to {result.path}",
+        f"  size {result.size_bytes / 1e6:.2f} MB (model.keras {result.keras_size_bytes / 1e6:.2f} MB)",
+        f"  checked on {result.images_checked} validation images with its own runtime: max "
+        f"probability difference {result.max_abs_diff:.2e}, top-1 agreement "
+        f"{result.top1_agreement:.4f}",
+        f"  accuracy {result.accuracy:.4f} (Keras model {result.keras_accuracy:.4f})",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["ExportError", "ExportResult", "export", "summary"]

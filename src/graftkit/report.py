@@ -1,0 +1,170 @@
+"""``report.html``: one self-contained page (images embedded, no network) to see a run.
+
+Run card, training curves, confusion matrix, per-class precision/recall/F1, the most confused
+class pairs, and the validation images with the highest loss (fastai's "top losses"), each with
+its true label, predicted label and probability.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+REPORT_FILE = "report.html"
+TOP_LOSSES = 16
+THUMBNAIL = 160
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
+max-width:1200px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
+text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
+.card td{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:12px}
+.tile{width:170px;font-size:12px;word-break:break-all}.tile img{width:160px;height:160px;
+object-fit:cover;border:3px solid #bbb}.tile.wrong img{border-color:#c33}.bad{color:#c33}
+.muted{color:#777}
+.cm td.d{background:#dbeafe;font-weight:600}
+"""
+
+
+def _png_data_uri(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _thumbnail(path: str) -> str | None:
+    from PIL import Image
+
+    from graftkit.data import probe_image
+
+    if probe_image(path).reason:
+        return None
+    from graftkit.data import load_image
+
+    img = Image.fromarray(load_image(path, THUMBNAIL))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _run_card(m: dict) -> str:
+    rows = [
+        ("data", f"{m.get('data', '?')} ({m.get('split', '')})"),
+        ("classes", ", ".join(m["classes"])),
+        ("images", f"{m['num_train']} training, {m['num_val']} validation, "
+                   f"{len(m['skipped_files'])} skipped"),
+        ("backbone", f"{m['backbone']} at {m['image_size']} px, preprocessing "
+                     f"{m.get('preprocessing', '')}"),
+        ("final val accuracy", f"{m['val_accuracy']:.4f} (balanced "
+                               f"{m.get('balanced_accuracy', float('nan')):.4f})"),
+    ]
+    for p in m["phases"]:
+        rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "
+                                          f"accuracy {p['best_val_accuracy']:.4f}. {p['note']}"))
+    rows.append(("total time", f"{m.get('total_seconds', 0):.1f} s"))
+    rows.append(("settings", json.dumps(m.get("options", {}), ensure_ascii=False)))
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())))
+    check = m.get("check", {})
+    if check:
+        rows.append(("data check", f"{check.get('status')}: {len(check.get('findings', []))} "
+                                   "warnings"))
+    body = "".join(f"<tr><th class=l>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<table class=card>{body}</table>"
+
+
+def _per_class(m: dict) -> str:
+    head = "<tr><th class=l>class</th><th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>"
+    body = "".join(
+        f"<tr><td class=l>{_e(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+        for c, v in m["per_class"].items())
+    return f"<table>{head}{body}</table>"
+
+
+def _confusion(m: dict) -> str:
+    classes, cm = m["classes"], m["confusion_matrix"]
+    head = "<tr><th class=l>true \\ predicted</th>" + "".join(f"<th>{_e(c)}</th>" for c in classes)
+    rows = "".join(
+        f"<tr><th class=l>{_e(c)}</th>" + "".join(
+            f"<td class={'d' if i == j else ''}>{n}</td>" for j, n in enumerate(row)) + "</tr>"
+        for i, (c, row) in enumerate(zip(classes, cm)))
+    return f"<table class=cm>{head}</tr>{rows}</table>"
+
+
+def confused_pairs(m: dict, limit: int = 10) -> list[tuple[str, str, int]]:
+    classes, cm = m["classes"], m["confusion_matrix"]
+    pairs = [(classes[i], classes[j], n) for i, row in enumerate(cm) for j, n in enumerate(row)
+             if i != j and n > 0]
+    return sorted(pairs, key=lambda t: -t[2])[:limit]
+
+
+def _pairs(m: dict) -> str:
+    pairs = confused_pairs(m)
+    if not pairs:
+        return "<p class=muted>no validation image was misclassified.</p>"
+    body = "".join(f"<tr><td class=l>{_e(a)}</td><td class=l>{_e(b)}</td><td>{n}</td></tr>"
+                   for a, b, n in pairs)
+    return ("<table><tr><th class=l>true</th><th class=l>predicted as</th><th>images</th></tr>"
+            f"{body}</table>")
+
+
+def _top_losses(predictions: list[dict]) -> str:
+    worst = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
+    tiles = []
+    for r in worst:
+        uri = _thumbnail(r["path"])
+        img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
+            "<div class=muted>(image no longer readable)</div>"
+        wrong = r["label"] != r["predicted"]
+        tiles.append(
+            f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
+            f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
+            f"({float(r['probability']):.3f})</div>"
+            f"<div class=muted>loss {float(r['loss']):.3f} &middot; {_e(Path(r['path']).name)}</div></div>")
+    return f"<div class=grid id=top-losses>{''.join(tiles)}</div>"
+
+
+def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` from the run's files (atomic)."""
+    from graftkit.run import CURVES_FILE, METRICS_FILE, read_predictions, write_text
+
+    run_dir = Path(run_dir)
+    if metrics is None:
+        from graftkit.errors import RunError
+
+        try:
+            metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise RunError(f"{run_dir} is not a finished graftkit run (no readable "
+                           f"{METRICS_FILE})") from None
+    predictions = read_predictions(run_dir)
+    curves = _png_data_uri(run_dir / CURVES_FILE)
+    title = f"graftkit run: {Path(run_dir).resolve().name}"
+    page = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p class=muted>final validation accuracy <b id=accuracy>{metrics['val_accuracy']:.4f}</b> on
+{metrics['num_val']} images</p>
+<h2>Run card</h2>{_run_card(metrics)}
+<h2>Training curves</h2>{f"<img id=curves src='{curves}' alt='training curves'>" if curves else
+"<p class=muted>curves.png is missing</p>"}
+<h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
+<h2>Per-class precision, recall, F1</h2>{_per_class(metrics)}
+<h2>Most confused pairs</h2>{_pairs(metrics)}
+<h2>Top losses: the validation images the model gets most wrong</h2>{_top_losses(predictions)}
+</body></html>
+"""
+    target = run_dir / REPORT_FILE
+    write_text(target, page)
+    return target

@@ -1,0 +1,42 @@
+"""Exports in every format, each run by its own runtime and compared with the Keras model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graftkit.cli import main
+from graftkit.errors import UsageError
+from graftkit.export import export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
+def test_float32_exports_match_keras(trained_run, tmp_path, fmt):
+    result = export(trained_run / "run", fmt, out=tmp_path / fmt)
+    assert result.images_checked == 6  # the run's validation images
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
+    assert result.accuracy == result.keras_accuracy
+    assert (tmp_path / fmt / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
+    assert json.loads((tmp_path / fmt / "export.json").read_text())["format"] == fmt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,quantize", [("tflite", "float16"), ("tflite", "int8"),
+                                          ("onnx", "int8")])
+def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, quantize, capsys):
+    code = main(["export", str(trained_run / "run"), "--format", fmt, "--quantize", quantize,
+                 "--out", str(tmp_path / "q")])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((tmp_path / "q" / "export.json").read_text())
+    assert result["quantize"] == quantize and 0 <= result["accuracy"] <= 1
+    fp32 = export(trained_run / "run", fmt, out=tmp_path / "fp32")
+    assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
+    assert "accuracy" in out and "Keras model" in out
+
+
+def test_unsupported_quantization_is_a_usage_error(trained_run):
+    with pytest.raises(UsageError, match="not available for savedmodel"):
+        export(trained_run / "run", "savedmodel", quantize="int8")
