@@ -189,6 +189,6 @@ def report(folder: ImageFolder) -> CheckReport:
 
 
 def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
-          seed: int = defaults.SEED) -> CheckReport:
+          seed: int = defaults.SEED, val: str | os.PathLike | None = None) -> CheckReport:
     """Scan and report, never raising for a fatal data problem (it becomes a finding)."""
-    return report(scan(data_dir, val_split, seed, strict=False))
+    return report(scan(data_dir, val_split, seed, strict=False, val=val))

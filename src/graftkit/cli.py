@@ -39,7 +39,7 @@ def cmd_fit(args) -> int:
         fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
         augment_head=args.augment_head, class_weight=args.class_weight, resume=args.resume,
-        unsafe=args.unsafe,
+        unsafe=args.unsafe, tensorboard=args.tensorboard, val=args.val,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout,
         overwrite=args.overwrite, verbose=_verbose(),
     )
@@ -72,7 +72,7 @@ def print_summary(m: dict, run_dir) -> None:
 def cmd_check(args) -> int:
     from graftkit.check import check
 
-    rep = check(args.data_dir, args.val_split, args.seed)
+    rep = check(args.data_dir, args.val_split, args.seed, args.val)
     if args.format == "json":
         print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
         return rep.exit_code
@@ -86,33 +86,57 @@ def cmd_check(args) -> int:
     return rep.exit_code
 
 
+def _progress(done: int, total: int) -> None:
+    """On stderr, so that stdout stays clean JSON/CSV."""
+    if sys.stderr.isatty():
+        width = 30
+        filled = width * done // total
+        end = "\n" if done == total else ""
+        print(f"\rpredicting [{'=' * filled}{'.' * (width - filled)}] {done}/{total}",
+              end=end, file=sys.stderr, flush=True)
+
+
 def cmd_predict(args) -> int:
     from graftkit.predict import expand_paths, load
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
     clf = load(args.run_dir, args.unsafe)
     paths, skipped = expand_paths(args.paths)
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if not paths:
         raise UsageError("no readable image among the given paths")
-    preds = clf.predict(paths, top_k=args.top_k)
+    preds = clf.predict(paths, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
+                        progress=_progress)
     if args.format == "json":
-        for p in preds:
-            print(json.dumps(p.as_dict(), ensure_ascii=False))
+        text = "".join(json.dumps(p.as_dict(), ensure_ascii=False) + "\n" for p in preds)
     elif args.format == "csv":
         import csv
+        import io
 
-        w = csv.writer(sys.stdout, lineterminator="\n")
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(["path", "label", "probability", "top_k"])
         for p in preds:
             w.writerow([p.path, p.label, f"{p.probability:.6f}",
                         ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k)])
+        text = buf.getvalue()
     else:
         rows = [[p.path, p.label, f"{p.probability:.4f}",
                  ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k)] for p in preds]
-        print(_fmt_table(rows, ["path", "label", "probability", f"top {args.top_k}"]))
+        text = _fmt_table(rows, ["path", "label", "probability", f"top {args.top_k}"]) + "\n"
+    if args.output:
+        from pathlib import Path
+
+        from graftkit.run import write_text
+
+        write_text(Path(args.output), text)
+        print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -219,8 +243,11 @@ graft fit photos/ --out runs/photos
 graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
 graft fit photos/ --out runs/top --unfreeze 3 --fine-tune-lr 1e-4
 graft fit photos/ --out runs/chain --base runs/earlier/model.keras
+graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
 """)
-    p.add_argument("data_dir", help="one subfolder per class, or train/ and val/ of them")
+    p.add_argument("data_dir", help="one subfolder per class, train/ and val/ of them, or a "
+                                    "CSV/TSV of path,label rows")
+    p.add_argument("--val", help="validation data: a class folder or a CSV/TSV (instead of a split)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--base", default=defaults.DEFAULT_BACKBONE,
                    help="backbone name (graft backbones) or a .keras model file "
@@ -251,6 +278,8 @@ graft fit photos/ --out runs/chain --base runs/earlier/model.keras
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that contain code (Lambda layers): trusted files only")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard logs of both phases in OUT/tensorboard/")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (the same command does it too)")
 
@@ -261,6 +290,7 @@ graft check photos/ --format json
 exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
 """)
     p.add_argument("data_dir")
+    p.add_argument("--val", help="validation data: a class folder or a CSV/TSV")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
     p.add_argument("--seed", type=int, default=defaults.SEED)
@@ -268,10 +298,15 @@ exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
     p = _sub(subs, "predict", cmd_predict, "predict the class of images", """
 graft predict runs/photos photo.jpg
 graft predict runs/photos new_photos/ --top-k 3 --format json
+graft predict runs/photos new_photos/ --tta --format csv --output predictions.csv
 """)
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image with its mirror image")
+    p.add_argument("--output", help="write the predictions to this file instead of stdout")
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")

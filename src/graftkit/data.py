@@ -182,19 +182,9 @@ def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
     return dirs
 
 
-def scan_classes(folder: Path, skipped: list[dict[str, str]],
-                 probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
-    """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
-    candidates: dict[str, list[str]] = {}
-    for class_dir in _class_dirs(folder, skipped):
-        paths = []
-        for f in _list_files(class_dir, skipped):
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                ext = f.suffix or "no extension"
-                skipped.append({"path": str(f), "reason": f"not an image file ({ext})"})
-            else:
-                paths.append(str(f))
-        candidates[class_dir.name] = paths
+def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
+                      probes: dict[str, ImageProbe] | None) -> dict[str, list[str]]:
+    """Decode every candidate once (in threads); keep the readable ones."""
     all_paths = [p for ps in candidates.values() for p in ps]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         found = dict(zip(all_paths, pool.map(probe_image, all_paths)))
@@ -207,6 +197,51 @@ def scan_classes(folder: Path, skipped: list[dict[str, str]],
                 skipped.append({"path": p, "reason": found[p].reason})
         result[name] = [p for p in paths if not found[p].reason]
     return result
+
+
+def scan_classes(folder: Path, skipped: list[dict[str, str]],
+                 probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
+    """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
+    if folder.is_file():
+        return scan_table(folder, skipped, probes)
+    candidates: dict[str, list[str]] = {}
+    for class_dir in _class_dirs(folder, skipped):
+        paths = []
+        for f in _list_files(class_dir, skipped):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                ext = f.suffix or "no extension"
+                skipped.append({"path": str(f), "reason": f"not an image file ({ext})"})
+            else:
+                paths.append(str(f))
+        candidates[class_dir.name] = paths
+    return _probe_candidates(candidates, skipped, probes)
+
+
+def scan_table(table: Path, skipped: list[dict[str, str]],
+               probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
+    """A CSV or TSV of ``path,label`` rows (a header row is optional; paths relative to it)."""
+    import csv
+
+    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    try:
+        with open(table, encoding="utf-8-sig", newline="") as f:
+            rows = [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {table}: {exc}") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    candidates: dict[str, list[str]] = {}
+    for n, row in enumerate(rows, start=1):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{table} row {n}: expected 'path{delimiter}label', got {row!r}")
+        path, label = row[0].strip(), row[1].strip()
+        _check_class_name(label, table)
+        full = Path(path) if os.path.isabs(path) else table.parent / path
+        if full.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
+            continue
+        candidates.setdefault(label, []).append(str(full))
+    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes)
 
 
 def require_classes(by_class: dict[str, list[str]], where: Path) -> None:
@@ -258,64 +293,69 @@ def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
-         strict: bool = True) -> ImageFolder:
-    """Scan a class folder (or one with ``train/`` and ``val/``) and check every image.
+TABLE_SUFFIXES = (".csv", ".tsv")
 
-    With ``strict=False`` a fatal problem (fewer than two classes, a class without a readable
-    image) is recorded in ``fatal`` instead of raised, for ``graft check`` to report.
+
+def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
+         strict: bool = True, val: str | os.PathLike | None = None) -> ImageFolder:
+    """Scan and check every image of a dataset.
+
+    ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders, or a
+    CSV/TSV of ``path,label`` rows. ``val`` (a class folder or CSV) gives the validation set
+    explicitly; without it and without ``val/``, a stratified seeded split is made. With
+    ``strict=False`` a fatal problem (fewer than two classes, a class without a readable image)
+    is recorded in ``fatal`` instead of raised, for ``graft check`` to report.
     """
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder: pass a folder with one subfolder per class")
+    if root.is_file() and root.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"{root} is not a folder or a .csv/.tsv: pass a folder with one "
+                        "subfolder per class, or a CSV of path,label rows")
     if not 0.0 < val_split < 1.0:
         raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
+    if val is not None and not Path(val).exists():
+        raise DataError(f"validation data not found: {val}")
     skipped: list[dict[str, str]] = []
     probes: dict[str, ImageProbe] = {}
     fatal: list[str] = []
+
+    def fail(message: str) -> None:
+        if strict:
+            raise DataError(message)
+        fatal.append(message)
 
     def require(by_class, where):
         try:
             require_classes(by_class, where)
         except DataError as exc:
-            if strict:
-                raise
-            fatal.append(str(exc))
+            fail(str(exc))
 
-    dirs = find_split_dirs(root)
-    if dirs:
-        train_by_class = scan_classes(dirs[0], skipped, probes)
-        require(train_by_class, dirs[0])
-        classes = list(train_by_class)
-        val_by_class = scan_classes(dirs[1], skipped, probes)
-        unknown = sorted(set(val_by_class) - set(classes))
-        if unknown:
-            message = (f"{dirs[1]} has classes missing from {dirs[0]}: {', '.join(unknown)}; "
-                       "use the same class folders in both")
-            if strict:
-                raise DataError(message)
-            fatal.append(message)
-            val_by_class = {c: ps for c, ps in val_by_class.items() if c in classes}
-        val = _as_split(val_by_class, classes)
-        if len(val) == 0 and not fatal:
-            message = f"{dirs[1]} has no readable image: add validation images or remove it"
-            if strict:
-                raise DataError(message)
-            fatal.append(message)
-        return ImageFolder(root, classes, _as_split(train_by_class, classes), val, skipped,
-                           "folders", probes, fatal)
-    by_class = scan_classes(root, skipped, probes)
-    require(by_class, root)
-    train, val = _seeded_split(by_class, val_split, seed)
-    if len(val) == 0 and not fatal:
-        message = f"{root} has too few images for a validation split: add images"
-        if strict:
-            raise DataError(message)
-        fatal.append(message)
-    return ImageFolder(root, list(by_class), train, val, skipped,
-                       f"seeded split ({val_split:.0%} validation, seed {seed})", probes, fatal)
+    dirs = find_split_dirs(root) if root.is_dir() else None
+    train_src = dirs[0] if dirs else root
+    val_src = Path(val) if val is not None else (dirs[1] if dirs else None)
+    train_by_class = scan_classes(train_src, skipped, probes)
+    require(train_by_class, train_src)
+    classes = list(train_by_class)
+    if val_src is None:
+        train, val_split_ = _seeded_split(train_by_class, val_split, seed)
+        if len(val_split_) == 0 and not fatal:
+            fail(f"{root} has too few images for a validation split: add images")
+        return ImageFolder(root, classes, train, val_split_, skipped,
+                           f"seeded split ({val_split:.0%} validation, seed {seed})", probes,
+                           fatal)
+    val_by_class = scan_classes(val_src, skipped, probes)
+    unknown = sorted(set(val_by_class) - set(classes))
+    if unknown:
+        fail(f"{val_src} has classes missing from {train_src}: {', '.join(unknown)}; "
+             "use the same class names in both")
+        val_by_class = {c: ps for c, ps in val_by_class.items() if c in classes}
+    val_items = _as_split(val_by_class, classes)
+    if len(val_items) == 0 and not fatal:
+        fail(f"{val_src} has no readable image: add validation images")
+    source = "folders" if dirs and val is None else f"validation from {val_src}"
+    return ImageFolder(root, classes, _as_split(train_by_class, classes), val_items, skipped,
+                       source, probes, fatal)
 
 
 def parse_augment(spec: str | None) -> dict[str, float | bool]:

@@ -7,15 +7,32 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def predict_proba(model, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Class probabilities for image files, through the same decoder as training."""
+def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool = False,
+                  progress=None) -> np.ndarray:
+    """Class probabilities for image files, through the same decoder as training.
+
+    ``tta`` averages the prediction of each image and of its mirror image (test-time
+    augmentation); ``progress(done, total)`` is called after every chunk.
+    """
     from graftkit.data import make_dataset
 
+    paths = list(paths)
     if not paths:
         return np.zeros((0, model.outputs[0].shape[-1]), dtype=np.float32)
     size = int(model.inputs[0].shape[1])
-    ds = make_dataset(paths, None, size, batch_size)
-    return np.asarray(model.predict(ds, verbose=0))
+    chunk = batch_size * 8
+    out = []
+    for start in range(0, len(paths), chunk):
+        part = paths[start: start + chunk]
+        ds = make_dataset(part, None, size, batch_size)
+        probs = np.asarray(model.predict(ds, verbose=0))
+        if tta:
+            flipped = ds.map(lambda x: x[:, :, ::-1, :])
+            probs = (probs + np.asarray(model.predict(flipped, verbose=0))) / 2
+        out.append(probs)
+        if progress:
+            progress(min(start + chunk, len(paths)), len(paths))
+    return np.concatenate(out)
 
 
 def scores(y_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict:

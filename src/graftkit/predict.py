@@ -57,14 +57,19 @@ class Classifier:
         self.metrics_ = metrics or {}
         self.image_size_ = int(model.inputs[0].shape[1])
 
-    def predict_proba(self, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    def predict_proba(self, paths: Sequence[str], batch_size: int = 32, tta: bool = False,
+                      progress=None) -> np.ndarray:
         from graftkit.evaluate import predict_proba
 
-        return predict_proba(self.model, list(paths), batch_size)
+        return predict_proba(self.model, list(paths), batch_size, tta, progress)
 
-    def predict(self, paths: Sequence[str], top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
-        """Top-k labels for each image file (decoded exactly as in training)."""
-        probs = self.predict_proba(paths, batch_size)
+    def predict(self, paths: Sequence[str], top_k: int = 1, batch_size: int = 32,
+                tta: bool = False, progress=None) -> list[Prediction]:
+        """Top-k labels for each image file (decoded exactly as in training).
+
+        ``tta`` averages each image with its mirror image (test-time augmentation).
+        """
+        probs = self.predict_proba(paths, batch_size, tta, progress)
         k = max(1, min(top_k, len(self.classes_)))
         out = []
         for path, p in zip(paths, probs):
@@ -74,14 +79,15 @@ class Classifier:
         return out
 
     def evaluate(self, data_dir: str | os.PathLike, batch_size: int = 32) -> dict:
-        """Scores on a class folder, or on the ``val/`` of a folder with ``train/`` and ``val/``."""
+        """Scores on a class folder, a CSV/TSV of ``path,label``, or the ``val/`` of a folder
+        with ``train/`` and ``val/``."""
         from graftkit.data import find_split_dirs, require_classes, scan_classes
         from graftkit.evaluate import scores
 
         root = Path(data_dir)
-        if not root.is_dir():
+        if not root.exists():
             raise DataError(f"data folder not found: {root}")
-        dirs = find_split_dirs(root)
+        dirs = find_split_dirs(root) if root.is_dir() else None
         folder = dirs[1] if dirs else root
         skipped: list[dict[str, str]] = []
         by_class = scan_classes(folder, skipped)

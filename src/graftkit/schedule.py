@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -109,11 +110,18 @@ class Schedule:
     verbose: int | str = "auto"
     class_weight: dict[int, float] | None = None
     checkpoint: object | None = None  # graftkit.checkpoint.RunCheckpoint
+    tensorboard_dir: Path | None = None  # one sub-folder of logs per phase
     history: list[dict] = field(default_factory=list)
 
 
 def _compile(model: keras.Model, lr: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=LOSS, metrics=METRICS)
+
+
+def _tensorboard(schedule: Schedule, phase: str) -> list:
+    if schedule.tensorboard_dir is None:
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(schedule.tensorboard_dir / phase))]
 
 
 def _phase_seconds(schedule: Schedule, phase: str) -> float:
@@ -124,7 +132,7 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
                patience: int | None) -> int:
     """``model.fit`` for one phase, resuming from the checkpoint's last epoch; epochs done."""
     keep = KeepBest(best, patience)
-    callbacks = [EpochLog(phase, schedule.history), keep]
+    callbacks = [EpochLog(phase, schedule.history), keep, *_tensorboard(schedule, phase)]
     initial_epoch = 0
     ckpt = schedule.checkpoint
     if ckpt is not None:
@@ -176,7 +184,8 @@ def train_head_on_features(model, base, train, val, schedule: Schedule, best: Be
         x_train, y_train, validation_data=(x_val, y_val), epochs=schedule.head_epochs,
         batch_size=batch_size, shuffle=True, verbose=schedule.verbose,
         class_weight=schedule.class_weight,
-        callbacks=[EpochLog("head", schedule.history), KeepBest(head_best)],
+        callbacks=[EpochLog("head", schedule.history), KeepBest(head_best),
+                   *_tensorboard(schedule, "head")],
     )
     # The first epoch's row carries the one-off cost of computing the features.
     if len(schedule.history) > rows_before:

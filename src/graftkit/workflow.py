@@ -44,6 +44,7 @@ class FitOptions:
     seed: int
     dropout: float
     class_weight: str
+    val: str | None = None
 
     def check(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -93,7 +94,9 @@ def fit(
     seed: int = defaults.SEED,
     dropout: float = defaults.DROPOUT,
     class_weight: str = "auto",
+    val: str | os.PathLike | None = None,
     unsafe: bool = False,
+    tensorboard: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     deterministic: bool = True,
@@ -103,7 +106,8 @@ def fit(
     """Fine-tune a pretrained base on an image folder and write a run folder.
 
     Args:
-        data_dir: one subfolder per class, or ``train/`` and ``val/`` folders of them.
+        data_dir: one subfolder per class, ``train/`` and ``val/`` folders of them, or a
+            CSV/TSV of ``path,label`` rows (paths relative to the file).
         out: the run folder to write (refused if it holds a finished run, unless ``overwrite``;
             an unfinished run of the same command there is resumed).
         base: a backbone name (``graft backbones``) or a ``.keras`` model file.
@@ -112,11 +116,13 @@ def fit(
         augment_head: augment in phase 1 too; the frozen base then runs every epoch instead
             of once (phase 1 otherwise trains the head on features computed once).
         unfreeze: ``"all"`` or the number of top blocks to fine-tune.
+        val: validation data given explicitly (a class folder or a CSV/TSV).
         class_weight: ``"auto"`` weighs classes when the largest has more than 1.5x the
             training images of the smallest; ``"none"`` never does.
         resume: require a checkpoint in ``out`` and continue it (it is used anyway if present).
         deterministic: TensorFlow's deterministic ops, so a seed gives the same figures.
         unsafe: allow a ``.keras`` base that contains code (Lambda layers).
+        tensorboard: write TensorBoard logs of both phases to ``out/tensorboard/``.
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -130,13 +136,20 @@ def fit(
         head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), lr, fine_tune_lr,
         augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
         val_split, seed, dropout, class_weight,
+        None if val is None else str(Path(val).resolve()),
     )
     options.check()
+    if tensorboard:
+        try:
+            import tensorboard as _tb  # noqa: F401
+        except ImportError:
+            raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'"
+                             ) from None
     created = not Path(out).exists()
     run_dir = prepare_run_dir(out, overwrite)
     try:
         return _fit(Path(data_dir), run_dir, options, overwrite, resume, deterministic,
-                    unsafe, verbose, log)
+                    unsafe, tensorboard, verbose, log)
     except BaseException:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
@@ -163,13 +176,13 @@ def _check_free_space(run_dir: Path, model) -> None:
 
 
 def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
-         deterministic: bool, unsafe: bool, verbose, log) -> FitResult:
+         deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import augmenter, make_dataset, scan
 
     started = time.perf_counter()
-    folder = scan(data_dir, opt.val_split, opt.seed)
+    folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val)
     log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
         f"{len(folder.val)} validation images ({folder.split_source}); "
         f"{len(folder.skipped)} files skipped")
@@ -227,7 +240,8 @@ def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume
                             shuffle=True, augment=aug, seed=opt.seed + resumed_epochs)
     val_ds = make_dataset(folder.val.paths, folder.val.labels, size, opt.batch_size)
     schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, opt.lr, opt.fine_tune_lr,
-                        opt.unfreeze, verbose=verbose, class_weight=weights, checkpoint=ckpt)
+                        opt.unfreeze, verbose=verbose, class_weight=weights, checkpoint=ckpt,
+                        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
     best = Best()
     phases: list[PhaseResult] = []
     if state:
