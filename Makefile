@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,export,tensorboard]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,export,tensorboard,tfds]'
 	touch $(STAMP)
 
 demo: $(STAMP)

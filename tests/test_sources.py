@@ -79,3 +79,20 @@ def test_predict_writes_a_file(trained_run, tmp_path, capsys):
     assert code == 0
     rows = out.read_text().splitlines()
     assert rows[0] == "path,label,probability,top_k" and len(rows) == 31
+
+
+def test_tfds_by_name_offline_with_mock_data(tmp_path, capsys):
+    """The Keras guide's dataset by name, with TFDS's own mock data (nothing downloaded)."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="the [tfds] extra is not installed")
+    with tfds.testing.mock_data(num_examples=24):
+        code = main(["fit", "tfds:cats_vs_dogs", "--out", str(tmp_path / "run"), "--image-size",
+                     "32", "--head-epochs", "2", "--fine-tune-epochs", "0"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["classes"] == ["cat", "dog"] and m["num_train"] + m["num_val"] == 24
+    assert "tfds" in m["data"]
+
+
+def test_tfds_bad_spec_is_a_usage_error(capsys):
+    assert main(["check", "tfds:"]) == 2
+    assert "tfds:NAME" in capsys.readouterr().err

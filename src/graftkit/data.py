@@ -300,13 +300,18 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
          strict: bool = True, val: str | os.PathLike | None = None) -> ImageFolder:
     """Scan and check every image of a dataset.
 
-    ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders, or a
-    CSV/TSV of ``path,label`` rows. ``val`` (a class folder or CSV) gives the validation set
-    explicitly; without it and without ``val/``, a stratified seeded split is made. With
-    ``strict=False`` a fatal problem (fewer than two classes, a class without a readable image)
-    is recorded in ``fatal`` instead of raised, for ``graft check`` to report.
+    ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders, a
+    CSV/TSV of ``path,label`` rows, or ``tfds:NAME[:SPLIT]``. ``val`` (a class folder, CSV or
+    ``tfds:`` name) gives the validation set explicitly; without it and without ``val/``, a
+    stratified seeded split is made. With ``strict=False`` a fatal problem (fewer than two
+    classes, a class without a readable image) is recorded in ``fatal`` instead of raised, for
+    ``graft check`` to report.
     """
-    root = Path(data_dir)
+    from graftkit.sources import is_tfds, materialise_tfds
+
+    root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else Path(data_dir)
+    if val is not None and is_tfds(val):
+        val = materialise_tfds(str(val))
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if root.is_file() and root.suffix.lower() not in TABLE_SUFFIXES:

@@ -83,8 +83,9 @@ class Classifier:
         with ``train/`` and ``val/``."""
         from graftkit.data import find_split_dirs, require_classes, scan_classes
         from graftkit.evaluate import scores
+        from graftkit.sources import is_tfds, materialise_tfds
 
-        root = Path(data_dir)
+        root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else Path(data_dir)
         if not root.exists():
             raise DataError(f"data folder not found: {root}")
         dirs = find_split_dirs(root) if root.is_dir() else None

@@ -136,7 +136,8 @@ def fit(
         head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), lr, fine_tune_lr,
         augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
         val_split, seed, dropout, class_weight,
-        None if val is None else str(Path(val).resolve()),
+        None if val is None else (str(val) if str(val).startswith("tfds:")
+                                  else str(Path(val).resolve())),
     )
     options.check()
     if tensorboard:
@@ -148,7 +149,7 @@ def fit(
     created = not Path(out).exists()
     run_dir = prepare_run_dir(out, overwrite)
     try:
-        return _fit(Path(data_dir), run_dir, options, overwrite, resume, deterministic,
+        return _fit(data_dir, run_dir, options, overwrite, resume, deterministic,
                     unsafe, tensorboard, verbose, log)
     except BaseException:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -175,7 +176,7 @@ def _check_free_space(run_dir: Path, model) -> None:
                        f"{need / 1e6:.0f} MB: free some space or choose another --out")
 
 
-def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
+def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
          deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
@@ -194,7 +195,7 @@ def _fit(data_dir: Path, run_dir: Path, opt: FitOptions, overwrite: bool, resume
     if len(warnings) > 10:
         log(f"  ... and {len(warnings) - 10} more warnings (graft check {data_dir})")
 
-    fingerprint = {**dataclasses.asdict(opt), "data": str(data_dir.resolve()),
+    fingerprint = {**dataclasses.asdict(opt), "data": str(folder.root.resolve()),
                    "classes": folder.classes, "num_train": len(folder.train),
                    "num_val": len(folder.val)}
     ckpt = RunCheckpoint(run_dir, fingerprint)
