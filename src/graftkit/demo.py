@@ -53,6 +53,7 @@ def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbo
     pred = clf.predict([str(sample)], top_k=3)[0]
     log(f"\nprediction for {sample}: {pred.label} (p={pred.probability:.3f}); top 3: "
         + ", ".join(f"{lab} {p:.3f}" for lab, p in pred.top_k))
-    log(f"\nnext: graft predict {run_dir} {sample}\n      graft evaluate {run_dir} {data}\n"
-        f"      graft inspect {run_dir}")
+    log(f"\nopen {run_dir / 'report.html'} in a browser, then try:\n"
+        f"      graft predict {run_dir} {sample}\n      graft evaluate {run_dir} {data}\n"
+        f"      graft inspect {run_dir}\n      graft export {run_dir} --format tflite")
     return result.metrics
