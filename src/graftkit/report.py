@@ -41,13 +41,12 @@ def _png_data_uri(path: Path) -> str | None:
 def _thumbnail(path: str) -> str | None:
     from PIL import Image
 
-    from graftkit.data import probe_image
-
-    if probe_image(path).reason:
-        return None
     from graftkit.data import load_image
 
-    img = Image.fromarray(load_image(path, THUMBNAIL))
+    try:
+        img = Image.fromarray(load_image(path, THUMBNAIL))
+    except Exception:  # noqa: BLE001 - moved or changed since the run: shown as missing
+        return None
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -9,6 +9,7 @@ outside the file to predict correctly.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ class Backbone:
 
 
 def _keras_home() -> str:
-    import os
-
     return os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
 
 
