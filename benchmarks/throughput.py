@@ -1,0 +1,117 @@
+"""Images per second of EfficientNet-Lite0 next to the ceiling this CPU's matmul speed implies.
+
+    .venv/bin/python benchmarks/throughput.py [--image-size 224] [--batch-size 32] [--images 128]
+
+For float32 and mixed_bfloat16 (Keras policies) it measures, in one run: inference through the
+whole model, a frozen-phase training step (head only) and a full fine-tuning step (everything but
+BatchNormalization unfrozen). The ceiling is the machine's measured matmul GFLOP/s divided by the
+model's FLOPs per image (counted from its convolution and dense shapes; a training step counted
+as 3x the forward pass). A measurement script, not a test: the numbers decide defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def matmul_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    tf.linalg.matmul(a, a).numpy()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        c = tf.linalg.matmul(a, a)
+    c.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def forward_gflops(model) -> float:
+    """Convolution and dense FLOPs of one image through ``model`` (nested models included)."""
+    from keras import layers
+
+    from graftkit.backbones import leaf_layers
+
+    total = 0
+    for layer in leaf_layers(model):
+        if isinstance(layer, layers.DepthwiseConv2D):
+            _, h, w, c = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += 2 * h * w * kh * kw * c
+        elif isinstance(layer, layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += 2 * h * w * kh * kw * layer.input.shape[-1] * cout
+        elif isinstance(layer, layers.Dense):
+            total += 2 * layer.input.shape[-1] * layer.units
+    return total / 1e9
+
+
+def measure(policy: str, size: int, batch: int, n: int) -> dict:
+    import keras
+    import numpy as np
+
+    from graftkit.backbones import load_base
+    from graftkit.graft import build_classifier, freeze, unfreeze
+
+    keras.mixed_precision.set_global_policy(policy)
+    base, info = load_base("efficientnet_lite0", size)
+    model = build_classifier(base, 2)
+    x = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype("float32")
+    y = np.arange(n) % 2
+
+    def rate(step) -> float:
+        step(x[: batch * 2])  # trace and warm up
+        t = time.perf_counter()
+        step(x)
+        return n / (time.perf_counter() - t)
+
+    out = {"inference": rate(lambda d: model.predict(d, batch_size=batch, verbose=0))}
+    for name, setup in (("frozen phase", lambda: freeze(base)),
+                        ("fine-tune", lambda: unfreeze(base, "all",
+                                                       block_pattern=info.block_pattern))):
+        setup()
+        model.compile(optimizer=keras.optimizers.Adam(1e-5),
+                      loss="sparse_categorical_crossentropy")
+        out[name] = rate(lambda d: model.fit(d, y[: len(d)], batch_size=batch, epochs=1,
+                                             verbose=0))
+    out["gflops"] = forward_gflops(model)
+    keras.mixed_precision.set_global_policy("float32")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=128)
+    args = parser.parse_args()
+    rows = {}
+    for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+        rows[policy] = measure(policy, args.image_size, args.batch_size, args.images)
+        rows[policy]["matmul"] = matmul_gflops(dtype)
+    gflops = rows["float32"]["gflops"]
+    print(f"\nEfficientNet-Lite0 at {args.image_size} px, batch {args.batch_size}: "
+          f"{gflops:.2f} GFLOPs per image forward")
+    print(f"{'policy':16}{'matmul GFLOP/s':>16}{'step':>14}{'images/s':>10}{'ceiling':>10}"
+          f"{'of ceiling':>12}")
+    for policy, r in rows.items():
+        for step, factor in (("inference", 1), ("frozen phase", 1), ("fine-tune", 3)):
+            ceiling = r["matmul"] / (gflops * factor)
+            print(f"{policy:16}{r['matmul']:>16.0f}{step:>14}{r[step]:>10.1f}{ceiling:>10.0f}"
+                  f"{r[step] / ceiling:>12.1%}")
+    for step in ("inference", "frozen phase", "fine-tune"):
+        ratio = rows["mixed_bfloat16"][step] / rows["float32"][step]
+        print(f"mixed_bfloat16 / float32, {step}: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
