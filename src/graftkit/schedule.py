@@ -205,7 +205,8 @@ def fine_tune(model, base, block_pattern: str, train_ds, val_ds, schedule: Sched
     _compile(model, schedule.fine_tune_lr)  # trainable changed: only a compile makes it count
     done = _fit_phase(model, "fine_tune", train_ds, val_ds, schedule.fine_tune_epochs, schedule,
                       best, schedule.patience)
-    note = (f"unfroze {counts.unfrozen_blocks} blocks ({counts.trainable:,} trainable parameters), "
+    n = counts.unfrozen_blocks
+    note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters), "
             "BatchNormalization frozen")
     freeze(base)  # the saved model comes back frozen, as it was after phase 1
     return PhaseResult("fine_tune", done, _phase_seconds(schedule, "fine_tune"),
