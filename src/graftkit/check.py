@@ -117,6 +117,10 @@ def _near_duplicates(folder: ImageFolder) -> list[Finding]:
     return findings
 
 
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
 def _shapes(folder: ImageFolder) -> list[Finding]:
     tiny, extreme = [], []
     for path in _split_of(folder):
@@ -128,11 +132,11 @@ def _shapes(folder: ImageFolder) -> list[Finding]:
     findings = []
     if tiny:
         findings.append(Finding(WARNING, "tiny",
-                                f"{len(tiny)} images under {defaults.TINY_SIDE} px on a side",
+                                f"{_images(len(tiny))} under {defaults.TINY_SIDE} px on a side",
                                 tiny))
     if extreme:
         findings.append(Finding(WARNING, "aspect_ratio",
-                                f"{len(extreme)} images more than {defaults.MAX_ASPECT:g}:1, "
+                                f"{_images(len(extreme))} more than {defaults.MAX_ASPECT:g}:1, "
                                 "squashed to a square in training", extreme))
     return findings
 
