@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from graftkit.errors import RunError
-from graftkit.run import write_json
+from graftkit.run import atomic_write, write_json
 
 CHECKPOINT_DIR = ".checkpoint"
 STATE_FILE = "state.json"
@@ -55,12 +55,13 @@ class RunCheckpoint:
         self.state = state
         return state
 
-    def _save_weights(self, model: keras.Model, name: str) -> str:
+    def _save(self, name: str, write) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}"
-        model.save_weights(tmp)
-        tmp.replace(self.dir / name)
+        atomic_write(self.dir / name, write)
         return name
+
+    def _save_weights(self, model: keras.Model, name: str) -> str:
+        return self._save(name, model.save_weights)
 
     def commit(self, **changes) -> None:
         """Write the state (after the files it names), then drop files it no longer names."""
@@ -72,12 +73,11 @@ class RunCheckpoint:
                 path.unlink(missing_ok=True)
 
     def _save_arrays(self, arrays: list, name: str) -> str:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}"
-        with open(tmp, "wb") as f:
-            np.savez(f, *arrays)
-        tmp.replace(self.dir / name)
-        return name
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, *arrays)
+
+        return self._save(name, write)
 
     def save_epoch(self, model: keras.Model, phase: str, epoch: int, history: list[dict],
                    best, best_changed: bool, wait: int) -> None:

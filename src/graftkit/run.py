@@ -44,8 +44,14 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a hidden temp file beside ``path``, then rename it into place.
+
+    The temp name keeps every suffix (``.weights.h5``, ``.keras``), which Keras insists on.
+    """
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}-", suffix="".join(path.suffixes))
     os.close(fd)
     try:
         write(tmp)
@@ -60,7 +66,7 @@ def write_text(path: Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic(Path(path), write)
+    atomic_write(path, write)
 
 
 def write_json(path: Path, data) -> None:
@@ -113,11 +119,11 @@ def save_model(model, path: Path) -> None:
     plain.set_weights(model.get_weights())
     for src, dst in zip(model.layers, plain.layers):
         dst.trainable = src.trainable
-    _atomic(Path(path), lambda tmp: plain.save(tmp))
+    atomic_write(path, lambda tmp: plain.save(tmp))
 
 
 def save_figure(fig, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
 def plot_history(rows: list[dict], path: Path) -> None:

@@ -10,8 +10,6 @@ of stride-2 convolutions). Converted once, then cached as a Keras ``.weights.h5`
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import keras
@@ -20,6 +18,7 @@ from keras import layers
 
 from graftkit.defaults import cache_dir
 from graftkit.errors import BackboneError
+from graftkit.run import atomic_write
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99  # PyTorch's 0.01
@@ -168,14 +167,7 @@ def converted_weights(source: Path | None = None) -> Path:
     except ValueError as exc:
         raise BackboneError(f"{source} does not hold EfficientNet-Lite0 weights: {exc}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=target.parent)
-    os.close(fd)
-    try:
-        model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(target, lambda tmp: model.save_weights(tmp, overwrite=True))
     return target
 
 
