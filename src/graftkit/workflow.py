@@ -276,8 +276,6 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
                                 schedule, best))
         ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
-    elif len(phases) >= 2:
-        model.set_weights(best.weights)
 
     result = _write_run(run_dir, model, folder, info, phases, schedule, opt, weights, checked,
                         started)
