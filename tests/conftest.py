@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

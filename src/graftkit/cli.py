@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 from graftkit import defaults
 from graftkit.errors import EXIT_CODES, GraftError, UsageError
@@ -40,8 +41,8 @@ def cmd_fit(args) -> int:
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
         augment_head=args.augment_head, class_weight=args.class_weight, resume=args.resume,
         unsafe=args.unsafe, tensorboard=args.tensorboard, val=args.val,
-        val_split=args.val_split, seed=args.seed, dropout=args.dropout,
-        overwrite=args.overwrite, verbose=_verbose(),
+        val_split=args.val_split, seed=args.seed, dropout=args.dropout, views=args.views,
+        cache=not args.no_cache, overwrite=args.overwrite, verbose=_verbose(),
     )
     print_summary(result.metrics, result.run_dir)
     return 0
@@ -192,6 +193,31 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from graftkit import features
+    from graftkit.defaults import cache_dir
+
+    if args.action == "clear":
+        freed = features.clear()
+        print(f"freed {freed / 1e6:.1f} MB in {cache_dir()} (converted backbone weights kept)")
+        return 0
+    entries = features.cache_entries()
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["kind"], e["set"]), []).append(e)
+    rows = []
+    for (kind, name), es in sorted(groups.items(), key=lambda kv: -max(e["used"] for e in kv[1])):
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(e["used"] for e in es)))
+        rows.append([kind, name, len(es), f"{sum(e['bytes'] for e in es) / 1e6:.1f} MB", last])
+    total = sum(e["bytes"] for e in entries)
+    if rows:
+        print(_fmt_table(rows, ["kind", "set", "files", "size", "last used"]))
+    print(f"{cache_dir()}: {total / 1e6:.1f} MB of frozen outputs and engines in "
+          f"{len(entries)} files; limit {features.cache_limit_bytes() / 1e9:.1f} GB "
+          f"(${features.defaults.CACHE_LIMIT_ENV}), least recently used removed first")
+    return 0
+
+
 def cmd_report(args) -> int:
     from graftkit.report import build_report
 
@@ -266,9 +292,14 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
     p.add_argument("--augment", default=None,
                    help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
     p.add_argument("--no-augment", action="store_true",
-                   help="no augmentation; phase 1 then runs on features computed once")
+                   help="no augmentation (one view per image)")
+    p.add_argument("--views", type=int, default=defaults.VIEWS,
+                   help="views per training image run once through the frozen part of the base: "
+                        f"the image and VIEWS-1 augmented ones (default {defaults.VIEWS})")
     p.add_argument("--augment-head", action="store_true",
-                   help="augment in phase 1 too (the frozen base then runs every epoch)")
+                   help="phase 1 the guide's way: through the frozen base every epoch")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write frozen outputs in the cache (graft cache info)")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT,
                    help="validation fraction when the folder has no val/ (default 0.2)")
     p.add_argument("--dropout", type=float, default=defaults.DROPOUT)
@@ -356,6 +387,13 @@ graft backbones --format json
 """)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
+    p = _sub(subs, "cache", cmd_cache,
+             "show or clear the cache of frozen-base outputs (what makes a rerun fast)", """
+graft cache info
+graft cache clear
+""")
+    p.add_argument("action", choices=("info", "clear"))
+
     p = _sub(subs, "demo", cmd_demo,
              "fine-tune EfficientNet-Lite0 on scikit-learn's digits, offline", """
 graft demo
@@ -387,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _import_tensorflow_quietly()
     try:
         return args.func(args)

@@ -53,6 +53,15 @@ class ImageFolder:
     probes: dict[str, ImageProbe] = field(default_factory=dict)
     fatal: list[str] = field(default_factory=list)  # filled instead of raising when not strict
 
+    def digests(self, split: Split) -> list[str]:
+        """Content digests of a split's files (what caches key on), from the scan."""
+        out = []
+        for path in split.paths:
+            probe = self.probes.get(path)
+            out.append(probe.sha256 if probe and probe.sha256
+                       else hashlib.sha256(_read_bytes(path)).hexdigest())
+        return out
+
 
 @dataclass
 class ImageProbe:
@@ -384,49 +393,133 @@ def parse_augment(spec: str | None) -> dict[str, float | bool]:
     return settings
 
 
-def augmenter(settings: dict[str, float | bool], seed: int):
-    """Keras random layers applied to training batches only (never saved with the model)."""
-    import keras
-    from keras import layers
+def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool]) -> np.ndarray:
+    """One random view of a uint8 image, fully decided by ``seed``.
 
-    stack = []
-    if settings.get("flip"):
-        stack.append(layers.RandomFlip("horizontal", seed=seed))
-    if settings.get("rotation"):
-        stack.append(layers.RandomRotation(settings["rotation"], seed=seed + 1))
-    if settings.get("zoom"):
-        stack.append(layers.RandomZoom(settings["zoom"], seed=seed + 2))
-    if settings.get("contrast"):
-        stack.append(layers.RandomContrast(settings["contrast"], value_range=(0, 255), seed=seed + 3))
-    return keras.Sequential(stack, name="augment") if stack else None
+    The same function serves per-epoch augmentation and the cached augmented views, and a view
+    depends only on its seed (not on batch or thread order), so cached views of an image are
+    reusable across runs. Flip is horizontal; rotation is a fraction of a full turn, zoom a
+    fraction of the side, contrast a fraction of the per-channel spread (the Keras layers'
+    meanings); empty corners are filled by reflection, as Keras does.
+    """
+    rng = np.random.default_rng(seed)
+    flip = bool(settings.get("flip")) and rng.random() < 0.5
+    rotation = float(settings.get("rotation") or 0.0)
+    zoom = float(settings.get("zoom") or 0.0)
+    contrast = float(settings.get("contrast") or 0.0)
+    angle = rng.uniform(-rotation, rotation) * 2 * np.pi
+    scale = 1.0 + rng.uniform(-zoom, zoom)  # > 1 shows a larger area (zoom out)
+    factor = 1.0 + rng.uniform(-contrast, contrast)
+    out = image[:, ::-1] if flip else image
+    if angle or scale != 1.0:
+        h, w = out.shape[:2]
+        pad = (h // 2, w // 2)
+        padded = Image.fromarray(np.pad(out, (pad, pad, (0, 0)), mode="reflect"))
+        cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+        cx, cy = w / 2 + pad[1], h / 2 + pad[0]
+        # Output pixel (x, y) samples the padded input at centre + R(angle) * scale * offset.
+        matrix = (cos, -sin, cx - cos * w / 2 + sin * h / 2,
+                  sin, cos, cy - sin * w / 2 - cos * h / 2)
+        out = np.asarray(padded.transform((w, h), Image.AFFINE, matrix, Image.BILINEAR))
+    if factor != 1.0:
+        mean = out.reshape(-1, 3).mean(axis=0)
+        out = np.clip((out - mean) * factor + mean, 0, 255).round().astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def view_seed(digest: str, view: int) -> int:
+    """The seed of augmented view ``view`` of the image with content digest ``digest``."""
+    return int.from_bytes(hashlib.sha256(f"{digest}:{view}".encode()).digest()[:8], "little")
+
+
+class DecodedImages:
+    """Every image of a split decoded and resized once, so epochs do no JPEG work.
+
+    Held in memory up to ``budget`` bytes, beyond that in a memory-mapped file in ``spill_dir``
+    (removed by ``close``). Decoding runs on all cores (Pillow releases the GIL).
+    """
+
+    def __init__(self, paths: Sequence[str], size: int, budget: int | None = None,
+                 spill_dir: Path | None = None):
+        import tempfile
+
+        self.paths, self.size = list(paths), size
+        shape = (len(self.paths), size, size, 3)
+        nbytes = int(np.prod(shape))
+        budget = defaults.DECODED_MEMORY_BUDGET if budget is None else budget
+        self._file = None
+        if nbytes > budget:
+            folder = spill_dir or defaults.cache_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="decoded-", suffix=".u8", dir=folder)
+            os.close(fd)
+            self._file = Path(name)
+            self.array = np.memmap(self._file, dtype=np.uint8, mode="w+", shape=shape)
+        else:
+            self.array = np.empty(shape, dtype=np.uint8)
+
+        def work(i: int) -> None:
+            self.array[i] = load_image(self.paths[i], size)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(work, range(len(self.paths))))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def close(self) -> None:
+        if self._file is not None:
+            del self.array
+            self._file.unlink(missing_ok=True)
+            self._file = None
 
 
 def make_dataset(
-    paths: Sequence[str],
+    images: Sequence[str] | DecodedImages,
     labels: Sequence[int] | None,
     image_size: int,
     batch_size: int,
     shuffle: bool = False,
-    augment=None,
+    augment: dict[str, float | bool] | None = None,
     seed: int = 1337,
 ):
-    """A prefetched tf.data stream of ``(float32 0-255 images, labels)`` batches."""
+    """A prefetched tf.data stream of ``(float32 0-255 images, labels)`` batches.
+
+    ``images`` are file paths (decoded in parallel by ``load_image``) or a ``DecodedImages``.
+    ``augment`` settings apply ``augment_image`` with a fresh seed per image and epoch.
+    """
     import tensorflow as tf
 
-    def decode(path):
-        img = tf.numpy_function(lambda p: load_image(p.decode(), image_size), [path], tf.uint8)
+    decoded = images if isinstance(images, DecodedImages) else None
+    if decoded is not None:
+        source = np.arange(len(decoded), dtype=np.int64)
+
+        def fetch(i, s):
+            img = decoded.array[int(i)]
+            return augment_image(img, int(s), augment) if augment else np.asarray(img)
+    else:
+        source = list(images)
+
+        def fetch(p, s):
+            img = load_image(p.decode(), image_size)
+            return augment_image(img, int(s), augment) if augment else img
+
+    def decode(item, s):
+        img = tf.numpy_function(fetch, [item, s], tf.uint8)
         img.set_shape((image_size, image_size, 3))
         return tf.cast(img, tf.float32)
 
+    count = len(source)
     if labels is None:
-        ds = tf.data.Dataset.from_tensor_slices(list(paths))
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.from_tensor_slices(source)
+        ds = ds.map(lambda p: decode(p, tf.constant(0, tf.int64)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, dtype=np.int32)))
+    ds = tf.data.Dataset.from_tensor_slices((source, np.asarray(labels, dtype=np.int32)))
     if shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    # One random seed per image and epoch, independent of the order parallel calls finish in.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((ds, seeds))
+    ds = ds.map(lambda py, s: (decode(py[0], s), py[1]), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

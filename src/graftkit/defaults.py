@@ -18,6 +18,7 @@ FINE_TUNE_EPOCHS = 5
 HEAD_LR = 1e-3
 FINE_TUNE_LR = 1e-5
 UNFREEZE = "all"
+VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
 # Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).
 AUGMENT = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
@@ -31,6 +32,10 @@ IMBALANCE_RATIO = 1.5
 NEAR_DUPLICATE_BITS = 16  # of 256 in the difference hash (measured on flowers5)
 
 CACHE_ENV = "GRAFTKIT_CACHE_DIR"
+CACHE_LIMIT_ENV = "GRAFTKIT_CACHE_LIMIT_GB"
+CACHE_LIMIT_GB = 4.0  # features and converted engines; least recently used go first
+# Decoded training images beyond this many bytes go to a memory-mapped file, not RAM.
+DECODED_MEMORY_BUDGET = 1 << 30
 
 
 def cache_dir() -> Path:

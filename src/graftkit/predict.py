@@ -51,17 +51,28 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[di
 class Classifier:
     """A trained graftkit model with its labels: ``predict``, ``predict_proba``, ``evaluate``."""
 
-    def __init__(self, model, classes: list[str], metrics: dict | None = None):
+    def __init__(self, model, classes: list[str], metrics: dict | None = None, fast: bool = True):
         self.model = model
         self.classes_ = list(classes)
         self.metrics_ = metrics or {}
         self.image_size_ = int(model.inputs[0].shape[1])
+        self.fast = fast
+        self._split = None
+
+    def _fast_path(self):
+        """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
+        if self.fast and self._split is None:
+            from graftkit.features import split_classifier
+
+            self._split = split_classifier(self.model, self.metrics_) or False
+        return self._split or None
 
     def predict_proba(self, paths: Sequence[str], batch_size: int = 32, tta: bool = False,
                       progress=None) -> np.ndarray:
         from graftkit.evaluate import predict_proba
 
-        return predict_proba(self.model, list(paths), batch_size, tta, progress)
+        return predict_proba(self.model, list(paths), batch_size, tta, progress,
+                             fast=self._fast_path())
 
     def predict(self, paths: Sequence[str], top_k: int = 1, batch_size: int = 32,
                 tta: bool = False, progress=None) -> list[Prediction]:

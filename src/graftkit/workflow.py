@@ -45,6 +45,15 @@ class FitOptions:
     dropout: float
     class_weight: str
     val: str | None = None
+    views: int = defaults.VIEWS
+    cache: bool = True  # read and write frozen outputs in the cache directory
+
+    @property
+    def fingerprint(self) -> dict:
+        """What decides the result (the cache only decides the speed)."""
+        out = dataclasses.asdict(self)
+        out.pop("cache")
+        return out
 
     def check(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -60,6 +69,8 @@ class FitOptions:
                 raise UsageError(f"{name} must be between 0 and 1 (got {value})")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.views < 1:
+            raise UsageError(f"--views must be at least 1 (got {self.views})")
         if self.class_weight not in ("auto", "none"):
             raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
 
@@ -95,6 +106,8 @@ def fit(
     dropout: float = defaults.DROPOUT,
     class_weight: str = "auto",
     val: str | os.PathLike | None = None,
+    views: int = defaults.VIEWS,
+    cache: bool = True,
     unsafe: bool = False,
     tensorboard: bool = False,
     overwrite: bool = False,
@@ -113,9 +126,15 @@ def fit(
         base: a backbone name (``graft backbones``) or a ``.keras`` model file.
         weights: ``"imagenet"``, ``None`` for random, or a local weights file.
         augment: None for the defaults, ``"none"``, a spec like ``"flip,zoom=0.2"``, or a dict.
-        augment_head: augment in phase 1 too; the frozen base then runs every epoch instead
-            of once (phase 1 otherwise trains the head on features computed once).
-        unfreeze: ``"all"`` or the number of top blocks to fine-tune.
+        augment_head: run phase 1 the guide's way, through the frozen base every epoch with
+            fresh augmentation (otherwise it trains on cached features of ``views`` views).
+        views: views per training image computed once by the frozen part of the base (the
+            image itself and ``views - 1`` augmented ones); epoch ``e`` trains on view
+            ``e % views``.
+        cache: keep frozen outputs in the cache directory, so a new run on the same images
+            (other head settings, other seed) skips the frozen base.
+        unfreeze: ``"all"`` or the number of top blocks to fine-tune (a number: trained on
+            cached activations at the cut, when the backbone can be cut there).
         val: validation data given explicitly (a class folder or a CSV/TSV).
         class_weight: ``"auto"`` weighs classes when the largest has more than 1.5x the
             training images of the smallest; ``"none"`` never does.
@@ -138,6 +157,7 @@ def fit(
         val_split, seed, dropout, class_weight,
         None if val is None else (str(val) if str(val).startswith("tfds:")
                                   else str(Path(val).resolve())),
+        views, cache,
     )
     options.check()
     if tensorboard:
@@ -180,7 +200,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
          deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
-    from graftkit.data import augmenter, make_dataset, scan
+    from graftkit.data import DecodedImages, make_dataset, scan
 
     started = time.perf_counter()
     folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val)
@@ -195,7 +215,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     if len(warnings) > 10:
         log(f"  ... and {len(warnings) - 10} more warnings (graft check {data_dir})")
 
-    fingerprint = {**dataclasses.asdict(opt), "data": str(folder.root.resolve()),
+    fingerprint = {**opt.fingerprint, "data": str(folder.root.resolve()),
                    "classes": folder.classes, "num_train": len(folder.train),
                    "num_val": len(folder.val)}
     ckpt = RunCheckpoint(run_dir, fingerprint)
@@ -212,12 +232,14 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     import tensorflow as tf
 
     from graftkit.backbones import load_base
+    from graftkit.features import FrozenPart, extract, part_key, split_base
     from graftkit.graft import build_classifier
     from graftkit.schedule import (
         Best,
         PhaseResult,
         Schedule,
         fine_tune,
+        fine_tune_on_activations,
         train_head,
         train_head_on_features,
     )
@@ -236,10 +258,6 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         log("  class weights (imbalanced training set): "
             + ", ".join(f"{folder.classes[c]} {w:.2f}" for c, w in weights.items()))
 
-    aug = augmenter(opt.augment, opt.seed) if opt.augment else None
-    train_ds = make_dataset(folder.train.paths, folder.train.labels, size, opt.batch_size,
-                            shuffle=True, augment=aug, seed=opt.seed + resumed_epochs)
-    val_ds = make_dataset(folder.val.paths, folder.val.labels, size, opt.batch_size)
     schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, opt.lr, opt.fine_tune_lr,
                         opt.unfreeze, verbose=verbose, class_weight=weights, checkpoint=ckpt,
                         tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
@@ -252,44 +270,93 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
             best = Best(state["best"]["val_accuracy"], state["best"]["val_loss"],
                         ckpt.best_weights())
 
-    on_features = aug is None or not opt.augment_head
+    # Cut the base below the blocks phase 2 fine-tunes: everything under the cut is frozen, so
+    # its output is computed once per image and view (and cached across runs).
+    fine_tune_top = opt.fine_tune_epochs > 0 and opt.unfreeze != "all"
+    split = split_base(base_model, info.block_pattern, opt.unfreeze) if fine_tune_top else None
+    if fine_tune_top and split is None:
+        log(f"  note: {info.name} cannot be cut below its top {opt.unfreeze} blocks (a skip "
+            "connection crosses the cut); phase 2 runs through the whole base")
+    cached_phase2 = split is not None
+    if split is None:
+        split = split_base(base_model, info.block_pattern, 0)
+    augmenting = bool(opt.augment) and not opt.augment_head
+    views = opt.views if augmenting else 1
+    need_cache = not phases or (cached_phase2 and len(phases) < 2)
+    frozen_model = split.frozen_model()
+    engine_key = part_key(frozen_model, size, split.cut)  # before training changes the top
+    if need_cache:
+        frozen = FrozenPart(frozen_model, engine_key)
+        store_key = frozen.key if opt.cache else None
+        train_ex = extract(frozen, folder.train.paths, folder.digests(folder.train), size, views,
+                           opt.augment, store_key)
+        val_ex = extract(frozen, folder.val.paths, folder.digests(folder.val), size, 1, None,
+                         store_key)
+        computed, total = train_ex.computed + val_ex.computed, len(folder.train) * views + len(
+            folder.val)
+        log(f"frozen base: {total - computed} of {total} outputs from the cache, {computed} "
+            f"computed ({frozen.engine}, {train_ex.seconds + val_ex.seconds:.1f} s)"
+            + (f"; {views} views per training image" if views > 1 else ""))
+    y_train, y_val = folder.train.labels, folder.val.labels
+
     if not phases:
-        if on_features:
+        if not opt.augment_head:
             schedule.history = []  # phase 1 on features is quick: it runs again from the start
-            log("phase 1: head on features computed once by the frozen base (no augmentation)")
-            plain = (make_dataset(folder.train.paths, None, size, opt.batch_size),
-                     folder.train.labels)
-            val_images = (make_dataset(folder.val.paths, None, size, opt.batch_size),
-                          folder.val.labels)
-            phases.append(train_head_on_features(model, base_model, plain, val_images, schedule,
-                                                 best, opt.batch_size))
+            k = 0 if split.top is None else 1  # the pooled features among the frozen outputs
+            pooled, pooled_val = train_ex.output(k), val_ex.views[0][k]
+            what = (f"{views} cached views per image" if views > 1
+                    else "features computed once by the frozen base")
+            log(f"phase 1: head on {what}")
+            phases.append(train_head_on_features(
+                model, pooled, y_train, pooled_val, y_val, schedule, best, opt.batch_size,
+                opt.seed, train_ex.seconds + val_ex.seconds, f"on {what}"))
         else:
-            log(f"phase 1: head on the frozen base, augmentation {opt.augment}")
+            log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
+            train_ds = make_dataset(folder.train.paths, y_train, size, opt.batch_size,
+                                    shuffle=True, augment=opt.augment, seed=opt.seed)
+            val_ds = make_dataset(folder.val.paths, y_val, size, opt.batch_size)
             phases.append(train_head(model, base_model, train_ds, val_ds, schedule, best))
         ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
     else:
         model.set_weights(best.weights)
     if opt.fine_tune_epochs > 0 and len(phases) < 2:
         what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
-        log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g}, "
-            "BatchNormalization frozen")
-        phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
-                                schedule, best))
+        if cached_phase2:
+            log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g} on cached "
+                "activations, BatchNormalization frozen")
+            phases.append(fine_tune_on_activations(
+                model, base_model, info.block_pattern, split.top, train_ex.output(0), y_train,
+                val_ex.views[0][0], y_val, schedule, best, opt.batch_size, opt.seed))
+        else:
+            log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g}, "
+                "BatchNormalization frozen")
+            decoded = DecodedImages(folder.train.paths, size)
+            try:
+                train_ds = make_dataset(decoded, y_train, size, opt.batch_size, shuffle=True,
+                                        augment=opt.augment or None,
+                                        seed=opt.seed + resumed_epochs)
+                val_ds = make_dataset(folder.val.paths, y_val, size, opt.batch_size)
+                phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
+                                        schedule, best))
+            finally:
+                decoded.close()
         ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
 
+    bottom_unchanged = cached_phase2 or opt.fine_tune_epochs == 0
     result = _write_run(run_dir, model, folder, info, phases, schedule, opt, weights, checked,
-                        started)
+                        started, engine_key if bottom_unchanged else None)
     ckpt.remove()
     return result
 
 
 def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
-               checked, started):
+               checked, started, engine_key: str | None):
     import keras
     import tensorflow as tf
 
     from graftkit import __version__
     from graftkit.evaluate import predict_proba, scores
+    from graftkit.features import SplitClassifier
     from graftkit.run import (
         CONFUSION_FILE,
         CURVES_FILE,
@@ -308,7 +375,14 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
     )
     from graftkit.schedule import HISTORY_COLUMNS
 
-    probs = predict_proba(model, folder.val.paths)
+    fast = None
+    if engine_key:  # the frozen bottom is still the pretrained one the engine was made of
+        top_n = opt.unfreeze if isinstance(opt.unfreeze, int) and opt.fine_tune_epochs else 0
+        try:
+            fast = SplitClassifier(model, info.block_pattern, top_n, engine_key)
+        except ValueError:
+            fast = None
+    probs = predict_proba(model, folder.val.paths, fast=fast)
     result = scores(folder.val.labels, probs, folder.classes)
     metrics = {
         "val_accuracy": result["accuracy"],
@@ -328,6 +402,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
             for p in phases
         ],
         "total_seconds": round(time.perf_counter() - started, 2),
+        "engine": engine_key,
         "options": dataclasses.asdict(opt),
         "class_weight": {folder.classes[c]: w for c, w in weights.items()} if weights else None,
         "per_class": result["per_class"],

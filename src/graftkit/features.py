@@ -1,0 +1,529 @@
+"""What the frozen part of the base computes: run once per image and view, cached on disk.
+
+Everything below the fine-tuned blocks is frozen and in inference mode, so its output is a pure
+function of the image (and of the augmented view of it). ``split_base`` cuts the base at a block
+boundary into a frozen ``bottom`` and a trainable ``top`` that share the base's layers;
+``FrozenPart`` runs the bottom (through TensorFlow Lite's XNNPACK kernels when they agree with
+Keras: twice Keras' speed on this CPU); ``FeatureStore`` keeps its outputs on disk, keyed by
+the bottom's weights, input size and each file's content digest, so a second ``graft fit`` on
+the same images skips the base entirely. Views of an image are decided by its digest, not by the
+run's seed, so they are reusable too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from graftkit import defaults
+from graftkit.backbones.registry import block_groups
+from graftkit.data import augment_image, load_image, view_seed
+from graftkit.run import atomic_write
+
+ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" forces the Keras path (for comparisons)
+PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale
+STORE_DTYPE = np.float16  # halves memory and disk; measured not to move accuracy
+CHUNK = 64  # images decoded ahead while the bottom runs
+
+
+@dataclass
+class BaseSplit:
+    """The base cut at a block boundary: ``top(bottom(x)) == base(x)``, layers shared."""
+
+    bottom: keras.Model  # raw pixels -> activations at the cut (frozen)
+    top: keras.Model | None  # activations -> pooled features; None when the cut is the output
+    cut: str  # the name of the first layer above the cut, or "output"
+    blocks: int  # blocks above the cut
+
+    def frozen_model(self) -> keras.Model:
+        """Pixels -> [pooled features] or [cut activations, pooled features], in one pass.
+
+        Phase 1 needs the pooled features of the pretrained top, phase 2 the activations at
+        the cut; both are pure functions of the image before phase 2, so one run gives both.
+        """
+        if self.top is None:
+            return self.bottom
+        x = keras.Input(self.bottom.inputs[0].shape[1:], name="pixels")
+        cut = self.bottom(x)
+        return keras.Model(x, [cut, self.top(cut)], name="frozen_" + self.cut)
+
+
+def _node_in(model: keras.Model, layer) -> object | None:
+    """The call of ``layer`` inside ``model``'s graph (a layer also used elsewhere has more)."""
+    mine = getattr(model, "_nodes", ())  # Keras' keys: "{id(operation)}_ib-{node index}"
+    nodes = [n for i, n in enumerate(getattr(layer, "_inbound_nodes", []))
+             if f"{id(layer)}_ib-{i}" in mine]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def _cut_model(model: keras.Model, first: keras.layers.Layer):
+    """``(bottom, top)`` of ``model`` cut just below ``first``, recursing into nested models."""
+    if first in model.layers:
+        node = _node_in(model, first)
+        if node is None or len(node.input_tensors) != 1:
+            return None
+        cut = node.input_tensors[0]
+        return keras.Model(model.inputs, cut), keras.Model(cut, model.outputs[0])
+    for child in model.layers:
+        if isinstance(child, keras.Model) and any(
+                layer is first for layer in _walk(child)):
+            node = _node_in(model, child)
+            inner = _cut_model(child, first)
+            if node is None or inner is None or len(node.input_tensors) != 1:
+                return None
+            inner_bottom, inner_top = inner
+            before = _between(model.inputs[0], node.input_tensors[0])
+            after = _between(node.output_tensors[0], model.outputs[0])
+            x = keras.Input(model.inputs[0].shape[1:])
+            bottom = keras.Model(x, inner_bottom(before(x) if before else x))
+            a = keras.Input(inner_top.inputs[0].shape[1:])
+            y = inner_top(a)
+            return bottom, keras.Model(a, after(y) if after else y)
+    return None
+
+
+def _between(start, end) -> keras.Model | None:
+    """The layers from tensor ``start`` to tensor ``end`` as a model; None when they coincide."""
+    return None if start is end else keras.Model(start, end)
+
+
+def _walk(layer):
+    for sub in getattr(layer, "layers", None) or ():
+        yield sub
+        yield from _walk(sub)
+
+
+def _weighted_leaves(model) -> set[int]:
+    from graftkit.backbones.registry import leaf_layers
+
+    return {id(layer) for layer in leaf_layers(model) if layer.weights}
+
+
+def split_base(base: keras.Model, block_pattern: str, top_n: int) -> BaseSplit | None:
+    """Cut ``base`` below its top ``top_n`` blocks; None where no single tensor separates them.
+
+    A skip connection that crosses the cut would make the top depend on more than the cut
+    activations; the check that the top holds exactly the top blocks' layers refuses that.
+    """
+    if top_n == 0:
+        return BaseSplit(base, None, "output", 0)
+    groups = block_groups(base, block_pattern)
+    if top_n >= len(groups):
+        return None
+    first = groups[-top_n][0]
+    try:
+        parts = _cut_model(base, first)
+    except (ValueError, TypeError):
+        return None
+    if parts is None:
+        return None
+    bottom, top = parts
+    wanted = {id(layer) for group in groups[-top_n:] for layer in group}
+    if _weighted_leaves(top) != wanted:
+        return None
+    return BaseSplit(bottom, top, first.name, top_n)
+
+
+def weights_digest(model: keras.Model) -> str:
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the converter's C++ and Python chatter on the terminal (fds 1 and 2)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _interpreter(content: bytes):
+    threads = os.cpu_count() or 1
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter(model_content=content, num_threads=threads)
+    return Interpreter(model_content=content, num_threads=threads)
+
+
+class FrozenPart:
+    """Runs a frozen model on float32 pixels, through TFLite/XNNPACK when it matches Keras.
+
+    Returns a list with one array per model output. The converted model is cached under
+    ``cache_dir()/engines`` by ``key``; its outputs are compared with Keras' on the first
+    batch, and any disagreement beyond ``PARITY_TOLERANCE`` falls back to Keras for good.
+    """
+
+    def __init__(self, model: keras.Model, key: str, use_tflite: bool | None = None):
+        self.model, self.key = model, key
+        if use_tflite is None:
+            use_tflite = os.environ.get(ENGINE_ENV, "tflite") != "keras"
+        self.engine = "tflite" if use_tflite else "keras"
+        self._interp = None
+        self._checked = not use_tflite
+        self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
+
+    def _load(self):
+        path = defaults.cache_dir() / "engines" / f"{self.key}.tflite"
+        if path.is_file():
+            content = path.read_bytes()
+            os.utime(path)
+        else:
+            import tensorflow as tf
+
+            try:
+                with _quiet():
+                    content = tf.lite.TFLiteConverter.from_keras_model(self.model).convert()
+            except Exception:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+        interp = _interpreter(content)
+        interp.allocate_tensors()
+        # The engine's outputs in the model's order, matched by shape (refused if ambiguous).
+        details = interp.get_output_details()
+        order = []
+        for shape in self.output_shapes:
+            match = [d["index"] for d in details if tuple(d["shape"][1:]) == shape]
+            if len(match) != 1 and len(self.output_shapes) > 1:
+                return None
+            order.append(match[0] if match else details[0]["index"])
+        self._outputs = order
+        return interp
+
+    def _run_tflite(self, x: np.ndarray) -> list[np.ndarray]:
+        interp = self._interp
+        inp = interp.get_input_details()[0]["index"]
+        if tuple(interp.get_input_details()[0]["shape"]) != (1, *x.shape[1:]):
+            interp.resize_tensor_input(inp, (1, *x.shape[1:]))
+            interp.allocate_tensors()
+        results = [np.empty((len(x), *shape), dtype=np.float32) for shape in self.output_shapes]
+        for i in range(len(x)):  # batch 1 measured fastest with XNNPACK here
+            interp.set_tensor(inp, x[i: i + 1])
+            interp.invoke()
+            for result, index in zip(results, self._outputs):
+                result[i] = interp.get_tensor(index)[0]
+        return results
+
+    def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
+        out = self.model.predict(x, batch_size=32, verbose=0)
+        return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.engine == "keras":
+            return self._run_keras(x)
+        if self._interp is None:
+            self._interp = self._load()
+            if self._interp is None:
+                self.engine = "keras"
+                return self._run_keras(x)
+        out = self._run_tflite(x)
+        if not self._checked:
+            refs = self._run_keras(x[:4])
+            for got, ref in zip(out, refs):
+                scale = max(float(np.abs(ref).max()), 1.0)
+                if float(np.abs(got[:4] - ref).max()) > PARITY_TOLERANCE * scale:
+                    self.engine = "keras"
+                    return self._run_keras(x)
+            self._checked = True
+        return out
+
+
+def cache_limit_bytes() -> int:
+    return int(float(os.environ.get(defaults.CACHE_LIMIT_ENV, defaults.CACHE_LIMIT_GB)) * 1e9)
+
+
+class FeatureStore:
+    """Rows of frozen outputs on disk: one folder per (bottom, augmentation), shards in it.
+
+    A shard is ``NAME.npy`` (rows) with ``NAME.json`` (the row keys, ``digest:view``). Shards
+    are written atomically, touched when read, and the least recently used are deleted when the
+    cache passes ``cache_limit_bytes()``.
+    """
+
+    def __init__(self, key: str, root: Path | None = None):
+        self.root = (root or defaults.cache_dir()) / "features"
+        self.dir = self.root / key
+
+    def _index(self) -> dict[str, tuple[Path, int]]:
+        index: dict[str, tuple[Path, int]] = {}
+        if not self.dir.is_dir():
+            return index
+        for keys_file in sorted(self.dir.glob("*.json")):
+            rows = keys_file.with_suffix(".npy")
+            try:
+                keys = json.loads(keys_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if rows.is_file():
+                for i, k in enumerate(keys):
+                    index[k] = (rows, i)
+        return index
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        index = self._index()
+        found: dict[str, np.ndarray] = {}
+        by_shard: dict[Path, list[str]] = {}
+        for k in keys:
+            if k in index:
+                by_shard.setdefault(index[k][0], []).append(k)
+        for shard, ks in by_shard.items():
+            try:
+                rows = np.load(shard, mmap_mode="r")
+                for k in ks:
+                    found[k] = np.array(rows[index[k][1]])
+                del rows
+                os.utime(shard)
+            except (OSError, ValueError):
+                continue  # a damaged shard: its rows are computed again
+        return found
+
+    def put(self, keys: list[str], rows: np.ndarray) -> None:
+        if not keys:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        atomic_write(self.dir / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), rows))
+        atomic_write(self.dir / f"{name}.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(keys), encoding="utf-8"))
+        evict(cache_limit_bytes())
+
+
+def cache_entries(root: Path | None = None) -> list[dict]:
+    """Every cached engine and feature shard, with its size and last use."""
+    root = root or defaults.cache_dir()
+    out = []
+    for kind, pattern in (("engine", "engines/*.tflite"), ("features", "features/*/*/*.npy")):
+        for path in root.glob(pattern):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            size = st.st_size
+            side = path.with_suffix(".json")
+            if side.is_file():
+                size += side.stat().st_size
+            out.append({"kind": kind, "path": path, "bytes": size, "used": st.st_mtime,
+                        "set": (f"{path.parent.parent.name}/{path.parent.name}"
+                                if kind == "features" else path.stem)})
+    return out
+
+
+def _remove(entry: dict) -> None:
+    entry["path"].unlink(missing_ok=True)
+    entry["path"].with_suffix(".json").unlink(missing_ok=True)
+
+
+def evict(limit: int, root: Path | None = None) -> int:
+    """Delete least recently used entries until the cache fits ``limit`` bytes; bytes freed."""
+    entries = sorted(cache_entries(root), key=lambda e: e["used"])
+    total = sum(e["bytes"] for e in entries)
+    freed = 0
+    for entry in entries:
+        if total - freed <= limit:
+            break
+        _remove(entry)
+        freed += entry["bytes"]
+    return freed
+
+
+def clear(root: Path | None = None) -> int:
+    """Delete every cached engine and feature shard; bytes freed."""
+    return evict(-1, root)
+
+
+def _augment_key(augment: dict | None) -> str:
+    if not augment:
+        return "plain"
+    text = json.dumps(augment, sort_keys=True)
+    return "aug-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Extracted:
+    """Frozen outputs for one split: ``views[v][k]`` is output ``k`` of view ``v`` per image."""
+
+    views: list[list[np.ndarray]]
+    computed: int  # images x views the frozen part had to run for (the rest: from the cache)
+    seconds: float
+
+    def output(self, k: int) -> list[np.ndarray]:
+        """Output ``k`` of every view."""
+        return [v[k] for v in self.views]
+
+
+def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
+            views: int = 1, augment: dict | None = None, store_key: str | None = None,
+            progress=None) -> Extracted:
+    """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
+
+    Each image is decoded once for all its views, decoding runs ahead on all cores while the
+    frozen part runs, and rows already in the store are read instead of computed.
+    """
+    start = time.perf_counter()
+    n, outputs = len(paths), len(frozen.output_shapes)
+    augment = augment if views > 1 else None
+
+    def store(k: int, v: int) -> FeatureStore | None:
+        if not store_key:
+            return None
+        return FeatureStore(f"{store_key}/{k}-{'plain' if v == 0 else _augment_key(augment)}")
+
+    out = [[np.empty((n, *shape), dtype=STORE_DTYPE) for shape in frozen.output_shapes]
+           for _ in range(views)]
+    have: set[tuple[int, int]] = set()
+    if store_key:
+        for group in ([0], list(range(1, views))):
+            if not group:
+                continue
+            keys = {f"{digests[i]}:{v}": (i, v) for i in range(n) for v in group}
+            found = [store(k, group[0]).get(list(keys)) for k in range(outputs)]
+            for key, (i, v) in keys.items():
+                if all(key in f for f in found):
+                    for k in range(outputs):
+                        out[v][k][i] = found[k][key]
+                    have.add((i, v))
+    todo: dict[int, list[int]] = {}
+    for i in range(n):
+        for v in range(views):
+            if (i, v) not in have:
+                todo.setdefault(i, []).append(v)
+    images = sorted(todo)
+
+    def prepare(i: int) -> list[np.ndarray]:
+        img = load_image(paths[i], image_size)
+        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
+                for v in todo[i]]
+
+    new: dict[bool, tuple[list[str], list[list[np.ndarray]]]] = {
+        plain: ([], [[] for _ in range(outputs)]) for plain in (True, False)}
+    done = 0
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        ahead: deque = deque()
+        queue = iter(images)
+        for i in queue:  # keep two chunks of decoding in flight, no more (bounded memory)
+            ahead.append((i, pool.submit(prepare, i)))
+            if len(ahead) >= 2 * CHUNK:
+                break
+        while ahead:
+            chunk = [ahead.popleft() for _ in range(min(CHUNK, len(ahead)))]
+            for i in queue:
+                ahead.append((i, pool.submit(prepare, i)))
+                if len(ahead) >= 2 * CHUNK:
+                    break
+            prepared = [(i, f.result()) for i, f in chunk]
+            batch = np.stack([view for _, views_of in prepared for view in views_of])
+            results = [r.astype(STORE_DTYPE) for r in frozen(batch.astype(np.float32))]
+            r = 0
+            for i, _ in prepared:
+                for v in todo[i]:
+                    keys, rows = new[v == 0]
+                    keys.append(f"{digests[i]}:{v}")
+                    for k in range(outputs):
+                        out[v][k][i] = results[k][r]
+                        rows[k].append(results[k][r])
+                    r += 1
+            done += len(chunk)
+            if progress:
+                progress(done, len(images))
+    for plain, (keys, rows) in new.items():
+        if store_key and keys:
+            for k in range(outputs):
+                store(k, 0 if plain else 1).put(keys, np.stack(rows[k]))
+    computed = sum(len(keys) for keys, _ in new.values())
+    return Extracted(out, computed, time.perf_counter() - start)
+
+
+def part_key(model: keras.Model, image_size: int, cut: str) -> str:
+    """Names a frozen part by what decides its output: weights, input size, cut."""
+    text = f"{weights_digest(model)}:{image_size}:{cut}:{keras.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SplitClassifier:
+    """A trained classifier run as frozen bottom (``FrozenPart``) + Keras for the rest.
+
+    The bottom of a model fine-tuned above a cut still holds the pretrained weights, so the
+    engine ``graft fit`` converted (named by ``engine_key``) serves it without converting
+    again; the parity check on the first batch guards the match. Twice Keras' images/s here.
+    """
+
+    def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
+                 engine_key: str | None = None):
+        from graftkit.graft import BASE, HEAD_DROPOUT
+
+        base = model.get_layer(BASE)
+        if top_n > 0:
+            groups = block_groups(base, block_pattern)
+            if top_n >= len(groups):
+                raise ValueError(f"cannot cut below {top_n} blocks")
+            first = groups[-top_n][0]
+        else:
+            first = model.get_layer(HEAD_DROPOUT)
+        parts = _cut_model(model, first)
+        if parts is None:
+            raise ValueError("no single tensor separates the top blocks")
+        self.bottom, self.rest = parts
+        size = int(model.inputs[0].shape[1])
+        key = engine_key
+        if not key or not (defaults.cache_dir() / "engines" / f"{key}.tflite").is_file():
+            key = part_key(self.bottom, size, first.name)
+        self.frozen = FrozenPart(self.bottom, key)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        cut = self.frozen(pixels)[0]
+        return np.concatenate([np.asarray(self.rest(cut[i: i + 256], training=False))
+                               for i in range(0, len(cut), 256)])
+
+
+def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | None:
+    """The fast path for a run's model, from what its metrics say of the cut; None if none."""
+    from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
+
+    options = metrics.get("options", {})
+    unfreeze = options.get("unfreeze", 0)
+    top_n = unfreeze if isinstance(unfreeze, int) and options.get("fine_tune_epochs") else 0
+    entry = REGISTRY.get(metrics.get("backbone", ""))
+    try:
+        return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,
+                               top_n, metrics.get("engine"))
+    except (ValueError, KeyError):
+        return None

@@ -1,0 +1,184 @@
+"""The frozen part of the base: the cut, the TFLite engine, the on-disk cache, the views."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from graftkit import features
+from graftkit.backbones import load_base
+from graftkit.backbones.registry import block_groups
+from graftkit.data import augment_image, load_image, view_seed
+from graftkit.features import FrozenPart, extract, part_key, split_base
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    keras.utils.set_random_seed(0)
+    return load_base("efficientnet_lite0", SIZE, None)
+
+
+def _pixels(n=3, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("top_n", [1, 3])
+def test_cut_base_computes_the_same_features_and_shares_its_layers(lite0, top_n):
+    base, info = lite0
+    split = split_base(base, info.block_pattern, top_n)
+    assert split is not None and split.blocks == top_n
+    x = _pixels()
+    np.testing.assert_allclose(split.top(split.bottom(x)), base(x), rtol=1e-5, atol=1e-5)
+    groups = block_groups(base, info.block_pattern)
+    wanted = {id(layer) for g in groups[-top_n:] for layer in g}
+    in_top = {id(layer) for layer in features._walk(split.top) if layer.weights
+              and not getattr(layer, "layers", None)}
+    assert in_top == wanted
+    assert not wanted & {id(layer) for layer in features._walk(split.bottom)}
+
+
+def test_cut_at_the_output_is_the_base_itself(lite0):
+    base, info = lite0
+    split = split_base(base, info.block_pattern, 0)
+    assert split.bottom is base and split.top is None
+
+
+def test_a_skip_connection_across_the_cut_is_refused():
+    inputs = keras.Input((8,))
+    a = layers.Dense(8, name="block1_dense")(inputs)
+    b = layers.Dense(8, name="block2_dense")(a)
+    c = layers.Add(name="block3_add")([layers.Dense(8, name="block3_dense")(b), a])  # a skips
+    model = keras.Model(inputs, c)
+    assert split_base(model, r"^(block\d+)_", 1) is None
+    assert split_base(model, r"^(block\d+)_", 2) is not None  # cut below block2: a is the cut
+
+
+def test_training_the_top_leaves_the_bottom_frozen_and_trains_the_base(lite0):
+    """The guide's check (assert_allclose before/after fit) on the cut base."""
+    from graftkit.graft import freeze, unfreeze
+
+    base, info = lite0
+    split = split_base(base, info.block_pattern, 2)
+    unfreeze(base, 2, block_pattern=info.block_pattern)
+    bottom_before = [w.copy() for w in split.bottom.get_weights()]
+    top_conv = base.get_layer("efficientnet_lite0").get_layer("top_conv")
+    conv_before = top_conv.get_weights()[0].copy()
+    bn = base.get_layer("efficientnet_lite0").get_layer("top_bn")
+    bn_before = [w.copy() for w in bn.get_weights()]
+    # Random-weight activations at the cut are nearly zero; unit-scale ones give real gradients.
+    acts = np.random.default_rng(0).normal(size=(8, *split.top.inputs[0].shape[1:]))
+    inputs = keras.Input(acts.shape[1:])
+    trainer = keras.Model(inputs, layers.Dense(2, activation="softmax")(split.top(inputs)))
+    trainer.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    trainer.fit(acts, np.array([0, 1] * 4), epochs=2, verbose=0)
+    for a, b in zip(bottom_before, split.bottom.get_weights()):
+        np.testing.assert_allclose(a, b)
+    for a, b in zip(bn_before, bn.get_weights()):
+        np.testing.assert_allclose(a, b)  # BN frozen, so in inference mode: stats unchanged
+    assert not np.allclose(conv_before, top_conv.get_weights()[0])
+    freeze(base)
+
+
+def _small_net(seed: int) -> keras.Model:
+    """A frozen part with outputs of real scale (random Lite0 outputs are ~1e-10)."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((SIZE, SIZE, 3))
+    a = layers.Conv2D(8, 3, strides=2, activation="relu")(layers.Rescaling(1 / 255)(x))
+    b = layers.DepthwiseConv2D(3, padding="same")(a)
+    return keras.Model(x, [b, layers.GlobalAveragePooling2D()(b)])
+
+
+def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
+    net = _small_net(0)
+    key = part_key(net, SIZE, "test")
+    x = _pixels(5)
+    fast = FrozenPart(net, key)
+    out = fast(x)
+    assert fast.engine == "tflite" and len(out) == 2
+    for got, ref in zip(out, net.predict(x, verbose=0)):
+        assert np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    engine_file = private_cache / "engines" / f"{key}.tflite"
+    assert engine_file.is_file()
+    engine_file.write_bytes(engine_file.read_bytes())  # a second part reads the file back
+    again = FrozenPart(net, key)
+    np.testing.assert_allclose(again(x)[1], out[1], atol=1e-6)
+    assert FrozenPart(net, key, use_tflite=False).engine == "keras"
+
+
+def test_engine_that_disagrees_with_keras_falls_back(private_cache):
+    FrozenPart(_small_net(1), "wrong-engine")(_pixels(1))  # another network's engine, same key
+    net = _small_net(2)
+    part = FrozenPart(net, "wrong-engine")
+    out = part(_pixels(4))
+    assert part.engine == "keras"
+    np.testing.assert_allclose(out[1], net.predict(_pixels(4), verbose=0)[1], atol=1e-5)
+
+
+def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path):
+    from graftkit.data import scan
+
+    net = _small_net(3)
+    folder = scan(image_folder)
+    paths, digests = folder.train.paths[:6], folder.digests(folder.train)[:6]
+    part = FrozenPart(net, part_key(net, SIZE, "views"), use_tflite=False)
+    aug = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+    first = extract(part, paths, digests, SIZE, views=3, augment=aug, store_key="k")
+    assert first.computed == 18
+    again = extract(part, paths, digests, SIZE, views=3, augment=aug, store_key="k")
+    assert again.computed == 0
+    for a, b in zip(first.output(0), again.output(0)):
+        np.testing.assert_array_equal(a, b)
+    # A subset in another order reads the same rows; view 2 is its own augmented image.
+    sub = extract(part, paths[::-1][:3], digests[::-1][:3], SIZE, 3, aug, "k")
+    assert sub.computed == 0
+    np.testing.assert_array_equal(sub.views[2][0][0], first.views[2][0][5])
+    view = augment_image(load_image(paths[5], SIZE), view_seed(digests[5], 2), aug)
+    expected = net.predict(view[None].astype("float32"), verbose=0)[0][0]
+    np.testing.assert_allclose(first.views[2][0][5], expected, rtol=2e-3, atol=2e-3)  # float16
+    assert not np.allclose(first.views[1][0], first.views[0][0], atol=1e-2)
+    # Another augmentation recomputes the augmented views only.
+    other = extract(part, paths, digests, SIZE, 3, {"flip": True}, "k")
+    assert other.computed == 12
+
+
+def test_cache_evicts_least_recently_used_and_clears(private_cache, tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path / "c"))
+    old = features.FeatureStore("a/plain")
+    old.put(["x:0"], np.zeros((1, 1000), np.float16))
+    new = features.FeatureStore("b/plain")
+    new.put(["y:0"], np.ones((1, 1000), np.float16))
+    shard = next((tmp_path / "c" / "features" / "a" / "plain").glob("*.npy"))
+    os.utime(shard, (time.time() - 100, time.time() - 100))
+    size = sum(e["bytes"] for e in features.cache_entries())
+    freed = features.evict(size - 1)
+    assert freed > 0 and old.get(["x:0"]) == {} and "y:0" in new.get(["y:0"])
+    assert features.clear() > 0 and features.cache_entries() == []
+
+
+def test_augment_image_is_decided_by_its_seed():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    aug = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+    a, b = augment_image(img, 7, aug), augment_image(img, 7, aug)
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, augment_image(img, 8, aug))
+    np.testing.assert_array_equal(augment_image(img, 7, {}), img)
+    flips = {augment_image(img, s, {"flip": True}).tobytes() for s in range(20)}
+    assert flips == {img.tobytes(), img[:, ::-1].tobytes()}
+
+
+def test_rotation_keeps_the_image_centre_and_fills_corners():
+    img = np.zeros((33, 33, 3), np.uint8)
+    img[16, 16] = 255
+    out = augment_image(img, 3, {"rotation": 0.1})
+    assert out[16, 16].max() > 100  # rotation is about the centre
+    bright = np.full((33, 33, 3), 200, np.uint8)
+    assert augment_image(bright, 3, {"rotation": 0.1, "zoom": 0.1}).min() >= 199  # reflected fill
