@@ -24,7 +24,8 @@ def test_default_fit_on_hymenoptera(tmp_path, capsys):
     assert metrics["val_accuracy"] >= 0.92, out
     head, fine = metrics["phases"]
     assert metrics["val_accuracy"] >= head["best_val_accuracy"] - 1e-6  # never worse than phase 1
-    assert "cached views" in head["note"] and fine["name"] == "fine_tune"
+    assert "cached views" in head["note"] and "cached activations" in fine["note"]
+    assert metrics["engine"]  # predict and evaluate reuse the frozen part's engine
 
 
 @pytest.mark.slow

@@ -285,7 +285,8 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
     p.add_argument("--fine-tune-epochs", type=int, default=defaults.FINE_TUNE_EPOCHS,
                    help="0 skips phase 2")
     p.add_argument("--unfreeze", default=defaults.UNFREEZE,
-                   help="'all' or the number of top blocks to fine-tune (default all)")
+                   help="'all' or the number of top blocks to fine-tune, trained on cached "
+                        f"activations (default {defaults.UNFREEZE})")
     p.add_argument("--lr", type=float, default=defaults.HEAD_LR, help="phase 1 learning rate")
     p.add_argument("--fine-tune-lr", type=float, default=defaults.FINE_TUNE_LR,
                    help="phase 2 learning rate")

@@ -17,7 +17,10 @@ HEAD_EPOCHS = 20  # on features computed once, so epochs are nearly free
 FINE_TUNE_EPOCHS = 5
 HEAD_LR = 1e-3
 FINE_TUNE_LR = 1e-5
-UNFREEZE = "all"
+# Top blocks fine-tuned in phase 2, on cached activations at the cut. Measured (README): 2, 3 and 5
+# blocks and "all" all reach 0.9477 on hymenoptera; on flowers5 2 blocks gave 0.9400, 3 0.9375,
+# 5 0.9425 at 1.5x the time; 2 is the fastest of them.
+UNFREEZE = 2
 VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
 # Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).

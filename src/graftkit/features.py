@@ -433,8 +433,6 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
         return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
                 for v in todo[i]]
 
-    new: dict[bool, tuple[list[str], list[list[np.ndarray]]]] = {
-        plain: ([], [[] for _ in range(outputs)]) for plain in (True, False)}
     done = 0
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         ahead: deque = deque()
@@ -451,24 +449,25 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
                     break
             prepared = [(i, f.result()) for i, f in chunk]
             batch = np.stack([view for _, views_of in prepared for view in views_of])
-            results = [r.astype(STORE_DTYPE) for r in frozen(batch.astype(np.float32))]
+            results = frozen(batch.astype(np.float32))
             r = 0
             for i, _ in prepared:
                 for v in todo[i]:
-                    keys, rows = new[v == 0]
-                    keys.append(f"{digests[i]}:{v}")
                     for k in range(outputs):
                         out[v][k][i] = results[k][r]
-                        rows[k].append(results[k][r])
                     r += 1
             done += len(chunk)
             if progress:
                 progress(done, len(images))
-    for plain, (keys, rows) in new.items():
-        if store_key and keys:
+    # New rows go to the store view by view, copied out of the arrays already filled.
+    computed = 0
+    for v in range(views):
+        rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
+        computed += len(rows)
+        if store_key and len(rows):
+            keys = [f"{digests[i]}:{v}" for i in rows]
             for k in range(outputs):
-                store(k, 0 if plain else 1).put(keys, np.stack(rows[k]))
-    computed = sum(len(keys) for keys, _ in new.values())
+                store(k, v).put(keys, out[v][k][rows])
     return Extracted(out, computed, time.perf_counter() - start)
 
 

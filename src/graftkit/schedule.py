@@ -184,22 +184,29 @@ def view_cycle(views: list[np.ndarray], labels, batch_size: int, seed: int,
     """
     import tensorflow as tf
 
-    x = tf.constant(np.stack(views))  # (views, images, ...) in the stored dtype
-    y = tf.constant(np.asarray(labels, dtype=np.int32))
-    w = None if class_weight is None else tf.constant(
-        [class_weight[int(label)] for label in labels], dtype=tf.float32)
+    y = np.asarray(labels, dtype=np.int32)
+    w = None if class_weight is None else np.array(
+        [class_weight[int(label)] for label in labels], dtype=np.float32)
     n, count = len(labels), len(views)
+    shape = tuple(views[0].shape[1:])
+
+    def rows_of(view, rows):  # reads the cached arrays in place: no second copy in memory
+        rows = np.sort(rows)
+        return np.asarray(views[int(view)][rows], dtype=np.float32), y[rows], (
+            w[rows] if w is not None else np.ones(len(rows), np.float32))
 
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), e]))
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), e]))
         view = tf.math.floormod(e, count)
 
         def batch(rows):
-            rows = tf.sort(rows)
-            xb = tf.cast(tf.gather(x[view], rows), tf.float32)
-            yb = tf.gather(y, rows)
-            return (xb, yb) if w is None else (xb, yb, tf.gather(w, rows))
+            xb, yb, wb = tf.numpy_function(rows_of, [view, rows],
+                                           (tf.float32, tf.int32, tf.float32))
+            xb.set_shape((None, *shape))
+            yb.set_shape((None,))
+            wb.set_shape((None,))
+            return (xb, yb) if w is None else (xb, yb, wb)
 
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(batch)
 
