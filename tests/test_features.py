@@ -141,6 +141,9 @@ def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path
     expected = net.predict(view[None].astype("float32"), verbose=0)[0][0]
     np.testing.assert_allclose(first.views[2][0][5], expected, rtol=2e-3, atol=2e-3)  # float16
     assert not np.allclose(first.views[1][0], first.views[0][0], atol=1e-2)
+    # Identical files (same digest) share their rows, in one run and the next.
+    twin = [paths[0], paths[0], *paths[1:]]
+    assert extract(part, twin, [digests[0], *digests], SIZE, 3, aug, "k").computed == 0
     # Another augmentation recomputes the augmented views only.
     other = extract(part, paths, digests, SIZE, 3, {"flip": True}, "k")
     assert other.computed == 12

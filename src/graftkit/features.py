@@ -308,12 +308,12 @@ class FeatureStore:
         for shard, ks in by_shard.items():
             try:
                 rows = np.load(shard, mmap_mode="r")
-                for k in ks:
-                    found[k] = np.array(rows[index[k][1]])
+                picked = np.asarray(rows[np.array([index[k][1] for k in ks])])
                 del rows
                 os.utime(shard)
-            except (OSError, ValueError):
+            except (OSError, ValueError, IndexError):
                 continue  # a damaged shard: its rows are computed again
+            found.update(zip(ks, picked))
         return found
 
     def put(self, keys: list[str], rows: np.ndarray) -> None:
@@ -414,13 +414,17 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
         for group in ([0], list(range(1, views))):
             if not group:
                 continue
-            keys = {f"{digests[i]}:{v}": (i, v) for i in range(n) for v in group}
+            keys: dict[str, list[tuple[int, int]]] = {}  # identical files share their rows
+            for i in range(n):
+                for v in group:
+                    keys.setdefault(f"{digests[i]}:{v}", []).append((i, v))
             found = [store(k, group[0]).get(list(keys)) for k in range(outputs)]
-            for key, (i, v) in keys.items():
+            for key, places in keys.items():
                 if all(key in f for f in found):
-                    for k in range(outputs):
-                        out[v][k][i] = found[k][key]
-                    have.add((i, v))
+                    for i, v in places:
+                        for k in range(outputs):
+                            out[v][k][i] = found[k][key]
+                        have.add((i, v))
     todo: dict[int, list[int]] = {}
     for i in range(n):
         for v in range(views):

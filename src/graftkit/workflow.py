@@ -280,9 +280,8 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     cached_phase2 = split is not None
     if split is None:
         split = split_base(base_model, info.block_pattern, 0)
-    augmenting = bool(opt.augment) and not opt.augment_head
-    views = opt.views if augmenting else 1
-    need_cache = not phases or (cached_phase2 and len(phases) < 2)
+    views = opt.views if opt.augment else 1
+    need_cache = (not phases and not opt.augment_head) or (cached_phase2 and len(phases) < 2)
     frozen_model = split.frozen_model()
     engine_key = part_key(frozen_model, size, split.cut)  # before training changes the top
     if need_cache:
