@@ -185,3 +185,18 @@ def test_rotation_keeps_the_image_centre_and_fills_corners():
     assert out[16, 16].max() > 100  # rotation is about the centre
     bright = np.full((33, 33, 3), 200, np.uint8)
     assert augment_image(bright, 3, {"rotation": 0.1, "zoom": 0.1}).min() >= 199  # reflected fill
+
+
+def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tmp_path):
+    from .conftest import make_folder
+    from graftkit.workflow import fit
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    result = fit(data, tmp_path / "run", image_size=32, head_epochs=2, fine_tune_epochs=1,
+                 batch_size=8, precision="mixed_bfloat16", verbose=0, log=lambda _m: None)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert result.metrics["precision"] == "mixed_bfloat16"
+    model = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_layer("head_dense").compute_dtype == "float32"
+    inner = [layer for layer in features._walk(model) if isinstance(layer, layers.Conv2D)]
+    assert inner and all(layer.compute_dtype == "bfloat16" for layer in inner)

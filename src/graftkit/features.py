@@ -37,6 +37,7 @@ ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" forces the Keras path (for comparisons
 PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale
 STORE_DTYPE = np.float16  # halves memory and disk; measured not to move accuracy
 CHUNK = 64  # images decoded ahead while the bottom runs
+SHARD_ROWS = 2048  # rows per cache file: a bounded copy when writing, a bounded read later
 
 
 @dataclass
@@ -168,6 +169,14 @@ def _quiet():
             os.close(fd)
 
 
+def _float32(model: keras.Model) -> bool:
+    """Whether every layer computes in float32 (TFLite runs no bfloat16 graph)."""
+    from graftkit.backbones.registry import leaf_layers
+
+    return all(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
+               == "float32" for layer in leaf_layers(model))
+
+
 def _interpreter(content: bytes):
     threads = os.cpu_count() or 1
     try:
@@ -194,7 +203,7 @@ class FrozenPart:
     def __init__(self, model: keras.Model, key: str, use_tflite: bool | None = None):
         self.model, self.key = model, key
         if use_tflite is None:
-            use_tflite = os.environ.get(ENGINE_ENV, "tflite") != "keras"
+            use_tflite = os.environ.get(ENGINE_ENV, "tflite") != "keras" and _float32(model)
         self.engine = "tflite" if use_tflite else "keras"
         self._interp = None
         self._checked = not use_tflite
@@ -298,9 +307,9 @@ class FeatureStore:
                     index[k] = (rows, i)
         return index
 
-    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    def read(self, keys: Sequence[str]):
+        """Yield ``(key, row)`` for the keys the store holds, one shard in memory at a time."""
         index = self._index()
-        found: dict[str, np.ndarray] = {}
         by_shard: dict[Path, list[str]] = {}
         for k in keys:
             if k in index:
@@ -313,8 +322,10 @@ class FeatureStore:
                 os.utime(shard)
             except (OSError, ValueError, IndexError):
                 continue  # a damaged shard: its rows are computed again
-            found.update(zip(ks, picked))
-        return found
+            yield from zip(ks, picked)
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        return dict(self.read(keys))
 
     def put(self, keys: list[str], rows: np.ndarray) -> None:
         if not keys:
@@ -418,13 +429,15 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             for i in range(n):
                 for v in group:
                     keys.setdefault(f"{digests[i]}:{v}", []).append((i, v))
-            found = [store(k, group[0]).get(list(keys)) for k in range(outputs)]
-            for key, places in keys.items():
-                if all(key in f for f in found):
-                    for i, v in places:
-                        for k in range(outputs):
-                            out[v][k][i] = found[k][key]
-                        have.add((i, v))
+            complete = set(keys)
+            for k in range(outputs):  # rows go straight to their place: no second copy
+                seen = set()
+                for key, row in store(k, group[0]).read(list(keys)):
+                    for i, v in keys[key]:
+                        out[v][k][i] = row
+                    seen.add(key)
+                complete &= seen
+            have.update(place for key in complete for place in keys[key])
     todo: dict[int, list[int]] = {}
     for i in range(n):
         for v in range(views):
@@ -468,10 +481,11 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
     for v in range(views):
         rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
         computed += len(rows)
-        if store_key and len(rows):
-            keys = [f"{digests[i]}:{v}" for i in rows]
+        for start in range(0, len(rows) if store_key else 0, SHARD_ROWS):
+            part = rows[start: start + SHARD_ROWS]  # bounded copies, bounded shards
+            keys = [f"{digests[i]}:{v}" for i in part]
             for k in range(outputs):
-                store(k, v).put(keys, out[v][k][rows])
+                store(k, v).put(keys, out[v][k][part])
     return Extracted(out, computed, time.perf_counter() - start)
 
 

@@ -48,7 +48,8 @@ def build_classifier(base: keras.Model, num_classes: int, dropout: float = 0.2) 
     inputs = keras.Input(base.inputs[0].shape[1:], name="image")
     x = base(inputs, training=False)
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE)(x)
+    # The head computes in float32 whatever the policy: softmax and loss need the range.
+    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE, dtype="float32")(x)
     return keras.Model(inputs, outputs, name="graft")
 
 
@@ -56,7 +57,7 @@ def build_head(feature_dim: int, num_classes: int, dropout: float = 0.2) -> kera
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(inputs)
-    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE, dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 
