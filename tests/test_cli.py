@@ -44,6 +44,17 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     assert [r["phase"] for r in rows] == ["head", "head", "fine_tune"]
     assert json.loads((run / "labels.json").read_text()) == ["class_0", "class_1", "class_2"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+    # The scores came through the frozen part's engine: the saved model in plain Keras agrees.
+    import graftkit
+
+    assert metrics["engine"] and "cached activations" in metrics["phases"][1]["note"]
+    preds = list(csv.DictReader((run / "predictions.csv").open()))
+    from graftkit.predict import Classifier
+
+    plain = Classifier(graftkit.load(run).model, metrics["classes"], fast=False)
+    probs = plain.predict_proba([r["path"] for r in preds])
+    for r, p in zip(preds, probs):
+        assert abs(float(r["probability"]) - p.max()) < 1e-4, r
 
     code, _out, err = run_cli(capsys, "fit", data, "--out", run, "--image-size", "32")
     assert code == 5 and "--overwrite" in err

@@ -169,6 +169,18 @@ def _quiet():
             os.close(fd)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _float32(model: keras.Model) -> bool:
     """Whether every layer computes in float32 (TFLite runs no bfloat16 graph)."""
     from graftkit.backbones.registry import leaf_layers
@@ -224,6 +236,7 @@ class FrozenPart:
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+            release_memory()  # the converter's garbage, before the outputs fill memory
         interp = _interpreter(content)
         interp.allocate_tensors()
         # The engine's outputs in the model's order, matched by shape (refused if ambiguous).
@@ -504,7 +517,7 @@ class SplitClassifier:
     """
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
-                 engine_key: str | None = None):
+                 engine_key: str | None = None, frozen: FrozenPart | None = None):
         from graftkit.graft import BASE, HEAD_DROPOUT
 
         base = model.get_layer(BASE)
@@ -523,12 +536,14 @@ class SplitClassifier:
         key = engine_key
         if not key or not (defaults.cache_dir() / "engines" / f"{key}.tflite").is_file():
             key = part_key(self.bottom, size, first.name)
-        self.frozen = FrozenPart(self.bottom, key)
+        # ``frozen``: a part already running whose first output is this bottom's (fit's own).
+        self.frozen = frozen or FrozenPart(self.bottom, key)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         cut = self.frozen(pixels)[0]
-        return np.concatenate([np.asarray(self.rest(cut[i: i + 256], training=False))
-                               for i in range(0, len(cut), 256)])
+        # Small eager batches: large ones leave hundreds of MB in the allocator (measured).
+        return np.concatenate([np.asarray(self.rest(cut[i: i + 32], training=False))
+                               for i in range(0, len(cut), 32)])
 
 
 def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | None:

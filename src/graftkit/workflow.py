@@ -358,14 +358,19 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
 
     bottom_unchanged = cached_phase2 or opt.fine_tune_epochs == 0
+    train_ex = val_ex = None  # the cached rows are done with: free them before the last pass
+    from graftkit.features import release_memory
+
+    release_memory()
     result = _write_run(run_dir, model, folder, info, phases, schedule, opt, weights, checked,
-                        started, engine_key if bottom_unchanged else None)
+                        started, engine_key if bottom_unchanged else None,
+                        frozen if need_cache and bottom_unchanged else None)
     ckpt.remove()
     return result
 
 
 def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
-               checked, started, engine_key: str | None):
+               checked, started, engine_key: str | None, frozen=None):
     import keras
     import tensorflow as tf
 
@@ -394,7 +399,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
     if engine_key:  # the frozen bottom is still the pretrained one the engine was made of
         top_n = opt.unfreeze if isinstance(opt.unfreeze, int) and opt.fine_tune_epochs else 0
         try:
-            fast = SplitClassifier(model, info.block_pattern, top_n, engine_key)
+            fast = SplitClassifier(model, info.block_pattern, top_n, engine_key, frozen)
         except ValueError:
             fast = None
     probs = predict_proba(model, folder.val.paths, fast=fast)
