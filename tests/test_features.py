@@ -188,8 +188,9 @@ def test_rotation_keeps_the_image_centre_and_fills_corners():
 
 
 def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tmp_path):
-    from .conftest import make_folder
     from graftkit.workflow import fit
+
+    from .conftest import make_folder
 
     data = make_folder(tmp_path / "data", per_class=6)
     result = fit(data, tmp_path / "run", image_size=32, head_epochs=2, fine_tune_epochs=1,
