@@ -25,8 +25,11 @@ FIT = ["--image-size", "48", "--head-epochs", "3", "--fine-tune-epochs", "4", "-
 
 def _graft(args, cache) -> subprocess.Popen:
     env = {**os.environ, "GRAFTKIT_CACHE_DIR": str(cache)}
+    # SIGINT back to its default in the child: a shell's background job starts with it ignored,
+    # and Python then never raises KeyboardInterrupt (seen when .ci/run ran as a background job).
     return subprocess.Popen([sys.executable, "-m", "graftkit.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_phase2_epoch(run: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
