@@ -12,6 +12,7 @@ from graftkit.backbones import load_base
 from graftkit.backbones.registry import block_groups
 from graftkit.data import augment_image, load_image, view_seed
 from graftkit.features import FrozenPart, extract, part_key, split_base
+from graftkit.graft import all_layers
 
 SIZE = 64
 
@@ -35,10 +36,10 @@ def test_cut_base_computes_the_same_features_and_shares_its_layers(lite0, top_n)
     np.testing.assert_allclose(split.top(split.bottom(x)), base(x), rtol=1e-5, atol=1e-5)
     groups = block_groups(base, info.block_pattern)
     wanted = {id(layer) for g in groups[-top_n:] for layer in g}
-    in_top = {id(layer) for layer in features._walk(split.top) if layer.weights
+    in_top = {id(layer) for layer in all_layers(split.top) if layer.weights
               and not getattr(layer, "layers", None)}
     assert in_top == wanted
-    assert not wanted & {id(layer) for layer in features._walk(split.bottom)}
+    assert not wanted & {id(layer) for layer in all_layers(split.bottom)}
 
 
 def test_cut_at_the_output_is_the_base_itself(lite0):
@@ -199,5 +200,5 @@ def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tm
     assert result.metrics["precision"] == "mixed_bfloat16"
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
     assert model.get_layer("head_dense").compute_dtype == "float32"
-    inner = [layer for layer in features._walk(model) if isinstance(layer, layers.Conv2D)]
+    inner = [layer for layer in all_layers(model) if isinstance(layer, layers.Conv2D)]
     assert inner and all(layer.compute_dtype == "bfloat16" for layer in inner)

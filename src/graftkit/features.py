@@ -31,6 +31,7 @@ import numpy as np
 from graftkit import defaults
 from graftkit.backbones.registry import block_groups
 from graftkit.data import augment_image, load_image, view_seed
+from graftkit.graft import all_layers
 from graftkit.run import atomic_write
 
 ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" forces the Keras path (for comparisons)
@@ -80,7 +81,7 @@ def _cut_model(model: keras.Model, first: keras.layers.Layer):
         return keras.Model(model.inputs, cut), keras.Model(cut, model.outputs[0])
     for child in model.layers:
         if isinstance(child, keras.Model) and any(
-                layer is first for layer in _walk(child)):
+                layer is first for layer in all_layers(child)):
             node = _node_in(model, child)
             inner = _cut_model(child, first)
             if node is None or inner is None or len(node.input_tensors) != 1:
@@ -99,12 +100,6 @@ def _cut_model(model: keras.Model, first: keras.layers.Layer):
 def _between(start, end) -> keras.Model | None:
     """The layers from tensor ``start`` to tensor ``end`` as a model; None when they coincide."""
     return None if start is end else keras.Model(start, end)
-
-
-def _walk(layer):
-    for sub in getattr(layer, "layers", None) or ():
-        yield sub
-        yield from _walk(sub)
 
 
 def _weighted_leaves(model) -> set[int]:
@@ -298,7 +293,7 @@ class FeatureStore:
 
     A shard is ``NAME.npy`` (rows) with ``NAME.json`` (the row keys, ``digest:view``). Shards
     are written atomically, touched when read, and the least recently used are deleted when the
-    cache passes ``cache_limit_bytes()``.
+    cache passes ``cache_limit_bytes()`` (``extract`` evicts after writing its shards).
     """
 
     def __init__(self, key: str, root: Path | None = None):
@@ -348,7 +343,6 @@ class FeatureStore:
         atomic_write(self.dir / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), rows))
         atomic_write(self.dir / f"{name}.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(keys), encoding="utf-8"))
-        evict(cache_limit_bytes())
 
 
 def cache_entries(root: Path | None = None) -> list[dict]:
@@ -499,6 +493,8 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             keys = [f"{digests[i]}:{v}" for i in part]
             for k in range(outputs):
                 store(k, v).put(keys, out[v][k][part])
+    if store_key and computed:
+        evict(cache_limit_bytes())  # once, after all new shards (a scan of the whole cache)
     return Extracted(out, computed, time.perf_counter() - start)
 
 

@@ -71,15 +71,15 @@ def _recompile(model: keras.Model, learning_rate: float | None = None) -> None:
     model.compile_from_config(config)
 
 
-def _all_layers(layer: keras.layers.Layer):
+def all_layers(layer: keras.layers.Layer):
     yield layer
     for sub in getattr(layer, "layers", None) or ():
-        yield from _all_layers(sub)
+        yield from all_layers(sub)
 
 
 def set_trainable(model: keras.layers.Layer, value: bool) -> None:
     """``model.trainable = value`` for ``model`` and every layer inside it, whatever their state."""
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         layer.trainable = not value  # a real change, so the setter runs on every backend
         layer.trainable = value
 
