@@ -99,12 +99,15 @@ def predict_rates(size: int, folder: str | None, n: int) -> dict:
     """
     import numpy as np
 
+    from graftkit import features
     from graftkit.backbones import load_base
     from graftkit.evaluate import predict_proba
     from graftkit.features import FrozenPart, part_key
     from graftkit.graft import build_classifier
     from graftkit.predict import Classifier
 
+    # The engine's rate, not the choice: graft converts only for large jobs or reuses fit's.
+    os.environ[features.ENGINE_ENV] = "tflite"
     base, _ = load_base("efficientnet_lite0", size)
     model = build_classifier(base, 2)
     x = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype("float32")

@@ -111,6 +111,29 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     assert FrozenPart(net, key, use_tflite=False).engine == "keras"
 
 
+def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkeypatch):
+    from graftkit import defaults
+
+    monkeypatch.delenv(features.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(defaults, "ENGINE_MIN_IMAGES", 100)
+    net = _small_net(4)
+    key = part_key(net, SIZE, "plan")
+    small = FrozenPart(net, key)
+    assert small.plan(99) == "keras"
+    small(_pixels(2))
+    assert small.engine == "keras" and not (private_cache / "engines" / f"{key}.tflite").exists()
+    large = FrozenPart(net, key)
+    assert large.plan(100) == "tflite"
+    large(_pixels(2))
+    assert (private_cache / "engines" / f"{key}.tflite").is_file()
+    cached = FrozenPart(net, key)  # once converted, even a small job uses it
+    assert cached.plan(1) == "tflite"
+    monkeypatch.setenv(features.ENGINE_ENV, "tflite")
+    assert FrozenPart(net, part_key(net, SIZE, "forced")).plan(1) == "tflite"
+    monkeypatch.setenv(features.ENGINE_ENV, "keras")
+    assert FrozenPart(net, key).plan(10**6) == "keras"
+
+
 def test_engine_that_disagrees_with_keras_falls_back(private_cache):
     FrozenPart(_small_net(1), "wrong-engine")(_pixels(1))  # another network's engine, same key
     net = _small_net(2)
@@ -148,6 +171,40 @@ def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path
     # Another augmentation recomputes the augmented views only.
     other = extract(part, paths, digests, SIZE, 3, {"flip": True}, "k")
     assert other.computed == 12
+
+
+def test_outputs_past_the_memory_budget_stay_on_disk_and_read_back_the_same(image_folder,
+                                                                             private_cache):
+    from graftkit.data import scan
+    from graftkit.schedule import _rows, view_cycle
+
+    net = _small_net(3)
+    folder = scan(image_folder)
+    paths, digests = folder.train.paths[:7], folder.digests(folder.train)[:7]
+    part = FrozenPart(net, part_key(net, SIZE, "disk"), use_tflite=False)
+    aug = {"flip": True, "rotation": 0.1}
+    held = extract(part, paths, digests, SIZE, views=2, augment=aug)
+    spilled = extract(part, paths, digests, SIZE, views=2, augment=aug, memory_budget=0)
+    assert not held.on_disk and spilled.on_disk
+    rows = spilled.views[1][0]
+    assert isinstance(rows, features.DiskRows) and rows.shape == held.views[1][0].shape
+    for v in range(2):
+        for k in range(2):
+            a, b = held.views[v][k], spilled.views[v][k]
+            np.testing.assert_array_equal(a, b[np.arange(len(paths))])
+            np.testing.assert_array_equal(a[[0, 2, 3, 6]], b[[0, 2, 3, 6]])  # runs and gaps
+            np.testing.assert_array_equal(a[4], b[4])
+    labels = folder.train.labels[:7]
+    streams = [[b[0].numpy() for b in view_cycle(e.output(0), labels, 3, seed=1).take(6)]
+               for e in (held, spilled)]
+    for a, b in zip(*streams):
+        np.testing.assert_array_equal(a, b)
+    val = [np.concatenate([b[0].numpy() for b in _rows(e.views[0][1], labels, 3)])
+           for e in (held, spilled)]
+    np.testing.assert_array_equal(val[0], val[1])
+    assert len(val[0]) == 7
+    rows.close()
+    assert not list(private_cache.rglob("rows-*"))  # scratch files have no name
 
 
 def test_cache_evicts_least_recently_used_and_clears(private_cache, tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool =
 
     ``tta`` averages the prediction of each image and of its mirror image (test-time
     augmentation); ``progress(done, total)`` is called after every chunk. ``fast`` is a
-    ``features.SplitClassifier`` of ``model`` (the same function, twice the images/s).
+    ``features.SplitClassifier`` of ``model`` (the same function, twice the images/s), used
+    when its engine is cached or the job is large enough to pay for converting it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,8 @@ def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool =
     paths = list(paths)
     if not paths:
         return np.zeros((0, model.outputs[0].shape[-1]), dtype=np.float32)
+    if fast is not None and fast.plan(len(paths) * (2 if tta else 1)) == "keras":
+        fast = None  # no engine worth converting for so few images: Keras as a whole is faster
     size = int(model.inputs[0].shape[1])
     chunk = batch_size * 8
     out = []

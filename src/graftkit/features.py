@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -34,7 +35,7 @@ from graftkit.data import augment_image, load_image, view_seed
 from graftkit.graft import all_layers
 from graftkit.run import atomic_write
 
-ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" forces the Keras path (for comparisons)
+ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" or "tflite" forces that engine (for comparisons)
 PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale
 STORE_DTYPE = np.float16  # halves memory and disk; measured not to move accuracy
 CHUNK = 64  # images decoded ahead while the bottom runs
@@ -209,15 +210,33 @@ class FrozenPart:
 
     def __init__(self, model: keras.Model, key: str, use_tflite: bool | None = None):
         self.model, self.key = model, key
+        forced = os.environ.get(ENGINE_ENV, "")
         if use_tflite is None:
-            use_tflite = os.environ.get(ENGINE_ENV, "tflite") != "keras" and _float32(model)
+            use_tflite = forced != "keras" and _float32(model)
+        self._may_plan = use_tflite and forced != "tflite"  # the env var decides for good
         self.engine = "tflite" if use_tflite else "keras"
         self._interp = None
         self._checked = not use_tflite
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
 
+    @property
+    def _path(self) -> Path:
+        return defaults.cache_dir() / "engines" / f"{self.key}.tflite"
+
+    def plan(self, images: int) -> str:
+        """Choose the engine for a job of ``images``: converting only pays for a large one.
+
+        Converting takes ~10 s here and saves ~3 ms an image, so below
+        ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first, unless the engine is cached.
+        """
+        if self._may_plan and self._interp is None:
+            convert = images >= defaults.ENGINE_MIN_IMAGES or self._path.is_file()
+            self.engine = "tflite" if convert else "keras"
+            self._checked = not convert
+        return self.engine
+
     def _load(self):
-        path = defaults.cache_dir() / "engines" / f"{self.key}.tflite"
+        path = self._path
         if path.is_file():
             content = path.read_bytes()
             os.utime(path)
@@ -395,22 +414,87 @@ def _augment_key(augment: dict | None) -> str:
     return "aug-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+class DiskRows:
+    """Rows of one shape in an unlinked scratch file, read and written with pread/pwrite.
+
+    Stands in for an array too large for memory: ``rows[i] = row``, ``rows[indices]``, ``shape``,
+    ``len``. Not a memory map: mapped pages count as the process's resident memory once touched,
+    whereas reads into fresh buffers leave only the batch in it (the kernel's page cache keeps
+    the file warm). The file has no name once open, so nothing is left behind, even on a kill.
+    """
+
+    def __init__(self, n: int, shape: tuple[int, ...], dtype=STORE_DTYPE,
+                 folder: Path | None = None):
+        folder = folder or defaults.cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self._fd, name = tempfile.mkstemp(prefix="rows-", suffix=".bin", dir=folder)
+        os.unlink(name)
+        self.shape, self.dtype = (n, *shape), np.dtype(dtype)
+        self._row_bytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        os.ftruncate(self._fd, n * self._row_bytes)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, i: int, row: np.ndarray) -> None:
+        data = np.ascontiguousarray(row, dtype=self.dtype).tobytes()
+        os.pwrite(self._fd, data, int(i) * self._row_bytes)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        single = np.isscalar(rows)
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        view, size, j = memoryview(out).cast("B"), self._row_bytes, 0
+        while j < len(rows):  # one read per run of consecutive rows
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1:
+                k += 1
+            got = os.preadv(self._fd, [view[j * size: k * size]], int(rows[j]) * size)
+            if got != (k - j) * size:
+                raise OSError(f"short read from the scratch file ({got} bytes)")
+            j = k
+        return out[0] if single else out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+def _rows_for(n: int, shapes: list[tuple[int, ...]], views: int, budget: int):
+    """Per view, one array per output: in memory, or ``DiskRows`` when they pass ``budget``."""
+    per_view = sum(int(np.prod(s, dtype=np.int64)) for s in shapes) * n
+    spill = per_view * views * np.dtype(STORE_DTYPE).itemsize > budget
+    make = DiskRows if spill else (lambda n, shape: np.empty((n, *shape), dtype=STORE_DTYPE))
+    return [[make(n, shape) for shape in shapes] for _ in range(views)]
+
+
 @dataclass
 class Extracted:
-    """Frozen outputs for one split: ``views[v][k]`` is output ``k`` of view ``v`` per image."""
+    """Frozen outputs for one split: ``views[v][k]`` is output ``k`` of view ``v`` per image.
 
-    views: list[list[np.ndarray]]
+    Each is an array, or ``DiskRows`` beyond ``defaults.FEATURE_MEMORY_BUDGET``.
+    """
+
+    views: list[list[np.ndarray | DiskRows]]
     computed: int  # images x views the frozen part had to run for (the rest: from the cache)
     seconds: float
 
-    def output(self, k: int) -> list[np.ndarray]:
+    def output(self, k: int) -> list[np.ndarray | DiskRows]:
         """Output ``k`` of every view."""
         return [v[k] for v in self.views]
+
+    @property
+    def on_disk(self) -> bool:
+        return any(isinstance(a, DiskRows) for v in self.views for a in v)
 
 
 def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
             views: int = 1, augment: dict | None = None, store_key: str | None = None,
-            progress=None) -> Extracted:
+            progress=None, memory_budget: int | None = None) -> Extracted:
     """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
 
     Each image is decoded once for all its views, decoding runs ahead on all cores while the
@@ -425,8 +509,8 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             return None
         return FeatureStore(f"{store_key}/{k}-{'plain' if v == 0 else _augment_key(augment)}")
 
-    out = [[np.empty((n, *shape), dtype=STORE_DTYPE) for shape in frozen.output_shapes]
-           for _ in range(views)]
+    budget = defaults.FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
+    out = _rows_for(n, frozen.output_shapes, views, budget)
     have: set[tuple[int, int]] = set()
     if store_key:
         for group in ([0], list(range(1, views))):
@@ -451,6 +535,7 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             if (i, v) not in have:
                 todo.setdefault(i, []).append(v)
     images = sorted(todo)
+    frozen.plan(sum(len(v) for v in todo.values()))
 
     def prepare(i: int) -> list[np.ndarray]:
         img = load_image(paths[i], image_size)
@@ -534,6 +619,9 @@ class SplitClassifier:
             key = part_key(self.bottom, size, first.name)
         # ``frozen``: a part already running whose first output is this bottom's (fit's own).
         self.frozen = frozen or FrozenPart(self.bottom, key)
+
+    def plan(self, images: int) -> str:
+        return self.frozen.plan(images)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         cut = self.frozen(pixels)[0]

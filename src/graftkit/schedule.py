@@ -173,7 +173,7 @@ def train_head(model, base, train_ds, val_ds, schedule: Schedule, best: Best) ->
                        "through the frozen base every epoch (augmented)")
 
 
-def view_cycle(views: list[np.ndarray], labels, batch_size: int, seed: int,
+def view_cycle(views: list, labels, batch_size: int, seed: int,
                class_weight: dict[int, float] | None = None, initial_epoch: int = 0):
     """Cached rows for training: epoch ``e`` draws view ``e % len(views)`` of every image.
 
@@ -190,7 +190,7 @@ def view_cycle(views: list[np.ndarray], labels, batch_size: int, seed: int,
     n, count = len(labels), len(views)
     shape = tuple(views[0].shape[1:])
 
-    def rows_of(view, rows):  # reads the cached arrays in place: no second copy in memory
+    def rows_of(view, rows):  # reads the cached rows in place (memory or disk): no second copy
         rows = np.sort(rows)
         return np.asarray(views[int(view)][rows], dtype=np.float32), y[rows], (
             w[rows] if w is not None else np.ones(len(rows), np.float32))
@@ -218,12 +218,30 @@ def steps(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def _rows(x: np.ndarray, y, batch_size: int):
-    """Validation rows as float32 batches, through tf.data (faster than Keras' numpy path)."""
+def _rows(x, y, batch_size: int):
+    """Validation rows as float32 batches, through tf.data (faster than Keras' numpy path).
+
+    ``x`` is an array or anything indexable by row numbers (``features.DiskRows``).
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.int32)))
-    return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    y = np.asarray(y, dtype=np.int32)
+    if isinstance(x, np.ndarray):
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    shape = tuple(x.shape[1:])
+
+    def rows_of(rows):
+        return np.asarray(x[rows], dtype=np.float32), y[rows]
+
+    def batch(rows):
+        xb, yb = tf.numpy_function(rows_of, [rows], (tf.float32, tf.int32))
+        xb.set_shape((None, *shape))
+        yb.set_shape((None,))
+        return xb, yb
+
+    ds = tf.data.Dataset.range(len(y)).batch(batch_size).map(batch)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_features, y_val,

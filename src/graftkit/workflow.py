@@ -312,6 +312,9 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         log(f"frozen base: {total - computed} of {total} outputs from the cache, {computed} "
             f"computed ({frozen.engine}, {train_ex.seconds + val_ex.seconds:.1f} s)"
             + (f"; {views} views per training image" if views > 1 else ""))
+        if train_ex.on_disk or val_ex.on_disk:
+            log(f"  more than {defaults.FEATURE_MEMORY_BUDGET >> 20} MB of frozen outputs: kept "
+                "in a scratch file and read a batch at a time")
     y_train, y_val = folder.train.labels, folder.val.labels
 
     if not phases:
