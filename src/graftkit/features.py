@@ -109,6 +109,19 @@ def _weighted_leaves(model) -> set[int]:
     return {id(layer) for layer in leaf_layers(model) if layer.weights}
 
 
+def _first_above(groups: list, top_n: int):
+    """The first layer of the top ``top_n`` blocks; None when there are not more blocks."""
+    return groups[-top_n][0] if 0 < top_n < len(groups) else None
+
+
+def cut_blocks(unfreeze: int | str, fine_tune_epochs: int) -> int:
+    """Blocks above the cut for a run's options: the top blocks it fine-tuned, else none.
+
+    Fine-tuning "all" changes every layer, so only the head sits above a frozen bottom then.
+    """
+    return unfreeze if isinstance(unfreeze, int) and fine_tune_epochs else 0
+
+
 def split_base(base: keras.Model, block_pattern: str, top_n: int) -> BaseSplit | None:
     """Cut ``base`` below its top ``top_n`` blocks; None where no single tensor separates them.
 
@@ -118,9 +131,9 @@ def split_base(base: keras.Model, block_pattern: str, top_n: int) -> BaseSplit |
     if top_n == 0:
         return BaseSplit(base, None, "output", 0)
     groups = block_groups(base, block_pattern)
-    if top_n >= len(groups):
+    first = _first_above(groups, top_n)
+    if first is None:
         return None
-    first = groups[-top_n][0]
     try:
         parts = _cut_model(base, first)
     except (ValueError, TypeError):
@@ -601,12 +614,10 @@ class SplitClassifier:
                  engine_key: str | None = None, frozen: FrozenPart | None = None):
         from graftkit.graft import BASE, HEAD_DROPOUT
 
-        base = model.get_layer(BASE)
         if top_n > 0:
-            groups = block_groups(base, block_pattern)
-            if top_n >= len(groups):
+            first = _first_above(block_groups(model.get_layer(BASE), block_pattern), top_n)
+            if first is None:
                 raise ValueError(f"cannot cut below {top_n} blocks")
-            first = groups[-top_n][0]
         else:
             first = model.get_layer(HEAD_DROPOUT)
         parts = _cut_model(model, first)
@@ -635,8 +646,7 @@ def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | Non
     from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
 
     options = metrics.get("options", {})
-    unfreeze = options.get("unfreeze", 0)
-    top_n = unfreeze if isinstance(unfreeze, int) and options.get("fine_tune_epochs") else 0
+    top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0))
     entry = REGISTRY.get(metrics.get("backbone", ""))
     try:
         return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,

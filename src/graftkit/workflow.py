@@ -248,7 +248,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     import tensorflow as tf
 
     from graftkit.backbones import load_base
-    from graftkit.features import FrozenPart, extract, part_key, split_base
+    from graftkit.features import FrozenPart, cut_blocks, extract, part_key, split_base
     from graftkit.graft import build_classifier
     from graftkit.schedule import (
         Best,
@@ -288,7 +288,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
 
     # Cut the base below the blocks phase 2 fine-tunes: everything under the cut is frozen, so
     # its output is computed once per image and view (and cached across runs).
-    fine_tune_top = opt.fine_tune_epochs > 0 and opt.unfreeze != "all"
+    fine_tune_top = cut_blocks(opt.unfreeze, opt.fine_tune_epochs) > 0
     split = split_base(base_model, info.block_pattern, opt.unfreeze) if fine_tune_top else None
     if fine_tune_top and split is None:
         log(f"  note: {info.name} cannot be cut below its top {opt.unfreeze} blocks (a skip "
@@ -379,7 +379,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
 
     from graftkit import __version__
     from graftkit.evaluate import predict_proba, scores
-    from graftkit.features import SplitClassifier
+    from graftkit.features import SplitClassifier, cut_blocks
     from graftkit.run import (
         CONFUSION_FILE,
         CURVES_FILE,
@@ -400,7 +400,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
 
     fast = None
     if engine_key:  # the frozen bottom is still the pretrained one the engine was made of
-        top_n = opt.unfreeze if isinstance(opt.unfreeze, int) and opt.fine_tune_epochs else 0
+        top_n = cut_blocks(opt.unfreeze, opt.fine_tune_epochs)
         try:
             fast = SplitClassifier(model, info.block_pattern, top_n, engine_key, frozen)
         except ValueError:
