@@ -26,9 +26,10 @@ STATE_FILE = "state.json"
 class RunCheckpoint:
     """The checkpoint folder of one run."""
 
-    def __init__(self, run_dir: Path, fingerprint: dict):
+    def __init__(self, run_dir: Path, fingerprint: dict, writable: bool = True):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.fingerprint = fingerprint
+        self.writable = writable  # False on the workers of a cluster other than the chief
         self.state: dict = {"fingerprint": fingerprint, "phases": [], "history": [],
                             "phase": None, "epoch": 0, "wait": 0, "best": None,
                             "best_file": None, "last_file": None}
@@ -56,6 +57,8 @@ class RunCheckpoint:
         return state
 
     def _save(self, name: str, write) -> str:
+        if not self.writable:
+            return name
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / name, write)
         return name
@@ -66,6 +69,8 @@ class RunCheckpoint:
     def commit(self, **changes) -> None:
         """Write the state (after the files it names), then drop files it no longer names."""
         self.state.update(changes)
+        if not self.writable:
+            return
         write_json(self.dir / STATE_FILE, self.state)
         keep = {STATE_FILE, self.state.get("best_file"), self.state.get("last_file")}
         for path in self.dir.iterdir():
@@ -110,7 +115,8 @@ class RunCheckpoint:
         model.load_weights(self.dir / self.state["last_file"])
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.writable:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -14,6 +14,7 @@ import textwrap
 import time
 
 from graftkit import defaults
+from graftkit.distribute import STRATEGIES
 from graftkit.errors import EXIT_CODES, GraftError, UsageError
 
 
@@ -43,8 +44,10 @@ def cmd_fit(args) -> int:
         unsafe=args.unsafe, tensorboard=args.tensorboard, val=args.val,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout, views=args.views,
         cache=not args.no_cache, precision=args.precision, overwrite=args.overwrite,
-        verbose=_verbose(),
+        strategy=args.strategy, verbose=_verbose(),
     )
+    if "phases" not in result.metrics:  # a worker of a cluster other than the chief
+        return 0
     print_summary(result.metrics, result.run_dir)
     return 0
 
@@ -304,6 +307,10 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
                    default=defaults.PRECISION,
                    help="Keras dtype policy of the base (the head stays float32); "
                         "default float32, measured faster on this CPU")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="where to train: auto (several GPUs: mirrored, else default), default, "
+                        "mirrored (all local GPUs), multi-worker (machines listed in TF_CONFIG); "
+                        "--batch-size is per replica, learning rates scale with replicas")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write frozen outputs in the cache (graft cache info)")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT,

@@ -482,6 +482,7 @@ def make_dataset(
     shuffle: bool = False,
     augment: dict[str, float | bool] | None = None,
     seed: int = 1337,
+    drop_remainder: bool = False,
 ):
     """A prefetched tf.data stream of ``(float32 0-255 images, labels)`` batches.
 
@@ -489,6 +490,8 @@ def make_dataset(
     ``augment`` settings apply ``augment_image`` with a fresh seed per image and epoch.
     """
     import tensorflow as tf
+
+    from graftkit.distribute import shard_by_data
 
     decoded = images if isinstance(images, DecodedImages) else None
     if decoded is not None:
@@ -514,7 +517,7 @@ def make_dataset(
         ds = tf.data.Dataset.from_tensor_slices(source)
         ds = ds.map(lambda p: decode(p, tf.constant(0, tf.int64)),
                     num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
     ds = tf.data.Dataset.from_tensor_slices((source, np.asarray(labels, dtype=np.int32)))
     if shuffle:
         ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
@@ -522,4 +525,4 @@ def make_dataset(
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, seeds))
     ds = ds.map(lambda py, s: (decode(py[0], s), py[1]), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))

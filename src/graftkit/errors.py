@@ -43,6 +43,12 @@ class ExportError(GraftError):
     exit_code = 6
 
 
+class ClusterError(GraftError):
+    """A worker of a multi-worker run stopped or cannot be reached."""
+
+    exit_code = 7
+
+
 EXIT_CODES = {
     0: "success",
     1: "interrupted or unexpected error",
@@ -51,4 +57,5 @@ EXIT_CODES = {
     4: "backbone or weights problem",
     5: "run folder problem (cannot write, not a run, would overwrite)",
     6: "export problem (the exported model disagrees with the Keras model)",
+    7: "a worker of a multi-worker run stopped or cannot be reached (resume: same command)",
 }

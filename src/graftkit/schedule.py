@@ -112,6 +112,8 @@ class Schedule:
     class_weight: dict[int, float] | None = None
     checkpoint: object | None = None  # graftkit.checkpoint.RunCheckpoint
     tensorboard_dir: Path | None = None  # one sub-folder of logs per phase
+    whole_batches: bool = False  # several replicas: every training batch full (each gets a part)
+    val_batch_size: int | None = None  # several replicas: see distribute.eval_batch_size
     history: list[dict] = field(default_factory=list)
 
 
@@ -174,15 +176,20 @@ def train_head(model, base, train_ds, val_ds, schedule: Schedule, best: Best) ->
 
 
 def view_cycle(views: list, labels, batch_size: int, seed: int,
-               class_weight: dict[int, float] | None = None, initial_epoch: int = 0):
+               class_weight: dict[int, float] | None = None, initial_epoch: int = 0,
+               whole_batches: bool = False):
     """Cached rows for training: epoch ``e`` draws view ``e % len(views)`` of every image.
 
     With as many views as epochs this is per-epoch augmentation, paid once. The shuffle is
     seeded by the epoch, so a resumed phase replays exactly. Class weights become sample
     weights. An endless tf.data stream (1.5x Keras' own numpy path here); ``fit`` needs
-    ``steps_per_epoch=steps(len(labels), batch_size)``.
+    ``steps_per_epoch=steps(len(labels), batch_size, whole_batches)``. ``whole_batches`` drops
+    each epoch's last partial batch (replicas must not get empty ones; the shuffle changes
+    which rows wait for the next epoch).
     """
     import tensorflow as tf
+
+    from graftkit.distribute import shard_by_data
 
     y = np.asarray(labels, dtype=np.int32)
     w = None if class_weight is None else np.array(
@@ -208,14 +215,15 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
             wb.set_shape((None,))
             return (xb, yb) if w is None else (xb, yb, wb)
 
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(batch)
+        return tf.data.Dataset.from_tensor_slices(order).batch(
+            batch_size, drop_remainder=whole_batches).map(batch)
 
     ds = tf.data.Dataset.range(initial_epoch, 1 << 30).flat_map(epoch)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def steps(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
+    return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
 
 def _rows(x, y, batch_size: int):
@@ -225,10 +233,12 @@ def _rows(x, y, batch_size: int):
     """
     import tensorflow as tf
 
+    from graftkit.distribute import shard_by_data
+
     y = np.asarray(y, dtype=np.int32)
     if isinstance(x, np.ndarray):
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-        return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+        return shard_by_data(ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b)))
     shape = tuple(x.shape[1:])
 
     def rows_of(rows):
@@ -241,7 +251,7 @@ def _rows(x, y, batch_size: int):
         return xb, yb
 
     ds = tf.data.Dataset.range(len(y)).batch(batch_size).map(batch)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_features, y_val,
@@ -259,9 +269,10 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     rows_before = len(schedule.history)
     head_best = Best()
     hist = head.fit(
-        view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight),
-        steps_per_epoch=steps(len(y_train), batch_size),
-        validation_data=_rows(val_features, y_val, batch_size),
+        view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
+                   whole_batches=schedule.whole_batches),
+        steps_per_epoch=steps(len(y_train), batch_size, schedule.whole_batches),
+        validation_data=_rows(val_features, y_val, schedule.val_batch_size or batch_size),
         epochs=schedule.head_epochs, verbose=schedule.verbose,
         callbacks=[EpochLog("head", schedule.history), KeepBest(head_best),
                    *_tensorboard(schedule, "head")],
@@ -294,11 +305,13 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     _compile(trainer, schedule.fine_tune_lr)
     def data(initial_epoch: int):
         return view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
-                          initial_epoch)
+                          initial_epoch, schedule.whole_batches)
 
-    done = _fit_phase(trainer, "fine_tune", data, _rows(val_activations, y_val, batch_size),
+    val = _rows(val_activations, y_val, schedule.val_batch_size or batch_size)
+    done = _fit_phase(trainer, "fine_tune", data, val,
                       schedule.fine_tune_epochs, schedule, best, schedule.patience,
-                      target=model, steps_per_epoch=steps(len(y_train), batch_size))
+                      target=model,
+                      steps_per_epoch=steps(len(y_train), batch_size, schedule.whole_batches))
     n = counts.unfrozen_blocks
     note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters) "
             "on cached activations, BatchNormalization frozen")

@@ -48,6 +48,7 @@ class FitOptions:
     views: int = defaults.VIEWS
     precision: str = defaults.PRECISION
     cache: bool = True  # read and write frozen outputs in the cache directory
+    strategy: str = "auto"  # graftkit.distribute.STRATEGIES
 
     @property
     def fingerprint(self) -> dict:
@@ -75,6 +76,11 @@ class FitOptions:
                              f"(got {self.precision!r})")
         if self.views < 1:
             raise UsageError(f"--views must be at least 1 (got {self.views})")
+        from graftkit.distribute import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} "
+                             f"(got {self.strategy!r})")
         if self.class_weight not in ("auto", "none"):
             raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
 
@@ -116,6 +122,7 @@ def fit(
     views: int = defaults.VIEWS,
     precision: str = defaults.PRECISION,
     cache: bool = True,
+    strategy: str = "auto",
     unsafe: bool = False,
     tensorboard: bool = False,
     overwrite: bool = False,
@@ -152,6 +159,9 @@ def fit(
         deterministic: TensorFlow's deterministic ops, so a seed gives the same figures.
         unsafe: allow a ``.keras`` base that contains code (Lambda layers).
         tensorboard: write TensorBoard logs of both phases to ``out/tensorboard/``.
+        strategy: ``"auto"`` (several GPUs: mirrored, else default), ``"default"``,
+            ``"mirrored"`` or ``"multi-worker"`` (``TF_CONFIG``); ``batch_size`` is per replica
+            and both learning rates scale with the replicas (``graftkit.distribute``).
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -167,7 +177,7 @@ def fit(
         val_split, seed, dropout, class_weight,
         None if val is None else (str(val) if str(val).startswith("tfds:")
                                   else str(Path(val).resolve())),
-        views, precision, cache,
+        views, precision, cache, strategy,
     )
     options.check()
     if tensorboard:
@@ -176,17 +186,33 @@ def fit(
         except ImportError:
             raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'"
                              ) from None
+    from graftkit.distribute import make_distribution
+
+    dist = make_distribution(options.strategy)  # before any other TensorFlow work
     created = not Path(out).exists()
-    run_dir = prepare_run_dir(out, overwrite)
+    # Only the chief writes the run folder; the others read a checkpoint from it to resume.
+    run_dir = prepare_run_dir(out, overwrite) if dist.chief else Path(out)
     import keras
 
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(options.precision)
     try:
         return _fit(data_dir, run_dir, options, overwrite, resume, deterministic,
-                    unsafe, tensorboard, verbose, log)
+                    unsafe, tensorboard, verbose, log, dist)
+    except Exception as exc:
+        from graftkit.distribute import worker_failed
+
+        if dist.workers > 1 and worker_failed(exc):
+            from graftkit.errors import ClusterError
+
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClusterError(
+                f"worker {dist.worker} of {dist.workers} lost the cluster ({first[:160]}); "
+                f"every finished epoch is checkpointed in {run_dir}: start the same command on "
+                "every worker to resume") from None
+        raise
     except BaseException:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        if dist.chief and created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
         raise
     finally:
@@ -213,7 +239,8 @@ def _check_free_space(run_dir: Path, model) -> None:
 
 
 def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
-         deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log) -> FitResult:
+         deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log,
+         dist) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import DecodedImages, make_dataset, scan
@@ -234,12 +261,15 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     fingerprint = {**opt.fingerprint, "data": str(folder.root.resolve()),
                    "classes": folder.classes, "num_train": len(folder.train),
                    "num_val": len(folder.val)}
-    ckpt = RunCheckpoint(run_dir, fingerprint)
+    ckpt = RunCheckpoint(run_dir, fingerprint, writable=dist.chief)
     if ckpt.exists and overwrite:
         ckpt.remove()
     if resume and not ckpt.exists:
         raise RunError(f"nothing to resume in {run_dir}: no checkpoint there; drop --resume")
-    state = ckpt.load() if ckpt.exists else None
+    state = ckpt.load() if ckpt.exists and not overwrite else None
+    if dist.name != "default":
+        log(f"strategy: {dist.describe()}; batch {dist.batch_size(opt.batch_size)} in all "
+            f"({opt.batch_size} per replica), learning rates x{dist.replicas}")
     if state:
         log(f"resuming: {len(state['phases'])} phase(s) done, "
             f"{state['epoch']} epoch(s) of the current one")
@@ -248,6 +278,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     import tensorflow as tf
 
     from graftkit.backbones import load_base
+    from graftkit.distribute import eval_batch_size
     from graftkit.features import FrozenPart, cut_blocks, extract, part_key, split_base
     from graftkit.graft import build_classifier
     from graftkit.schedule import (
@@ -264,9 +295,11 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         tf.config.experimental.enable_op_determinism()
     resumed_epochs = state["epoch"] if state else 0
     keras.utils.set_random_seed(opt.seed + resumed_epochs)  # a resume replays no random stream
-    base_model, info = load_base(opt.base, opt.image_size, opt.weights, unsafe)
-    model = build_classifier(base_model, len(folder.classes), opt.dropout)
-    _check_free_space(run_dir, model)
+    with dist.scope():  # variables made here are mirrored over the replicas
+        base_model, info = load_base(opt.base, opt.image_size, opt.weights, unsafe)
+        model = build_classifier(base_model, len(folder.classes), opt.dropout)
+    if dist.chief:
+        _check_free_space(run_dir, model)
     size = info.image_size
     log(f"base: {info.name} at {size}x{size} (preprocessing {info.preprocessing})")
     weights = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
@@ -274,9 +307,13 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         log("  class weights (imbalanced training set): "
             + ", ".join(f"{folder.classes[c]} {w:.2f}" for c, w in weights.items()))
 
-    schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, opt.lr, opt.fine_tune_lr,
-                        opt.unfreeze, verbose=verbose, class_weight=weights, checkpoint=ckpt,
-                        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
+    batch_size = dist.batch_size(opt.batch_size)
+    schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, dist.learning_rate(opt.lr),
+                        dist.learning_rate(opt.fine_tune_lr), opt.unfreeze, verbose=verbose,
+                        class_weight=weights, checkpoint=ckpt,
+                        tensorboard_dir=run_dir / "tensorboard" if tensorboard and dist.chief
+                        else None, whole_batches=dist.replicas > 1,
+                        val_batch_size=eval_batch_size(len(folder.val), batch_size, dist.replicas))
     best = Best()
     phases: list[PhaseResult] = []
     if state:
@@ -301,8 +338,17 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     frozen_model = split.frozen_model()
     engine_key = part_key(frozen_model, size, f"{split.cut}:{opt.precision}")  # before training
     if need_cache:
-        frozen = FrozenPart(frozen_model, engine_key)
+        # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
+        frozen = FrozenPart(frozen_model, engine_key,
+                            use_tflite=False if dist.name != "default" else None)
         store_key = frozen.key if opt.cache else None
+        if dist.workers > 1 and store_key:  # each worker computes its share into the cache
+            mine = slice(dist.worker, None, dist.workers)
+            extract(frozen, folder.train.paths[mine], folder.digests(folder.train)[mine], size,
+                    views, opt.augment, store_key)
+            extract(frozen, folder.val.paths[mine], folder.digests(folder.val)[mine], size, 1,
+                    None, store_key)
+            dist.barrier()  # then everyone reads all rows (a cache not shared: computes the rest)
         train_ex = extract(frozen, folder.train.paths, folder.digests(folder.train), size, views,
                            opt.augment, store_key)
         val_ex = extract(frozen, folder.val.paths, folder.digests(folder.val), size, 1, None,
@@ -317,63 +363,95 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                 "in a scratch file and read a batch at a time")
     y_train, y_val = folder.train.labels, folder.val.labels
 
-    if not phases:
-        if not opt.augment_head:
-            schedule.history = []  # phase 1 on features is quick: it runs again from the start
-            k = 0 if split.top is None else 1  # the pooled features among the frozen outputs
-            pooled, pooled_val = train_ex.output(k), val_ex.views[0][k]
-            what = (f"{views} cached views per image" if views > 1
-                    else "features computed once by the frozen base")
-            log(f"phase 1: head on {what}")
-            phases.append(train_head_on_features(
-                model, pooled, y_train, pooled_val, y_val, schedule, best, opt.batch_size,
-                opt.seed, train_ex.seconds + val_ex.seconds, f"on {what}"))
+    with dist.scope():  # both phases build and compile their models under the strategy
+        if not phases:
+            if not opt.augment_head:
+                schedule.history = []  # phase 1 on features is quick: it runs again from the start
+                k = 0 if split.top is None else 1  # the pooled features among the frozen outputs
+                pooled, pooled_val = train_ex.output(k), val_ex.views[0][k]
+                what = (f"{views} cached views per image" if views > 1
+                        else "features computed once by the frozen base")
+                log(f"phase 1: head on {what}")
+                phases.append(train_head_on_features(
+                    model, pooled, y_train, pooled_val, y_val, schedule, best, batch_size,
+                    opt.seed, train_ex.seconds + val_ex.seconds, f"on {what}"))
+            else:
+                log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
+                train_ds = make_dataset(folder.train.paths, y_train, size, batch_size,
+                                        shuffle=True, augment=opt.augment, seed=opt.seed,
+                                        drop_remainder=schedule.whole_batches)
+                val_ds = make_dataset(folder.val.paths, y_val, size, schedule.val_batch_size)
+                phases.append(train_head(model, base_model, train_ds, val_ds, schedule, best))
+            ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
         else:
-            log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
-            train_ds = make_dataset(folder.train.paths, y_train, size, opt.batch_size,
-                                    shuffle=True, augment=opt.augment, seed=opt.seed)
-            val_ds = make_dataset(folder.val.paths, y_val, size, opt.batch_size)
-            phases.append(train_head(model, base_model, train_ds, val_ds, schedule, best))
-        ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
-    else:
-        model.set_weights(best.weights)
-    if opt.fine_tune_epochs > 0 and len(phases) < 2:
-        what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
-        if cached_phase2:
-            log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g} on cached "
-                "activations, BatchNormalization frozen")
-            phases.append(fine_tune_on_activations(
-                model, base_model, info.block_pattern, split.top, train_ex.output(0), y_train,
-                val_ex.views[0][0], y_val, schedule, best, opt.batch_size, opt.seed))
-        else:
-            log(f"phase 2: fine-tuning {what} of the base at lr {opt.fine_tune_lr:g}, "
-                "BatchNormalization frozen")
-            decoded = DecodedImages(folder.train.paths, size)
-            try:
-                train_ds = make_dataset(decoded, y_train, size, opt.batch_size, shuffle=True,
-                                        augment=opt.augment or None,
-                                        seed=opt.seed + resumed_epochs)
-                val_ds = make_dataset(folder.val.paths, y_val, size, opt.batch_size)
-                phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
-                                        schedule, best))
-            finally:
-                decoded.close()
-        ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
+            model.set_weights(best.weights)
+        if opt.fine_tune_epochs > 0 and len(phases) < 2:
+            what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
+            if cached_phase2:
+                log(f"phase 2: fine-tuning {what} of the base at lr {schedule.fine_tune_lr:g} on cached "
+                    "activations, BatchNormalization frozen")
+                phases.append(fine_tune_on_activations(
+                    model, base_model, info.block_pattern, split.top, train_ex.output(0), y_train,
+                    val_ex.views[0][0], y_val, schedule, best, batch_size, opt.seed))
+            else:
+                log(f"phase 2: fine-tuning {what} of the base at lr {schedule.fine_tune_lr:g}, "
+                    "BatchNormalization frozen")
+                decoded = DecodedImages(folder.train.paths, size)
+                try:
+                    train_ds = make_dataset(decoded, y_train, size, batch_size, shuffle=True,
+                                            augment=opt.augment or None,
+                                            seed=opt.seed + resumed_epochs,
+                                            drop_remainder=schedule.whole_batches)
+                    val_ds = make_dataset(folder.val.paths, y_val, size, schedule.val_batch_size)
+                    phases.append(fine_tune(model, base_model, info.block_pattern, train_ds, val_ds,
+                                            schedule, best))
+                finally:
+                    decoded.close()
+            ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
 
     bottom_unchanged = cached_phase2 or opt.fine_tune_epochs == 0
     train_ex = val_ex = None  # the cached rows are done with: free them before the last pass
     from graftkit.features import release_memory
 
     release_memory()
+    digest = weights_sha256(model)
+    if not dist.chief:
+        log(f"worker {dist.worker} of {dist.workers}: done, final weights sha256 {digest[:16]} "
+            f"(the chief writes {run_dir})")
+        return FitResult(model, {"worker": dist.worker, "weights_sha256": digest}, run_dir,
+                         folder.classes)
+    if dist.strategy is not None:  # the chief alone evaluates and saves: a copy off the strategy
+        import keras
+
+        plain = keras.models.clone_model(model)
+        plain.set_weights(model.get_weights())
+        model = plain
     result = _write_run(run_dir, model, folder, info, phases, schedule, opt, weights, checked,
                         started, engine_key if bottom_unchanged else None,
-                        frozen if need_cache and bottom_unchanged else None)
+                        frozen if need_cache and bottom_unchanged else None,
+                        {"strategy": dist.name, "replicas": dist.replicas,
+                         "workers": dist.workers, "weights_sha256": digest})
+    if dist.workers > 1:
+        log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     ckpt.remove()
     return result
 
 
+def weights_sha256(model) -> str:
+    """A digest of every weight: equal on every worker of a run that stayed in sync."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
 def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
-               checked, started, engine_key: str | None, frozen=None):
+               checked, started, engine_key: str | None, frozen=None,
+               distribution: dict | None = None):
     import keras
     import tensorflow as tf
 
@@ -427,6 +505,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "total_seconds": round(time.perf_counter() - started, 2),
         "engine": engine_key,
         "precision": opt.precision,
+        "distribution": distribution or {"strategy": "default", "replicas": 1, "workers": 1},
         "options": dataclasses.asdict(opt),
         "class_weight": {folder.classes[c]: w for c, w in weights.items()} if weights else None,
         "per_class": result["per_class"],

@@ -1,0 +1,225 @@
+"""Where training runs: one device, several GPUs, or several machines, through ``tf.distribute``.
+
+TensorFlow's own distribution engine trains a Keras 3 model (TensorFlow backend) on several
+devices (``MirroredStrategy``) and machines (``MultiWorkerMirroredStrategy``, configured by the
+standard ``TF_CONFIG``); graftkit only chooses the strategy, scales batch size and learning rate
+with the replicas, and keeps the run folder to the chief. Rules (README, "Scaling out"):
+
+- ``--batch-size`` is per replica: the global batch is ``batch_size x replicas``;
+- both learning rates scale linearly with the replicas (Goyal et al., 2017), since a batch
+  ``k`` times larger takes ``k`` times fewer steps;
+- every worker runs the same command with the same ``--out``, readable by all of them (a resume
+  reads the checkpoint from it); only the chief (worker 0) writes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+
+
+@dataclass
+class Distribution:
+    """The strategy a run trains under, and this process's place in it."""
+
+    name: str  # "default", "mirrored" or "multi-worker"
+    strategy: object | None  # a tf.distribute.Strategy; None for the default one
+    replicas: int = 1  # model copies in sync, over all workers
+    workers: int = 1
+    worker: int = 0  # this process's index among the workers
+    chief: bool = True  # writes the run folder
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def batch_size(self, per_replica: int) -> int:
+        return per_replica * self.replicas
+
+    def learning_rate(self, lr: float) -> float:
+        return lr * self.replicas
+
+    def barrier(self) -> None:
+        """Wait until every worker gets here (one all-reduce); nothing to wait for alone."""
+        if self.workers > 1:
+            import tensorflow as tf
+
+            s = self.strategy
+            one = tf.function(lambda: s.run(lambda: tf.constant(1.0)))  # eager run: a warning
+            s.reduce("SUM", one(), axis=None)
+
+    def describe(self) -> str:
+        if self.name == "default":
+            return "one device (default strategy)"
+        where = f"{self.replicas} replica{'s' if self.replicas > 1 else ''}"
+        if self.workers > 1:
+            role = "chief" if self.chief else "writes nothing"
+            return (f"{self.name}: {where} on {self.workers} workers, this is worker "
+                    f"{self.worker} ({role})")
+        return f"{self.name}: {where}"
+
+
+def _gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_logical_devices("GPU")
+
+
+def _cluster() -> tuple[dict, dict]:
+    from graftkit.errors import UsageError
+
+    text = os.environ.get("TF_CONFIG", "")
+    if not text:
+        raise UsageError("--strategy multi-worker needs TF_CONFIG (the cluster and this worker's "
+                         "task) in the environment of every worker; see README 'Scaling out'")
+    try:
+        config = json.loads(text)
+        cluster, task = config["cluster"], config["task"]
+        int(task["index"])
+        str(task["type"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError('TF_CONFIG is not valid: it must be JSON like {"cluster": {"worker": '
+                         '["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
+                         ) from None
+    return cluster, task
+
+
+def make_distribution(name: str = "auto") -> Distribution:
+    """The strategy for ``--strategy``: create it before any other TensorFlow work."""
+    import tensorflow as tf
+
+    from graftkit.errors import UsageError
+
+    if name not in STRATEGIES:
+        raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {name!r})")
+    if name == "auto":
+        name = "mirrored" if len(_gpus()) > 1 else "default"
+    if name == "default":
+        return Distribution("default", None)
+    if name == "mirrored":
+        gpus = _gpus()
+        cpus = tf.config.list_logical_devices("CPU")
+        devices = [d.name for d in (gpus or cpus)]
+        strategy = tf.distribute.MirroredStrategy(devices)
+        return Distribution("mirrored", strategy, strategy.num_replicas_in_sync)
+    cluster, task = _cluster()
+    _patch_keras_for_multi_worker()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    _prime_keras_saving()
+    members = [(kind, i) for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
+    me = (task["type"], int(task["index"]))
+    if me not in members:
+        raise UsageError(f"TF_CONFIG's task {me[0]}:{me[1]} is not in its cluster")
+    return Distribution("multi-worker", strategy, strategy.num_replicas_in_sync, len(members),
+                        members.index(me), bool(strategy.extended.should_checkpoint))
+
+
+_PATCHED = False
+
+
+def _patch_keras_for_multi_worker() -> None:
+    """Two fixes Keras 3's TensorFlow trainer needs under ``MultiWorkerMirroredStrategy``.
+
+    Measured with Keras 3.15 / TF 2.21 (the issue: keras-team/keras#20585): ``fit`` averages
+    the first *input batch* across workers to build the model (``PerReplica`` conversion
+    error), and averages scalar logs along axis 0 ("Invalid reduction dimension 0"). The first
+    batch of the local replica builds the model as well; scalars are averaged with no axis.
+    With both, two workers end with identical weights (tests/test_distribute.py).
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    def local(strategy, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tree.map_structure(
+                    lambda v: local(self.distribute_strategy, v), batch)
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    reduce_per_replica = trainer.reduce_per_replica
+
+    def reduce_fixed(values, strategy, reduction):
+        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(
+                strategy):
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_fixed
+    _PATCHED = True
+
+
+def eval_batch_size(n: int, batch: int, replicas: int) -> int:
+    """A batch size near ``batch`` whose last batch still has a row for every replica.
+
+    An empty replica batch breaks evaluation (BatchNormalization on zero rows), and
+    validation must see every image exactly once, so dropping or padding rows is no answer.
+    """
+    if replicas <= 1:
+        return batch
+    from graftkit.errors import DataError
+
+    if n < replicas:
+        raise DataError(f"{n} validation images cannot be spread over {replicas} replicas: "
+                        "use more validation images or fewer replicas")
+    start = min(batch, n)
+    upward = range(max(start + 1, replicas), n + 1)  # b == n always does
+    for b in [*range(start, replicas - 1, -1), *upward]:
+        if n % b == 0 or n % b >= replicas:
+            return b
+    return n
+
+
+def _prime_keras_saving() -> None:
+    """Make Keras' saving create no variables when only the chief saves.
+
+    Each save builds reference objects (an ``Optimizer`` among them) to learn which attributes
+    to skip, and its cache never hits (Keras 3.15 stores under ``saving_attr_skipset_`` and
+    reads ``saving_attr_skiplist_``). A variable created under ``MultiWorkerMirroredStrategy``
+    is a collective broadcast, so a checkpoint written by the chief alone would desynchronise
+    the workers ("Collective instance ... expected type"). Computed here, outside the scope,
+    and stored where the lookup reads.
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    for kind in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer",
+                 "Loss"):
+        global_state.set_global_attribute(f"saving_attr_skiplist_{kind}",
+                                          saving_lib.get_attr_skipset(kind))
+
+
+def shard_by_data(dataset):
+    """Split batches between workers by element (the rows are not files to split by)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def worker_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is TensorFlow reporting a lost peer (a worker died or got cut off)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
+    return isinstance(exc, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                            tf.errors.DeadlineExceededError, tf.errors.CancelledError))
