@@ -36,6 +36,8 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
                 "skipped_files", "phases"):
         assert key in metrics
     assert [p["name"] for p in metrics["phases"]] == ["head", "fine_tune"]
+    # Phase times (phase 1 includes computing the frozen outputs) fit inside the whole run.
+    assert 0 < sum(p["seconds"] for p in metrics["phases"]) <= metrics["total_seconds"]
     assert metrics["image_size"] == 32 and metrics["num_train"] + metrics["num_val"] == 30
     assert metrics["val_accuracy"] >= metrics["phases"][0]["best_val_accuracy"] - 1e-6
     rows = list(csv.DictReader((run / "history.csv").open()))

@@ -586,8 +586,8 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
     for v in range(views):
         rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
         computed += len(rows)
-        for start in range(0, len(rows) if store_key else 0, SHARD_ROWS):
-            part = rows[start: start + SHARD_ROWS]  # bounded copies, bounded shards
+        for first in range(0, len(rows) if store_key else 0, SHARD_ROWS):
+            part = rows[first: first + SHARD_ROWS]  # bounded copies, bounded shards
             keys = [f"{digests[i]}:{v}" for i in part]
             for k in range(outputs):
                 store(k, v).put(keys, out[v][k][part])
