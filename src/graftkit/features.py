@@ -229,6 +229,7 @@ class FrozenPart:
         self._may_plan = use_tflite and forced != "tflite"  # the env var decides for good
         self.engine = "tflite" if use_tflite else "keras"
         self._interp = None
+        self._call = None
         self._checked = not use_tflite
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
 
@@ -292,8 +293,9 @@ class FrozenPart:
         return results
 
     def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
-        out = self.model.predict(x, batch_size=32, verbose=0)
-        return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+        if self._call is None:
+            self._call = compiled(self.model)
+        return self._call(x)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -314,6 +316,31 @@ class FrozenPart:
                     return self._run_keras(x)
             self._checked = True
         return out
+
+
+KERAS_BATCH = 16  # rows per call of a compiled model: measured fastest here (113 images/s)
+
+
+def compiled(model: keras.Model):
+    """``model`` in inference mode as a function of a numpy batch, run in small batches.
+
+    A traced ``tf.function`` of the model is 1.3x ``predict``'s speed on a large batch here and
+    2x on the 64-row chunks ``extract`` hands over (``predict`` pays ~0.4 s a call to set up).
+    Small batches also keep the allocator from holding hundreds of MB.
+    """
+    import tensorflow as tf
+
+    fn = tf.function(lambda a: model(a, training=False), reduce_retracing=True)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = []
+        for i in range(0, len(x), KERAS_BATCH):
+            out = fn(x[i: i + KERAS_BATCH])
+            parts.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple))
+                                                  else [out])])
+        return [np.concatenate(col) for col in zip(*parts)]
+
+    return run
 
 
 def cache_limit_bytes() -> int:
@@ -624,6 +651,7 @@ class SplitClassifier:
         if parts is None:
             raise ValueError("no single tensor separates the top blocks")
         self.bottom, self.rest = parts
+        self._rest = None
         size = int(model.inputs[0].shape[1])
         key = engine_key
         if not key or not (defaults.cache_dir() / "engines" / f"{key}.tflite").is_file():
@@ -636,9 +664,9 @@ class SplitClassifier:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         cut = self.frozen(pixels)[0]
-        # Small eager batches: large ones leave hundreds of MB in the allocator (measured).
-        return np.concatenate([np.asarray(self.rest(cut[i: i + 32], training=False))
-                               for i in range(0, len(cut), 32)])
+        if self._rest is None:
+            self._rest = compiled(self.rest)
+        return self._rest(cut)[0]
 
 
 def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | None:
