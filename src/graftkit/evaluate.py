@@ -14,8 +14,8 @@ def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool =
 
     ``tta`` averages the prediction of each image and of its mirror image (test-time
     augmentation); ``progress(done, total)`` is called after every chunk. ``fast`` is a
-    ``features.SplitClassifier`` of ``model`` (the same function, twice the images/s), used
-    when its engine is cached or the job is large enough to pay for converting it.
+    ``features.SplitClassifier`` of ``model`` (the same function, up to twice the images/s:
+    a compiled Keras bottom, or the TFLite engine when cached or worth converting).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +24,8 @@ def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool =
     paths = list(paths)
     if not paths:
         return np.zeros((0, model.outputs[0].shape[-1]), dtype=np.float32)
-    if fast is not None and fast.plan(len(paths) * (2 if tta else 1)) == "keras":
-        fast = None  # no engine worth converting for so few images: Keras as a whole is faster
+    if fast is not None:  # converts the engine only for a job that pays for it
+        fast.plan(len(paths) * (2 if tta else 1))
     size = int(model.inputs[0].shape[1])
     chunk = batch_size * 8
     out = []
