@@ -40,9 +40,10 @@ CACHE_LIMIT_ENV = "GRAFTKIT_CACHE_LIMIT_GB"
 CACHE_LIMIT_GB = 4.0  # features and converted engines; least recently used go first
 # Decoded training images beyond this many bytes go to a memory-mapped file, not RAM.
 DECODED_MEMORY_BUDGET = 1 << 30
-# Converting the frozen part to TFLite takes ~10 s and saves ~3 ms an image (Keras 110 images/s,
-# TFLite 167 here), so jobs below this many images run on Keras unless an engine is cached.
-ENGINE_MIN_IMAGES = 3000
+# Converting the frozen part to TFLite takes ~9.5 s; extracting hymenoptera's views (decoding and
+# augmenting included) ran at 95 images/s on it and 64 on compiled Keras, so it pays from ~1,900
+# images on: smaller jobs run on Keras unless an engine is cached.
+ENGINE_MIN_IMAGES = 2000
 # Frozen outputs of one split beyond this many bytes are kept in a scratch file and read back a
 # batch at a time (20,000 images x 5 views of cut activations: 1.9 GB).
 FEATURE_MEMORY_BUDGET = 512 << 20

@@ -240,7 +240,7 @@ class FrozenPart:
     def plan(self, images: int) -> str:
         """Choose the engine for a job of ``images``: converting only pays for a large one.
 
-        Converting takes ~10 s here and saves ~3 ms an image, so below
+        Converting takes ~9.5 s here and saves ~5 ms an image, so below
         ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first, unless the engine is cached.
         """
         if self._may_plan and self._interp is None:
