@@ -12,6 +12,7 @@ import os
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from graftkit import defaults
 from graftkit.distribute import STRATEGIES
@@ -32,23 +33,39 @@ def _verbose() -> int:
 
 # --- commands -----------------------------------------------------------------------------
 
-def cmd_fit(args) -> int:
-    from graftkit.workflow import fit
-
-    result = fit(
-        args.data_dir, args.out, base=args.base, weights=args.weights or "imagenet",
+def _training_kwargs(args) -> dict:
+    return dict(
+        base=args.base, weights=args.weights or "imagenet",
         image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
-        augment_head=args.augment_head, class_weight=args.class_weight, resume=args.resume,
-        unsafe=args.unsafe, tensorboard=args.tensorboard, val=args.val,
+        augment_head=args.augment_head, class_weight=args.class_weight, val=args.val,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout, views=args.views,
-        cache=not args.no_cache, precision=args.precision, overwrite=args.overwrite,
-        strategy=args.strategy, verbose=_verbose(),
+        cache=not args.no_cache, precision=args.precision, strategy=args.strategy,
+        unsafe=args.unsafe, verbose=_verbose(),
     )
+
+
+def cmd_fit(args) -> int:
+    from graftkit.workflow import fit
+
+    result = fit(args.data_dir, args.out, resume=args.resume, tensorboard=args.tensorboard,
+                 overwrite=args.overwrite, **_training_kwargs(args))
     if "phases" not in result.metrics:  # a worker of a cluster other than the chief
         return 0
     print_summary(result.metrics, result.run_dir)
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from graftkit.workflow import lr_find
+
+    phase = args.phase.replace("-", "_")
+    tests = lr_find(args.data_dir, args.out, phase, overwrite=True, **_training_kwargs(args))
+    test = tests[phase]
+    print(f"\nsuggested {'--lr' if phase == 'head' else '--fine-tune-lr'} {test['suggestion']:.3g}"
+          f"  (steepest fall of the smoothed loss over {test['steps']} steps; loss lowest at "
+          f"{test['minimum']:.3g}; plot {Path(args.out) / test['plot']})")
     return 0
 
 
@@ -256,29 +273,12 @@ def _sub(subs, name: str, func, help_text: str, examples: str):
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="graft",
-        description="Transfer learning and fine-tuning of pretrained image models, done right.",
-        epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    from graftkit import __version__
-
-    parser.add_argument("--version", action="version", version=f"graftkit {__version__}")
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = _sub(subs, "fit", cmd_fit, "train a classifier on an image folder (two phases)", """
-graft fit photos/ --out runs/photos
-graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
-graft fit photos/ --out runs/top --unfreeze 3 --fine-tune-lr 1e-4
-graft fit photos/ --out runs/chain --base runs/earlier/model.keras
-graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
-""")
+def _training_options(p, out_help: str = "run folder to write") -> None:
+    """The options of fit that decide the data, the model and the phases (lr-find takes them)."""
     p.add_argument("data_dir", help="one subfolder per class, train/ and val/ of them, or a "
                                     "CSV/TSV of path,label rows")
     p.add_argument("--val", help="validation data: a class folder or a CSV/TSV (instead of a split)")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--base", default=defaults.DEFAULT_BACKBONE,
                    help="backbone name (graft backbones) or a .keras model file "
                         f"(default {defaults.DEFAULT_BACKBONE})")
@@ -291,9 +291,10 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
     p.add_argument("--unfreeze", default=defaults.UNFREEZE,
                    help="'all' or the number of top blocks to fine-tune, trained on cached "
                         f"activations (default {defaults.UNFREEZE})")
-    p.add_argument("--lr", type=float, default=defaults.HEAD_LR, help="phase 1 learning rate")
-    p.add_argument("--fine-tune-lr", type=float, default=defaults.FINE_TUNE_LR,
-                   help="phase 2 learning rate")
+    p.add_argument("--lr", default=defaults.HEAD_LR,
+                   help="phase 1 learning rate, or 'auto': the range test chooses (graft lr-find)")
+    p.add_argument("--fine-tune-lr", default=defaults.FINE_TUNE_LR,
+                   help="phase 2 learning rate, or 'auto' (with --unfreeze N)")
     p.add_argument("--augment", default=None,
                    help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
     p.add_argument("--no-augment", action="store_true",
@@ -319,6 +320,28 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
     p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--class-weight", choices=("auto", "none"), default="auto",
                    help="auto: weigh classes when the largest has >1.5x the smallest's images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description="Transfer learning and fine-tuning of pretrained image models, done right.",
+        epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from graftkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"graftkit {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(subs, "fit", cmd_fit, "train a classifier on an image folder (two phases)", """
+graft fit photos/ --out runs/photos
+graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
+graft fit photos/ --out runs/top --unfreeze 3 --fine-tune-lr 1e-4
+graft fit photos/ --out runs/chain --base runs/earlier/model.keras
+graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
+""")
+    _training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that contain code (Lambda layers): trusted files only")
@@ -326,6 +349,19 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
                    help="TensorBoard logs of both phases in OUT/tensorboard/")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (the same command does it too)")
+
+    p = _sub(subs, "lr-find", cmd_lr_find,
+             "learning-rate range test: a plot and a suggested rate for a phase", """
+graft lr-find photos/ --out runs/lr                       # phase 1 (head), seconds
+graft lr-find photos/ --out runs/lr --phase fine-tune     # phase 2 on cached activations
+graft fit photos/ --out runs/photos --lr auto --fine-tune-lr auto   # the same, inside fit
+""")
+    _training_options(p, "folder for the plots (lr_find_head.png, lr_find_fine_tune.png)")
+    p.add_argument("--phase", choices=("head", "fine-tune"), default="head",
+                   help="head: phase 1 on cached features; fine-tune: phase 1, then the test "
+                        "for phase 2 on cached activations (--unfreeze N)")
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
 
     p = _sub(subs, "check", cmd_check,
              "check an image folder: unreadable files, duplicates, leakage, imbalance", """

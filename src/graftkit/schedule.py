@@ -288,6 +288,42 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
                        note or "on features computed once by the frozen base")
 
 
+def _top_trainer(model, top: keras.Model) -> keras.Model:
+    """Cut activations -> top blocks -> the classifier's head, all layers shared with ``model``."""
+    inputs = keras.Input(top.inputs[0].shape[1:], name="cut_activations")
+    x = model.get_layer(HEAD_DROPOUT)(top(inputs))
+    return keras.Model(inputs, model.get_layer(HEAD_DENSE)(x), name="top_trainer")
+
+
+def find_head_lr(model, train_views: list, y_train, schedule: Schedule, batch_size: int,
+                 seed: int):
+    """The range test for phase 1, on a throwaway head over the cached features."""
+    from graftkit.lr_finder import MIN_LR, range_test
+
+    dense = model.get_layer(HEAD_DENSE)
+    probe = build_head(train_views[0].shape[1], dense.units, model.get_layer(HEAD_DROPOUT).rate)
+    _compile(probe, MIN_LR)
+    data = view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
+                      whole_batches=schedule.whole_batches)
+    return range_test(probe, data)
+
+
+def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: list, y_train,
+                schedule: Schedule, batch_size: int, seed: int):
+    """The range test for phase 2 on cached activations, from phase 1's weights (restored)."""
+    from graftkit.lr_finder import MIN_LR, range_test
+
+    unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
+    try:
+        probe = _top_trainer(model, top)
+        _compile(probe, MIN_LR)
+        data = view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
+                          whole_batches=schedule.whole_batches)
+        return range_test(probe, data)
+    finally:
+        freeze(base)
+
+
 def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
                              train_views: list[np.ndarray], y_train, val_activations, y_val,
                              schedule: Schedule, best: Best, batch_size: int,
@@ -299,9 +335,7 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     ``top`` shares its layers with ``model``, so training it trains the classifier in place.
     """
     counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
-    inputs = keras.Input(top.inputs[0].shape[1:], name="cut_activations")
-    x = model.get_layer(HEAD_DROPOUT)(top(inputs))
-    trainer = keras.Model(inputs, model.get_layer(HEAD_DENSE)(x), name="top_trainer")
+    trainer = _top_trainer(model, top)
     _compile(trainer, schedule.fine_tune_lr)
     def data(initial_epoch: int):
         return view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,

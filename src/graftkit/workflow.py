@@ -36,8 +36,8 @@ class FitOptions:
     head_epochs: int
     fine_tune_epochs: int
     unfreeze: int | str
-    lr: float
-    fine_tune_lr: float
+    lr: float | str  # or "auto": the learning-rate range test chooses (graftkit.lr_finder)
+    fine_tune_lr: float | str
     augment: dict
     augment_head: bool
     val_split: float
@@ -67,6 +67,8 @@ class FitOptions:
         if self.fine_tune_epochs < 0:
             raise UsageError(f"--fine-tune-epochs must be 0 or more (got {self.fine_tune_epochs})")
         for name, value in (("--lr", self.lr), ("--fine-tune-lr", self.fine_tune_lr)):
+            if value == "auto":
+                continue
             if not 0 < value < 1:
                 raise UsageError(f"{name} must be between 0 and 1 (got {value})")
         if not 0 <= self.dropout < 1:
@@ -74,6 +76,13 @@ class FitOptions:
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be {' or '.join(PRECISIONS)} "
                              f"(got {self.precision!r})")
+        if self.lr == "auto" and self.augment_head:
+            raise UsageError("--lr auto runs its range test on cached features: drop "
+                             "--augment-head, or give --lr a number")
+        if self.fine_tune_lr == "auto" and (self.unfreeze == "all" or not self.fine_tune_epochs):
+            raise UsageError("--fine-tune-lr auto runs its range test on cached activations, "
+                             "so it needs --unfreeze N (a number of blocks) and fine-tuning "
+                             "epochs; or give --fine-tune-lr a number")
         if self.views < 1:
             raise UsageError(f"--views must be at least 1 (got {self.views})")
         from graftkit.distribute import STRATEGIES
@@ -86,6 +95,15 @@ class FitOptions:
 
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def _parse_lr(value, name: str) -> float | str:
+    if str(value) == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number or 'auto' (got {value!r})") from None
 
 
 def _parse_unfreeze(unfreeze) -> int | str:
@@ -110,8 +128,8 @@ def fit(
     head_epochs: int = defaults.HEAD_EPOCHS,
     fine_tune_epochs: int = defaults.FINE_TUNE_EPOCHS,
     unfreeze: int | str = defaults.UNFREEZE,
-    lr: float = defaults.HEAD_LR,
-    fine_tune_lr: float = defaults.FINE_TUNE_LR,
+    lr: float | str = defaults.HEAD_LR,
+    fine_tune_lr: float | str = defaults.FINE_TUNE_LR,
     augment: str | dict | None = None,
     augment_head: bool = False,
     val_split: float = defaults.VAL_SPLIT,
@@ -130,6 +148,7 @@ def fit(
     deterministic: bool = True,
     verbose: int | str = "auto",
     log: Callable[[str], None] = print,
+    _stop_after: str | None = None,  # "head" or "fine_tune": lr_find's range tests only
 ) -> FitResult:
     """Fine-tune a pretrained base on an image folder and write a run folder.
 
@@ -172,7 +191,8 @@ def fit(
 
     options = FitOptions(
         str(base), None if weights is None else str(weights), image_size, batch_size,
-        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), lr, fine_tune_lr,
+        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), _parse_lr(lr, "--lr"),
+        _parse_lr(fine_tune_lr, "--fine-tune-lr"),
         augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
         val_split, seed, dropout, class_weight,
         None if val is None else (str(val) if str(val).startswith("tfds:")
@@ -198,7 +218,7 @@ def fit(
     keras.mixed_precision.set_global_policy(options.precision)
     try:
         return _fit(data_dir, run_dir, options, overwrite, resume, deterministic,
-                    unsafe, tensorboard, verbose, log, dist)
+                    unsafe, tensorboard, verbose, log, dist, _stop_after)
     except Exception as exc:
         from graftkit.distribute import worker_failed
 
@@ -240,7 +260,7 @@ def _check_free_space(run_dir: Path, model) -> None:
 
 def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool,
          deterministic: bool, unsafe: bool, tensorboard: bool, verbose, log,
-         dist) -> FitResult:
+         dist, stop_after: str | None = None) -> FitResult:
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import DecodedImages, make_dataset, scan
@@ -261,7 +281,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     fingerprint = {**opt.fingerprint, "data": str(folder.root.resolve()),
                    "classes": folder.classes, "num_train": len(folder.train),
                    "num_val": len(folder.val)}
-    ckpt = RunCheckpoint(run_dir, fingerprint, writable=dist.chief)
+    ckpt = RunCheckpoint(run_dir, fingerprint, writable=dist.chief and not stop_after)
     if ckpt.exists and overwrite:
         ckpt.remove()
     if resume and not ckpt.exists:
@@ -285,6 +305,8 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         Best,
         PhaseResult,
         Schedule,
+        find_head_lr,
+        find_top_lr,
         fine_tune,
         fine_tune_on_activations,
         train_head,
@@ -308,13 +330,17 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
             + ", ".join(f"{folder.classes[c]} {w:.2f}" for c, w in weights.items()))
 
     batch_size = dist.batch_size(opt.batch_size)
-    schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, dist.learning_rate(opt.lr),
-                        dist.learning_rate(opt.fine_tune_lr), opt.unfreeze, verbose=verbose,
+    def scaled(lr):  # a rate the range test finds is already for the global batch
+        return lr if lr == "auto" else dist.learning_rate(lr)
+
+    schedule = Schedule(opt.head_epochs, opt.fine_tune_epochs, scaled(opt.lr),
+                        scaled(opt.fine_tune_lr), opt.unfreeze, verbose=verbose,
                         class_weight=weights, checkpoint=ckpt,
                         tensorboard_dir=run_dir / "tensorboard" if tensorboard and dist.chief
                         else None, whole_batches=dist.replicas > 1,
                         val_batch_size=eval_batch_size(len(folder.val), batch_size, dist.replicas))
     best = Best()
+    lr_tests: dict[str, dict] = {}
     phases: list[PhaseResult] = []
     if state:
         phases = [PhaseResult(**p) for p in state["phases"]]
@@ -331,6 +357,10 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         log(f"  note: {info.name} cannot be cut below its top {opt.unfreeze} blocks (a skip "
             "connection crosses the cut); phase 2 runs through the whole base")
     cached_phase2 = split is not None
+    if opt.fine_tune_lr == "auto" and not cached_phase2:
+        raise UsageError(f"--fine-tune-lr auto runs its range test on cached activations, and "
+                         f"{info.name} cannot be cut below its top {opt.unfreeze} blocks: give "
+                         "--fine-tune-lr a number")
     if split is None:
         split = split_base(base_model, info.block_pattern, 0)
     views = opt.views if opt.augment else 1
@@ -371,6 +401,12 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                 pooled, pooled_val = train_ex.output(k), val_ex.views[0][k]
                 what = (f"{views} cached views per image" if views > 1
                         else "features computed once by the frozen base")
+                if schedule.head_lr == "auto":
+                    test = find_head_lr(model, pooled, y_train, schedule, batch_size, opt.seed)
+                    schedule.head_lr = test.suggestion
+                    lr_tests["head"] = _lr_test_done(test, "head", run_dir, dist.chief, log)
+                    if stop_after == "head":
+                        return FitResult(None, {"lr_find": lr_tests}, run_dir, folder.classes)
                 log(f"phase 1: head on {what}")
                 phases.append(train_head_on_features(
                     model, pooled, y_train, pooled_val, y_val, schedule, best, batch_size,
@@ -388,6 +424,15 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         if opt.fine_tune_epochs > 0 and len(phases) < 2:
             what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
             if cached_phase2:
+                if schedule.fine_tune_lr == "auto":
+                    test = find_top_lr(model, base_model, info.block_pattern, split.top,
+                                       train_ex.output(0), y_train, schedule, batch_size,
+                                       opt.seed)
+                    schedule.fine_tune_lr = test.suggestion
+                    lr_tests["fine_tune"] = _lr_test_done(test, "fine_tune", run_dir, dist.chief,
+                                                          log)
+                    if stop_after == "fine_tune":
+                        return FitResult(None, {"lr_find": lr_tests}, run_dir, folder.classes)
                 log(f"phase 2: fine-tuning {what} of the base at lr {schedule.fine_tune_lr:g} on cached "
                     "activations, BatchNormalization frozen")
                 phases.append(fine_tune_on_activations(
@@ -430,11 +475,41 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                         started, engine_key if bottom_unchanged else None,
                         frozen if need_cache and bottom_unchanged else None,
                         {"strategy": dist.name, "replicas": dist.replicas,
-                         "workers": dist.workers, "weights_sha256": digest})
+                         "workers": dist.workers, "weights_sha256": digest},
+                        {"head": schedule.head_lr, "fine_tune": schedule.fine_tune_lr,
+                         "range_tests": lr_tests or None})
     if dist.workers > 1:
         log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     ckpt.remove()
     return result
+
+
+def _lr_test_done(test, phase: str, run_dir: Path, write: bool, log) -> dict:
+    """Log and plot a range test; its figures for metrics.json."""
+    name = f"lr_find_{phase}.png"
+    if write:
+        test.plot(run_dir / name, f"learning-rate range test, {phase.replace('_', '-')} phase")
+    log(f"lr auto ({phase.replace('_', '-')}): range test over {len(test.lrs)} steps suggests "
+        f"{test.suggestion:.3g} (steepest fall of the loss; its minimum at {test.minimum:.3g})"
+        + (f"; plot: {run_dir / name}" if write else ""))
+    return {**test.as_dict(), "plot": name if write else None}
+
+
+def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "head",
+            **options) -> dict:
+    """The learning-rate range tests of ``graft fit``'s phases, without training the model.
+
+    ``phase="head"`` tests phase 1 on the cached features; ``"fine_tune"`` also runs phase 1
+    (quick, on features) and then tests phase 2 on the cached activations from its weights.
+    Plots go to ``out``; returns ``{phase: {"suggestion", "minimum", "steps", ...}}``.
+    """
+    if phase not in ("head", "fine_tune"):
+        raise UsageError(f"--phase must be head or fine-tune (got {phase!r})")
+    options["lr"] = "auto" if phase == "head" else options.get("lr", defaults.HEAD_LR)
+    if phase == "fine_tune":
+        options["fine_tune_lr"] = "auto"
+    result = fit(data_dir, out, _stop_after=phase, **options)
+    return result.metrics["lr_find"]
 
 
 def weights_sha256(model) -> str:
@@ -451,7 +526,7 @@ def weights_sha256(model) -> str:
 
 def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
                checked, started, engine_key: str | None, frozen=None,
-               distribution: dict | None = None):
+               distribution: dict | None = None, learning_rates: dict | None = None):
     import keras
     import tensorflow as tf
 
@@ -506,6 +581,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "engine": engine_key,
         "precision": opt.precision,
         "distribution": distribution or {"strategy": "default", "replicas": 1, "workers": 1},
+        "learning_rates": learning_rates,
         "options": dataclasses.asdict(opt),
         "class_weight": {folder.classes[c]: w for c, w in weights.items()} if weights else None,
         "per_class": result["per_class"],

@@ -1,0 +1,108 @@
+"""The learning-rate range test (Smith, 2017; fastai's ``lr_find``) for a phase of ``graft fit``.
+
+Method: train a copy of the phase's model for ``steps`` batches while the learning rate grows
+exponentially from ``min_lr`` to ``max_lr``, one rate per batch, recording each batch's loss.
+The loss is smoothed (exponential moving average, bias-corrected) and the test stops once it
+passes ``diverge`` times its minimum. The suggestion is the rate where the smoothed loss falls
+fastest against log(rate) (the steepest descent), searched below the minimum's rate: well below
+where training diverges, high enough to learn quickly. Weights are restored afterwards, so the
+test changes nothing; on cached features and activations it takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STEPS = 200
+MIN_LR = 1e-7
+MAX_LR = 1.0
+SMOOTHING = 0.95  # EMA factor of the loss
+DIVERGE = 4.0  # stop once the smoothed loss passes this multiple of its minimum
+
+
+@dataclass
+class RangeTest:
+    """What the range test saw: per step, the rate and the smoothed loss; and its choice."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # smoothed
+    suggestion: float = float("nan")
+    minimum: float = float("nan")  # the rate at the smoothed loss's minimum
+
+    def as_dict(self) -> dict:
+        return {"suggestion": self.suggestion, "minimum": self.minimum, "steps": len(self.lrs),
+                "method": "steepest descent of the smoothed loss below its minimum"}
+
+    def plot(self, path: Path, title: str = "") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from graftkit.run import atomic_write
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.lrs, self.losses)
+        ax.set_xscale("log")
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--",
+                   label=f"suggested {self.suggestion:.2g}")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_title(title or "learning-rate range test")
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+
+
+def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
+    """``(steepest, minimum)``: the rate of the steepest fall before the minimum, and the minimum's.
+
+    With too few points to tell, a tenth of the minimum's rate.
+    """
+    i_min = int(np.argmin(losses))
+    minimum = lrs[i_min]
+    if i_min < 3:
+        return minimum / 10, minimum
+    logs = np.log10(np.asarray(lrs[: i_min + 1]))
+    slope = np.gradient(np.asarray(losses[: i_min + 1]), logs)
+    return float(lrs[int(np.argmin(slope))]), float(minimum)
+
+
+def range_test(model, batches, steps: int = STEPS, min_lr: float = MIN_LR,
+               max_lr: float = MAX_LR, diverge: float = DIVERGE) -> RangeTest:
+    """Run the test on a compiled ``model`` over ``batches`` (an iterable of ``(x, y[, w])``).
+
+    ``model``'s optimizer must have a settable learning rate; its weights are restored after.
+    """
+    saved = model.get_weights()
+    result = RangeTest()
+    factor = (max_lr / min_lr) ** (1 / max(steps - 1, 1))
+    avg, best = 0.0, math.inf
+    try:
+        for step, batch in enumerate(batches):
+            if step >= steps:
+                break
+            lr = min_lr * factor ** step
+            model.optimizer.learning_rate = lr
+            logs = model.train_on_batch(*batch, return_dict=True)
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                break
+            avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+            smooth = avg / (1 - SMOOTHING ** (step + 1))
+            result.lrs.append(lr)
+            result.losses.append(smooth)
+            best = min(best, smooth)
+            if step > 10 and smooth > diverge * best:
+                break
+    finally:
+        model.set_weights(saved)
+    if not result.lrs:
+        raise ValueError("the range test got no finite loss")
+    result.suggestion, result.minimum = suggest(result.lrs, result.losses)
+    return result
