@@ -372,21 +372,24 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         frozen = FrozenPart(frozen_model, engine_key,
                             use_tflite=False if dist.name != "default" else None)
         store_key = frozen.key if opt.cache else None
+        extract_start = time.perf_counter()
+        shared = 0  # outputs this worker computed into the cache for all of them
         if dist.workers > 1 and store_key:  # each worker computes its share into the cache
             mine = slice(dist.worker, None, dist.workers)
-            extract(frozen, folder.train.paths[mine], folder.digests(folder.train)[mine], size,
-                    views, opt.augment, store_key)
-            extract(frozen, folder.val.paths[mine], folder.digests(folder.val)[mine], size, 1,
-                    None, store_key)
+            shared = extract(frozen, folder.train.paths[mine], folder.digests(folder.train)[mine],
+                             size, views, opt.augment, store_key).computed
+            shared += extract(frozen, folder.val.paths[mine], folder.digests(folder.val)[mine],
+                              size, 1, None, store_key).computed
             dist.barrier()  # then everyone reads all rows (a cache not shared: computes the rest)
         train_ex = extract(frozen, folder.train.paths, folder.digests(folder.train), size, views,
                            opt.augment, store_key)
         val_ex = extract(frozen, folder.val.paths, folder.digests(folder.val), size, 1, None,
                          store_key)
-        computed, total = train_ex.computed + val_ex.computed, len(folder.train) * views + len(
-            folder.val)
+        extract_seconds = time.perf_counter() - extract_start
+        computed = shared + train_ex.computed + val_ex.computed
+        total = len(folder.train) * views + len(folder.val)
         log(f"frozen base: {total - computed} of {total} outputs from the cache, {computed} "
-            f"computed ({frozen.engine}, {train_ex.seconds + val_ex.seconds:.1f} s)"
+            f"computed{' here' if shared else ''} ({frozen.engine}, {extract_seconds:.1f} s)"
             + (f"; {views} views per training image" if views > 1 else ""))
         if train_ex.on_disk or val_ex.on_disk:
             log(f"  more than {defaults.FEATURE_MEMORY_BUDGET >> 20} MB of frozen outputs: kept "
@@ -410,7 +413,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                 log(f"phase 1: head on {what}")
                 phases.append(train_head_on_features(
                     model, pooled, y_train, pooled_val, y_val, schedule, best, batch_size,
-                    opt.seed, train_ex.seconds + val_ex.seconds, f"on {what}"))
+                    opt.seed, extract_seconds, f"on {what}"))
             else:
                 log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
                 train_ds = make_dataset(folder.train.paths, y_train, size, batch_size,
