@@ -22,6 +22,9 @@ def test_suggest_finds_the_steepest_fall_before_the_minimum():
     steepest, minimum = suggest(lrs, losses)
     assert 10 ** -3.2 <= steepest <= 10 ** -2.8
     assert 10 ** -2.2 <= minimum <= 10 ** -1.5
+    # A settling moving average falls steeply over the first points: not a rate to suggest.
+    settling = [3.0, 2.6, 2.2, *losses[3:]]
+    assert 10 ** -3.2 <= suggest(lrs, settling)[0] <= 10 ** -2.8
     assert suggest([1e-3, 1e-2], [1.0, 0.5]) == (1e-3, 1e-2)  # too few points: minimum / 10
 
 

@@ -4,7 +4,8 @@ Method: train a copy of the phase's model for ``steps`` batches while the learni
 exponentially from ``min_lr`` to ``max_lr``, one rate per batch, recording each batch's loss.
 The loss is smoothed (exponential moving average, bias-corrected) and the test stops once it
 passes ``diverge`` times its minimum. The suggestion is the rate where the smoothed loss falls
-fastest against log(rate) (the steepest descent), searched below the minimum's rate: well below
+fastest against log(rate) (the steepest descent, over spans of a twentieth of the test, the first
+tenth skipped while the average settles), searched below the minimum's rate: well below
 where training diverges, high enough to learn quickly. Weights are restored afterwards, so the
 test changes nothing; on cached features and activations it takes seconds.
 """
@@ -62,15 +63,21 @@ class RangeTest:
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     """``(steepest, minimum)``: the rate of the steepest fall before the minimum, and the minimum's.
 
-    With too few points to tell, a tenth of the minimum's rate.
+    The slope is taken over spans of ``k`` points (a twentieth of the test), and the first tenth
+    is skipped: there the moving average is still settling and its noise looks steep. With too
+    few points to tell, a tenth of the minimum's rate.
     """
-    i_min = int(np.argmin(losses))
-    minimum = lrs[i_min]
-    if i_min < 3:
+    n = len(losses)
+    skip, k = max(3, n // 10), max(1, n // 20)
+    i_min = skip + int(np.argmin(losses[skip:])) if n > skip else int(np.argmin(losses))
+    minimum = float(lrs[i_min])
+    if i_min - k <= skip:
         return minimum / 10, minimum
-    logs = np.log10(np.asarray(lrs[: i_min + 1]))
-    slope = np.gradient(np.asarray(losses[: i_min + 1]), logs)
-    return float(lrs[int(np.argmin(slope))]), float(minimum)
+    logs, loss = np.log10(np.asarray(lrs)), np.asarray(losses)
+    starts = np.arange(skip, i_min - k + 1)
+    slopes = (loss[starts + k] - loss[starts]) / (logs[starts + k] - logs[starts])
+    best = int(starts[int(np.argmin(slopes))]) + k // 2
+    return float(lrs[best]), minimum
 
 
 def range_test(model, batches, steps: int = STEPS, min_lr: float = MIN_LR,
