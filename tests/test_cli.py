@@ -121,6 +121,30 @@ def test_evaluate(trained_run, capsys):
     assert code == 0 and "confusion matrix" in out and "precision" in out
 
 
+def test_evaluate_tta_reports_its_gain_over_the_plain_images(trained_run, capsys):
+    from pathlib import Path
+
+    import numpy as np
+
+    import graftkit
+    from graftkit.data import load_image
+
+    run, data = trained_run / "run", trained_run / "data"
+    code, out, _ = run_cli(capsys, "evaluate", run, data, "--tta", "--format", "json")
+    assert code == 0
+    result = json.loads(out)
+    clf = graftkit.load(run)
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    labels = [clf.classes_.index(Path(p).parent.name) for p in paths]
+    x = np.stack([load_image(p, 32) for p in paths]).astype("float32")
+    probs = (clf.model.predict(x, verbose=0) + clf.model.predict(x[:, :, ::-1], verbose=0)) / 2
+    expected = float(np.mean(probs.argmax(1) == np.array(labels)))
+    assert result["tta"]["accuracy"] == pytest.approx(expected)
+    assert result["tta"]["gain"] == pytest.approx(expected - result["accuracy"])
+    code, out, _ = run_cli(capsys, "evaluate", run, data, "--tta")
+    assert code == 0 and "with --tta (image and mirror image averaged): accuracy" in out
+
+
 def test_evaluate_refuses_foreign_classes(trained_run, tmp_path, capsys):
     other = make_folder(tmp_path / "other", classes=2)
     (other / "class_1").rename(other / "giraffe")

@@ -165,11 +165,16 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from graftkit.predict import load
 
-    result = load(args.run_dir, args.unsafe).evaluate(args.data_dir)
+    result = load(args.run_dir, args.unsafe).evaluate(args.data_dir, tta=args.tta)
     if args.format == "json":
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     print(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {result['data']}")
+    if "tta" in result:
+        t = result["tta"]
+        print(f"with --tta (image and mirror image averaged): accuracy {t['accuracy']:.4f} "
+              f"(gain {t['gain']:+.4f}), balanced accuracy {t['balanced_accuracy']:.4f} "
+              f"(gain {t['balanced_gain']:+.4f})")
     rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
             for c, v in result["per_class"].items()]
     print(_fmt_table(rows, ["class", "precision", "recall", "f1", "images"]))
@@ -394,9 +399,12 @@ graft predict runs/photos new_photos/ --tta --format csv --output predictions.cs
     p = _sub(subs, "evaluate", cmd_evaluate, "score a run on labelled images", """
 graft evaluate runs/photos photos/            # photos/val/ when it has train/ and val/
 graft evaluate runs/photos test_photos/ --format json
+graft evaluate runs/photos test_photos/ --tta   # and the gain of test-time augmentation
 """)
     p.add_argument("run_dir")
     p.add_argument("data_dir")
+    p.add_argument("--tta", action="store_true",
+                   help="also score with test-time augmentation (mirror image) and report its gain")
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that contain code (Lambda layers): trusted files only")
     p.add_argument("--format", choices=("table", "json"), default="table")

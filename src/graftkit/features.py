@@ -265,8 +265,9 @@ class FrozenPart:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
             release_memory()  # the converter's garbage, before the outputs fill memory
-        interp = _interpreter(content)
-        interp.allocate_tensors()
+        with _quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on stderr otherwise
+            interp = _interpreter(content)
+            interp.allocate_tensors()
         # The engine's outputs in the model's order, matched by shape (refused if ambiguous).
         details = interp.get_output_details()
         order = []

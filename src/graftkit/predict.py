@@ -89,9 +89,12 @@ class Classifier:
             out.append(Prediction(str(path), top[0][0], top[0][1], top))
         return out
 
-    def evaluate(self, data_dir: str | os.PathLike, batch_size: int = 32) -> dict:
+    def evaluate(self, data_dir: str | os.PathLike, batch_size: int = 32,
+                 tta: bool = False) -> dict:
         """Scores on a class folder, a CSV/TSV of ``path,label``, or the ``val/`` of a folder
-        with ``train/`` and ``val/``."""
+        with ``train/`` and ``val/``. ``tta`` adds the scores of test-time augmentation (each
+        image averaged with its mirror image) and their gain, so its worth is measured, not
+        assumed; the main scores stay those of the plain images."""
         from graftkit.data import find_split_dirs, require_classes, scan_classes
         from graftkit.evaluate import scores
         from graftkit.sources import is_tfds, materialise_tfds
@@ -115,6 +118,16 @@ class Classifier:
         paths = [p for ps in by_class.values() for p in ps]
         labels = [self.classes_.index(c) for c, ps in by_class.items() for _ in ps]
         result = scores(labels, self.predict_proba(paths, batch_size), self.classes_)
+        if tta:
+            augmented = scores(labels, self.predict_proba(paths, batch_size, tta=True),
+                               self.classes_)
+            result["tta"] = {
+                "method": "mean of the image's and its mirror image's probabilities",
+                "accuracy": augmented["accuracy"],
+                "balanced_accuracy": augmented["balanced_accuracy"],
+                "gain": augmented["accuracy"] - result["accuracy"],
+                "balanced_gain": augmented["balanced_accuracy"] - result["balanced_accuracy"],
+            }
         result["data"] = str(folder)
         result["skipped_files"] = skipped
         return result
