@@ -18,36 +18,25 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from graftkit.distribute import loopback_configs
 
 
 def run(data: Path, workers: int, options: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out, cache = Path(tmp) / "run", Path(tmp) / "cache"
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in _ports(workers)]}
         strategy = "multi-worker" if workers > 1 else "default"
         procs = []
         t = time.perf_counter()
-        for i in range(workers):
+        for config in loopback_configs(workers):
             env = {**os.environ, "GRAFTKIT_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""}
             if workers > 1:
-                env["TF_CONFIG"] = json.dumps({"cluster": cluster,
-                                               "task": {"type": "worker", "index": i}})
+                env["TF_CONFIG"] = config
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "graftkit.cli", "fit", str(data), "--out", str(out),
                  "--strategy", strategy, *options],

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from graftkit.distribute import Distribution, eval_batch_size, make_distribution
+from graftkit.distribute import (
+    Distribution,
+    eval_batch_size,
+    loopback_configs,
+    make_distribution,
+)
 from graftkit.errors import DataError, UsageError
 
 from .conftest import make_folder
@@ -24,23 +28,11 @@ FIT = ["--image-size", "48", "--head-epochs", "3", "--fine-tune-epochs", "4", "-
 DIGEST = re.compile(r"final weights sha256 ([0-9a-f]{16})")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _workers(data: Path, out: Path, cache: Path, n: int = 2) -> list[subprocess.Popen]:
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(n)]}
     procs = []
-    for i in range(n):
+    for config in loopback_configs(n):
         env = {**os.environ, "GRAFTKIT_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": "",
-               "TF_CONFIG": json.dumps({"cluster": cluster,
-                                        "task": {"type": "worker", "index": i}})}
+               "TF_CONFIG": config}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "graftkit.cli", "fit", str(data), "--out", str(out), *FIT],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

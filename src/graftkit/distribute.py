@@ -215,6 +215,23 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
+def loopback_configs(workers: int) -> list[str]:
+    """``TF_CONFIG`` values for ``workers`` processes on this machine (free ports on 127.0.0.1).
+
+    For trying a cluster locally: the tests and ``benchmarks/scaling.py`` start workers so.
+    """
+    import socket
+
+    socks = [socket.socket() for _ in range(workers)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]}
+    for s in socks:
+        s.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            for i in range(workers)]
+
+
 def worker_failed(exc: BaseException) -> bool:
     """Whether ``exc`` is TensorFlow reporting a lost peer (a worker died or got cut off)."""
     try:
