@@ -213,6 +213,11 @@ def _interpreter(content: bytes):
     return Interpreter(model_content=content, num_threads=threads)
 
 
+def engine_path(key: str) -> Path:
+    """Where the converted TFLite engine of the frozen part named ``key`` is cached."""
+    return defaults.cache_dir() / "engines" / f"{key}.tflite"
+
+
 class FrozenPart:
     """Runs a frozen model on float32 pixels, through TFLite/XNNPACK when it matches Keras.
 
@@ -235,7 +240,7 @@ class FrozenPart:
 
     @property
     def _path(self) -> Path:
-        return defaults.cache_dir() / "engines" / f"{self.key}.tflite"
+        return engine_path(self.key)
 
     def plan(self, images: int) -> str:
         """Choose the engine for a job of ``images``: converting only pays for a large one.
@@ -655,7 +660,7 @@ class SplitClassifier:
         self._rest = None
         size = int(model.inputs[0].shape[1])
         key = engine_key
-        if not key or not (defaults.cache_dir() / "engines" / f"{key}.tflite").is_file():
+        if not key or not engine_path(key).is_file():
             key = part_key(self.bottom, size, first.name)
         # ``frozen``: a part already running whose first output is this bottom's (fit's own).
         self.frozen = frozen or FrozenPart(self.bottom, key)

@@ -226,6 +226,19 @@ def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
     return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
 
+def _cycle(views: list, labels, batch_size: int, seed: int, schedule: Schedule,
+           initial_epoch: int = 0):
+    """``view_cycle`` with the schedule's class weights and batching rule."""
+    return view_cycle(views, labels, batch_size, seed, schedule.class_weight, initial_epoch,
+                      schedule.whole_batches)
+
+
+def _head_like(model, feature_dim: int) -> keras.Model:
+    """A stand-alone head shaped like ``model``'s, for training on pooled features."""
+    dense = model.get_layer(HEAD_DENSE)
+    return build_head(feature_dim, dense.units, model.get_layer(HEAD_DROPOUT).rate)
+
+
 def _rows(x, y, batch_size: int):
     """Validation rows as float32 batches, through tf.data (faster than Keras' numpy path).
 
@@ -263,14 +276,12 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     (and finds its features in the cache).
     """
     start = time.perf_counter() - extract_seconds
-    dense = model.get_layer(HEAD_DENSE)
-    head = build_head(train_views[0].shape[1], dense.units, model.get_layer(HEAD_DROPOUT).rate)
+    head = _head_like(model, train_views[0].shape[1])
     _compile(head, schedule.head_lr)
     rows_before = len(schedule.history)
     head_best = Best()
     hist = head.fit(
-        view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
-                   whole_batches=schedule.whole_batches),
+        _cycle(train_views, y_train, batch_size, seed, schedule),
         steps_per_epoch=steps(len(y_train), batch_size, schedule.whole_batches),
         validation_data=_rows(val_features, y_val, schedule.val_batch_size or batch_size),
         epochs=schedule.head_epochs, verbose=schedule.verbose,
@@ -281,7 +292,7 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     if len(schedule.history) > rows_before:
         schedule.history[rows_before]["seconds"] = round(
             schedule.history[rows_before]["seconds"] + extract_seconds, 3)
-    dense.set_weights(head.get_layer(HEAD_DENSE).get_weights())
+    model.get_layer(HEAD_DENSE).set_weights(head.get_layer(HEAD_DENSE).get_weights())
     best.val_accuracy, best.val_loss = head_best.val_accuracy, head_best.val_loss
     best.weights = model.get_weights()
     return PhaseResult("head", len(hist.epoch), time.perf_counter() - start, best.val_accuracy,
@@ -300,12 +311,9 @@ def find_head_lr(model, train_views: list, y_train, schedule: Schedule, batch_si
     """The range test for phase 1, on a throwaway head over the cached features."""
     from graftkit.lr_finder import MIN_LR, range_test
 
-    dense = model.get_layer(HEAD_DENSE)
-    probe = build_head(train_views[0].shape[1], dense.units, model.get_layer(HEAD_DROPOUT).rate)
+    probe = _head_like(model, train_views[0].shape[1])
     _compile(probe, MIN_LR)
-    data = view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
-                      whole_batches=schedule.whole_batches)
-    return range_test(probe, data)
+    return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
 
 
 def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: list, y_train,
@@ -317,9 +325,7 @@ def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: 
     try:
         probe = _top_trainer(model, top)
         _compile(probe, MIN_LR)
-        data = view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
-                          whole_batches=schedule.whole_batches)
-        return range_test(probe, data)
+        return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
     finally:
         freeze(base)
 
@@ -338,8 +344,7 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     trainer = _top_trainer(model, top)
     _compile(trainer, schedule.fine_tune_lr)
     def data(initial_epoch: int):
-        return view_cycle(train_views, y_train, batch_size, seed, schedule.class_weight,
-                          initial_epoch, schedule.whole_batches)
+        return _cycle(train_views, y_train, batch_size, seed, schedule, initial_epoch)
 
     val = _rows(val_activations, y_val, schedule.val_batch_size or batch_size)
     done = _fit_phase(trainer, "fine_tune", data, val,
