@@ -42,6 +42,9 @@ def _training_kwargs(args) -> dict:
         augment_head=args.augment_head, class_weight=args.class_weight, val=args.val,
         val_split=args.val_split, seed=args.seed, dropout=args.dropout, views=args.views,
         cache=not args.no_cache, precision=args.precision, strategy=args.strategy,
+        mode=args.mode, time_budget=args.time_budget, schedule=args.schedule,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+        lr_decay=args.lr_decay, unfreeze_schedule=args.unfreeze_schedule,
         unsafe=args.unsafe, verbose=_verbose(),
     )
 
@@ -76,6 +79,9 @@ def print_summary(m: dict, run_dir) -> None:
         print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
               f"best val accuracy {p['best_val_accuracy']:.4f}"
               + (f"  [{p['note']}]" if p["note"] else ""))
+    if m.get("mode"):
+        print(f"  mode {m['mode']['requested']:<15} chose {m['mode']['chosen'].replace('_', '-')}: "
+              f"{m['mode']['reason']}")
     print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
           f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
     recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
@@ -300,6 +306,29 @@ def _training_options(p, out_help: str = "run folder to write") -> None:
                    help="phase 1 learning rate, or 'auto': the range test chooses (graft lr-find)")
     p.add_argument("--fine-tune-lr", default=defaults.FINE_TUNE_LR,
                    help="phase 2 learning rate, or 'auto' (with --unfreeze N)")
+    p.add_argument("--mode", choices=defaults.MODES, default=defaults.MODE,
+                   help="auto: fine-tune and keep it only if it beats the head on validation "
+                        "(stops early when it does not); head: never fine-tune; fine-tune: "
+                        f"every fine-tuning epoch (default {defaults.MODE})")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="seconds for the whole run: fine-tuning stops before an epoch that "
+                        "would end past it")
+    p.add_argument("--schedule", choices=defaults.SCHEDULES, default=defaults.LR_SCHEDULE,
+                   help="learning rate over each phase: cosine (5%% warm-up, then cosine "
+                        "decay), one-cycle (25%% up from lr/25, then down) or constant "
+                        f"(default {defaults.LR_SCHEDULE})")
+    p.add_argument("--weight-decay", type=float, default=defaults.WEIGHT_DECAY,
+                   help="AdamW's decoupled weight decay on kernels; 0 for Adam "
+                        f"(default {defaults.WEIGHT_DECAY:g})")
+    p.add_argument("--label-smoothing", type=float, default=defaults.LABEL_SMOOTHING,
+                   help=f"(default {defaults.LABEL_SMOOTHING:g})")
+    p.add_argument("--lr-decay", type=float, default=defaults.LR_DECAY,
+                   help="discriminative rates: each lower unfrozen block trains at this times "
+                        f"the rate of the block above (default {defaults.LR_DECAY:g}: one rate)")
+    p.add_argument("--unfreeze-schedule", default=defaults.UNFREEZE_SCHEDULE,
+                   help="none: all unfrozen blocks from the start; gradual: one more block "
+                        "per fine-tuning epoch, top first; or start epochs like 0,1,3 "
+                        f"(default {defaults.UNFREEZE_SCHEDULE})")
     p.add_argument("--augment", default=None,
                    help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
     p.add_argument("--no-augment", action="store_true",

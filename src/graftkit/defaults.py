@@ -21,6 +21,15 @@ FINE_TUNE_LR = 1e-5
 # blocks and "all" all reach 0.9477 on hymenoptera; on flowers5 2 blocks gave 0.9400, 3 0.9375,
 # 5 0.9425 at 1.5x the time; 2 is the fastest of them.
 UNFREEZE = 2
+# Chosen by benchmarks/defaults.py (3 datasets x 3 seeds, benchmarks/RESULTS.md).
+MODE = "auto"  # fine-tune, then keep it only where validation says it beat the head
+LR_SCHEDULE = "cosine"  # per phase: 5% linear warm-up, then cosine to 0
+WEIGHT_DECAY = 0.01  # AdamW, decoupled (Keras: var -= var * wd * lr), kernels only
+LABEL_SMOOTHING = 0.1
+LR_DECAY = 1.0  # discriminative rates: each lower block at this times the rate of the one above
+UNFREEZE_SCHEDULE = "none"  # every unfrozen block from the first fine-tuning epoch
+MODES = ("auto", "head", "fine-tune")
+SCHEDULES = ("constant", "cosine", "one-cycle")
 PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on this CPU (README)
 VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2

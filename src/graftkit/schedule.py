@@ -18,8 +18,8 @@ import keras
 import numpy as np
 
 from graftkit.graft import HEAD_DENSE, HEAD_DROPOUT, build_head, freeze, unfreeze
+from graftkit.optimizer import Training, block_factors, loss, optimizer
 
-LOSS = "sparse_categorical_crossentropy"
 METRICS = ["accuracy"]
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
@@ -31,6 +31,7 @@ class PhaseResult:
     seconds: float
     best_val_accuracy: float
     note: str = ""
+    improved: bool = True  # beat the phase before it on validation (so its weights are kept)
 
 
 @dataclass
@@ -114,11 +115,62 @@ class Schedule:
     tensorboard_dir: Path | None = None  # one sub-folder of logs per phase
     whole_batches: bool = False  # several replicas: every training batch full (each gets a part)
     val_batch_size: int | None = None  # several replicas: see distribute.eval_batch_size
+    training: Training = field(default_factory=Training)
+    deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
     history: list[dict] = field(default_factory=list)
 
 
-def _compile(model: keras.Model, lr: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=LOSS, metrics=METRICS)
+def _compile(model: keras.Model, lr: float, schedule: Schedule, total_steps: int = 0,
+             factors: dict | None = None) -> None:
+    """A fresh optimizer for a phase of ``total_steps`` steps (0: a constant rate)."""
+    training = schedule.training
+    if not total_steps:
+        from dataclasses import replace
+
+        training = replace(training, schedule="constant")
+    model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
+                                      factors),
+                  loss=loss(schedule.training.label_smoothing), metrics=METRICS)
+
+
+def _batches(ds) -> int:
+    """Batches per epoch of a finite dataset (0 when unknown: the rate stays constant)."""
+    n = int(ds.cardinality()) if hasattr(ds, "cardinality") else -1
+    return max(n, 0)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop training before an epoch that would end past ``deadline`` (a perf_counter time).
+
+    The estimate is the last epoch's duration; within the first epoch, the rate of its batches.
+    A stopped epoch is still validated, so ``KeepBest`` sees it.
+    """
+
+    def __init__(self, deadline: float, steps_per_epoch: int | None):
+        super().__init__()
+        self.deadline, self.steps = deadline, steps_per_epoch
+        self.last_epoch: float | None = None
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        if self.last_epoch is not None and self._start + self.last_epoch > self.deadline:
+            self._stop()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.last_epoch is None and self.steps and batch >= 1:
+            if self._start + (now - self._start) / (batch + 1) * self.steps > self.deadline:
+                self._stop()
+        elif now > self.deadline:
+            self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last_epoch = time.perf_counter() - self._start
+
+    def _stop(self):
+        self.stopped = True
+        self.model.stop_training = True
 
 
 def _tensorboard(schedule: Schedule, phase: str) -> list:
@@ -142,6 +194,9 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
     """
     keep = KeepBest(best, patience, target)
     callbacks = [EpochLog(phase, schedule.history), keep, *_tensorboard(schedule, phase)]
+    if schedule.deadline is not None and phase == "fine_tune":
+        callbacks.insert(0, TimeBudget(schedule.deadline, steps_per_epoch or _batches(
+            train_ds if not callable(train_ds) else None)))
     initial_epoch = 0
     ckpt = schedule.checkpoint
     if ckpt is not None:
@@ -169,7 +224,7 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
 def train_head(model, base, train_ds, val_ds, schedule: Schedule, best: Best) -> PhaseResult:
     """Phase 1 through the frozen base, epoch by epoch (needed when images are augmented)."""
     freeze(base)
-    _compile(model, schedule.head_lr)
+    _compile(model, schedule.head_lr, schedule, _batches(train_ds) * schedule.head_epochs)
     done = _fit_phase(model, "head", train_ds, val_ds, schedule.head_epochs, schedule, best, None)
     return PhaseResult("head", done, _phase_seconds(schedule, "head"), best.val_accuracy,
                        "through the frozen base every epoch (augmented)")
@@ -277,12 +332,13 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     """
     start = time.perf_counter() - extract_seconds
     head = _head_like(model, train_views[0].shape[1])
-    _compile(head, schedule.head_lr)
+    per_epoch = steps(len(y_train), batch_size, schedule.whole_batches)
+    _compile(head, schedule.head_lr, schedule, per_epoch * schedule.head_epochs)
     rows_before = len(schedule.history)
     head_best = Best()
     hist = head.fit(
         _cycle(train_views, y_train, batch_size, seed, schedule),
-        steps_per_epoch=steps(len(y_train), batch_size, schedule.whole_batches),
+        steps_per_epoch=per_epoch,
         validation_data=_rows(val_features, y_val, schedule.val_batch_size or batch_size),
         epochs=schedule.head_epochs, verbose=schedule.verbose,
         callbacks=[EpochLog("head", schedule.history), KeepBest(head_best),
@@ -312,7 +368,7 @@ def find_head_lr(model, train_views: list, y_train, schedule: Schedule, batch_si
     from graftkit.lr_finder import MIN_LR, range_test
 
     probe = _head_like(model, train_views[0].shape[1])
-    _compile(probe, MIN_LR)
+    _compile(probe, MIN_LR, schedule)
     return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
 
 
@@ -324,7 +380,7 @@ def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: 
     unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     try:
         probe = _top_trainer(model, top)
-        _compile(probe, MIN_LR)
+        _compile(probe, MIN_LR, schedule)
         return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
     finally:
         freeze(base)
@@ -342,33 +398,55 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     """
     counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     trainer = _top_trainer(model, top)
-    _compile(trainer, schedule.fine_tune_lr)
+    per_epoch = steps(len(y_train), batch_size, schedule.whole_batches)
+    _compile(trainer, schedule.fine_tune_lr, schedule, per_epoch * schedule.fine_tune_epochs,
+             _factors(base, block_pattern, counts.unfrozen_blocks, schedule, per_epoch))
+
     def data(initial_epoch: int):
         return _cycle(train_views, y_train, batch_size, seed, schedule, initial_epoch)
 
     val = _rows(val_activations, y_val, schedule.val_batch_size or batch_size)
+    before = best.weights
     done = _fit_phase(trainer, "fine_tune", data, val,
                       schedule.fine_tune_epochs, schedule, best, schedule.patience,
-                      target=model,
-                      steps_per_epoch=steps(len(y_train), batch_size, schedule.whole_batches))
-    n = counts.unfrozen_blocks
-    note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters) "
-            "on cached activations, BatchNormalization frozen")
+                      target=model, steps_per_epoch=per_epoch)
     freeze(base)
+    return _fine_tune_result(schedule, best, done, counts, before, " on cached activations")
+
+
+def _factors(base, block_pattern: str, unfrozen: int, schedule: Schedule, per_epoch: int):
+    """Per-block rates (discriminative, gradual unfreezing) for the unfrozen top blocks."""
+    from graftkit.backbones.registry import block_groups
+
+    return block_factors(block_groups(base, block_pattern), unfrozen, schedule.training,
+                         per_epoch)
+
+
+def _fine_tune_result(schedule: Schedule, best: Best, done: int, counts, before,
+                      where: str = "") -> PhaseResult:
+    n = counts.unfrozen_blocks
+    note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters)"
+            f"{where}, BatchNormalization frozen")
+    t = schedule.training
+    if t.lr_decay != 1.0:
+        note += f"; each lower block at {t.lr_decay:g}x the rate of the one above"
+    if t.unfreeze_epochs:
+        note += "; blocks unfrozen one by one from epochs " + ",".join(
+            str(e) for e in t.unfreeze_epochs[:n])
     return PhaseResult("fine_tune", done, _phase_seconds(schedule, "fine_tune"),
-                       best.val_accuracy, note)
+                       best.val_accuracy, note, improved=best.weights is not before)
 
 
 def fine_tune(model, base, block_pattern: str, train_ds, val_ds, schedule: Schedule,
               best: Best) -> PhaseResult:
     """Phase 2: unfreeze, recompile at a low rate, keep the best weights of both phases."""
     counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
-    _compile(model, schedule.fine_tune_lr)  # trainable changed: only a compile makes it count
+    per_epoch = _batches(train_ds)
+    # trainable changed: only a compile makes it count
+    _compile(model, schedule.fine_tune_lr, schedule, per_epoch * schedule.fine_tune_epochs,
+             _factors(base, block_pattern, counts.unfrozen_blocks, schedule, per_epoch))
+    before = best.weights
     done = _fit_phase(model, "fine_tune", train_ds, val_ds, schedule.fine_tune_epochs, schedule,
                       best, schedule.patience)
-    n = counts.unfrozen_blocks
-    note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters), "
-            "BatchNormalization frozen")
     freeze(base)  # the saved model comes back frozen, as it was after phase 1
-    return PhaseResult("fine_tune", done, _phase_seconds(schedule, "fine_tune"),
-                       best.val_accuracy, note)
+    return _fine_tune_result(schedule, best, done, counts, before)

@@ -49,6 +49,23 @@ class FitOptions:
     precision: str = defaults.PRECISION
     cache: bool = True  # read and write frozen outputs in the cache directory
     strategy: str = "auto"  # graftkit.distribute.STRATEGIES
+    mode: str = defaults.MODE  # defaults.MODES
+    time_budget: float | None = None  # seconds for the whole run; fine-tuning stops to fit it
+    schedule: str = defaults.LR_SCHEDULE  # graftkit.optimizer.SCHEDULES
+    weight_decay: float = defaults.WEIGHT_DECAY
+    label_smoothing: float = defaults.LABEL_SMOOTHING
+    lr_decay: float = defaults.LR_DECAY
+    unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.mode != "head" and self.fine_tune_epochs > 0
+
+    def training(self):
+        from graftkit.optimizer import Training, parse_unfreeze_schedule
+
+        return Training(self.schedule, self.weight_decay, self.label_smoothing, self.lr_decay,
+                        parse_unfreeze_schedule(self.unfreeze_schedule))
 
     @property
     def fingerprint(self) -> dict:
@@ -79,7 +96,7 @@ class FitOptions:
         if self.lr == "auto" and self.augment_head:
             raise UsageError("--lr auto runs its range test on cached features: drop "
                              "--augment-head, or give --lr a number")
-        if self.fine_tune_lr == "auto" and (self.unfreeze == "all" or not self.fine_tune_epochs):
+        if self.fine_tune_lr == "auto" and (self.unfreeze == "all" or not self.fine_tunes):
             raise UsageError("--fine-tune-lr auto runs its range test on cached activations, "
                              "so it needs --unfreeze N (a number of blocks) and fine-tuning "
                              "epochs; or give --fine-tune-lr a number")
@@ -90,6 +107,27 @@ class FitOptions:
         if self.strategy not in STRATEGIES:
             raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} "
                              f"(got {self.strategy!r})")
+        if self.mode not in defaults.MODES:
+            raise UsageError(f"--mode must be one of {', '.join(defaults.MODES)} "
+                             f"(got {self.mode!r})")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise UsageError(f"--time-budget must be a number of seconds above 0 "
+                             f"(got {self.time_budget})")
+        from graftkit.optimizer import parse_unfreeze_schedule
+
+        if self.schedule not in defaults.SCHEDULES:
+            raise UsageError(f"--schedule must be one of {', '.join(defaults.SCHEDULES)} "
+                             f"(got {self.schedule!r})")
+        if not 0 <= self.weight_decay < 1:
+            raise UsageError(f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not 0 < self.lr_decay <= 1:
+            raise UsageError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+        try:
+            parse_unfreeze_schedule(self.unfreeze_schedule)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if self.class_weight not in ("auto", "none"):
             raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
 
@@ -141,6 +179,13 @@ def fit(
     precision: str = defaults.PRECISION,
     cache: bool = True,
     strategy: str = "auto",
+    mode: str = defaults.MODE,
+    time_budget: float | None = None,
+    schedule: str = defaults.LR_SCHEDULE,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    label_smoothing: float = defaults.LABEL_SMOOTHING,
+    lr_decay: float = defaults.LR_DECAY,
+    unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE,
     unsafe: bool = False,
     tensorboard: bool = False,
     overwrite: bool = False,
@@ -181,6 +226,16 @@ def fit(
         strategy: ``"auto"`` (several GPUs: mirrored, else default), ``"default"``,
             ``"mirrored"`` or ``"multi-worker"`` (``TF_CONFIG``); ``batch_size`` is per replica
             and both learning rates scale with the replicas (``graftkit.distribute``).
+        mode: ``"auto"`` fine-tunes and keeps the result only if it beats the head on
+            validation (stopping early when it does not); ``"head"`` never fine-tunes;
+            ``"fine-tune"`` runs every fine-tuning epoch (best weights still kept).
+        time_budget: seconds for the whole run: fine-tuning stops before an epoch that would
+            end past it (and is skipped if phase 1 used it up).
+        schedule: ``"cosine"`` (warm-up, then cosine), ``"one-cycle"`` or ``"constant"``,
+            per phase; ``weight_decay`` (AdamW), ``label_smoothing``; ``lr_decay`` < 1 gives
+            each lower unfrozen block that times the rate of the one above (discriminative
+            rates); ``unfreeze_schedule``: ``"none"``, ``"gradual"`` (one more block per
+            epoch) or start epochs like ``"0,1,3"``.
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -197,7 +252,9 @@ def fit(
         val_split, seed, dropout, class_weight,
         None if val is None else (str(val) if str(val).startswith("tfds:")
                                   else str(Path(val).resolve())),
-        views, precision, cache, strategy,
+        views, precision, cache, strategy, mode,
+        None if time_budget is None else float(time_budget), schedule, float(weight_decay),
+        float(label_smoothing), float(lr_decay), str(unfreeze_schedule),
     )
     options.check()
     if tensorboard:
@@ -338,7 +395,11 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                         class_weight=weights, checkpoint=ckpt,
                         tensorboard_dir=run_dir / "tensorboard" if tensorboard and dist.chief
                         else None, whole_batches=dist.replicas > 1,
-                        val_batch_size=eval_batch_size(len(folder.val), batch_size, dist.replicas))
+                        val_batch_size=eval_batch_size(len(folder.val), batch_size, dist.replicas),
+                        training=opt.training(),
+                        deadline=None if opt.time_budget is None else started + opt.time_budget)
+    if opt.mode == "fine-tune":
+        schedule.patience = None  # every epoch runs; the best weights are still kept
     best = Best()
     lr_tests: dict[str, dict] = {}
     phases: list[PhaseResult] = []
@@ -351,7 +412,8 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
 
     # Cut the base below the blocks phase 2 fine-tunes: everything under the cut is frozen, so
     # its output is computed once per image and view (and cached across runs).
-    fine_tune_top = cut_blocks(opt.unfreeze, opt.fine_tune_epochs) > 0
+    ft_epochs = opt.fine_tune_epochs if opt.fine_tunes else 0
+    fine_tune_top = cut_blocks(opt.unfreeze, ft_epochs) > 0
     split = split_base(base_model, info.block_pattern, opt.unfreeze) if fine_tune_top else None
     if fine_tune_top and split is None:
         log(f"  note: {info.name} cannot be cut below its top {opt.unfreeze} blocks (a skip "
@@ -424,7 +486,10 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
             ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
         else:
             model.set_weights(best.weights)
-        if opt.fine_tune_epochs > 0 and len(phases) < 2:
+        out_of_time = schedule.deadline is not None and time.perf_counter() >= schedule.deadline
+        if ft_epochs > 0 and len(phases) < 2 and out_of_time:
+            log(f"phase 2: skipped, the time budget ({opt.time_budget:g} s) is used up")
+        elif ft_epochs > 0 and len(phases) < 2:
             what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
             if cached_phase2:
                 if schedule.fine_tune_lr == "auto":
@@ -457,7 +522,9 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                     decoded.close()
             ckpt.save_phase([dataclasses.asdict(p) for p in phases], schedule.history, best)
 
-    bottom_unchanged = cached_phase2 or opt.fine_tune_epochs == 0
+    bottom_unchanged = cached_phase2 or ft_epochs == 0
+    mode = _mode_chosen(opt, phases, ft_epochs, schedule)
+    log(f"mode {opt.mode}: {mode['chosen']} ({mode['reason']})")
     train_ex = val_ex = None  # the cached rows are done with: free them before the last pass
     from graftkit.features import release_memory
 
@@ -480,11 +547,44 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                         {"strategy": dist.name, "replicas": dist.replicas,
                          "workers": dist.workers, "weights_sha256": digest},
                         {"head": schedule.head_lr, "fine_tune": schedule.fine_tune_lr,
-                         "range_tests": lr_tests or None})
+                         "range_tests": lr_tests or None}, mode)
     if dist.workers > 1:
         log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     ckpt.remove()
     return result
+
+
+def _mode_chosen(opt: FitOptions, phases: list, ft_epochs: int, schedule) -> dict:
+    """Which model the run ended with (the head alone or fine-tuned) and why, for the report."""
+    head = phases[0]
+    out = {"requested": opt.mode, "time_budget": opt.time_budget,
+           "head_val_accuracy": head.best_val_accuracy}
+    if ft_epochs == 0:
+        why = ("--mode head" if opt.mode == "head" else "--fine-tune-epochs 0")
+        return {**out, "chosen": "head", "reason": why}
+    if len(phases) < 2:
+        return {**out, "chosen": "head",
+                "reason": f"the time budget ({opt.time_budget:g} s) ran out in phase 1"}
+    ft = phases[1]
+    own = [r["val_accuracy"] for r in schedule.history if r["phase"] == "fine_tune"]
+    out["fine_tune_val_accuracy"] = max(own) if own else None
+    out["fine_tune_seconds"] = round(ft.seconds, 2)
+    stopped = ""
+    if ft.epochs < ft_epochs:
+        late = schedule.deadline is not None and time.perf_counter() >= schedule.deadline - 1
+        stopped = ", stopped by the time budget" if late else ", stopped early"
+    if ft.improved:
+        gain = ft.best_val_accuracy - head.best_val_accuracy
+        why = (f"validation {head.best_val_accuracy:.4f} -> {ft.best_val_accuracy:.4f} "
+               f"({gain:+.4f}) for {ft.seconds:.1f} s of fine-tuning")
+        if gain == 0:
+            why += ", same accuracy at a lower validation loss"
+        why += stopped
+        return {**out, "chosen": "fine_tune", "reason": why}
+    why = (f"fine-tuning did not beat the head on validation in {ft.epochs} epoch"
+           f"{'' if ft.epochs == 1 else 's'} (best {out['fine_tune_val_accuracy'] or 0:.4f} vs "
+           f"{head.best_val_accuracy:.4f}{stopped}): the head's weights are kept")
+    return {**out, "chosen": "head", "reason": why}
 
 
 def _lr_test_done(test, phase: str, run_dir: Path, write: bool, log) -> dict:
@@ -529,7 +629,8 @@ def weights_sha256(model) -> str:
 
 def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, weights,
                checked, started, engine_key: str | None, frozen=None,
-               distribution: dict | None = None, learning_rates: dict | None = None):
+               distribution: dict | None = None, learning_rates: dict | None = None,
+               mode: dict | None = None):
     import keras
     import tensorflow as tf
 
@@ -556,7 +657,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
 
     fast = None
     if engine_key:  # the frozen bottom is still the pretrained one the engine was made of
-        top_n = cut_blocks(opt.unfreeze, opt.fine_tune_epochs)
+        top_n = cut_blocks(opt.unfreeze, opt.fine_tune_epochs if opt.fine_tunes else 0)
         try:
             fast = SplitClassifier(model, info.block_pattern, top_n, engine_key, frozen)
         except ValueError:
@@ -585,6 +686,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "precision": opt.precision,
         "distribution": distribution or {"strategy": "default", "replicas": 1, "workers": 1},
         "learning_rates": learning_rates,
+        "mode": mode,
         "options": dataclasses.asdict(opt),
         "class_weight": {folder.classes[c]: w for c, w in weights.items()} if weights else None,
         "per_class": result["per_class"],

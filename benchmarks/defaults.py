@@ -1,0 +1,145 @@
+"""The protocol that chose ``graft fit``'s defaults: every setting, 3 datasets, 3+ seeds.
+
+    .venv/bin/python benchmarks/defaults.py --settings defaults,no-smoothing,... [--seeds 1,2,3]
+    .venv/bin/python benchmarks/defaults.py --table   # the table of everything recorded so far
+
+Datasets: ``../shared/datasets/hymenoptera`` and ``../shared/datasets/flowers5`` (their own
+train/val folders) and scikit-learn's digits (written out as a class folder; the seed also
+draws its 20% validation split). Each run is ``graftkit.fit`` in this process with the defaults
+plus the setting's overrides, and one JSON line per run is appended to ``--results``
+(``benchmarks/defaults-runs.jsonl``): validation accuracy of the final model, phase 1's best
+(head only), the mode chosen and the seconds of the run. Frozen outputs are cached, so only the
+first run of a dataset at a given cut pays for the frozen base: the table's seconds are the
+median over seeds, and the first (cold) run's seconds are recorded in the JSON lines.
+A measurement script, not a test: it takes about 2-3 minutes per setting once caches are warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "datasets"
+DATASETS = ("hymenoptera", "flowers5", "digits")
+TARGETS = {"hymenoptera": 0.96, "flowers5": 0.95, "digits": 0.98}
+
+# Overrides of graftkit's defaults, by name. "defaults" is graftkit as shipped.
+SETTINGS: dict[str, dict] = {
+    "defaults": {},
+    "head-only": {"mode": "head"},
+    "fine-tune-always": {"mode": "fine-tune"},
+    "old-defaults": {"label_smoothing": 0.0, "weight_decay": 0.0, "schedule": "constant",
+                     "fine_tune_lr": 1e-5, "fine_tune_epochs": 5},
+    "constant-lr": {"schedule": "constant"},
+    "one-cycle": {"schedule": "one-cycle"},
+    "no-smoothing": {"label_smoothing": 0.0},
+    "smoothing-0.2": {"label_smoothing": 0.2},
+    "no-weight-decay": {"weight_decay": 0.0},
+    "weight-decay-0.05": {"weight_decay": 0.05},
+    "ft-lr-1e-5": {"fine_tune_lr": 1e-5},
+    "ft-lr-1e-4": {"fine_tune_lr": 1e-4},
+    "ft-lr-3e-4": {"fine_tune_lr": 3e-4},
+    "ft-lr-1e-3": {"fine_tune_lr": 1e-3},
+    "lr-auto": {"lr": "auto", "fine_tune_lr": "auto"},
+    "unfreeze-1": {"unfreeze": 1},
+    "unfreeze-3": {"unfreeze": 3},
+    "unfreeze-4": {"unfreeze": 4},
+    "unfreeze-all": {"unfreeze": "all"},
+    "ft-epochs-5": {"fine_tune_epochs": 5},
+    "ft-epochs-15": {"fine_tune_epochs": 15},
+    "head-epochs-10": {"head_epochs": 10},
+    "head-epochs-40": {"head_epochs": 40},
+    "views-1": {"views": 1},
+    "views-10": {"views": 10},
+    "dropout-0.5": {"dropout": 0.5},
+    "gradual": {"unfreeze_schedule": "gradual"},
+    "discriminative-0.5": {"lr_decay": 0.5},
+}
+
+
+def dataset_path(name: str, scratch: Path, shared: Path = SHARED) -> Path:
+    if name == "digits":
+        from graftkit.demo import write_digits
+
+        folder = scratch / "digits"
+        if not (folder / "9").is_dir():
+            write_digits(folder)
+        return folder
+    return shared / name
+
+
+def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
+    from graftkit.workflow import fit
+
+    data = dataset_path(name, scratch, shared)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = fit(data, Path(tmp) / "run", seed=seed, verbose=0, log=lambda _: None,
+                     **SETTINGS[setting])
+        seconds = time.perf_counter() - start
+    m = result.metrics
+    return {"dataset": name, "setting": setting, "overrides": SETTINGS[setting], "seed": seed,
+            "val_accuracy": m["val_accuracy"], "phase1": m["phases"][0]["best_val_accuracy"],
+            "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
+            "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]]}
+
+
+def table(rows: list[dict]) -> str:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    head = "| setting | " + " | ".join(
+        f"{d} mean | spread | s" for d in DATASETS) + " | phase 1 (head) means |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(DATASETS))]
+    for s in settings:
+        cells, p1 = [], []
+        for d in DATASETS:
+            runs = [r for r in rows if r["setting"] == s and r["dataset"] == d]
+            if not runs:
+                cells += ["", "", ""]
+                p1.append("")
+                continue
+            acc = [r["val_accuracy"] for r in runs]
+            cells += [f"{statistics.mean(acc):.4f} (n={len(acc)})",
+                      f"{min(acc):.4f}-{max(acc):.4f}",
+                      f"{statistics.median(r['seconds'] for r in runs):.0f}"]
+            p1.append(f"{statistics.mean(r['phase1'] for r in runs):.4f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " | " + " / ".join(p1) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", default="defaults")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--results", type=Path, default=HERE / "defaults-runs.jsonl")
+    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "graftkit-bench")
+    p.add_argument("--shared", type=Path, default=SHARED,
+                   help="the folder holding hymenoptera/ and flowers5/")
+    p.add_argument("--table", action="store_true", help="print the table and stop")
+    args = p.parse_args()
+    if not args.table:
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        for setting in args.settings.split(","):
+            if setting not in SETTINGS:
+                raise SystemExit(f"unknown setting {setting!r}: one of {', '.join(SETTINGS)}")
+            for name in args.datasets.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    row = run_one(name, setting, seed, args.scratch, args.shared)
+                    print(json.dumps(row), flush=True)
+                    with args.results.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
