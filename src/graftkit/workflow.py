@@ -524,7 +524,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
 
     bottom_unchanged = cached_phase2 or ft_epochs == 0
     mode = _mode_chosen(opt, phases, ft_epochs, schedule)
-    log(f"mode {opt.mode}: {mode['chosen']} ({mode['reason']})")
+    log(f"mode {opt.mode}: {mode['chosen'].replace('_', '-')} ({mode['reason']})")
     train_ex = val_ex = None  # the cached rows are done with: free them before the last pass
     from graftkit.features import release_memory
 
@@ -678,7 +678,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "skipped_files": folder.skipped,
         "phases": [
             {"name": p.name, "epochs": p.epochs, "seconds": round(p.seconds, 2),
-             "best_val_accuracy": p.best_val_accuracy, "note": p.note}
+             "best_val_accuracy": p.best_val_accuracy, "note": p.note, "improved": p.improved}
             for p in phases
         ],
         "total_seconds": round(time.perf_counter() - started, 2),

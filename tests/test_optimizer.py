@@ -1,0 +1,151 @@
+"""What each phase trains with: schedules, label smoothing, per-block rates, and --mode."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from graftkit.cli import main
+from graftkit.optimizer import (
+    LayerwiseAdamW,
+    SparseSmoothedCrossentropy,
+    Training,
+    block_factors,
+    learning_rate,
+    optimizer,
+    parse_unfreeze_schedule,
+)
+
+from .conftest import make_folder
+
+
+def test_cosine_warms_up_then_decays_to_zero_and_one_cycle_starts_low():
+    cosine = learning_rate(1e-3, 100, "cosine")
+    rates = [float(cosine(s)) for s in (0, 5, 50, 100)]
+    assert rates[0] == pytest.approx(1e-4)  # lr/10 on the first step
+    assert rates[1] == pytest.approx(1e-3)  # the peak after 5% of the steps
+    assert 1e-4 < rates[2] < 1e-3
+    assert rates[3] == pytest.approx(0.0, abs=1e-9)
+    one = learning_rate(1e-3, 100, "one-cycle")
+    assert float(one(0)) == pytest.approx(1e-3 / 25)
+    assert float(one(25)) == pytest.approx(1e-3)
+    assert float(one(100)) == pytest.approx(1e-7, rel=1e-3)
+    assert learning_rate(1e-3, 100, "constant") == 1e-3
+    with pytest.raises(ValueError):
+        learning_rate(1e-3, 100, "triangle")
+
+
+def test_smoothed_loss_is_keras_categorical_crossentropy_on_one_hot_labels():
+    y = np.array([0, 2, 1])
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], dtype="float32")
+    one_hot = keras.ops.one_hot(y, 3)
+    for smoothing in (0.0, 0.1, 0.3):
+        ours = float(SparseSmoothedCrossentropy(smoothing)(y, p))
+        ref = float(keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)(one_hot, p))
+        assert ours == pytest.approx(ref, rel=1e-6)
+    plain = float(keras.losses.SparseCategoricalCrossentropy()(y, p))
+    assert float(SparseSmoothedCrossentropy(0.0)(y, p)) == pytest.approx(plain, rel=1e-6)
+    assert float(SparseSmoothedCrossentropy(0.1)(y, p)) != pytest.approx(plain, rel=1e-3)
+
+
+def _two_layers():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    low = keras.layers.Dense(8, activation="relu", name="low")
+    high = keras.layers.Dense(3, activation="softmax", name="high")
+    return keras.Model(inputs, high(low(inputs))), low, high
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    return x, (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_block_before_its_start_step_does_not_change_and_a_lower_factor_moves_less(
+        weight_decay):
+    x, y = _data()
+    # "low" starts after the 4 steps of this fit: it must stay exactly as it is (weight decay
+    # included), the way the guide checks frozen weights.
+    model, low, high = _two_layers()
+    factors = {id(v): (1.0, 10) for v in low.trainable_weights}
+    model.compile(LayerwiseAdamW(factors, learning_rate=1e-2, weight_decay=weight_decay),
+                  "sparse_categorical_crossentropy")
+    before_low, before_high = [w.copy() for w in low.get_weights()], high.get_weights()[0].copy()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for a, b in zip(before_low, low.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0)
+    assert not np.allclose(before_high, high.get_weights()[0])
+    # From its start step on it trains; at factor 0.1 it moves about a tenth as far.
+    moved = {}
+    for factor in (1.0, 0.1):
+        model, low, _ = _two_layers()
+        start = low.get_weights()[0].copy()
+        model.compile(LayerwiseAdamW({id(v): (factor, 2) for v in low.trainable_weights},
+                                     learning_rate=1e-2, weight_decay=weight_decay),
+                      "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        moved[factor] = np.abs(low.get_weights()[0] - start).mean()
+    assert moved[1.0] > 0 and 0.05 < moved[0.1] / moved[1.0] < 0.2, moved
+
+
+def test_block_factors_discriminative_and_gradual():
+    model, low, high = _two_layers()
+    groups = [[low], [high]]
+    t = Training(lr_decay=0.5, unfreeze_epochs=parse_unfreeze_schedule("gradual"))
+    f = block_factors(groups, 2, t, steps_per_epoch=7)
+    assert f[id(high.kernel)] == (1.0, 0)  # the top block: full rate from the start
+    assert f[id(low.kernel)] == (0.5, 7)  # one down: half the rate, from the second epoch
+    assert block_factors(groups, 1, t, 7).keys() == {id(v) for v in high.trainable_weights}
+    assert parse_unfreeze_schedule("0,2") == (0, 2)
+    assert parse_unfreeze_schedule("none") == ()
+    for bad in ("2,1", "x", "-1"):
+        with pytest.raises(ValueError):
+            parse_unfreeze_schedule(bad)
+    # One rate everywhere: Keras' own optimizers, biases kept out of weight decay.
+    plain = optimizer(1e-3, 10, Training(weight_decay=0.01), model.trainable_variables,
+                      block_factors(groups, 2, Training(), 7))
+    assert type(plain) is keras.optimizers.AdamW
+    assert type(optimizer(1e-3, 10, Training(), [])) is keras.optimizers.Adam
+
+
+def _fit(tmp_path, name, *extra):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_folder(data, per_class=12, size=40)
+    out = tmp_path / name
+    args = ["fit", str(data), "--out", str(out), "--image-size", "32", "--batch-size", "8",
+            "--head-epochs", "3", "--fine-tune-epochs", "2", "--unfreeze", "2", *extra]
+    assert main(args) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys):
+    m = _fit(tmp_path, "head", "--mode", "head")
+    assert [p["name"] for p in m["phases"]] == ["head"]
+    assert m["mode"]["chosen"] == "head" and m["mode"]["reason"] == "--mode head"
+    assert "chose head: --mode head" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(tmp_path,
+                                                                                  capsys):
+    auto = _fit(tmp_path, "auto", "--lr-decay", "0.5", "--unfreeze-schedule", "gradual",
+                "--schedule", "one-cycle")
+    assert auto["mode"]["requested"] == "auto"
+    assert len(auto["phases"]) == 2
+    assert auto["mode"]["chosen"] == ("fine_tune" if auto["phases"][1]["improved"] else "head")
+    assert ("validation" in auto["mode"]["reason"]) and auto["mode"]["fine_tune_seconds"] > 0
+    assert "rate of the one above" in auto["phases"][1]["note"]
+    forced = _fit(tmp_path, "forced", "--mode", "fine-tune")
+    assert forced["phases"][1]["epochs"] == 2  # every epoch, no early stop
+    assert forced["val_accuracy"] >= forced["phases"][0]["best_val_accuracy"] - 1e-9
+    # A budget phase 1 already used up: phase 2 is skipped and the run says so.
+    tight = _fit(tmp_path, "tight", "--time-budget", "0.001")
+    assert [p["name"] for p in tight["phases"]] == ["head"]
+    assert tight["mode"]["chosen"] == "head" and "time budget" in tight["mode"]["reason"]
+    assert "time budget" in capsys.readouterr().out
