@@ -300,8 +300,11 @@ def _training_options(p, out_help: str = "run folder to write") -> None:
     p.add_argument("--fine-tune-epochs", type=int, default=defaults.FINE_TUNE_EPOCHS,
                    help="0 skips phase 2")
     p.add_argument("--unfreeze", default=defaults.UNFREEZE,
-                   help="'all' or the number of top blocks to fine-tune, trained on cached "
-                        f"activations (default {defaults.UNFREEZE})")
+                   help="auto, all, or the number of top blocks to fine-tune (trained on cached "
+                        "activations); auto: all where that is cheap (at most "
+                        f"{defaults.FULL_FINE_TUNE_MAX_IMAGES} training images at 224 px, or "
+                        f"as many pixels), else {defaults.UNFREEZE_TOP} (default "
+                        f"{defaults.UNFREEZE})")
     p.add_argument("--lr", default=defaults.HEAD_LR,
                    help="phase 1 learning rate, or 'auto': the range test chooses (graft lr-find)")
     p.add_argument("--fine-tune-lr", default=defaults.FINE_TUNE_LR,

@@ -145,15 +145,27 @@ def _parse_lr(value, name: str) -> float | str:
 
 
 def _parse_unfreeze(unfreeze) -> int | str:
-    if str(unfreeze) == "all":
-        return "all"
+    if str(unfreeze) in ("all", "auto"):
+        return str(unfreeze)
     try:
         n = int(unfreeze)
     except ValueError:
-        raise UsageError(f"--unfreeze must be 'all' or a number of blocks (got {unfreeze!r})") from None
+        raise UsageError(f"--unfreeze must be auto, all or a number of blocks (got {unfreeze!r})"
+                         ) from None
     if n < 1:
-        raise UsageError(f"--unfreeze must be 'all' or at least 1 (got {n})")
+        raise UsageError(f"--unfreeze must be auto, all or at least 1 (got {n})")
     return n
+
+
+def auto_unfreeze(num_train: int, size: int) -> tuple[int | str, str]:
+    """``--unfreeze auto``: the whole base where that is cheap, else the top blocks (cached)."""
+    work = num_train * (size / 224) ** 2
+    if work <= defaults.FULL_FINE_TUNE_MAX_IMAGES:
+        return "all", (f"{num_train} training images at {size} px: fine-tuning the whole base "
+                       "is cheap")
+    return defaults.UNFREEZE_TOP, (f"{num_train} training images at {size} px: the top "
+                                   f"{defaults.UNFREEZE_TOP} blocks, trained on cached "
+                                   "activations (--unfreeze all for the whole base)")
 
 
 def fit(
@@ -306,6 +318,22 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
     return {c: (total / (num_classes * n) if n else 0.0) for c, n in enumerate(counts)}
 
 
+def auto_image_size(folder, native: int) -> tuple[int, str]:
+    """The backbone's input size, unless the images are so small that it only costs time."""
+    import statistics
+
+    sides = [min(p.width, p.height) for path in folder.train.paths
+             if (p := folder.probes.get(path)) is not None and p.width]
+    if not sides:
+        return native, "the backbone's"
+    median = statistics.median(sides)
+    size = max(defaults.MIN_AUTO_IMAGE_SIZE, -(-int(defaults.MAX_UPSCALE * median) // 32) * 32)
+    if size >= native:
+        return native, "the backbone's"
+    return size, (f"the training images' median side is {median:g} px: upscaled at most "
+                  f"{defaults.MAX_UPSCALE}x instead of to {native}; --image-size to choose")
+
+
 def _check_free_space(run_dir: Path, model) -> None:
     """Model file plus checkpoints (weights, optimizer moments, best copy), with a margin."""
     need = model.count_params() * 4 * 6 + 50_000_000
@@ -374,13 +402,28 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         tf.config.experimental.enable_op_determinism()
     resumed_epochs = state["epoch"] if state else 0
     keras.utils.set_random_seed(opt.seed + resumed_epochs)  # a resume replays no random stream
+    from graftkit.backbones import REGISTRY
+
+    image_size, size_reason = opt.image_size, "given"
+    if image_size is None and opt.base in REGISTRY:
+        image_size, size_reason = auto_image_size(folder, REGISTRY[opt.base].input_size)
     with dist.scope():  # variables made here are mirrored over the replicas
-        base_model, info = load_base(opt.base, opt.image_size, opt.weights, unsafe)
+        base_model, info = load_base(opt.base, image_size, opt.weights, unsafe)
         model = build_classifier(base_model, len(folder.classes), opt.dropout)
     if dist.chief:
         _check_free_space(run_dir, model)
     size = info.image_size
-    log(f"base: {info.name} at {size}x{size} (preprocessing {info.preprocessing})")
+    unfreeze_reason = "given"
+    if opt.unfreeze == "auto":
+        resolved, unfreeze_reason = auto_unfreeze(len(folder.train), size)
+        opt = dataclasses.replace(opt, unfreeze=resolved)
+        if opt.fine_tunes:
+            log(f"unfreeze auto: {resolved} ({unfreeze_reason})")
+        if opt.fine_tune_lr == "auto" and resolved == "all":
+            raise UsageError(f"--fine-tune-lr auto needs --unfreeze N: {unfreeze_reason}")
+    log(f"base: {info.name} at {size}x{size}"
+        + (f" ({size_reason})" if size_reason not in ("given", "the backbone's") else "")
+        + f" (preprocessing {info.preprocessing})")
     weights = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
     if weights:
         log("  class weights (imbalanced training set): "
@@ -524,6 +567,8 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
 
     bottom_unchanged = cached_phase2 or ft_epochs == 0
     mode = _mode_chosen(opt, phases, ft_epochs, schedule)
+    mode.update(unfreeze=opt.unfreeze, unfreeze_reason=unfreeze_reason, image_size=size,
+                image_size_reason=size_reason)
     log(f"mode {opt.mode}: {mode['chosen'].replace('_', '-')} ({mode['reason']})")
     train_ex = val_ex = None  # the cached rows are done with: free them before the last pass
     from graftkit.features import release_memory
