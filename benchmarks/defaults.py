@@ -42,9 +42,11 @@ SETTINGS: dict[str, dict] = {
     "head-only-no-smoothing": {"mode": "head", "label_smoothing": 0.0},
     "head-only-no-wd": {"mode": "head", "weight_decay": 0.0},
     "head-only-lr-3e-3": {"mode": "head", "lr": 3e-3},
+    "head-only-cosine-3e-3": {"mode": "head", "lr": 3e-3, "schedule": "cosine"},
     "fine-tune-always": {"mode": "fine-tune"},
+    # graftkit before this protocol: Adam, no smoothing, 1e-5, top 2 blocks, 224 px.
     "old-defaults": {"label_smoothing": 0.0, "weight_decay": 0.0, "schedule": "constant",
-                     "fine_tune_lr": 1e-5, "fine_tune_epochs": 5},
+                     "fine_tune_lr": 1e-5, "unfreeze": 2, "image_size": 224},
     "constant-lr": {"schedule": "constant"},
     "one-cycle": {"schedule": "one-cycle"},
     "no-smoothing": {"label_smoothing": 0.0},

@@ -149,3 +149,20 @@ def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(
     assert [p["name"] for p in tight["phases"]] == ["head"]
     assert tight["mode"]["chosen"] == "head" and "time budget" in tight["mode"]["reason"]
     assert "time budget" in capsys.readouterr().out
+
+
+def test_auto_image_size_and_depth_follow_the_data(tmp_path):
+    from graftkit.data import scan
+    from graftkit.workflow import auto_image_size, auto_unfreeze
+
+    sizes = {}
+    for side in (8, 40, 300):
+        folder = scan(make_folder(tmp_path / str(side), per_class=4, size=side), 0.25, 0)
+        sizes[side] = auto_image_size(folder, 224)
+    assert sizes[8][0] == 64 and "median side is 8 px" in sizes[8][1]  # 4x would be 32: floor 64
+    assert sizes[40][0] == 160  # 4 x 40, a multiple of 32
+    assert sizes[300] == (224, "the backbone's")
+    assert auto_unfreeze(150, 224)[0] == "all"  # the whole base is cheap
+    assert auto_unfreeze(244, 224)[0] == 2  # hymenoptera: top 2 blocks on cached activations
+    assert auto_unfreeze(1437, 64)[0] == "all"  # digits at 64 px: 117 224-px images' worth
+    assert auto_unfreeze(1600, 224)[0] == 2  # flowers5: top blocks on cached activations
