@@ -36,6 +36,7 @@ TARGETS = {"hymenoptera": 0.96, "flowers5": 0.95, "digits": 0.98}
 SETTINGS: dict[str, dict] = {
     "defaults": {},
     "head-only": {"mode": "head"},
+    "demo": {"fine_tune_epochs": 8, "augment": "rotation=0.05,zoom=0.1"},  # graft demo's
     "head-only-old": {"mode": "head", "label_smoothing": 0.0, "weight_decay": 0.0,
                       "schedule": "constant"},
     "head-only-constant": {"mode": "head", "schedule": "constant"},
