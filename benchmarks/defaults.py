@@ -36,6 +36,12 @@ TARGETS = {"hymenoptera": 0.96, "flowers5": 0.95, "digits": 0.98}
 SETTINGS: dict[str, dict] = {
     "defaults": {},
     "head-only": {"mode": "head"},
+    "head-only-256px": {"mode": "head", "image_size": 256},
+    "head-only-288px": {"mode": "head", "image_size": 288},
+    "head-only-views-10": {"mode": "head", "views": 10},
+    "head-only-heads-5": {"mode": "head", "heads": 5},
+    "head-only-heads-5-256px": {"mode": "head", "heads": 5, "image_size": 256},
+    "heads-5": {"heads": 5},
     "demo": {"fine_tune_epochs": 8, "augment": "rotation=0.05,zoom=0.1"},  # graft demo's
     "head-only-old": {"mode": "head", "label_smoothing": 0.0, "weight_decay": 0.0,
                       "schedule": "constant"},
@@ -67,6 +73,7 @@ SETTINGS: dict[str, dict] = {
     "all-1e-4-64px": {"unfreeze": "all", "fine_tune_lr": 1e-4, "image_size": 64,
                       "fine_tune_epochs": 8},
     "ft-epochs-5": {"fine_tune_epochs": 5},
+    "ft-epochs-10": {"fine_tune_epochs": 10},
     "ft-epochs-15": {"fine_tune_epochs": 15},
     "head-epochs-10": {"head_epochs": 10},
     "head-epochs-40": {"head_epochs": 40},

@@ -166,3 +166,15 @@ def test_auto_image_size_and_depth_follow_the_data(tmp_path):
     assert auto_unfreeze(244, 224)[0] == 2  # hymenoptera: top 2 blocks on cached activations
     assert auto_unfreeze(1437, 64)[0] == "all"  # digits at 64 px: 117 224-px images' worth
     assert auto_unfreeze(1600, 224)[0] == 2  # flowers5: top blocks on cached activations
+
+
+def test_heads_are_averaged_into_one_and_every_epoch_is_logged(tmp_path):
+    import csv
+
+    m = _fit(tmp_path, "heads", "--mode", "head", "--heads", "3")
+    head = m["phases"][0]
+    assert head["epochs"] == 9 and "3 heads averaged" in head["note"]
+    rows = list(csv.DictReader((tmp_path / "heads" / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 10))
+    # The saved model scores what phase 1 reported for the averaged head.
+    assert abs(m["val_accuracy"] - head["best_val_accuracy"]) < 1e-6

@@ -44,7 +44,7 @@ def _training_kwargs(args) -> dict:
         cache=not args.no_cache, precision=args.precision, strategy=args.strategy,
         mode=args.mode, time_budget=args.time_budget, schedule=args.schedule,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-        lr_decay=args.lr_decay, unfreeze_schedule=args.unfreeze_schedule,
+        lr_decay=args.lr_decay, unfreeze_schedule=args.unfreeze_schedule, heads=args.heads,
         unsafe=args.unsafe, verbose=_verbose(),
     )
 
@@ -332,6 +332,10 @@ def _training_options(p, out_help: str = "run folder to write") -> None:
                    help="none: all unfrozen blocks from the start; gradual: one more block "
                         "per fine-tuning epoch, top first; or start epochs like 0,1,3 "
                         f"(default {defaults.UNFREEZE_SCHEDULE})")
+    p.add_argument("--heads", type=int, default=defaults.HEADS,
+                   help="phase 1: train this many heads from different seeds on the cached "
+                        "features and average them into one (a logit ensemble at no inference "
+                        f"cost; default {defaults.HEADS})")
     p.add_argument("--augment", default=None,
                    help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
     p.add_argument("--no-augment", action="store_true",

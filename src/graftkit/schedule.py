@@ -83,16 +83,16 @@ class KeepBest(keras.callbacks.Callback):
 class EpochLog(keras.callbacks.Callback):
     """One history row per epoch, with its phase and wall seconds."""
 
-    def __init__(self, phase: str, rows: list[dict]):
+    def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0):
         super().__init__()
-        self.phase, self.rows = phase, rows
+        self.phase, self.rows, self.first_epoch = phase, rows, first_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        row = {"phase": self.phase, "epoch": epoch + 1}
+        row = {"phase": self.phase, "epoch": self.first_epoch + epoch + 1}
         for key in HISTORY_COLUMNS[2:-1]:
             row[key] = float(logs[key]) if key in logs else float("nan")
         row["seconds"] = round(time.perf_counter() - self._start, 3)
@@ -117,6 +117,7 @@ class Schedule:
     val_batch_size: int | None = None  # several replicas: see distribute.eval_batch_size
     training: Training = field(default_factory=Training)
     deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
+    heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
     history: list[dict] = field(default_factory=list)
 
 
@@ -328,22 +329,34 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     """Phase 1 on features computed once: the frozen base runs once per image and view.
 
     Its epochs take a fraction of a second, so an interrupted phase 1 simply runs again
-    (and finds its features in the cache).
+    (and finds its features in the cache). With ``schedule.heads`` > 1, that many heads train
+    from different seeds and their weights are averaged: for linear heads on the same features
+    that is exactly the average of their logits, an ensemble at the cost of one Dense layer.
     """
     start = time.perf_counter() - extract_seconds
-    head = _head_like(model, train_views[0].shape[1])
     per_epoch = steps(len(y_train), batch_size, schedule.whole_batches)
-    _compile(head, schedule.head_lr, schedule, per_epoch * schedule.head_epochs)
+    val = _rows(val_features, y_val, schedule.val_batch_size or batch_size)
     rows_before = len(schedule.history)
-    head_best = Best()
-    hist = head.fit(
-        _cycle(train_views, y_train, batch_size, seed, schedule),
-        steps_per_epoch=per_epoch,
-        validation_data=_rows(val_features, y_val, schedule.val_batch_size or batch_size),
-        epochs=schedule.head_epochs, verbose=schedule.verbose,
-        callbacks=[EpochLog("head", schedule.history), KeepBest(head_best),
-                   *_tensorboard(schedule, "head")],
-    )
+    kept, epochs = [], 0
+    for k in range(schedule.heads):
+        if k:
+            keras.utils.set_random_seed(seed + 7919 * k)  # another initialisation and dropout
+        head = _head_like(model, train_views[0].shape[1])
+        _compile(head, schedule.head_lr, schedule, per_epoch * schedule.head_epochs)
+        head_best = Best()
+        log = EpochLog("head", schedule.history, first_epoch=epochs)
+        hist = head.fit(
+            _cycle(train_views, y_train, batch_size, seed + k, schedule),
+            steps_per_epoch=per_epoch, validation_data=val,
+            epochs=schedule.head_epochs, verbose=schedule.verbose,
+            callbacks=[log, KeepBest(head_best), *_tensorboard(schedule, "head")],
+        )
+        epochs += len(hist.epoch)
+        kept.append(head.get_layer(HEAD_DENSE).get_weights())
+    if len(kept) > 1:
+        head.get_layer(HEAD_DENSE).set_weights([np.mean(w, axis=0) for w in zip(*kept)])
+        scores = head.evaluate(val, verbose=0, return_dict=True)
+        head_best = Best(float(scores["accuracy"]), float(scores["loss"]))
     # The first epoch's row carries the one-off cost of computing the features.
     if len(schedule.history) > rows_before:
         schedule.history[rows_before]["seconds"] = round(
@@ -351,8 +364,10 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     model.get_layer(HEAD_DENSE).set_weights(head.get_layer(HEAD_DENSE).get_weights())
     best.val_accuracy, best.val_loss = head_best.val_accuracy, head_best.val_loss
     best.weights = model.get_weights()
-    return PhaseResult("head", len(hist.epoch), time.perf_counter() - start, best.val_accuracy,
-                       note or "on features computed once by the frozen base")
+    note = note or "on features computed once by the frozen base"
+    if len(kept) > 1:
+        note += f"; {len(kept)} heads averaged (each its best epoch)"
+    return PhaseResult("head", epochs, time.perf_counter() - start, best.val_accuracy, note)
 
 
 def _top_trainer(model, top: keras.Model) -> keras.Model:

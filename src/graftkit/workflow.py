@@ -56,6 +56,7 @@ class FitOptions:
     label_smoothing: float = defaults.LABEL_SMOOTHING
     lr_decay: float = defaults.LR_DECAY
     unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE
+    heads: int = defaults.HEADS
 
     @property
     def fine_tunes(self) -> bool:
@@ -107,6 +108,11 @@ class FitOptions:
         if self.strategy not in STRATEGIES:
             raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} "
                              f"(got {self.strategy!r})")
+        if self.heads < 1:
+            raise UsageError(f"--heads must be at least 1 (got {self.heads})")
+        if self.heads > 1 and self.augment_head:
+            raise UsageError("--heads averages heads trained on cached features: drop "
+                             "--augment-head, or use --heads 1")
         if self.mode not in defaults.MODES:
             raise UsageError(f"--mode must be one of {', '.join(defaults.MODES)} "
                              f"(got {self.mode!r})")
@@ -198,6 +204,7 @@ def fit(
     label_smoothing: float = defaults.LABEL_SMOOTHING,
     lr_decay: float = defaults.LR_DECAY,
     unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE,
+    heads: int = defaults.HEADS,
     unsafe: bool = False,
     tensorboard: bool = False,
     overwrite: bool = False,
@@ -248,6 +255,8 @@ def fit(
             each lower unfrozen block that times the rate of the one above (discriminative
             rates); ``unfreeze_schedule``: ``"none"``, ``"gradual"`` (one more block per
             epoch) or start epochs like ``"0,1,3"``.
+        heads: phase 1 trains this many heads from different seeds on the cached features
+            and averages their weights (for linear heads, exactly averaging their logits).
 
     Example:
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
@@ -266,7 +275,7 @@ def fit(
                                   else str(Path(val).resolve())),
         views, precision, cache, strategy, mode,
         None if time_budget is None else float(time_budget), schedule, float(weight_decay),
-        float(label_smoothing), float(lr_decay), str(unfreeze_schedule),
+        float(label_smoothing), float(lr_decay), str(unfreeze_schedule), int(heads),
     )
     options.check()
     if tensorboard:
@@ -439,7 +448,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                         tensorboard_dir=run_dir / "tensorboard" if tensorboard and dist.chief
                         else None, whole_batches=dist.replicas > 1,
                         val_batch_size=eval_batch_size(len(folder.val), batch_size, dist.replicas),
-                        training=opt.training(),
+                        training=opt.training(), heads=opt.heads,
                         deadline=None if opt.time_budget is None else started + opt.time_budget)
     if opt.mode == "fine-tune":
         schedule.patience = None  # every epoch runs; the best weights are still kept
