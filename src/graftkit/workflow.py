@@ -328,19 +328,21 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
 
 
 def auto_image_size(folder, native: int) -> tuple[int, str]:
-    """The backbone's input size, unless the images are so small that it only costs time."""
+    """Photos: a little above the backbone's pretraining size; tiny images: not upscaled much."""
     import statistics
 
+    target = max(32, round(native * defaults.NATIVE_SIZE_SCALE / 32) * 32)  # nearest multiple
+    why = f"{defaults.NATIVE_SIZE_SCALE:g}x the backbone's {native} px pretraining size"
     sides = [min(p.width, p.height) for path in folder.train.paths
              if (p := folder.probes.get(path)) is not None and p.width]
     if not sides:
-        return native, "the backbone's"
+        return target, why
     median = statistics.median(sides)
-    size = max(defaults.MIN_AUTO_IMAGE_SIZE, -(-int(defaults.MAX_UPSCALE * median) // 32) * 32)
-    if size >= native:
-        return native, "the backbone's"
-    return size, (f"the training images' median side is {median:g} px: upscaled at most "
-                  f"{defaults.MAX_UPSCALE}x instead of to {native}; --image-size to choose")
+    small = max(defaults.MIN_AUTO_IMAGE_SIZE, -(-int(defaults.MAX_UPSCALE * median) // 32) * 32)
+    if small >= target:
+        return target, why
+    return small, (f"the training images' median side is {median:g} px: upscaled at most "
+                   f"{defaults.MAX_UPSCALE}x; --image-size to choose")
 
 
 def _check_free_space(run_dir: Path, model) -> None:
@@ -431,7 +433,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         if opt.fine_tune_lr == "auto" and resolved == "all":
             raise UsageError(f"--fine-tune-lr auto needs --unfreeze N: {unfreeze_reason}")
     log(f"base: {info.name} at {size}x{size}"
-        + (f" ({size_reason})" if size_reason not in ("given", "the backbone's") else "")
+        + (f" ({size_reason})" if size_reason != "given" else "")
         + f" (preprocessing {info.preprocessing})")
     weights = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
     if weights:
