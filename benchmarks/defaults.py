@@ -56,7 +56,10 @@ SETTINGS: dict[str, dict] = {
     "fine-tune-always": {"mode": "fine-tune"},
     # graftkit before this protocol: Adam, no smoothing, 1e-5, top 2 blocks, 224 px.
     "old-defaults": {"label_smoothing": 0.0, "weight_decay": 0.0, "schedule": "constant",
-                     "fine_tune_lr": 1e-5, "unfreeze": 2, "image_size": 224},
+                     "fine_tune_lr": 1e-5, "unfreeze": 2, "image_size": 224,
+                     "fine_tune_epochs": 5},
+    "cosine": {"schedule": "cosine"},
+    "224px": {"image_size": 224},
     "constant-lr": {"schedule": "constant"},
     "one-cycle": {"schedule": "one-cycle"},
     "no-smoothing": {"label_smoothing": 0.0},
