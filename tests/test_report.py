@@ -29,6 +29,7 @@ def test_report_is_self_contained(trained_run, capsys):
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # nothing from the network
     assert page.count("data:image/jpeg;base64,") == 6  # every validation image (6 < 16)
     assert "data:image/png;base64," in page  # the curves
+    assert "mode auto" in page and "chose " in page  # what --mode decided, and why
 
 
 @pytest.mark.slow

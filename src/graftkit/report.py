@@ -70,6 +70,14 @@ def _run_card(m: dict) -> str:
     for p in m["phases"]:
         rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "
                                           f"accuracy {p['best_val_accuracy']:.4f}. {p['note']}"))
+    mode = m.get("mode")
+    if mode:
+        rows.append((f"mode {mode['requested']}", f"chose {mode['chosen'].replace('_', '-')}: "
+                                                  f"{mode['reason']}"))
+        if mode.get("unfreeze_reason") and mode["unfreeze_reason"] != "given":
+            rows.append(("unfreeze auto", f"{mode['unfreeze']}: {mode['unfreeze_reason']}"))
+        if mode.get("image_size_reason") and mode["image_size_reason"] != "given":
+            rows.append(("image size", f"{mode['image_size']} px: {mode['image_size_reason']}"))
     rows.append(("total time", f"{m.get('total_seconds', 0):.1f} s"))
     rows.append(("settings", json.dumps(m.get("options", {}), ensure_ascii=False)))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())))
