@@ -129,6 +129,12 @@ def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys):
     assert [p["name"] for p in m["phases"]] == ["head"]
     assert m["mode"]["chosen"] == "head" and m["mode"]["reason"] == "--mode head"
     assert "chose head: --mode head" in capsys.readouterr().out
+    assert m["options"]["label_smoothing"] == 0.0  # auto: no whole-base fine-tuning here
+
+
+def test_label_smoothing_auto_smooths_runs_that_fine_tune_the_whole_base(trained_run):
+    m = json.loads((trained_run / "run" / "metrics.json").read_text())
+    assert m["options"]["unfreeze"] == "all" and m["options"]["label_smoothing"] == 0.1
 
 
 @pytest.mark.slow

@@ -323,8 +323,10 @@ def _training_options(p, out_help: str = "run folder to write") -> None:
     p.add_argument("--weight-decay", type=float, default=defaults.WEIGHT_DECAY,
                    help="AdamW's decoupled weight decay on kernels; 0 for Adam "
                         f"(default {defaults.WEIGHT_DECAY:g})")
-    p.add_argument("--label-smoothing", type=float, default=defaults.LABEL_SMOOTHING,
-                   help=f"(default {defaults.LABEL_SMOOTHING:g})")
+    p.add_argument("--label-smoothing", default=defaults.LABEL_SMOOTHING,
+                   help="a number, or auto: "
+                        f"{defaults.LABEL_SMOOTHING_WHOLE_BASE:g} in runs that fine-tune the "
+                        f"whole base, 0 otherwise (default {defaults.LABEL_SMOOTHING})")
     p.add_argument("--lr-decay", type=float, default=defaults.LR_DECAY,
                    help="discriminative rates: each lower unfrozen block trains at this times "
                         f"the rate of the block above (default {defaults.LR_DECAY:g}: one rate)")

@@ -53,7 +53,7 @@ class FitOptions:
     time_budget: float | None = None  # seconds for the whole run; fine-tuning stops to fit it
     schedule: str = defaults.LR_SCHEDULE  # graftkit.optimizer.SCHEDULES
     weight_decay: float = defaults.WEIGHT_DECAY
-    label_smoothing: float = defaults.LABEL_SMOOTHING
+    label_smoothing: float | str = defaults.LABEL_SMOOTHING  # or "auto", decided with --unfreeze
     lr_decay: float = defaults.LR_DECAY
     unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE
     heads: int = defaults.HEADS
@@ -126,7 +126,7 @@ class FitOptions:
                              f"(got {self.schedule!r})")
         if not 0 <= self.weight_decay < 1:
             raise UsageError(f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
-        if not 0 <= self.label_smoothing < 1:
+        if self.label_smoothing != "auto" and not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
         if not 0 < self.lr_decay <= 1:
             raise UsageError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
@@ -148,6 +148,15 @@ def _parse_lr(value, name: str) -> float | str:
         return float(value)
     except (TypeError, ValueError):
         raise UsageError(f"{name} must be a number or 'auto' (got {value!r})") from None
+
+
+def _parse_smoothing(value) -> float | str:
+    if str(value) == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--label-smoothing must be a number or 'auto' (got {value!r})") from None
 
 
 def _parse_unfreeze(unfreeze) -> int | str:
@@ -201,7 +210,7 @@ def fit(
     time_budget: float | None = None,
     schedule: str = defaults.LR_SCHEDULE,
     weight_decay: float = defaults.WEIGHT_DECAY,
-    label_smoothing: float = defaults.LABEL_SMOOTHING,
+    label_smoothing: float | str = defaults.LABEL_SMOOTHING,
     lr_decay: float = defaults.LR_DECAY,
     unfreeze_schedule: str = defaults.UNFREEZE_SCHEDULE,
     heads: int = defaults.HEADS,
@@ -251,7 +260,8 @@ def fit(
         time_budget: seconds for the whole run: fine-tuning stops before an epoch that would
             end past it (and is skipped if phase 1 used it up).
         schedule: ``"cosine"`` (warm-up, then cosine), ``"one-cycle"`` or ``"constant"``,
-            per phase; ``weight_decay`` (AdamW), ``label_smoothing``; ``lr_decay`` < 1 gives
+            per phase; ``weight_decay`` (AdamW), ``label_smoothing`` (``"auto"``: 0.1 where the
+            whole base is fine-tuned, else 0); ``lr_decay`` < 1 gives
             each lower unfrozen block that times the rate of the one above (discriminative
             rates); ``unfreeze_schedule``: ``"none"``, ``"gradual"`` (one more block per
             epoch) or start epochs like ``"0,1,3"``.
@@ -275,7 +285,7 @@ def fit(
                                   else str(Path(val).resolve())),
         views, precision, cache, strategy, mode,
         None if time_budget is None else float(time_budget), schedule, float(weight_decay),
-        float(label_smoothing), float(lr_decay), str(unfreeze_schedule), int(heads),
+        _parse_smoothing(label_smoothing), float(lr_decay), str(unfreeze_schedule), int(heads),
     )
     options.check()
     if tensorboard:
@@ -432,6 +442,10 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
             log(f"unfreeze auto: {resolved} ({unfreeze_reason})")
         if opt.fine_tune_lr == "auto" and resolved == "all":
             raise UsageError(f"--fine-tune-lr auto needs --unfreeze N: {unfreeze_reason}")
+    if opt.label_smoothing == "auto":
+        whole = opt.unfreeze == "all" and opt.fine_tunes
+        opt = dataclasses.replace(
+            opt, label_smoothing=defaults.LABEL_SMOOTHING_WHOLE_BASE if whole else 0.0)
     log(f"base: {info.name} at {size}x{size}"
         + (f" ({size_reason})" if size_reason != "given" else "")
         + f" (preprocessing {info.preprocessing})")
