@@ -7,9 +7,9 @@ Datasets: ``../shared/datasets/hymenoptera`` and ``../shared/datasets/flowers5``
 train/val folders) and scikit-learn's digits (written out as a class folder; the seed also
 draws its 20% validation split). Each run is ``graftkit.fit`` in this process with the defaults
 plus the setting's overrides, and one JSON line per run is appended to ``--results``
-(``benchmarks/defaults-runs.jsonl``): validation accuracy of the final model, phase 1's best
-(head only), the mode chosen and the seconds of the run. Frozen outputs are cached, so only the
-first run of a dataset at a given cut pays for the frozen base: the table's seconds are the
+(``benchmarks/defaults-runs.jsonl``): the graftkit commit, validation accuracy of the final
+model, phase 1's best (head only), the mode chosen and the seconds of the run. Frozen outputs
+are cached, so only the first run of a dataset at a given cut pays for the frozen base: the table's seconds are the
 median over seeds, and the first (cold) run's seconds are recorded in the JSON lines.
 A measurement script, not a test: it takes about 2-3 minutes per setting once caches are warm.
 """
@@ -102,6 +102,23 @@ def dataset_path(name: str, scratch: Path, shared: Path = SHARED) -> Path:
     return shared / name
 
 
+def source_commit() -> str:
+    """The commit of the graftkit that runs (``+dirty`` when its sources differ from it)."""
+    import subprocess
+
+    import graftkit
+
+    src = Path(graftkit.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
     from graftkit.workflow import fit
 
@@ -112,31 +129,34 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
                      **SETTINGS[setting])
         seconds = time.perf_counter() - start
     m = result.metrics
-    return {"dataset": name, "setting": setting, "overrides": SETTINGS[setting], "seed": seed,
+    return {"code": source_commit(), "dataset": name, "setting": setting,
+            "overrides": SETTINGS[setting], "seed": seed,
             "val_accuracy": m["val_accuracy"], "phase1": m["phases"][0]["best_val_accuracy"],
             "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
             "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]]}
 
 
 def table(rows: list[dict]) -> str:
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    head = "| setting | " + " | ".join(
+    """One line per (code, setting): mean, spread and median seconds on each dataset."""
+    groups = list(dict.fromkeys((r.get("code", "?"), r["setting"]) for r in rows))
+    head = "| code | setting | " + " | ".join(
         f"{d} mean | spread | s" for d in DATASETS) + " | phase 1 (head) means |"
-    lines = [head, "|" + "---|" * (2 + 3 * len(DATASETS))]
-    for s in settings:
+    lines = [head, "|" + "---|" * (3 + 3 * len(DATASETS))]
+    for code, s in groups:
         cells, p1 = [], []
         for d in DATASETS:
-            runs = [r for r in rows if r["setting"] == s and r["dataset"] == d]
+            runs = [r for r in rows if (r.get("code", "?"), r["setting"]) == (code, s)
+                    and r["dataset"] == d]
             if not runs:
                 cells += ["", "", ""]
-                p1.append("")
+                p1.append("-")
                 continue
             acc = [r["val_accuracy"] for r in runs]
             cells += [f"{statistics.mean(acc):.4f} (n={len(acc)})",
                       f"{min(acc):.4f}-{max(acc):.4f}",
                       f"{statistics.median(r['seconds'] for r in runs):.0f}"]
             p1.append(f"{statistics.mean(r['phase1'] for r in runs):.4f}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " | " + " / ".join(p1) + " |")
+        lines.append(f"| {code} | {s} | " + " | ".join(cells) + " | " + " / ".join(p1) + " |")
     return "\n".join(lines)
 
 

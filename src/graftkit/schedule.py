@@ -11,7 +11,7 @@ never leave a worse model than phase 1.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -126,8 +126,6 @@ def _compile(model: keras.Model, lr: float, schedule: Schedule, total_steps: int
     """A fresh optimizer for a phase of ``total_steps`` steps (0: a constant rate)."""
     training = schedule.training
     if not total_steps:
-        from dataclasses import replace
-
         training = replace(training, schedule="constant")
     model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
                                       factors),
@@ -151,7 +149,6 @@ class TimeBudget(keras.callbacks.Callback):
         super().__init__()
         self.deadline, self.steps = deadline, steps_per_epoch
         self.last_epoch: float | None = None
-        self.stopped = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -170,7 +167,6 @@ class TimeBudget(keras.callbacks.Callback):
         self.last_epoch = time.perf_counter() - self._start
 
     def _stop(self):
-        self.stopped = True
         self.model.stop_training = True
 
 

@@ -434,6 +434,9 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     if dist.chief:
         _check_free_space(run_dir, model)
     size = info.image_size
+    log(f"base: {info.name} at {size}x{size}"
+        + (f" ({size_reason})" if size_reason != "given" else "")
+        + f" (preprocessing {info.preprocessing})")
     unfreeze_reason = "given"
     if opt.unfreeze == "auto":
         resolved, unfreeze_reason = auto_unfreeze(len(folder.train), size)
@@ -446,9 +449,6 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         whole = opt.unfreeze == "all" and opt.fine_tunes
         opt = dataclasses.replace(
             opt, label_smoothing=defaults.LABEL_SMOOTHING_WHOLE_BASE if whole else 0.0)
-    log(f"base: {info.name} at {size}x{size}"
-        + (f" ({size_reason})" if size_reason != "given" else "")
-        + f" (preprocessing {info.preprocessing})")
     weights = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
     if weights:
         log("  class weights (imbalanced training set): "
