@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from graftkit import defaults
 from graftkit.cli import main
 from graftkit.lr_finder import range_test, suggest
 
@@ -67,7 +68,7 @@ def test_lr_find_and_fit_lr_auto(tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     rates = metrics["learning_rates"]
     assert rates["head"] == rates["range_tests"]["head"]["suggestion"]  # the rate fit used
-    assert 0 < rates["head"] < 1 and rates["fine_tune"] == 1e-5
+    assert 0 < rates["head"] < 1 and rates["fine_tune"] == defaults.FINE_TUNE_LR  # as given
     assert (run / "lr_find_head.png").is_file()
     assert metrics["options"]["lr"] == "auto"
 
