@@ -141,22 +141,13 @@ class FitOptions:
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
-def _parse_lr(value, name: str) -> float | str:
+def _number_or_auto(value, name: str) -> float | str:
     if str(value) == "auto":
         return "auto"
     try:
         return float(value)
     except (TypeError, ValueError):
         raise UsageError(f"{name} must be a number or 'auto' (got {value!r})") from None
-
-
-def _parse_smoothing(value) -> float | str:
-    if str(value) == "auto":
-        return "auto"
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"--label-smoothing must be a number or 'auto' (got {value!r})") from None
 
 
 def _parse_unfreeze(unfreeze) -> int | str:
@@ -277,15 +268,15 @@ def fit(
 
     options = FitOptions(
         str(base), None if weights is None else str(weights), image_size, batch_size,
-        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), _parse_lr(lr, "--lr"),
-        _parse_lr(fine_tune_lr, "--fine-tune-lr"),
+        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), _number_or_auto(lr, "--lr"),
+        _number_or_auto(fine_tune_lr, "--fine-tune-lr"),
         augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
         val_split, seed, dropout, class_weight,
         None if val is None else (str(val) if str(val).startswith("tfds:")
                                   else str(Path(val).resolve())),
         views, precision, cache, strategy, mode,
         None if time_budget is None else float(time_budget), schedule, float(weight_decay),
-        _parse_smoothing(label_smoothing), float(lr_decay), str(unfreeze_schedule), int(heads),
+        _number_or_auto(label_smoothing, "--label-smoothing"), float(lr_decay), str(unfreeze_schedule), int(heads),
     )
     options.check()
     if tensorboard:
