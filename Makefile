@@ -2,14 +2,20 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The dependency set (every dependency list in pyproject.toml): when it changes, .venv is made
+# anew, so a package the project no longer names (e.g. tensorflow-cpu) is not left beside its
+# replacement.
+DEPS_HASH := $(shell $(PYTHON) scripts/deps_hash.py)
 
 .PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(DEPS_HASH)" ]; then \
+		echo "dependencies changed: making $(VENV) anew"; rm -rf $(VENV); fi
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,export,tensorboard,tfds]'
-	touch $(STAMP)
+	echo "$(DEPS_HASH)" > $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
