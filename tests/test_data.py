@@ -104,7 +104,7 @@ def test_nested_folders_belong_to_their_class(tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "not found"),
-    ("file", "not a folder"),
+    ("file", "not a data folder"),
     ("no_classes", "no class subfolders"),
     ("one_class", "only one class"),
     ("empty_class", "no readable image"),

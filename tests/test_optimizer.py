@@ -16,8 +16,8 @@ from graftkit.optimizer import (
     block_factors,
     learning_rate,
     optimizer,
-    parse_unfreeze_schedule,
 )
+from graftkit.options import parse_unfreeze_schedule
 
 from .conftest import make_folder
 

@@ -50,10 +50,41 @@ class CheckReport:
     def exit_code(self) -> int:
         return {"clean": 0, WARNING: 1, FATAL: 2}[self.status]
 
+    def groups(self, examples: int = 3) -> list[dict]:
+        """Findings of one kind as one entry: a count, one line, a few example paths.
+
+        What a person reads (and what ``metrics.json`` keeps); ``as_dict`` has every finding.
+        """
+        by_kind: dict[tuple[str, str], list[Finding]] = defaultdict(list)
+        for f in self.findings:
+            by_kind[(f.severity, f.kind)].append(f)
+        out = []
+        for (severity, kind), found in by_kind.items():
+            message = found[0].message if len(found) == 1 or kind not in GROUP_TITLES else \
+                f"{len(found)} {GROUP_TITLES[kind]}"
+            shown = [p for f in found[:examples] for p in f.paths[:2]]
+            out.append({"severity": severity, "kind": kind, "count": len(found),
+                        "message": message, "examples": shown})
+        return out
+
     def as_dict(self) -> dict:
         return {"data": self.data, "split": self.split, "status": self.status,
                 "exit_code": self.exit_code, "counts": self.counts,
-                "findings": [f.as_dict() for f in self.findings]}
+                "summary": self.groups(), "findings": [f.as_dict() for f in self.findings]}
+
+
+# How several findings of one kind read as one line ("12 " + title).
+GROUP_TITLES = {
+    "unreadable": "unreadable files, skipped",
+    "conflicting_labels": "identical images with different labels",
+    "leak": "exact duplicates across train and val: validation overstates accuracy",
+    "duplicate": "exact duplicates inside a split",
+    "near_duplicate": "validation images nearly identical to a training image: validation "
+                      "overstates accuracy",
+    "near_duplicate_labels": "nearly identical train/val pairs with different labels: likely "
+                             "label errors",
+    "fatal": "fatal problems",
+}
 
 
 def _split_of(folder: ImageFolder) -> dict[str, str]:
@@ -95,10 +126,21 @@ def _duplicates(folder: ImageFolder) -> list[Finding]:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
+def _hashable(folder: ImageFolder, paths: list[str]) -> list[str]:
+    """Images large enough for their difference hash to tell them apart.
+
+    The hash samples a 17x16 grid: an 8x8 scan upscaled to it says little, and such images
+    (scikit-learn's digits) came out as "near-duplicates" of other digits.
+    """
+    return [p for p in paths
+            if min(folder.probes[p].width, folder.probes[p].height) >= defaults.TINY_SIDE]
+
+
 def _near_duplicates(folder: ImageFolder) -> list[Finding]:
-    train, val = folder.train.paths, folder.val.paths
+    train, val = _hashable(folder, folder.train.paths), _hashable(folder, folder.val.paths)
     if not train or not val:
         return []
+    label_of = _label_of(folder)
     t = np.frombuffer(b"".join(folder.probes[p].dhash for p in train), np.uint8)
     t = t.reshape(len(train), -1)
     bits = t.shape[1] * 8
@@ -109,10 +151,18 @@ def _near_duplicates(folder: ImageFolder) -> list[Finding]:
         v = np.frombuffer(probe.dhash, np.uint8)
         distance = _POPCOUNT[t ^ v].sum(axis=1)
         for i in np.flatnonzero(distance <= defaults.NEAR_DUPLICATE_BITS):
-            if t_sha[i] != probe.sha256:  # exact copies are reported as leaks already
+            if t_sha[i] == probe.sha256:  # exact copies are reported as leaks already
+                continue
+            differ = f"({int(distance[i])}/{bits} bits differ)"
+            if label_of[train[i]] != label_of[v_path]:
+                findings.append(Finding(
+                    WARNING, "near_duplicate_labels",
+                    f"nearly identical images labelled {label_of[train[i]]} (train) and "
+                    f"{label_of[v_path]} (val) {differ}: a likely label error",
+                    [train[i], v_path]))
+            else:
                 findings.append(Finding(WARNING, "near_duplicate",
-                                        f"val image nearly identical to a train image "
-                                        f"({int(distance[i])}/{bits} bits differ)",
+                                        f"val image nearly identical to a train image {differ}",
                                         [train[i], v_path]))
     return findings
 
@@ -132,7 +182,9 @@ def _shapes(folder: ImageFolder) -> list[Finding]:
     findings = []
     if tiny:
         findings.append(Finding(WARNING, "tiny",
-                                f"{_images(len(tiny))} under {defaults.TINY_SIDE} px on a side",
+                                f"{_images(len(tiny))} under {defaults.TINY_SIDE} px on a side: "
+                                "they are upscaled to the training size (little detail for a "
+                                "pretrained base) and too small for the near-duplicate check",
                                 tiny))
     if extreme:
         findings.append(Finding(WARNING, "aspect_ratio",

@@ -27,6 +27,10 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
@@ -47,6 +51,21 @@ def _training_kwargs(args) -> dict:
         lr_decay=args.lr_decay, unfreeze_schedule=args.unfreeze_schedule, heads=args.heads,
         unsafe=args.unsafe, verbose=_verbose(),
     )
+
+
+def preflight_fit(args) -> None:
+    from graftkit.workflow import check_inputs, make_options
+
+    kwargs = _training_kwargs(args)
+    kwargs.pop("unsafe"), kwargs.pop("verbose")
+    options = make_options(**kwargs)
+    overwrite = getattr(args, "overwrite", True)  # lr-find's plots folder is rewritten
+    check_inputs(args.data_dir, args.out, options, overwrite)
+    if getattr(args, "tensorboard", False):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'")
 
 
 def cmd_fit(args) -> int:
@@ -88,8 +107,14 @@ def print_summary(m: dict, run_dir) -> None:
     print(f"  recall per class     {recalls}")
     if m.get("class_weight"):
         print("  class weights        " + ", ".join(f"{c} {w:.2f}" for c, w in m["class_weight"].items()))
-    if m.get("check", {}).get("findings"):
-        print(f"  data check           {len(m['check']['findings'])} warnings (graft check DATA_DIR)")
+    findings = m.get("check", {}).get("findings")
+    if findings:
+        import shlex
+
+        print(f"  data check           {_plural(len(findings), 'finding')}: "
+              + "; ".join(f["message"] for f in findings[:3])
+              + (f"; +{len(findings) - 3} more" if len(findings) > 3 else "")
+              + f" (graft check {shlex.quote(m.get('data', 'DATA_DIR'))})")
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
@@ -107,9 +132,15 @@ def cmd_check(args) -> int:
     print(f"{rep.data}: {rep.split}")
     rows = [[c, n["train"], n["val"]] for c, n in rep.counts.items()]
     print(_fmt_table(rows, ["class", "train", "val"]))
-    for f in rep.findings:
-        shown = ", ".join(f.paths[:3]) + (f" (+{len(f.paths) - 3} more)" if len(f.paths) > 3 else "")
-        print(f"{f.severity:<8} {f.kind:<18} {f.message}" + (f": {shown}" if shown else ""))
+    def short(path: str) -> str:  # paths are absolute; inside the data folder, say less
+        rel = os.path.relpath(path, rep.data)
+        return path if rel.startswith("..") else rel
+
+    for g in rep.groups():
+        shown = ", ".join(short(p) for p in g["examples"])
+        more = f" (+{g['count'] - 3} more: --format json lists all)" if g["count"] > 3 else ""
+        print(f"{g['severity']:<8} {g['kind']:<22} {g['message']}"
+              + (f": {shown}{more}" if shown else ""))
     print(f"status: {rep.status} (exit code {rep.exit_code})")
     return rep.exit_code
 
@@ -124,20 +155,32 @@ def _progress(done: int, total: int) -> None:
               end=end, file=sys.stderr, flush=True)
 
 
-def cmd_predict(args) -> int:
-    from graftkit.predict import expand_paths, load
+def preflight_predict(args) -> None:
+    from graftkit.run import prepare_output_file, read_run
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    read_run(args.run_dir)
+    for path in args.paths:
+        if not Path(path).exists():
+            raise GraftError(f"no such file or folder: {path}")
+    if args.output:  # before the work: a bad path must not cost every prediction
+        prepare_output_file(args.output)
+
+
+def cmd_predict(args) -> int:
+    from graftkit.predict import expand_paths, load
+
     clf = load(args.run_dir, args.unsafe)
     paths, skipped = expand_paths(args.paths)
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if not paths:
         raise UsageError("no readable image among the given paths")
-    preds = clf.predict(paths, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
+    top_k = min(args.top_k, len(clf.classes_))
+    preds = clf.predict(paths, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
                         progress=_progress)
     if args.format == "json":
         text = "".join(json.dumps(p.as_dict(), ensure_ascii=False) + "\n" for p in preds)
@@ -155,10 +198,8 @@ def cmd_predict(args) -> int:
     else:
         rows = [[p.path, p.label, f"{p.probability:.4f}",
                  ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k)] for p in preds]
-        text = _fmt_table(rows, ["path", "label", "probability", f"top {args.top_k}"]) + "\n"
+        text = _fmt_table(rows, ["path", "label", "probability", f"top {top_k}"]) + "\n"
     if args.output:
-        from pathlib import Path
-
         from graftkit.run import write_text
 
         write_text(Path(args.output), text)
@@ -168,10 +209,23 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def preflight_evaluate(args) -> None:
+    from graftkit.data import check_data_path
+    from graftkit.run import read_run
+
+    read_run(args.run_dir)
+    check_data_path(args.data_dir)
+
+
 def cmd_evaluate(args) -> int:
     from graftkit.predict import load
 
     result = load(args.run_dir, args.unsafe).evaluate(args.data_dir, tta=args.tta)
+    overlap = result["overlap"]
+    if overlap["checked"] is False:
+        print(f"note: {overlap['message']}", file=sys.stderr)
+    elif overlap["count"]:
+        print(f"warning: {overlap['message']}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -191,6 +245,12 @@ def cmd_evaluate(args) -> int:
     for item in result["skipped_files"]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     return 0
+
+
+def preflight_inspect(args) -> None:
+    from graftkit.inspect import check_target
+
+    check_target(args.target)
 
 
 def cmd_inspect(args) -> int:
@@ -226,7 +286,7 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from graftkit import features
+    from graftkit import store as features
     from graftkit.defaults import cache_dir
 
     if args.action == "clear":
@@ -257,12 +317,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+def preflight_export(args) -> None:
+    from graftkit.run import read_run
+
+    read_run(args.run_dir)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file: pass a folder for the export")
+
+
 def cmd_export(args) -> int:
     from graftkit.export import export, summary
 
     result = export(args.run_dir, args.format, args.quantize, args.out)
     print(summary(result))
     return 0
+
+
+def preflight_demo(args) -> None:
+    from graftkit.run import check_run_dir
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: pass a folder for the demo's data and run")
+    check_run_dir(out / "run", args.overwrite)
 
 
 def cmd_demo(args) -> int:
@@ -513,28 +590,57 @@ def _import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
+# Checks of paths and option values that need no TensorFlow: a typo is answered at once.
+PREFLIGHT = {"fit": preflight_fit, "lr-find": preflight_fit, "predict": preflight_predict,
+             "evaluate": preflight_evaluate, "inspect": preflight_inspect,
+             "export": preflight_export, "demo": preflight_demo}
+# Commands that never touch TensorFlow: check, report, backbones, cache.
+NEEDS_TENSORFLOW = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "demo"}
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
+
+def _run(args) -> int:
+    preflight = PREFLIGHT.get(args.command)
+    if preflight is not None:
+        preflight(args)
+    if args.command in NEEDS_TENSORFLOW:
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        _import_tensorflow_quietly()
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _import_tensorflow_quietly()
+    """The ``graft`` command. Every user error ends in one line on stderr and an exit code."""
+    name = "graft"
     try:
-        return args.func(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        name = f"graft {args.command}"
+        return _run(args)
     except GraftError as exc:
-        print(f"graft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        hint = " (every finished epoch is saved: run the same command again to resume)" \
-            if args.command == "fit" else ""
-        print(f"graft {args.command}: interrupted{hint}", file=sys.stderr)
-        return 1
+        hint = (" (every finished epoch is saved: run the same command again to resume)"
+                if name in ("graft fit", "graft demo") else "")
+        print(f"{name}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `graft predict ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        from graftkit.run import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{name}: error: no space left on the disk{where}: free some space, then run the "
+              "same command again", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

@@ -192,11 +192,21 @@ def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
 
 
 def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
-                      probes: dict[str, ImageProbe] | None) -> dict[str, list[str]]:
-    """Decode every candidate once (in threads); keep the readable ones."""
+                      probes: dict[str, ImageProbe] | None, progress=None) -> dict[str, list[str]]:
+    """Decode every candidate once (in threads); keep the readable ones.
+
+    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
+    """
     all_paths = [p for ps in candidates.values() for p in ps]
+    bar = progress("scanning images", len(all_paths)) if progress else None
+    found = {}
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        found = dict(zip(all_paths, pool.map(probe_image, all_paths)))
+        for path, probe in zip(all_paths, pool.map(probe_image, all_paths)):
+            found[path] = probe
+            if bar is not None and (len(found) % 64 == 0 or len(found) == len(all_paths)):
+                bar.update(len(found))
+    if bar is not None:
+        bar.close()
     if probes is not None:
         probes.update(found)
     result = {}
@@ -209,10 +219,11 @@ def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, 
 
 
 def scan_classes(folder: Path, skipped: list[dict[str, str]],
-                 probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
+                 probes: dict[str, ImageProbe] | None = None,
+                 progress=None) -> dict[str, list[str]]:
     """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
     if folder.is_file():
-        return scan_table(folder, skipped, probes)
+        return scan_table(folder, skipped, probes, progress)
     candidates: dict[str, list[str]] = {}
     for class_dir in _class_dirs(folder, skipped):
         paths = []
@@ -223,11 +234,11 @@ def scan_classes(folder: Path, skipped: list[dict[str, str]],
             else:
                 paths.append(str(f))
         candidates[class_dir.name] = paths
-    return _probe_candidates(candidates, skipped, probes)
+    return _probe_candidates(candidates, skipped, probes, progress)
 
 
 def scan_table(table: Path, skipped: list[dict[str, str]],
-               probes: dict[str, ImageProbe] | None = None) -> dict[str, list[str]]:
+               probes: dict[str, ImageProbe] | None = None, progress=None) -> dict[str, list[str]]:
     """A CSV or TSV of ``path,label`` rows (a header row is optional; paths relative to it)."""
     import csv
 
@@ -250,7 +261,7 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
             skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
             continue
         candidates.setdefault(label, []).append(str(full))
-    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes)
+    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes, progress)
 
 
 def require_classes(by_class: dict[str, list[str]], where: Path) -> None:
@@ -305,8 +316,29 @@ def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
 TABLE_SUFFIXES = (".csv", ".tsv")
 
 
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
+    """A labelled data source exists and is of a kind graftkit reads (no TensorFlow needed)."""
+    from graftkit.sources import is_tfds
+
+    if is_tfds(data):
+        return
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
+        kind = "an image" if path.suffix.lower() in IMAGE_EXTENSIONS else "a file"
+        raise DataError(f"{path} is {kind}, not a {what}: pass a folder with one subfolder per "
+                        "class, or a .csv/.tsv of path,label rows"
+                        + (" (graft predict takes single images)" if kind == "an image" else ""))
+
+
 def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
-         strict: bool = True, val: str | os.PathLike | None = None) -> ImageFolder:
+         strict: bool = True, val: str | os.PathLike | None = None,
+         progress=None) -> ImageFolder:
     """Scan and check every image of a dataset.
 
     ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders, a
@@ -318,18 +350,15 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
     """
     from graftkit.sources import is_tfds, materialise_tfds
 
-    root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else Path(data_dir)
-    if val is not None and is_tfds(val):
-        val = materialise_tfds(str(val))
-    if not root.exists():
-        raise DataError(f"data folder not found: {root}")
-    if root.is_file() and root.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"{root} is not a folder or a .csv/.tsv: pass a folder with one "
-                        "subfolder per class, or a CSV of path,label rows")
+    check_data_path(data_dir)
+    if val is not None:
+        check_data_path(val, "validation data")
     if not 0.0 < val_split < 1.0:
         raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
-    if val is not None and not Path(val).exists():
-        raise DataError(f"validation data not found: {val}")
+    # Absolute paths: the run folder's split, predictions and report work from any folder.
+    root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else _absolute(data_dir)
+    if val is not None:
+        val = materialise_tfds(str(val)) if is_tfds(val) else _absolute(val)
     skipped: list[dict[str, str]] = []
     probes: dict[str, ImageProbe] = {}
     fatal: list[str] = []
@@ -348,7 +377,7 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
     dirs = find_split_dirs(root) if root.is_dir() else None
     train_src = dirs[0] if dirs else root
     val_src = Path(val) if val is not None else (dirs[1] if dirs else None)
-    train_by_class = scan_classes(train_src, skipped, probes)
+    train_by_class = scan_classes(train_src, skipped, probes, progress)
     require(train_by_class, train_src)
     classes = list(train_by_class)
     if val_src is None:
@@ -358,7 +387,7 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
         return ImageFolder(root, classes, train, val_split_, skipped,
                            f"seeded split ({val_split:.0%} validation, seed {seed})", probes,
                            fatal)
-    val_by_class = scan_classes(val_src, skipped, probes)
+    val_by_class = scan_classes(val_src, skipped, probes, progress)
     unknown = sorted(set(val_by_class) - set(classes))
     if unknown:
         fail(f"{val_src} has classes missing from {train_src}: {', '.join(unknown)}; "
@@ -440,7 +469,7 @@ class DecodedImages:
     """
 
     def __init__(self, paths: Sequence[str], size: int, budget: int | None = None,
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, progress=None):
         import tempfile
 
         self.paths, self.size = list(paths), size
@@ -461,8 +490,13 @@ class DecodedImages:
         def work(i: int) -> None:
             self.array[i] = load_image(self.paths[i], size)
 
+        bar = progress("decoding training images", len(self.paths)) if progress else None
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            list(pool.map(work, range(len(self.paths))))
+            for i, _ in enumerate(pool.map(work, range(len(self.paths))), start=1):
+                if bar is not None and (i % 64 == 0 or i == len(self.paths)):
+                    bar.update(i)
+        if bar is not None:
+            bar.close()
 
     def __len__(self) -> int:
         return len(self.paths)

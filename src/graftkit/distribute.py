@@ -62,12 +62,6 @@ class Distribution:
         return f"{self.name}: {where}"
 
 
-def _gpus() -> list:
-    import tensorflow as tf
-
-    return tf.config.list_logical_devices("GPU")
-
-
 def _cluster() -> tuple[dict, dict]:
     from graftkit.errors import UsageError
 
@@ -95,14 +89,14 @@ def make_distribution(name: str = "auto") -> Distribution:
 
     if name not in STRATEGIES:
         raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {name!r})")
+    from graftkit.devices import gpus
+
     if name == "auto":
-        name = "mirrored" if len(_gpus()) > 1 else "default"
+        name = "mirrored" if len(gpus()) > 1 else "default"
     if name == "default":
         return Distribution("default", None)
     if name == "mirrored":
-        gpus = _gpus()
-        cpus = tf.config.list_logical_devices("CPU")
-        devices = [d.name for d in (gpus or cpus)]
+        devices = gpus() or [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices)
         return Distribution("mirrored", strategy, strategy.num_replicas_in_sync)
     cluster, task = _cluster()

@@ -37,6 +37,15 @@ class RunError(GraftError):
     exit_code = 5
 
 
+class DiskFullError(RunError):
+    """A write failed for want of space; what was written before it is intact."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        super().__init__(f"no space left on the disk of {folder}: free some space there (or "
+                         "choose another folder), then run the same command again")
+
+
 class ExportError(GraftError):
     """An exported model that does not reproduce the Keras model, or cannot be checked."""
 
@@ -51,11 +60,12 @@ class ClusterError(GraftError):
 
 EXIT_CODES = {
     0: "success",
-    1: "interrupted or unexpected error",
+    1: "unexpected error (a bug in graftkit: please report it with its traceback)",
     2: "bad command-line usage or option value",
     3: "data problem (folder, classes, images)",
     4: "backbone or weights problem",
     5: "run folder problem (cannot write, not a run, would overwrite)",
     6: "export problem (the exported model disagrees with the Keras model)",
     7: "a worker of a multi-worker run stopped or cannot be reached (resume: same command)",
+    130: "interrupted (Ctrl-C); graft fit resumes when the same command runs again",
 }

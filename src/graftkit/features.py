@@ -19,9 +19,8 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,18 @@ import numpy as np
 from graftkit import defaults
 from graftkit.backbones.registry import block_groups
 from graftkit.data import augment_image, load_image, view_seed
+from graftkit.errors import DiskFullError
 from graftkit.graft import all_layers
 from graftkit.run import atomic_write
+from graftkit.store import (  # noqa: F401 - graft cache and the tests read them here too
+    FeatureStore,
+    cache_entries,
+    cache_full,
+    cache_limit_bytes,
+    clear,
+    evict,
+    writable,
+)
 
 ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" or "tflite" forces that engine (for comparisons)
 PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale
@@ -228,9 +237,13 @@ class FrozenPart:
 
     def __init__(self, model: keras.Model, key: str, use_tflite: bool | None = None):
         self.model, self.key = model, key
+        self.notify: Callable[[str], None] | None = None  # told of a conversion (seconds long)
         forced = os.environ.get(ENGINE_ENV, "")
-        if use_tflite is None:
-            use_tflite = forced != "keras" and _float32(model)
+        if use_tflite is None:  # TFLite is a CPU engine: with a GPU, Keras runs on it
+            from graftkit.devices import gpus
+
+            use_tflite = (forced != "keras" and _float32(model)
+                          and (forced == "tflite" or not gpus()))
         self._may_plan = use_tflite and forced != "tflite"  # the env var decides for good
         self.engine = "tflite" if use_tflite else "keras"
         self._interp = None
@@ -262,13 +275,23 @@ class FrozenPart:
         else:
             import tensorflow as tf
 
+            start = time.perf_counter()
+            if self.notify:
+                self.notify("converting the frozen base to a TFLite engine (once; cached for "
+                            "later runs)...")
             try:
                 with _quiet():
                     content = tf.lite.TFLiteConverter.from_keras_model(self.model).convert()
             except Exception:
                 return None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+            if self.notify:
+                self.notify(f"  converted in {time.perf_counter() - start:.1f} s")
+            if writable():
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+                except DiskFullError:  # the engine runs from memory; the next run converts
+                    cache_full(path.parent)
             release_memory()  # the converter's garbage, before the outputs fill memory
         with _quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on stderr otherwise
             interp = _interpreter(content)
@@ -347,110 +370,6 @@ def compiled(model: keras.Model):
         return [np.concatenate(col) for col in zip(*parts)]
 
     return run
-
-
-def cache_limit_bytes() -> int:
-    return int(float(os.environ.get(defaults.CACHE_LIMIT_ENV, defaults.CACHE_LIMIT_GB)) * 1e9)
-
-
-class FeatureStore:
-    """Rows of frozen outputs on disk: one folder per (bottom, augmentation), shards in it.
-
-    A shard is ``NAME.npy`` (rows) with ``NAME.json`` (the row keys, ``digest:view``). Shards
-    are written atomically, touched when read, and the least recently used are deleted when the
-    cache passes ``cache_limit_bytes()`` (``extract`` evicts after writing its shards).
-    """
-
-    def __init__(self, key: str, root: Path | None = None):
-        self.root = (root or defaults.cache_dir()) / "features"
-        self.dir = self.root / key
-
-    def _index(self) -> dict[str, tuple[Path, int]]:
-        index: dict[str, tuple[Path, int]] = {}
-        if not self.dir.is_dir():
-            return index
-        for keys_file in sorted(self.dir.glob("*.json")):
-            rows = keys_file.with_suffix(".npy")
-            try:
-                keys = json.loads(keys_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if rows.is_file():
-                for i, k in enumerate(keys):
-                    index[k] = (rows, i)
-        return index
-
-    def read(self, keys: Sequence[str]):
-        """Yield ``(key, row)`` for the keys the store holds, one shard in memory at a time."""
-        index = self._index()
-        by_shard: dict[Path, list[str]] = {}
-        for k in keys:
-            if k in index:
-                by_shard.setdefault(index[k][0], []).append(k)
-        for shard, ks in by_shard.items():
-            try:
-                rows = np.load(shard, mmap_mode="r")
-                picked = np.asarray(rows[np.array([index[k][1] for k in ks])])
-                del rows
-                os.utime(shard)
-            except (OSError, ValueError, IndexError):
-                continue  # a damaged shard: its rows are computed again
-            yield from zip(ks, picked)
-
-    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        return dict(self.read(keys))
-
-    def put(self, keys: list[str], rows: np.ndarray) -> None:
-        if not keys:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
-        atomic_write(self.dir / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), rows))
-        atomic_write(self.dir / f"{name}.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(keys), encoding="utf-8"))
-
-
-def cache_entries(root: Path | None = None) -> list[dict]:
-    """Every cached engine and feature shard, with its size and last use."""
-    root = root or defaults.cache_dir()
-    out = []
-    for kind, pattern in (("engine", "engines/*.tflite"), ("features", "features/*/*/*.npy")):
-        for path in root.glob(pattern):
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            size = st.st_size
-            side = path.with_suffix(".json")
-            if side.is_file():
-                size += side.stat().st_size
-            out.append({"kind": kind, "path": path, "bytes": size, "used": st.st_mtime,
-                        "set": (f"{path.parent.parent.name}/{path.parent.name}"
-                                if kind == "features" else path.stem)})
-    return out
-
-
-def _remove(entry: dict) -> None:
-    entry["path"].unlink(missing_ok=True)
-    entry["path"].with_suffix(".json").unlink(missing_ok=True)
-
-
-def evict(limit: int, root: Path | None = None) -> int:
-    """Delete least recently used entries until the cache fits ``limit`` bytes; bytes freed."""
-    entries = sorted(cache_entries(root), key=lambda e: e["used"])
-    total = sum(e["bytes"] for e in entries)
-    freed = 0
-    for entry in entries:
-        if total - freed <= limit:
-            break
-        _remove(entry)
-        freed += entry["bytes"]
-    return freed
-
-
-def clear(root: Path | None = None) -> int:
-    """Delete every cached engine and feature shard; bytes freed."""
-    return evict(-1, root)
 
 
 def _augment_key(augment: dict | None) -> str:
@@ -545,6 +464,7 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
 
     Each image is decoded once for all its views, decoding runs ahead on all cores while the
     frozen part runs, and rows already in the store are read instead of computed.
+    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
     """
     start = time.perf_counter()
     n, outputs = len(paths), len(frozen.output_shapes)
@@ -582,6 +502,8 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
                 todo.setdefault(i, []).append(v)
     images = sorted(todo)
     frozen.plan(sum(len(v) for v in todo.values()))
+    bar = progress(f"frozen base ({frozen.engine}, {views} view{'s' if views > 1 else ''})",
+                   len(images)) if progress and images else None
 
     def prepare(i: int) -> list[np.ndarray]:
         img = load_image(paths[i], image_size)
@@ -612,8 +534,10 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
                         out[v][k][i] = results[k][r]
                     r += 1
             done += len(chunk)
-            if progress:
-                progress(done, len(images))
+            if bar is not None:
+                bar.update(done)
+    if bar is not None:
+        bar.close()
     # New rows go to the store view by view, copied out of the arrays already filled.
     computed = 0
     for v in range(views):

@@ -7,6 +7,22 @@ from pathlib import Path
 from graftkit.errors import BackboneError
 
 
+def check_target(target: str) -> None:
+    """A run folder, an existing ``.keras`` file or a backbone name (no TensorFlow needed)."""
+    from graftkit.backbones import REGISTRY
+    from graftkit.run import read_run
+
+    path = Path(target)
+    if path.is_dir():
+        read_run(path)
+    elif target.endswith(".keras"):
+        if not path.is_file():
+            raise BackboneError(f"model file not found: {path}")
+    elif target not in REGISTRY:
+        raise BackboneError(f"{target!r} is not a run folder, a .keras file or a backbone "
+                            f"({', '.join(REGISTRY)})")
+
+
 def _load_target(target: str, unsafe: bool = False):
     from graftkit.backbones import REGISTRY, load_base
     from graftkit.backbones.registry import load_keras_file
@@ -46,20 +62,15 @@ def inspect_target(target: str, flatten: bool = False,
 
 
 def backbone_rows() -> list[dict]:
-    """The registry as rows: input size, parameters, preprocessing, whether weights are local."""
-    from graftkit.backbones import REGISTRY, load_base
-    from graftkit.backbones.registry import count_params
+    """The registry as rows, from its declared facts: nothing is built, TensorFlow not loaded."""
+    from graftkit.backbones import REGISTRY
 
-    rows = []
-    for entry in REGISTRY.values():
-        model, _ = load_base(entry.name, weights=None)
-        rows.append({
-            "name": entry.name,
-            "input_size": entry.input_size,
-            "params": count_params(model.weights),
-            "preprocessing": entry.preprocessing.text,
-            "weights_on_disk": entry.weights_on_disk(),
-            "weights_source": entry.weights_source,
-            "licence": entry.licence,
-        })
-    return rows
+    return [{
+        "name": entry.name,
+        "input_size": entry.input_size,
+        "params": entry.params,
+        "preprocessing": entry.preprocessing.text,
+        "weights_on_disk": entry.weights_on_disk(),
+        "weights_source": entry.weights_source,
+        "licence": entry.licence,
+    } for entry in REGISTRY.values()]

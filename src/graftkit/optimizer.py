@@ -140,21 +140,3 @@ def block_factors(groups: list[list], top_n: int, training: Training,
             for v in layer.trainable_weights:
                 out[id(v)] = (training.lr_decay ** k, first)
     return out
-
-
-def parse_unfreeze_schedule(value: str | None) -> tuple[int, ...]:
-    """``none``/``""``: every block at once; ``gradual``: one more block per epoch (ULMFiT);
-    ``0,1,3``: the epochs (from 0) at which blocks start, counting down from the top."""
-    if value in (None, "", "none"):
-        return ()
-    if value == "gradual":
-        return tuple(range(64))
-    try:
-        epochs = tuple(int(e) for e in str(value).split(","))
-    except ValueError:
-        raise ValueError("--unfreeze-schedule must be none, gradual or epochs like 0,1,3 "
-                         f"(got {value!r})") from None
-    if any(e < 0 for e in epochs) or list(epochs) != sorted(epochs):
-        raise ValueError(f"--unfreeze-schedule epochs must be 0 or more and not decrease "
-                         f"(got {value!r})")
-    return epochs

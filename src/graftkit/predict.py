@@ -51,10 +51,12 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[di
 class Classifier:
     """A trained graftkit model with its labels: ``predict``, ``predict_proba``, ``evaluate``."""
 
-    def __init__(self, model, classes: list[str], metrics: dict | None = None, fast: bool = True):
+    def __init__(self, model, classes: list[str], metrics: dict | None = None, fast: bool = True,
+                 train_digests: list[str] | None = None):
         self.model = model
         self.classes_ = list(classes)
         self.metrics_ = metrics or {}
+        self.train_digests_ = train_digests  # SHA-256 of the training images, when recorded
         self.image_size_ = int(model.inputs[0].shape[1])
         self.fast = fast
         self._split = None
@@ -95,17 +97,17 @@ class Classifier:
         with ``train/`` and ``val/``. ``tta`` adds the scores of test-time augmentation (each
         image averaged with its mirror image) and their gain, so its worth is measured, not
         assumed; the main scores stay those of the plain images."""
-        from graftkit.data import find_split_dirs, require_classes, scan_classes
+        from graftkit.data import check_data_path, find_split_dirs, require_classes, scan_classes
         from graftkit.evaluate import scores
         from graftkit.sources import is_tfds, materialise_tfds
 
+        check_data_path(data_dir)
         root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else Path(data_dir)
-        if not root.exists():
-            raise DataError(f"data folder not found: {root}")
         dirs = find_split_dirs(root) if root.is_dir() else None
         folder = dirs[1] if dirs else root
         skipped: list[dict[str, str]] = []
-        by_class = scan_classes(folder, skipped)
+        probes: dict = {}
+        by_class = scan_classes(folder, skipped, probes)
         by_class = {c: ps for c, ps in by_class.items() if ps}
         if not by_class:
             require_classes(by_class, folder)
@@ -130,14 +132,40 @@ class Classifier:
             }
         result["data"] = str(folder)
         result["skipped_files"] = skipped
+        result["overlap"] = self._overlap(paths, [probes[p].sha256 for p in paths])
         return result
+
+    def _overlap(self, paths: list[str], digests: list[str]) -> dict:
+        """Evaluation images that are training images by content: the score flatters them."""
+        train = self.train_digests_
+        if train is None:
+            return {"checked": False, "count": None, "examples": [],
+                    "message": "this run records no training-image digests (made by an older "
+                               "graftkit): overlap with its training images could not be checked"}
+        known = set(train)
+        same = [p for p, d in zip(paths, digests) if d in known]
+        message = "" if not same else (
+            f"{len(same)} of {len(paths)} evaluation images are training images of this run "
+            f"(same content), so the accuracy flatters the model: e.g. "
+            + ", ".join(Path(p).name for p in same[:3]))
+        return {"checked": True, "count": len(same), "examples": same[:10], "message": message}
 
 
 def load(run_dir: str | os.PathLike, unsafe: bool = False) -> Classifier:
     """Load a run folder written by ``graft fit`` (safe mode: no code runs from the file)."""
     from graftkit.backbones.registry import load_keras_file
     from graftkit.errors import RunError
-    from graftkit.run import read_run
+    from graftkit.run import read_run, read_split
 
     model_path, labels, metrics = read_run(run_dir)
-    return Classifier(load_keras_file(model_path, unsafe, RunError), labels, metrics)
+    model = load_keras_file(model_path, unsafe, RunError)
+    outputs = int(model.outputs[0].shape[-1])
+    if len(labels) != outputs:  # names would be attached to the wrong outputs
+        raise RunError(f"{Path(run_dir) / 'labels.json'} names {len(labels)} classes but "
+                       f"{model_path.name} has {outputs} outputs: restore the labels.json written "
+                       "with this model (one name per output, in training order)")
+    try:
+        digests = read_split(run_dir).get("train_sha256")
+    except (RunError, OSError, ValueError):
+        digests = None
+    return Classifier(model, labels, metrics, train_digests=digests)

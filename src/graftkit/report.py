@@ -21,6 +21,7 @@ THUMBNAIL = 160
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
 max-width:1200px}
+h3{font-size:14px;margin:14px 0 6px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
@@ -83,8 +84,9 @@ def _run_card(m: dict) -> str:
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())))
     check = m.get("check", {})
     if check:
-        rows.append(("data check", f"{check.get('status')}: {len(check.get('findings', []))} "
-                                   "warnings"))
+        found = check.get("findings", [])
+        rows.append(("data check", f"{check.get('status')}"
+                     + (": " + "; ".join(f.get("message", "") for f in found) if found else "")))
     body = "".join(f"<tr><th class=l>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f"<table class=card>{body}</table>"
 
@@ -125,20 +127,36 @@ def _pairs(m: dict) -> str:
             f"{body}</table>")
 
 
-def _top_losses(predictions: list[dict]) -> str:
-    worst = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
-    tiles = []
-    for r in worst:
-        uri = _thumbnail(r["path"])
-        img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
-            "<div class=muted>(image no longer readable)</div>"
-        wrong = r["label"] != r["predicted"]
-        tiles.append(
-            f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
+def _tile(r: dict) -> str:
+    uri = _thumbnail(r["path"])
+    img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
+        "<div class=muted>(image no longer readable)</div>"
+    wrong = r["label"] != r["predicted"]
+    return (f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
             f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
             f"({float(r['probability']):.3f})</div>"
-            f"<div class=muted>loss {float(r['loss']):.3f} &middot; {_e(Path(r['path']).name)}</div></div>")
-    return f"<div class=grid id=top-losses>{''.join(tiles)}</div>"
+            f"<div class=muted>true-class p {float(r['true_probability']):.3f} &middot; loss "
+            f"{float(r['loss']):.3f} &middot; {_e(Path(r['path']).name)}</div></div>")
+
+
+def _top_losses(predictions: list[dict]) -> str:
+    """Wrong predictions first (highest loss first), then the right ones it was least sure of."""
+    by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))
+    wrong = [r for r in by_loss if r["label"] != r["predicted"]]
+    right = [r for r in by_loss if r["label"] == r["predicted"]]
+    shown_wrong = wrong[:TOP_LOSSES]
+    shown_right = right[:max(TOP_LOSSES - len(shown_wrong), TOP_LOSSES // 2)]
+    parts = [f"<h3>Wrong predictions ({len(wrong)} of {len(predictions)}"
+             + (f", the {len(shown_wrong)} with the highest loss" if len(wrong) > len(shown_wrong)
+                else "") + ")</h3>"]
+    parts.append(f"<div class=grid id=wrong>{''.join(_tile(r) for r in shown_wrong)}</div>"
+                 if shown_wrong else "<p class=muted>every validation image was predicted "
+                                     "right.</p>")
+    parts.append(f"<h3>Right, but least confident ({len(shown_right)} of {len(right)}, the "
+                 "lowest probability for the true class first)</h3>")
+    parts.append(f"<div class=grid id=least-confident>{''.join(_tile(r) for r in shown_right)}"
+                 "</div>")
+    return f"<div id=top-losses>{''.join(parts)}</div>"
 
 
 def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
@@ -169,7 +187,8 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 <h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
 <h2>Per-class precision, recall, F1</h2>{_per_class(metrics)}
 <h2>Most confused pairs</h2>{_pairs(metrics)}
-<h2>Top losses: the validation images the model gets most wrong</h2>{_top_losses(predictions)}
+<h2>Top losses: validation images the model gets wrong, then those it is least sure of</h2>
+{_top_losses(predictions)}
 </body></html>
 """
     target = run_dir / REPORT_FILE

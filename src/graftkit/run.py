@@ -7,13 +7,15 @@ run never leaves a half-written ``model.keras`` that looks valid.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
-from graftkit.errors import RunError
+from graftkit.errors import DiskFullError, RunError, UsageError
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -26,8 +28,8 @@ PREDICTIONS_FILE = "predictions.csv"  # validation predictions of the final mode
 RUN_MARKERS = (MODEL_FILE, METRICS_FILE)
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Create ``out`` and prove it is writable before any training time is spent."""
+def check_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an ``--out`` that is a file or holds a finished run, touching nothing."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise RunError(f"--out {path} is a file: pass a folder path")
@@ -35,6 +37,12 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir() and not overwrite and not unfinished and any(
             (path / m).exists() for m in RUN_MARKERS):
         raise RunError(f"{path} already holds a run: pass --overwrite or choose another --out")
+    return path
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Create ``out`` and prove it is writable before any training time is spent."""
+    path = check_run_dir(out, overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -44,20 +52,67 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def prepare_output_file(path: str | os.PathLike, option: str = "--output") -> Path:
+    """A file the user names, checked before the work that fills it: parent made, writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder: pass a file path, e.g. {path / 'out.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {option} {path}: {exc.strerror or exc}; choose another "
+                         "path") from None
+    return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (h5py, Keras' zip writer) wraps it in its own text."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> str:
+    """A new empty file created as ``open()`` does (mode 0666 less the umask), unlike mkstemp's 0600.
+
+    Run folders are read by colleagues, serving accounts and web servers: their files must
+    have the permissions of any file the user writes.
+    """
+    for _ in range(100):
+        name = folder / f"{prefix}{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(name)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a hidden temp file beside ``path``, then rename it into place.
 
-    The temp name keeps every suffix (``.weights.h5``, ``.keras``), which Keras insists on.
+    The temp name keeps every suffix (``.weights.h5``, ``.keras``), which Keras insists on. A
+    full disk raises ``DiskFullError`` naming the folder; the file in place stays as it was.
     """
     path = Path(path)
     stem = path.name.split(".")[0]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}-", suffix="".join(path.suffixes))
-    os.close(fd)
+    tmp = None
     try:
+        tmp = _new_file(path.parent, f".{stem}-", "".join(path.suffixes))
         write(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path.parent) from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -79,6 +134,25 @@ def write_history(path: Path, rows: list[dict], columns) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+class HistoryLog:
+    """``history.csv`` kept current during a run, as Keras' ``CSVLogger`` does.
+
+    ``reset`` writes the rows so far (a fresh run, a resume, phase 1 run again); ``append``
+    adds one row per epoch to the same file, so ``tail -f RUN/history.csv`` follows training.
+    The finished run writes the file once more, whole.
+    """
+
+    def __init__(self, path: Path, columns):
+        self.path, self.columns = Path(path), list(columns)
+
+    def reset(self, rows: list[dict]) -> None:
+        write_history(self.path, rows, self.columns)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, lineterminator="\n").writerow(row)
 
 
 def write_predictions(path: Path, paths, labels, probs, classes) -> None:
@@ -126,8 +200,21 @@ def save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
-def plot_history(rows: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch across both phases, with the phase boundary marked."""
+def best_row(rows: list[dict], phases=("head", "fine_tune")) -> int | None:
+    """Index of the epoch whose weights a run keeps: best val accuracy, ties lower val loss."""
+    best = None
+    for i, r in enumerate(rows):
+        if r["phase"] not in phases:
+            continue
+        key = (float(r["val_accuracy"]), -float(r["val_loss"]))
+        if best is None or key > best[0]:
+            best = (key, i)
+    return None if best is None else best[1]
+
+
+def plot_history(rows: list[dict], path: Path, best: int | None = None) -> None:
+    """Loss and accuracy per epoch across both phases; the phase boundary and the kept epoch
+    (``best``, an index into ``rows``) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,6 +228,9 @@ def plot_history(rows: list[dict], path: Path) -> None:
         n_head = sum(r["phase"] == "head" for r in rows)
         if 0 < n_head < len(rows):
             ax.axvline(n_head + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        if best is not None:
+            ax.plot([best + 1], [rows[best][f"val_{key}"]], "*", color="crimson", markersize=14,
+                    label=f"kept: epoch {rows[best]['epoch']} ({rows[best]['phase']})")
         ax.set_xlabel("epoch (both phases)")
         ax.set_title(key)
         ax.legend(fontsize=8)
@@ -181,6 +271,10 @@ def read_run(run_dir: str | os.PathLike) -> tuple[Path, list[str], dict]:
         labels = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot read {path / LABELS_FILE}: {exc}") from None
+    if not isinstance(labels, list) or not all(isinstance(c, str) for c in labels) or \
+            len(set(labels)) != len(labels):
+        raise RunError(f"{path / LABELS_FILE} must be a JSON list of distinct class names, "
+                       "one per model output in training order")
     try:
         metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

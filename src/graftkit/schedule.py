@@ -83,9 +83,10 @@ class KeepBest(keras.callbacks.Callback):
 class EpochLog(keras.callbacks.Callback):
     """One history row per epoch, with its phase and wall seconds."""
 
-    def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0):
+    def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0, sink=None):
         super().__init__()
         self.phase, self.rows, self.first_epoch = phase, rows, first_epoch
+        self.sink = sink  # e.g. graftkit.run.HistoryLog: each row on disk as the epoch ends
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -97,6 +98,8 @@ class EpochLog(keras.callbacks.Callback):
             row[key] = float(logs[key]) if key in logs else float("nan")
         row["seconds"] = round(time.perf_counter() - self._start, 3)
         self.rows.append(row)
+        if self.sink is not None:
+            self.sink.append(row)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Schedule:
     deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
     heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
     history: list[dict] = field(default_factory=list)
+    history_log: object | None = None  # graftkit.run.HistoryLog of the run folder
 
 
 def _compile(model: keras.Model, lr: float, schedule: Schedule, total_steps: int = 0,
@@ -190,7 +194,8 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
     ``model`` trains only part of it.
     """
     keep = KeepBest(best, patience, target)
-    callbacks = [EpochLog(phase, schedule.history), keep, *_tensorboard(schedule, phase)]
+    callbacks = [EpochLog(phase, schedule.history, sink=schedule.history_log), keep,
+                 *_tensorboard(schedule, phase)]
     if schedule.deadline is not None and phase == "fine_tune":
         callbacks.insert(0, TimeBudget(schedule.deadline, steps_per_epoch or _batches(
             train_ds if not callable(train_ds) else None)))
@@ -340,7 +345,7 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
         head = _head_like(model, train_views[0].shape[1])
         _compile(head, schedule.head_lr, schedule, per_epoch * schedule.head_epochs)
         head_best = Best()
-        log = EpochLog("head", schedule.history, first_epoch=epochs)
+        log = EpochLog("head", schedule.history, first_epoch=epochs, sink=schedule.history_log)
         hist = head.fit(
             _cycle(train_views, y_train, batch_size, seed + k, schedule),
             steps_per_epoch=per_epoch, validation_data=val,

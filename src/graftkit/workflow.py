@@ -13,6 +13,7 @@ from pathlib import Path
 
 from graftkit import defaults
 from graftkit.errors import RunError, UsageError
+from graftkit.options import number_or_auto, parse_unfreeze
 
 
 @dataclass
@@ -63,7 +64,8 @@ class FitOptions:
         return self.mode != "head" and self.fine_tune_epochs > 0
 
     def training(self):
-        from graftkit.optimizer import Training, parse_unfreeze_schedule
+        from graftkit.optimizer import Training
+        from graftkit.options import parse_unfreeze_schedule
 
         return Training(self.schedule, self.weight_decay, self.label_smoothing, self.lr_decay,
                         parse_unfreeze_schedule(self.unfreeze_schedule))
@@ -119,7 +121,7 @@ class FitOptions:
         if self.time_budget is not None and self.time_budget <= 0:
             raise UsageError(f"--time-budget must be a number of seconds above 0 "
                              f"(got {self.time_budget})")
-        from graftkit.optimizer import parse_unfreeze_schedule
+        from graftkit.options import parse_unfreeze_schedule
 
         if self.schedule not in defaults.SCHEDULES:
             raise UsageError(f"--schedule must be one of {', '.join(defaults.SCHEDULES)} "
@@ -141,26 +143,49 @@ class FitOptions:
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
-def _number_or_auto(value, name: str) -> float | str:
-    if str(value) == "auto":
-        return "auto"
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number or 'auto' (got {value!r})") from None
+def make_options(*, base, weights, image_size, batch_size, head_epochs, fine_tune_epochs,
+                 unfreeze, lr, fine_tune_lr, augment, augment_head, val_split, seed, dropout,
+                 class_weight, val, views, precision, cache, strategy, mode, time_budget,
+                 schedule, weight_decay, label_smoothing, lr_decay, unfreeze_schedule,
+                 heads) -> FitOptions:
+    """``fit``'s options parsed and checked, without TensorFlow (a typo costs no start-up)."""
+    from graftkit.data import parse_augment
+
+    options = FitOptions(
+        str(base), None if weights is None else str(weights), image_size, batch_size,
+        head_epochs, fine_tune_epochs, parse_unfreeze(unfreeze), number_or_auto(lr, "--lr"),
+        number_or_auto(fine_tune_lr, "--fine-tune-lr"),
+        augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
+        val_split, seed, dropout, class_weight,
+        None if val is None else (str(val) if str(val).startswith("tfds:")
+                                  else str(Path(val).resolve())),
+        views, precision, cache, strategy, mode,
+        None if time_budget is None else float(time_budget), schedule, float(weight_decay),
+        number_or_auto(label_smoothing, "--label-smoothing"), float(lr_decay),
+        str(unfreeze_schedule), int(heads),
+    )
+    options.check()
+    return options
 
 
-def _parse_unfreeze(unfreeze) -> int | str:
-    if str(unfreeze) in ("all", "auto"):
-        return str(unfreeze)
-    try:
-        n = int(unfreeze)
-    except ValueError:
-        raise UsageError(f"--unfreeze must be auto, all or a number of blocks (got {unfreeze!r})"
-                         ) from None
-    if n < 1:
-        raise UsageError(f"--unfreeze must be auto, all or at least 1 (got {n})")
-    return n
+def check_inputs(data_dir, out, options: FitOptions, overwrite: bool) -> None:
+    """Paths a typo can break, checked before any TensorFlow work: data, base, weights, --out."""
+    from graftkit.backbones.registry import check_base_name
+    from graftkit.data import check_data_path
+    from graftkit.run import check_run_dir
+
+    if not 0.0 < options.val_split < 1.0:
+        raise UsageError(f"--val-split must be between 0 and 1 (got {options.val_split})")
+    check_data_path(data_dir)
+    if options.val is not None:
+        check_data_path(options.val, "validation data")
+    check_base_name(options.base)
+    if options.weights not in (None, "imagenet") and not Path(options.weights).is_file():
+        from graftkit.errors import BackboneError
+
+        raise BackboneError(f"weights file not found: {options.weights}; pass an existing file "
+                            "or leave --weights out for the ImageNet weights")
+    check_run_dir(out, overwrite)
 
 
 def auto_unfreeze(num_train: int, size: int) -> tuple[int | str, str]:
@@ -263,22 +288,18 @@ def fit(
         >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
         >>> result.metrics["val_accuracy"]  # doctest: +SKIP
     """
-    from graftkit.data import parse_augment
     from graftkit.run import prepare_run_dir
 
-    options = FitOptions(
-        str(base), None if weights is None else str(weights), image_size, batch_size,
-        head_epochs, fine_tune_epochs, _parse_unfreeze(unfreeze), _number_or_auto(lr, "--lr"),
-        _number_or_auto(fine_tune_lr, "--fine-tune-lr"),
-        augment if isinstance(augment, dict) else parse_augment(augment), augment_head,
-        val_split, seed, dropout, class_weight,
-        None if val is None else (str(val) if str(val).startswith("tfds:")
-                                  else str(Path(val).resolve())),
-        views, precision, cache, strategy, mode,
-        None if time_budget is None else float(time_budget), schedule, float(weight_decay),
-        _number_or_auto(label_smoothing, "--label-smoothing"), float(lr_decay), str(unfreeze_schedule), int(heads),
-    )
-    options.check()
+    options = make_options(
+        base=base, weights=weights, image_size=image_size, batch_size=batch_size,
+        head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, unfreeze=unfreeze, lr=lr,
+        fine_tune_lr=fine_tune_lr, augment=augment, augment_head=augment_head,
+        val_split=val_split, seed=seed, dropout=dropout, class_weight=class_weight, val=val,
+        views=views, precision=precision, cache=cache, strategy=strategy, mode=mode,
+        time_budget=time_budget, schedule=schedule, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, lr_decay=lr_decay, unfreeze_schedule=unfreeze_schedule,
+        heads=heads)
+    check_inputs(data_dir, out, options, overwrite)
     if tensorboard:
         try:
             import tensorboard as _tb  # noqa: F401
@@ -361,19 +382,19 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     from graftkit.check import WARNING, report
     from graftkit.checkpoint import RunCheckpoint
     from graftkit.data import DecodedImages, make_dataset, scan
+    from graftkit.progress import progress_factory
 
     started = time.perf_counter()
-    folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val)
+    progress = progress_factory(verbose != 0)
+    folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val, progress=progress)
     log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
         f"{len(folder.val)} validation images ({folder.split_source}); "
         f"{len(folder.skipped)} files skipped")
     checked = report(folder)
-    warnings = [f for f in checked.findings if f.severity == WARNING]
-    for f in warnings[:10]:
-        log(f"  check: {f.kind}: {f.message}" + (f" ({f.paths[0]}"
-            + (f" +{len(f.paths) - 1}" if len(f.paths) > 1 else "") + ")" if f.paths else ""))
-    if len(warnings) > 10:
-        log(f"  ... and {len(warnings) - 10} more warnings (graft check {data_dir})")
+    for g in checked.groups():
+        if g["severity"] == WARNING:
+            log(f"  check: {g['kind']}: {g['message']}"
+                + (f" (e.g. {Path(g['examples'][0]).name})" if g["examples"] else ""))
 
     fingerprint = {**opt.fingerprint, "data": str(folder.root.resolve()),
                    "classes": folder.classes, "num_train": len(folder.train),
@@ -384,6 +405,9 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
     if resume and not ckpt.exists:
         raise RunError(f"nothing to resume in {run_dir}: no checkpoint there; drop --resume")
     state = ckpt.load() if ckpt.exists and not overwrite else None
+    from graftkit.devices import describe
+
+    log(describe())
     if dist.name != "default":
         log(f"strategy: {dist.describe()}; batch {dist.batch_size(opt.batch_size)} in all "
             f"({opt.batch_size} per replica), learning rates x{dist.replicas}")
@@ -468,6 +492,12 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         if state.get("best"):
             best = Best(state["best"]["val_accuracy"], state["best"]["val_loss"],
                         ckpt.best_weights())
+    if dist.chief and not stop_after:
+        from graftkit.run import HISTORY_FILE, HistoryLog
+        from graftkit.schedule import HISTORY_COLUMNS
+
+        schedule.history_log = HistoryLog(run_dir / HISTORY_FILE, HISTORY_COLUMNS)
+        schedule.history_log.reset(schedule.history)
 
     # Cut the base below the blocks phase 2 fine-tunes: everything under the cut is frozen, so
     # its output is computed once per image and view (and cached across runs).
@@ -492,6 +522,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
         frozen = FrozenPart(frozen_model, engine_key,
                             use_tflite=False if dist.name != "default" else None)
+        frozen.notify = log
         store_key = frozen.key if opt.cache else None
         extract_start = time.perf_counter()
         shared = 0  # outputs this worker computed into the cache for all of them
@@ -503,9 +534,9 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
                               size, 1, None, store_key).computed
             dist.barrier()  # then everyone reads all rows (a cache not shared: computes the rest)
         train_ex = extract(frozen, folder.train.paths, folder.digests(folder.train), size, views,
-                           opt.augment, store_key)
+                           opt.augment, store_key, progress=progress)
         val_ex = extract(frozen, folder.val.paths, folder.digests(folder.val), size, 1, None,
-                         store_key)
+                         store_key, progress=progress)
         extract_seconds = time.perf_counter() - extract_start
         computed = shared + train_ex.computed + val_ex.computed
         total = len(folder.train) * views + len(folder.val)
@@ -521,6 +552,8 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
         if not phases:
             if not opt.augment_head:
                 schedule.history = []  # phase 1 on features is quick: it runs again from the start
+                if schedule.history_log is not None:
+                    schedule.history_log.reset([])
                 k = 0 if split.top is None else 1  # the pooled features among the frozen outputs
                 pooled, pooled_val = train_ex.output(k), val_ex.views[0][k]
                 what = (f"{views} cached views per image" if views > 1
@@ -568,7 +601,7 @@ def _fit(data_dir, run_dir: Path, opt: FitOptions, overwrite: bool, resume: bool
             else:
                 log(f"phase 2: fine-tuning {what} of the base at lr {schedule.fine_tune_lr:g}, "
                     "BatchNormalization frozen")
-                decoded = DecodedImages(folder.train.paths, size)
+                decoded = DecodedImages(folder.train.paths, size, progress=progress)
                 try:
                     train_ds = make_dataset(decoded, y_train, size, batch_size, shuffle=True,
                                             augment=opt.augment or None,
@@ -707,6 +740,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         MODEL_FILE,
         PREDICTIONS_FILE,
         SPLIT_FILE,
+        best_row,
         plot_confusion,
         plot_history,
         save_model,
@@ -753,7 +787,7 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
         "per_class": result["per_class"],
         "confusion_matrix": result["confusion_matrix"],
         "check": {"status": checked.status,
-                  "findings": [f.as_dict() for f in checked.findings if f.severity != "note"]},
+                  "findings": [g for g in checked.groups() if g["severity"] != "note"]},
         "versions": {"graftkit": __version__, "keras": keras.__version__,
                      "tensorflow": tf.__version__, "python": platform.python_version()},
     }
@@ -762,11 +796,14 @@ def _write_run(run_dir, model, folder, info, phases, schedule, opt: FitOptions, 
     write_json(run_dir / SPLIT_FILE, {
         "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
         "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
+        # Content digests: graft evaluate warns when its images are training images.
+        "train_sha256": folder.digests(folder.train),
     })
     write_predictions(run_dir / PREDICTIONS_FILE, folder.val.paths, folder.val.labels, probs,
                       folder.classes)
     write_history(run_dir / HISTORY_FILE, schedule.history, HISTORY_COLUMNS)
-    plot_history(schedule.history, run_dir / CURVES_FILE)
+    kept = ("head",) if mode and mode.get("chosen") == "head" else ("head", "fine_tune")
+    plot_history(schedule.history, run_dir / CURVES_FILE, best_row(schedule.history, kept))
     plot_confusion(result["confusion_matrix"], folder.classes, run_dir / CONFUSION_FILE)
     from graftkit.report import build_report
 

