@@ -24,6 +24,7 @@ from PIL import Image
 from graftkit import cli
 from graftkit.cli import main
 from graftkit.errors import DiskFullError
+from graftkit.summary import print_summary
 
 from .conftest import make_folder
 
@@ -248,7 +249,7 @@ def test_summary_names_the_data_folder_of_its_check():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        cli.print_summary(metrics, "runs/x")
+        print_summary(metrics, "runs/x")
     text = buf.getvalue()
     assert "graft check '/data/my photos'" in text and "DATA_DIR" not in text
     assert "1 finding: 4 images under 32 px" in text

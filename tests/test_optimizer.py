@@ -159,7 +159,7 @@ def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(
 
 def test_auto_image_size_and_depth_follow_the_data(tmp_path):
     from graftkit.data import scan
-    from graftkit.workflow import auto_image_size, auto_unfreeze
+    from graftkit.stages import auto_image_size, auto_unfreeze
 
     sizes = {}
     for side in (8, 40, 300):

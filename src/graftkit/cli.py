@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from graftkit import defaults
-from graftkit.distribute import STRATEGIES
 from graftkit.errors import EXIT_CODES, GraftError, UsageError
+from graftkit.summary import print_summary
 
 
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
@@ -27,10 +27,6 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
@@ -38,19 +34,9 @@ def _verbose() -> int:
 # --- commands -----------------------------------------------------------------------------
 
 def _training_kwargs(args) -> dict:
-    return dict(
-        base=args.base, weights=args.weights or "imagenet",
-        image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
-        fine_tune_epochs=args.fine_tune_epochs, unfreeze=args.unfreeze, lr=args.lr,
-        fine_tune_lr=args.fine_tune_lr, augment="none" if args.no_augment else args.augment,
-        augment_head=args.augment_head, class_weight=args.class_weight, val=args.val,
-        val_split=args.val_split, seed=args.seed, dropout=args.dropout, views=args.views,
-        cache=not args.no_cache, precision=args.precision, strategy=args.strategy,
-        mode=args.mode, time_budget=args.time_budget, schedule=args.schedule,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-        lr_decay=args.lr_decay, unfreeze_schedule=args.unfreeze_schedule, heads=args.heads,
-        unsafe=args.unsafe, verbose=_verbose(),
-    )
+    from graftkit.options import from_arguments
+
+    return {**from_arguments(args), "unsafe": args.unsafe, "verbose": _verbose()}
 
 
 def preflight_fit(args) -> None:
@@ -89,37 +75,6 @@ def cmd_lr_find(args) -> int:
           f"  (steepest fall of the smoothed loss over {test['steps']} steps; loss lowest at "
           f"{test['minimum']:.3g}; plot {Path(args.out) / test['plot']})")
     return 0
-
-
-def print_summary(m: dict, run_dir) -> None:
-    print("\nsummary")
-    for p in m["phases"]:
-        label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
-        print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
-              f"best val accuracy {p['best_val_accuracy']:.4f}"
-              + (f"  [{p['note']}]" if p["note"] else ""))
-    if m.get("mode"):
-        print(f"  mode {m['mode']['requested']:<15} chose {m['mode']['chosen'].replace('_', '-')}: "
-              f"{m['mode']['reason']}")
-    print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
-          f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
-    recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
-    print(f"  recall per class     {recalls}")
-    if m.get("class_weight"):
-        print("  class weights        " + ", ".join(f"{c} {w:.2f}" for c, w in m["class_weight"].items()))
-    findings = m.get("check", {}).get("findings")
-    if findings:
-        import shlex
-
-        print(f"  data check           {_plural(len(findings), 'finding')}: "
-              + "; ".join(f["message"] for f in findings[:3])
-              + (f"; +{len(findings) - 3} more" if len(findings) > 3 else "")
-              + f" (graft check {shlex.quote(m.get('data', 'DATA_DIR'))})")
-    if m["skipped_files"]:
-        print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
-    print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
-          "metrics.json, history.csv, predictions.csv, split.json, curves.png, "
-          "confusion_matrix.png)")
 
 
 def cmd_check(args) -> int:
@@ -362,84 +317,14 @@ def _sub(subs, name: str, func, help_text: str, examples: str):
 
 
 def _training_options(p, out_help: str = "run folder to write") -> None:
-    """The options of fit that decide the data, the model and the phases (lr-find takes them)."""
+    """The options of fit that decide the data, the model and the phases (lr-find takes them),
+    from their one declaration (``graftkit.options.FIT_OPTIONS``), in argument groups."""
+    from graftkit.options import add_arguments
+
     p.add_argument("data_dir", help="one subfolder per class, train/ and val/ of them, or a "
                                     "CSV/TSV of path,label rows")
-    p.add_argument("--val", help="validation data: a class folder or a CSV/TSV (instead of a split)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--base", default=defaults.DEFAULT_BACKBONE,
-                   help="backbone name (graft backbones) or a .keras model file "
-                        f"(default {defaults.DEFAULT_BACKBONE})")
-    p.add_argument("--weights", help="local weights file instead of the ImageNet download")
-    p.add_argument("--image-size", type=int, help="square input side (default: the backbone's)")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
-    p.add_argument("--head-epochs", type=int, default=defaults.HEAD_EPOCHS)
-    p.add_argument("--fine-tune-epochs", type=int, default=defaults.FINE_TUNE_EPOCHS,
-                   help="0 skips phase 2")
-    p.add_argument("--unfreeze", default=defaults.UNFREEZE,
-                   help="auto, all, or the number of top blocks to fine-tune (trained on cached "
-                        "activations); auto: all where that is cheap (at most "
-                        f"{defaults.FULL_FINE_TUNE_MAX_IMAGES} training images at 224 px, or "
-                        f"as many pixels), else {defaults.UNFREEZE_TOP} (default "
-                        f"{defaults.UNFREEZE})")
-    p.add_argument("--lr", default=defaults.HEAD_LR,
-                   help="phase 1 learning rate, or 'auto': the range test chooses (graft lr-find)")
-    p.add_argument("--fine-tune-lr", default=defaults.FINE_TUNE_LR,
-                   help="phase 2 learning rate, or 'auto' (with --unfreeze N)")
-    p.add_argument("--mode", choices=defaults.MODES, default=defaults.MODE,
-                   help="auto: fine-tune and keep it only if it beats the head on validation "
-                        "(stops early when it does not); head: never fine-tune; fine-tune: "
-                        f"every fine-tuning epoch (default {defaults.MODE})")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="seconds for the whole run: fine-tuning stops before an epoch that "
-                        "would end past it")
-    p.add_argument("--schedule", choices=defaults.SCHEDULES, default=defaults.LR_SCHEDULE,
-                   help="learning rate over each phase: cosine (5%% warm-up, then cosine "
-                        "decay), one-cycle (25%% up from lr/25, then down) or constant "
-                        f"(default {defaults.LR_SCHEDULE})")
-    p.add_argument("--weight-decay", type=float, default=defaults.WEIGHT_DECAY,
-                   help="AdamW's decoupled weight decay on kernels; 0 for Adam "
-                        f"(default {defaults.WEIGHT_DECAY:g})")
-    p.add_argument("--label-smoothing", default=defaults.LABEL_SMOOTHING,
-                   help="a number, or auto: "
-                        f"{defaults.LABEL_SMOOTHING_WHOLE_BASE:g} in runs that fine-tune the "
-                        f"whole base, 0 otherwise (default {defaults.LABEL_SMOOTHING})")
-    p.add_argument("--lr-decay", type=float, default=defaults.LR_DECAY,
-                   help="discriminative rates: each lower unfrozen block trains at this times "
-                        f"the rate of the block above (default {defaults.LR_DECAY:g}: one rate)")
-    p.add_argument("--unfreeze-schedule", default=defaults.UNFREEZE_SCHEDULE,
-                   help="none: all unfrozen blocks from the start; gradual: one more block "
-                        "per fine-tuning epoch, top first; or start epochs like 0,1,3 "
-                        f"(default {defaults.UNFREEZE_SCHEDULE})")
-    p.add_argument("--heads", type=int, default=defaults.HEADS,
-                   help="phase 1: train this many heads from different seeds on the cached "
-                        "features and average them into one (a logit ensemble at no inference "
-                        f"cost; default {defaults.HEADS})")
-    p.add_argument("--augment", default=None,
-                   help="augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' (default)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="no augmentation (one view per image)")
-    p.add_argument("--views", type=int, default=defaults.VIEWS,
-                   help="views per training image run once through the frozen part of the base: "
-                        f"the image and VIEWS-1 augmented ones (default {defaults.VIEWS})")
-    p.add_argument("--augment-head", action="store_true",
-                   help="phase 1 the guide's way: through the frozen base every epoch")
-    p.add_argument("--precision", choices=("float32", "mixed_bfloat16"),
-                   default=defaults.PRECISION,
-                   help="Keras dtype policy of the base (the head stays float32); "
-                        "default float32, measured faster on this CPU")
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                   help="where to train: auto (several GPUs: mirrored, else default), default, "
-                        "mirrored (all local GPUs), multi-worker (machines listed in TF_CONFIG); "
-                        "--batch-size is per replica, learning rates scale with replicas")
-    p.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write frozen outputs in the cache (graft cache info)")
-    p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT,
-                   help="validation fraction when the folder has no val/ (default 0.2)")
-    p.add_argument("--dropout", type=float, default=defaults.DROPOUT)
-    p.add_argument("--seed", type=int, default=defaults.SEED)
-    p.add_argument("--class-weight", choices=("auto", "none"), default="auto",
-                   help="auto: weigh classes when the largest has >1.5x the smallest's images")
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

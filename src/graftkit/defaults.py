@@ -29,6 +29,7 @@ FINE_TUNE_LR = 1e-4
 UNFREEZE = "auto"
 UNFREEZE_TOP = 2
 FULL_FINE_TUNE_MAX_IMAGES = 200
+FULL_FINE_TUNE_SIZE = 224  # the side FULL_FINE_TUNE_MAX_IMAGES counts images at
 # Chosen by benchmarks/defaults.py (3 datasets x 3 seeds, benchmarks/RESULTS.md).
 MODE = "auto"  # fine-tune, then keep it only where validation says it beat the head
 # Per phase. Cosine (5% warm-up, then to 0) lost a point in phase 1 on hymenoptera and flowers5.
@@ -57,7 +58,9 @@ NATIVE_SIZE_SCALE = 1.3
 HEADS = 1
 MODES = ("auto", "head", "fine-tune")
 SCHEDULES = ("constant", "cosine", "one-cycle")
-PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on this CPU (README)
+PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on a 2-core CPU (README)
+PRECISIONS = ("float32", "mixed_bfloat16")
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.distribute
 VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
 # Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).
@@ -74,6 +77,10 @@ NEAR_DUPLICATE_BITS = 16  # of 256 in the difference hash (measured on flowers5)
 CACHE_ENV = "GRAFTKIT_CACHE_DIR"
 CACHE_LIMIT_ENV = "GRAFTKIT_CACHE_LIMIT_GB"
 CACHE_LIMIT_GB = 4.0  # features and converted engines; least recently used go first
+# Room a run folder needs: 4 bytes a parameter for the model file, the last and best checkpoint
+# weights and the optimizer's two moments (6 copies), plus plots, report and predictions.
+BYTES_PER_PARAM_ON_DISK = 4 * 6
+DISK_MARGIN = 50_000_000
 # Decoded training images beyond this many bytes go to a memory-mapped file, not RAM.
 DECODED_MEMORY_BUDGET = 1 << 30
 # Converting the frozen part to TFLite takes ~9.5 s; extracting hymenoptera's views (decoding and

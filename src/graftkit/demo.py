@@ -46,7 +46,7 @@ def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbo
         write_digits(data)
     log(f"demo: scikit-learn digits written to {data}/ (10 classes, 1,797 images)")
     result = fit(data, run_dir, overwrite=overwrite, verbose=verbose, log=log, **DEMO_SETTINGS)
-    from graftkit.cli import print_summary
+    from graftkit.summary import print_summary
 
     print_summary(result.metrics, run_dir)
     clf = load(run_dir)

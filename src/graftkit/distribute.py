@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 
-STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+from graftkit.defaults import STRATEGIES
 
 
 @dataclass

@@ -457,63 +457,49 @@ class Extracted:
         return any(isinstance(a, DiskRows) for v in self.views for a in v)
 
 
-def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
-            views: int = 1, augment: dict | None = None, store_key: str | None = None,
-            progress=None, memory_budget: int | None = None) -> Extracted:
-    """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
-
-    Each image is decoded once for all its views, decoding runs ahead on all cores while the
-    frozen part runs, and rows already in the store are read instead of computed.
-    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
-    """
-    start = time.perf_counter()
-    n, outputs = len(paths), len(frozen.output_shapes)
-    augment = augment if views > 1 else None
-
+def _stores(store_key: str | None, augment: dict | None):
+    """``store(k, v)``: the cache folder of output ``k`` of view ``v`` (None: no caching)."""
     def store(k: int, v: int) -> FeatureStore | None:
         if not store_key:
             return None
         return FeatureStore(f"{store_key}/{k}-{'plain' if v == 0 else _augment_key(augment)}")
 
-    budget = defaults.FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
-    out = _rows_for(n, frozen.output_shapes, views, budget)
+    return store
+
+
+def _read_stored(out, store, digests: Sequence[str], views: int,
+                 outputs: int) -> set[tuple[int, int]]:
+    """Fill ``out`` with the rows the cache holds; the ``(image, view)`` places it filled.
+
+    Identical files share their rows; a place counts only when every output of it was found.
+    """
     have: set[tuple[int, int]] = set()
-    if store_key:
-        for group in ([0], list(range(1, views))):
-            if not group:
-                continue
-            keys: dict[str, list[tuple[int, int]]] = {}  # identical files share their rows
-            for i in range(n):
-                for v in group:
-                    keys.setdefault(f"{digests[i]}:{v}", []).append((i, v))
-            complete = set(keys)
-            for k in range(outputs):  # rows go straight to their place: no second copy
-                seen = set()
-                for key, row in store(k, group[0]).read(list(keys)):
-                    for i, v in keys[key]:
-                        out[v][k][i] = row
-                    seen.add(key)
-                complete &= seen
-            have.update(place for key in complete for place in keys[key])
-    todo: dict[int, list[int]] = {}
-    for i in range(n):
-        for v in range(views):
-            if (i, v) not in have:
-                todo.setdefault(i, []).append(v)
-    images = sorted(todo)
-    frozen.plan(sum(len(v) for v in todo.values()))
-    bar = progress(f"frozen base ({frozen.engine}, {views} view{'s' if views > 1 else ''})",
-                   len(images)) if progress and images else None
+    for group in ([0], list(range(1, views))):
+        if not group:
+            continue
+        keys: dict[str, list[tuple[int, int]]] = {}
+        for i in range(len(digests)):
+            for v in group:
+                keys.setdefault(f"{digests[i]}:{v}", []).append((i, v))
+        complete = set(keys)
+        for k in range(outputs):  # rows go straight to their place: no second copy
+            seen = set()
+            for key, row in store(k, group[0]).read(list(keys)):
+                for i, v in keys[key]:
+                    out[v][k][i] = row
+                seen.add(key)
+            complete &= seen
+        have.update(place for key in complete for place in keys[key])
+    return have
 
-    def prepare(i: int) -> list[np.ndarray]:
-        img = load_image(paths[i], image_size)
-        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
-                for v in todo[i]]
 
+def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar) -> None:
+    """Run the frozen part on every view in ``todo``, decoding two chunks ahead on all cores."""
+    outputs = len(frozen.output_shapes)
     done = 0
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         ahead: deque = deque()
-        queue = iter(images)
+        queue = iter(sorted(todo))
         for i in queue:  # keep two chunks of decoding in flight, no more (bounded memory)
             ahead.append((i, pool.submit(prepare, i)))
             if len(ahead) >= 2 * CHUNK:
@@ -538,18 +524,58 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
                 bar.update(done)
     if bar is not None:
         bar.close()
-    # New rows go to the store view by view, copied out of the arrays already filled.
+
+
+def _store_new(out, store, todo: dict[int, list[int]], digests: Sequence[str], views: int,
+               outputs: int, caching: bool) -> int:
+    """New rows to the cache view by view, copied out of the filled arrays; rows computed."""
+    images = sorted(todo)
     computed = 0
     for v in range(views):
         rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
         computed += len(rows)
-        for first in range(0, len(rows) if store_key else 0, SHARD_ROWS):
+        for first in range(0, len(rows) if caching else 0, SHARD_ROWS):
             part = rows[first: first + SHARD_ROWS]  # bounded copies, bounded shards
             keys = [f"{digests[i]}:{v}" for i in part]
             for k in range(outputs):
                 store(k, v).put(keys, out[v][k][part])
-    if store_key and computed:
+    if caching and computed:
         evict(cache_limit_bytes())  # once, after all new shards (a scan of the whole cache)
+    return computed
+
+
+def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
+            views: int = 1, augment: dict | None = None, store_key: str | None = None,
+            progress=None, memory_budget: int | None = None) -> Extracted:
+    """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
+
+    Each image is decoded once for all its views, decoding runs ahead on all cores while the
+    frozen part runs, and rows already in the store are read instead of computed.
+    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
+    """
+    start = time.perf_counter()
+    n, outputs = len(paths), len(frozen.output_shapes)
+    augment = augment if views > 1 else None
+    store = _stores(store_key, augment)
+    budget = defaults.FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
+    out = _rows_for(n, frozen.output_shapes, views, budget)
+    have = _read_stored(out, store, digests, views, outputs) if store_key else set()
+    todo: dict[int, list[int]] = {}
+    for i in range(n):
+        for v in range(views):
+            if (i, v) not in have:
+                todo.setdefault(i, []).append(v)
+    frozen.plan(sum(len(v) for v in todo.values()))
+    bar = progress(f"frozen base ({frozen.engine}, {views} view{'s' if views > 1 else ''})",
+                   len(todo)) if progress and todo else None
+
+    def prepare(i: int) -> list[np.ndarray]:
+        img = load_image(paths[i], image_size)
+        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
+                for v in todo[i]]
+
+    _compute(frozen, out, todo, prepare, bar)
+    computed = _store_new(out, store, todo, digests, views, outputs, bool(store_key))
     return Extracted(out, computed, time.perf_counter() - start)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import keras
 from keras import ops
 
+from graftkit import defaults
 from graftkit.defaults import SCHEDULES
 
 COSINE_WARMUP = 0.05  # of a phase's steps: a short linear warm-up before the cosine decay
@@ -25,10 +26,10 @@ ONE_CYCLE_FINAL = 1e-4  # the last step's rate, as a fraction of the peak
 class Training:
     """How every phase trains: schedule shape, weight decay, label smoothing, per-block rates."""
 
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    lr_decay: float = 1.0  # each block below the top one trains at this times the rate above it
+    schedule: str = defaults.LR_SCHEDULE
+    weight_decay: float = defaults.WEIGHT_DECAY
+    label_smoothing: float = 0.0  # fit resolves defaults.LABEL_SMOOTHING ("auto") to a number
+    lr_decay: float = defaults.LR_DECAY  # each block below the top one: this times the rate above
     unfreeze_epochs: tuple[int, ...] = ()  # block k from the top starts at epoch [k] (gradual)
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from graftkit import defaults
 from graftkit.errors import UsageError
 
 
@@ -43,3 +48,173 @@ def parse_unfreeze_schedule(value: str | None) -> tuple[int, ...]:
         raise ValueError(f"--unfreeze-schedule epochs must be 0 or more and not decrease "
                          f"(got {value!r})")
     return epochs
+
+
+# --- every option of graft fit (and lr-find), declared once ---------------------------------
+#
+# The CLI's arguments (in these groups), fit()'s keywords, FitOptions' fields and the CLI
+# reference (docs/cli.md, scripts/cli_reference.py) are all made from this list.
+
+@dataclass(frozen=True)
+class Option:
+    """One training option: its keyword, default, help text and place in ``graft fit --help``."""
+
+    name: str
+    default: Any
+    help: str
+    group: str
+    type: Callable | None = None  # argparse type; bool: a --flag (default False) or --no-flag
+    choices: tuple | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        if self.type is bool and self.default is True:
+            return "--no-" + self.name.replace("_", "-")
+        return "--" + self.name.replace("_", "-")
+
+    def add_to(self, group) -> None:
+        """This option as an argparse argument of ``group``."""
+        text = self.help.replace("%", "%%")
+        if self.type is bool:
+            action = "store_false" if self.default else "store_true"
+            group.add_argument(self.flag, dest=self.name, action=action, help=text)
+            return
+        if self.default is not None:
+            text += f" (default {self.default})"
+        group.add_argument(self.flag, dest=self.name, default=self.default, type=self.type,
+                           choices=self.choices, metavar=self.metavar, help=text)
+
+
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "phases": "phases",
+    "optimizer": "optimizer and learning rates",
+    "augmentation": "augmentation and cached views",
+    "compute": "speed, precision and devices",
+}
+
+FIT_OPTIONS: tuple[Option, ...] = (
+    Option("val", None, "validation data: a class folder or a CSV/TSV (instead of a split)",
+           "data"),
+    Option("val_split", defaults.VAL_SPLIT,
+           "validation fraction when the data has no val/ and no --val is given", "data", float),
+    Option("seed", defaults.SEED, "seed of the split, the initialisation and every random "
+           "stream", "data", int),
+    Option("class_weight", "auto", "auto: weigh classes when the largest has more than "
+           f"{defaults.IMBALANCE_RATIO:g}x the smallest's images; none: never", "data",
+           choices=("auto", "none")),
+    Option("base", defaults.DEFAULT_BACKBONE,
+           "backbone name (graft backbones) or a .keras model file", "model"),
+    Option("weights", "imagenet", "imagenet, or a local weights file", "model"),
+    Option("image_size", None, "square input side (default: chosen from the backbone's "
+           f"pretraining size, {defaults.NATIVE_SIZE_SCALE:g}x, and the images' size)", "model",
+           int),
+    Option("dropout", defaults.DROPOUT, "dropout rate before the new Dense layer", "model",
+           float),
+    Option("head_epochs", defaults.HEAD_EPOCHS, "phase 1 epochs (the head)", "phases", int),
+    Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
+           "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int),
+    Option("unfreeze", defaults.UNFREEZE,
+           "auto, all, or the number of top blocks to fine-tune (trained on cached "
+           "activations); auto: all where that is cheap (at most "
+           f"{defaults.FULL_FINE_TUNE_MAX_IMAGES} training images at "
+           f"{defaults.FULL_FINE_TUNE_SIZE} px, or as many pixels), else "
+           f"{defaults.UNFREEZE_TOP}", "phases"),
+    Option("mode", defaults.MODE,
+           "auto: fine-tune and keep it only if it beats the head on validation (stops early "
+           "when it does not); head: never fine-tune; fine-tune: every fine-tuning epoch",
+           "phases", choices=defaults.MODES),
+    Option("time_budget", None, "seconds for the whole run: fine-tuning stops before an epoch "
+           "that would end past it", "phases", float, metavar="SECONDS"),
+    Option("unfreeze_schedule", defaults.UNFREEZE_SCHEDULE,
+           "none: all unfrozen blocks from the start; gradual: one more block per fine-tuning "
+           "epoch, top first; or start epochs like 0,1,3", "phases"),
+    Option("heads", defaults.HEADS, "phase 1: train this many heads from different seeds on "
+           "the cached features and average them into one (a logit ensemble at no inference "
+           "cost)", "phases", int),
+    Option("lr", defaults.HEAD_LR, "phase 1 learning rate, or auto: the range test chooses "
+           "(graft lr-find)", "optimizer"),
+    Option("fine_tune_lr", defaults.FINE_TUNE_LR,
+           "phase 2 learning rate, or auto (with --unfreeze N)", "optimizer"),
+    Option("schedule", defaults.LR_SCHEDULE,
+           "learning rate over each phase: cosine (5% warm-up, then cosine decay), one-cycle "
+           "(25% up from lr/25, then down) or constant", "optimizer",
+           choices=defaults.SCHEDULES),
+    Option("weight_decay", defaults.WEIGHT_DECAY,
+           "AdamW's decoupled weight decay on kernels; 0 for Adam", "optimizer", float),
+    Option("label_smoothing", defaults.LABEL_SMOOTHING,
+           f"a number, or auto: {defaults.LABEL_SMOOTHING_WHOLE_BASE:g} in runs that "
+           "fine-tune the whole base, 0 otherwise", "optimizer"),
+    Option("lr_decay", defaults.LR_DECAY, "discriminative rates: each lower unfrozen block "
+           "trains at this times the rate of the block above (1: one rate)", "optimizer",
+           float),
+    Option("batch_size", defaults.BATCH_SIZE, "images per step (per replica under a "
+           "strategy)", "optimizer", int),
+    Option("augment", None, "augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' "
+           "(the default), or none", "augmentation"),
+    Option("views", defaults.VIEWS, "views per training image run once through the frozen "
+           "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int),
+    Option("augment_head", False, "phase 1 the guide's way: through the frozen base every "
+           "epoch, fresh augmentation", "augmentation", bool),
+    Option("precision", defaults.PRECISION, "Keras dtype policy of the base (the head stays "
+           "float32); float32 measured faster than mixed_bfloat16 on a 2-core CPU",
+           "compute", choices=defaults.PRECISIONS),
+    Option("strategy", "auto", "where to train: auto (several GPUs: mirrored, else default), "
+           "default, mirrored (all local GPUs), multi-worker (machines listed in TF_CONFIG); "
+           "--batch-size is per replica, learning rates scale with replicas", "compute",
+           choices=defaults.STRATEGIES),
+    Option("cache", True, "neither read nor write frozen outputs in the cache (graft cache "
+           "info)", "compute", bool),
+)
+
+
+def fields() -> list[tuple[str, type, Any]]:
+    """``(name, type, dataclasses.field)`` of every option, for ``FitOptions``."""
+    import dataclasses
+
+    return [(o.name, Any, dataclasses.field(default=o.default)) for o in FIT_OPTIONS]
+
+
+def add_arguments(parser) -> None:
+    """Every option in its argument group (as timm's train.py groups its own)."""
+    for key, title in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for option in FIT_OPTIONS:
+            if option.group == key:
+                option.add_to(group)
+        if key == "augmentation":
+            group.add_argument("--no-augment", action="store_true",
+                               help="no augmentation (one view per image): --augment none")
+
+
+def from_arguments(args) -> dict:
+    """``fit``'s option keywords from parsed arguments."""
+    values = {o.name: getattr(args, o.name) for o in FIT_OPTIONS}
+    if getattr(args, "no_augment", False):
+        values["augment"] = "none"
+    return values
+
+
+def docstring() -> str:
+    """The options as a Keras-style ``Args:`` block, for ``fit``'s docstring."""
+    import textwrap
+
+    lines = []
+    for o in FIT_OPTIONS:
+        text = f"{o.name}: {o.help}. Defaults to {o.default!r}."
+        lines.append(textwrap.fill(text, 88, initial_indent="        ",
+                                   subsequent_indent="            "))
+    return "\n".join(lines)
+
+
+def signature_with_options(func):
+    """``func``'s signature with its ``**options`` spelled out as keyword-only parameters."""
+    import inspect
+
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+               for o in FIT_OPTIONS]
+    return sig.replace(parameters=params)

@@ -1,0 +1,38 @@
+"""The few lines ``graft fit`` and ``graft demo`` end with: what each phase gave, and where it is."""
+
+from __future__ import annotations
+
+import shlex
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def print_summary(m: dict, run_dir) -> None:
+    print("\nsummary")
+    for p in m["phases"]:
+        label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
+        print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
+              f"best val accuracy {p['best_val_accuracy']:.4f}"
+              + (f"  [{p['note']}]" if p["note"] else ""))
+    if m.get("mode"):
+        print(f"  mode {m['mode']['requested']:<15} chose {m['mode']['chosen'].replace('_', '-')}: "
+              f"{m['mode']['reason']}")
+    print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
+          f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
+    recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
+    print(f"  recall per class     {recalls}")
+    if m.get("class_weight"):
+        print("  class weights        " + ", ".join(f"{c} {w:.2f}" for c, w in m["class_weight"].items()))
+    findings = m.get("check", {}).get("findings")
+    if findings:
+        print(f"  data check           {_plural(len(findings), 'finding')}: "
+              + "; ".join(f["message"] for f in findings[:3])
+              + (f"; +{len(findings) - 3} more" if len(findings) > 3 else "")
+              + f" (graft check {shlex.quote(m.get('data', 'DATA_DIR'))})")
+    if m["skipped_files"]:
+        print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
+    print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
+          "metrics.json, history.csv, predictions.csv, split.json, curves.png, "
+          "confusion_matrix.png)")

@@ -1,0 +1,108 @@
+"""The stages of ``fit``, each called on its own over a ``FitState``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from graftkit import stages
+from graftkit.distribute import Distribution
+from graftkit.schedule import PhaseResult
+from graftkit.workflow import make_options
+
+from .conftest import make_folder
+
+
+def _state(tmp_path: Path, **options) -> stages.FitState:
+    opts = make_options(**{"image_size": 32, "batch_size": 8, "head_epochs": 2,
+                           "fine_tune_epochs": 2, **options})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines: list[str] = []
+    s = stages.FitState(opts, run_dir, Distribution("default", None), lines.append, 0)
+    s.lines = lines  # what the stages logged
+    return s
+
+
+def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
+    data = make_folder(tmp_path / "data", classes=2, per_class=6)
+    s = _state(tmp_path, unfreeze="auto")
+    stages.scan_data(s, data)
+    assert s.folder.classes == ["class_0", "class_1"] and s.checked.status in ("clean", "warning")
+    stages.open_checkpoint(s, overwrite=False, resume=False)
+    assert s.resumed is None and s.ckpt is not None
+    stages.build_model(s, deterministic=True, unsafe=False)
+    assert s.size == 32 and s.model.outputs[0].shape[-1] == 2
+    stages.resolve_auto(s)
+    assert s.opt.unfreeze == "all" and s.unfreeze_reason.startswith("10 training images")
+    assert s.opt.label_smoothing == 0.1  # the whole base is fine-tuned
+    stages.plan_phases(s, tensorboard=False)
+    assert s.schedule.head_epochs == 2 and s.phases == [] and (s.run_dir / "history.csv").is_file()
+    stages.cut_base(s)
+    assert not s.cached_phase2 and s.need_cache and s.views == 5 and s.engine_key
+    stages.compute_frozen(s)
+    assert len(s.train_ex.views) == 5 and len(s.val_ex.views[0][0]) == len(s.folder.val)
+    assert any(line.startswith("frozen base: 0 of") for line in s.lines)
+
+
+def test_a_number_of_blocks_cuts_the_base_and_caches_phase_2(tmp_path):
+    data = make_folder(tmp_path / "data", classes=2, per_class=6)
+    s = _state(tmp_path, unfreeze=1, augment="none")
+    for stage in (lambda: stages.scan_data(s, data),
+                  lambda: stages.open_checkpoint(s, False, False),
+                  lambda: stages.build_model(s, True, False), lambda: stages.resolve_auto(s),
+                  lambda: stages.plan_phases(s, False), lambda: stages.cut_base(s)):
+        stage()
+    assert s.cached_phase2 and s.split.top is not None and s.views == 1
+    assert s.opt.label_smoothing == 0.0
+
+
+def _with_phases(tmp_path, head: float, ft: float | None, improved: bool = True,
+                 mode: str = "auto") -> stages.FitState:
+    s = _state(tmp_path, mode=mode)
+    s.phases = [PhaseResult("head", 2, 1.0, head)]
+    s.ft_epochs = 2
+    s.schedule = type("Schedule", (), {"history": [], "deadline": None})()
+    if ft is not None:
+        s.phases.append(PhaseResult("fine_tune", 2, 3.0, ft, improved=improved))
+        s.schedule.history = [{"phase": "fine_tune", "val_accuracy": ft}]
+    return s
+
+
+@pytest.mark.parametrize("head,ft,improved,chosen", [
+    (0.90, 0.95, True, "fine_tune"),
+    (0.90, 0.85, False, "head"),
+])
+def test_choose_mode_keeps_fine_tuning_only_when_it_won(tmp_path, head, ft, improved, chosen):
+    s = _with_phases(tmp_path, head, ft, improved)
+    stages.choose_mode(s)
+    assert s.mode["chosen"] == chosen and s.mode["head_val_accuracy"] == head
+    assert s.lines[-1].startswith(f"mode auto: {chosen.replace('_', '-')}")
+
+
+def test_choose_mode_without_phase_2_says_why(tmp_path):
+    s = _with_phases(tmp_path, 0.9, None)
+    s.ft_epochs = 0
+    stages.choose_mode(s)
+    assert s.mode["chosen"] == "head" and s.mode["reason"] == "--fine-tune-epochs 0"
+
+
+def test_lr_find_runs_the_stages_to_its_test_and_writes_no_run(tmp_path):
+    from graftkit.workflow import lr_find
+
+    data = make_folder(tmp_path / "data", classes=2, per_class=6)
+    tests = lr_find(data, tmp_path / "lr", "head", image_size=32, batch_size=4,
+                    verbose=0, log=lambda _m: None)
+    assert tests["head"]["suggestion"] > 0 and (tmp_path / "lr" / "lr_find_head.png").is_file()
+    assert not (tmp_path / "lr" / "history.csv").exists()
+    assert not (tmp_path / "lr" / ".checkpoint").exists()
+
+
+def test_options_take_fits_defaults_and_refuse_unknown_names():
+    from graftkit import defaults
+
+    opts = make_options(head_epochs=3)
+    assert opts.head_epochs == 3 and opts.fine_tune_epochs == defaults.FINE_TUNE_EPOCHS
+    with pytest.raises(TypeError, match="head_epoch"):
+        make_options(head_epoch=3)
