@@ -339,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graftkit {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _training_commands(subs)
+    _data_commands(subs)
+    _run_commands(subs)
+    _other_commands(subs)
+    return parser
+
+
+def _unsafe(p) -> None:
+    p.add_argument("--unsafe", action="store_true",
+                   help="allow model files that contain code (Lambda layers): trusted files only")
+
+
+def _training_commands(subs) -> None:
     p = _sub(subs, "fit", cmd_fit, "train a classifier on an image folder (two phases)", """
 graft fit photos/ --out runs/photos
 graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
@@ -348,8 +361,7 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
 """)
     _training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--unsafe", action="store_true",
-                   help="allow model files that contain code (Lambda layers): trusted files only")
+    _unsafe(p)
     p.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard logs of both phases in OUT/tensorboard/")
     p.add_argument("--resume", action="store_true",
@@ -365,9 +377,10 @@ graft fit photos/ --out runs/photos --lr auto --fine-tune-lr auto   # the same, 
     p.add_argument("--phase", choices=("head", "fine-tune"), default="head",
                    help="head: phase 1 on cached features; fine-tune: phase 1, then the test "
                         "for phase 2 on cached activations (--unfreeze N)")
-    p.add_argument("--unsafe", action="store_true",
-                   help="allow model files that contain code (Lambda layers): trusted files only")
+    _unsafe(p)
 
+
+def _data_commands(subs) -> None:
     p = _sub(subs, "check", cmd_check,
              "check an image folder: unreadable files, duplicates, leakage, imbalance", """
 graft check photos/
@@ -392,8 +405,7 @@ graft predict runs/photos new_photos/ --tta --format csv --output predictions.cs
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image with its mirror image")
     p.add_argument("--output", help="write the predictions to this file instead of stdout")
-    p.add_argument("--unsafe", action="store_true",
-                   help="allow model files that contain code (Lambda layers): trusted files only")
+    _unsafe(p)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = _sub(subs, "evaluate", cmd_evaluate, "score a run on labelled images", """
@@ -405,10 +417,11 @@ graft evaluate runs/photos test_photos/ --tta   # and the gain of test-time augm
     p.add_argument("data_dir")
     p.add_argument("--tta", action="store_true",
                    help="also score with test-time augmentation (mirror image) and report its gain")
-    p.add_argument("--unsafe", action="store_true",
-                   help="allow model files that contain code (Lambda layers): trusted files only")
+    _unsafe(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
+
+def _run_commands(subs) -> None:
     p = _sub(subs, "inspect", cmd_inspect,
              "weights / trainable_weights / non_trainable_weights per layer", """
 graft inspect runs/photos
@@ -417,8 +430,7 @@ graft inspect some/model.keras --format json
 """)
     p.add_argument("target", help="run folder, .keras file or backbone name")
     p.add_argument("--all", action="store_true", help="every layer inside nested models")
-    p.add_argument("--unsafe", action="store_true",
-                   help="allow model files that contain code (Lambda layers): trusted files only")
+    _unsafe(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = _sub(subs, "report", cmd_report, "rebuild RUN_DIR/report.html (self-contained)", """
@@ -438,6 +450,8 @@ graft export runs/photos --format onnx --out deploy/
                    help="tflite: none|float16|int8; onnx: none|int8; savedmodel: none")
     p.add_argument("--out", help="folder for the export (default RUN_DIR/export/FORMAT[-Q])")
 
+
+def _other_commands(subs) -> None:
     p = _sub(subs, "backbones", cmd_backbones, "list the backbones graftkit can build", """
 graft backbones
 graft backbones --format json
@@ -458,7 +472,6 @@ graft demo --out /tmp/demo --overwrite
 """)
     p.add_argument("--out", default="demo-run", help="folder for the data and the run")
     p.add_argument("--overwrite", action="store_true")
-    return parser
 
 
 def _import_tensorflow_quietly() -> None:
