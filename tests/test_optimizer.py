@@ -110,7 +110,17 @@ def test_block_factors_discriminative_and_gradual():
     plain = optimizer(1e-3, 10, Training(weight_decay=0.01), model.trainable_variables,
                       block_factors(groups, 2, Training(), 7))
     assert type(plain) is keras.optimizers.AdamW
-    assert type(optimizer(1e-3, 10, Training(), [])) is keras.optimizers.Adam
+    assert type(optimizer(1e-3, 10, Training(weight_decay=0.0), [])) is keras.optimizers.Adam
+
+
+def test_training_defaults_are_those_of_defaults_py():
+    """A Schedule built without training= trains as graft fit does, not with other values."""
+    from graftkit import defaults
+
+    t = Training()
+    assert (t.schedule, t.weight_decay, t.lr_decay) == (
+        defaults.LR_SCHEDULE, defaults.WEIGHT_DECAY, defaults.LR_DECAY)
+    assert type(optimizer(1e-3, 10, t, [])) is keras.optimizers.AdamW
 
 
 def _fit(tmp_path, name, *extra):
