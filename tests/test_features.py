@@ -212,16 +212,18 @@ def test_cache_evicts_least_recently_used_and_clears(private_cache, tmp_path, mo
     import time
 
     monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path / "c"))
-    old = features.FeatureStore("a/plain")
+    from graftkit import store
+
+    old = store.FeatureStore("a/plain")
     old.put(["x:0"], np.zeros((1, 1000), np.float16))
-    new = features.FeatureStore("b/plain")
+    new = store.FeatureStore("b/plain")
     new.put(["y:0"], np.ones((1, 1000), np.float16))
     shard = next((tmp_path / "c" / "features" / "a" / "plain").glob("*.npy"))
     os.utime(shard, (time.time() - 100, time.time() - 100))
-    size = sum(e["bytes"] for e in features.cache_entries())
-    freed = features.evict(size - 1)
+    size = sum(e["bytes"] for e in store.cache_entries())
+    freed = store.evict(size - 1)
     assert freed > 0 and old.get(["x:0"]) == {} and "y:0" in new.get(["y:0"])
-    assert features.clear() > 0 and features.cache_entries() == []
+    assert store.clear() > 0 and store.cache_entries() == []
 
 
 def test_augment_image_is_decided_by_its_seed():

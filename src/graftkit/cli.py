@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from graftkit import defaults
-from graftkit.errors import EXIT_CODES, GraftError, UsageError
+from graftkit.errors import EXIT_CODES, DataError, DiskFullError, GraftError, UsageError
 from graftkit.summary import print_summary
 
 
@@ -46,12 +46,7 @@ def preflight_fit(args) -> None:
     kwargs.pop("unsafe"), kwargs.pop("verbose")
     options = make_options(**kwargs)
     overwrite = getattr(args, "overwrite", True)  # lr-find's plots folder is rewritten
-    check_inputs(args.data_dir, args.out, options, overwrite)
-    if getattr(args, "tensorboard", False):
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'")
+    check_inputs(args.data_dir, args.out, options, overwrite, getattr(args, "tensorboard", False))
 
 
 def cmd_fit(args) -> int:
@@ -120,7 +115,7 @@ def preflight_predict(args) -> None:
     read_run(args.run_dir)
     for path in args.paths:
         if not Path(path).exists():
-            raise GraftError(f"no such file or folder: {path}")
+            raise DataError(f"no such file or folder: {path}")
     if args.output:  # before the work: a bad path must not cost every prediction
         prepare_output_file(args.output)
 
@@ -241,14 +236,14 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from graftkit import store as features
+    from graftkit import store
     from graftkit.defaults import cache_dir
 
     if args.action == "clear":
-        freed = features.clear()
+        freed = store.clear()
         print(f"freed {freed / 1e6:.1f} MB in {cache_dir()} (converted backbone weights kept)")
         return 0
-    entries = features.cache_entries()
+    entries = store.cache_entries()
     groups: dict[tuple[str, str], list[dict]] = {}
     for e in entries:
         groups.setdefault((e["kind"], e["set"]), []).append(e)
@@ -260,8 +255,8 @@ def cmd_cache(args) -> int:
     if rows:
         print(_fmt_table(rows, ["kind", "set", "files", "size", "last used"]))
     print(f"{cache_dir()}: {total / 1e6:.1f} MB of frozen outputs and engines in "
-          f"{len(entries)} files; limit {features.cache_limit_bytes() / 1e9:.1f} GB "
-          f"(${features.defaults.CACHE_LIMIT_ENV}), least recently used removed first")
+          f"{len(entries)} files; limit {store.cache_limit_bytes() / 1e9:.1f} GB "
+          f"(${defaults.CACHE_LIMIT_ENV}), least recently used removed first")
     return 0
 
 
@@ -538,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"{name}: error: no space left on the disk{where}: free some space, then run the "
               "same command again", file=sys.stderr)
-        return 5
+        return DiskFullError.exit_code
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         for path, probe in zip(all_paths, pool.map(probe_image, all_paths)):
             found[path] = probe
-            if bar is not None and (len(found) % 64 == 0 or len(found) == len(all_paths)):
+            if bar is not None:
                 bar.update(len(found))
     if bar is not None:
         bar.close()
@@ -493,7 +493,7 @@ class DecodedImages:
         bar = progress("decoding training images", len(self.paths)) if progress else None
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for i, _ in enumerate(pool.map(work, range(len(self.paths))), start=1):
-                if bar is not None and (i % 64 == 0 or i == len(self.paths)):
+                if bar is not None:
                     bar.update(i)
         if bar is not None:
             bar.close()

@@ -34,15 +34,7 @@ from graftkit.data import augment_image, load_image, view_seed
 from graftkit.errors import DiskFullError
 from graftkit.graft import all_layers
 from graftkit.run import atomic_write
-from graftkit.store import (  # noqa: F401 - graft cache and the tests read them here too
-    FeatureStore,
-    cache_entries,
-    cache_full,
-    cache_limit_bytes,
-    clear,
-    evict,
-    writable,
-)
+from graftkit.store import FeatureStore, cache_full, cache_limit_bytes, evict, writable
 
 ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" or "tflite" forces that engine (for comparisons)
 PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 LINE_EVERY = 5.0  # seconds between lines when stderr is not a terminal
+REDRAW_EVERY = 0.1  # seconds between redraws of the bar on a terminal
 BAR = 28
 
 
@@ -46,6 +47,9 @@ class Progress:
         self.done = min(int(done), self.total)
         now = time.perf_counter()
         if self.tty:
+            if now - self._last < REDRAW_EVERY and self.done < self.total:
+                return
+            self._last = now
             filled = BAR * self.done // self.total if self.total else BAR
             self.stream.write(f"\r{self.label} [{'=' * filled}{'.' * (BAR - filled)}] "
                               f"{self._text(now)}\033[K")

@@ -156,8 +156,12 @@ def make_options(**given) -> FitOptions:
 _OPTION_NAMES = tuple(o.name for o in options_module.FIT_OPTIONS)
 
 
-def check_inputs(data_dir, out, options: FitOptions, overwrite: bool) -> None:
-    """Paths a typo can break, checked before any TensorFlow work: data, base, weights, --out."""
+def check_inputs(data_dir, out, options: FitOptions, overwrite: bool,
+                 tensorboard: bool = False) -> None:
+    """What a typo or a missing extra breaks, checked before any TensorFlow work: data, base,
+    weights, --out, TensorBoard."""
+    import importlib.util
+
     from graftkit.backbones.registry import check_base_name
     from graftkit.data import check_data_path
     from graftkit.run import check_run_dir
@@ -174,6 +178,8 @@ def check_inputs(data_dir, out, options: FitOptions, overwrite: bool) -> None:
         raise BackboneError(f"weights file not found: {options.weights}; pass an existing file "
                             "or leave --weights out for the ImageNet weights")
     check_run_dir(out, overwrite)
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'")
 
 
 def fit(
@@ -220,13 +226,7 @@ def fit(
         >>> result.metrics["val_accuracy"]  # doctest: +SKIP
     """
     options = make_options(**options)
-    check_inputs(data_dir, out, options, overwrite)
-    if tensorboard:
-        try:
-            import tensorboard as _tb  # noqa: F401
-        except ImportError:
-            raise UsageError("--tensorboard needs TensorBoard: pip install 'graftkit[tensorboard]'"
-                             ) from None
+    check_inputs(data_dir, out, options, overwrite, tensorboard)
     with _session(out, options, overwrite) as (run_dir, dist):
         s = stages.FitState(options, run_dir, dist, log, verbose,
                             progress=progress_factory(verbose != 0))
