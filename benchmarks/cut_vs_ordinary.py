@@ -23,8 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def run(data: Path, unfreeze: int, epochs: int, cut: bool) -> dict:
-    import graftkit.features as features
-    from graftkit.workflow import fit
+    import graftkit.frozen.cut as features
+    from graftkit.train.workflow import fit
 
     original = features.split_base
 

@@ -120,7 +120,7 @@ def source_commit() -> str:
 
 
 def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     data = dataset_path(name, scratch, shared)
     with tempfile.TemporaryDirectory() as tmp:

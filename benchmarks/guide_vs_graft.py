@@ -68,7 +68,7 @@ def guide(data: Path, epochs: int, size: int, seed: int) -> dict:
 
 
 def graft(data: Path, seed: int) -> dict:
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

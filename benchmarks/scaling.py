@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from graftkit.distribute import loopback_configs
+from graftkit.train.distribute import loopback_configs
 
 
 def run(data: Path, workers: int, options: list[str]) -> dict:

@@ -41,10 +41,10 @@ def forward_gflops(model) -> float:
     """Convolution and dense FLOPs of one image through ``model`` (nested models included)."""
     from keras import layers
 
-    from graftkit.backbones import leaf_layers
+    from graftkit.backbones import layers_within
 
     total = 0
-    for layer in leaf_layers(model):
+    for layer in layers_within(model, leaves_only=True):
         if isinstance(layer, layers.DepthwiseConv2D):
             _, h, w, c = layer.output.shape
             kh, kw = layer.kernel_size
@@ -99,15 +99,16 @@ def predict_rates(size: int, folder: str | None, n: int) -> dict:
     """
     import numpy as np
 
-    from graftkit import features
     from graftkit.backbones import load_base
-    from graftkit.evaluate import predict_proba
-    from graftkit.features import FrozenPart, part_key
+    from graftkit.classifier import Classifier
+    from graftkit.frozen import engine
+    from graftkit.frozen.cut import part_key
+    from graftkit.frozen.engine import FrozenPart
     from graftkit.graft import build_classifier
-    from graftkit.predict import Classifier
+    from graftkit.outputs.evaluation import probabilities
 
     # The engine's rate, not the choice: graft converts only for large jobs or reuses fit's.
-    os.environ[features.ENGINE_ENV] = "tflite"
+    os.environ[engine.ENGINE_ENV] = "tflite"
     base, _ = load_base("efficientnet_lite0", size)
     model = build_classifier(base, 2)
     x = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype("float32")
@@ -134,9 +135,9 @@ def predict_rates(size: int, folder: str | None, n: int) -> dict:
         t = time.perf_counter()
         clf.predict_proba(paths)
         out["graft predict, files"] = len(paths) / (time.perf_counter() - t)
-        predict_proba(model, paths[:8])
+        probabilities(model, paths[:8])
         t = time.perf_counter()
-        predict_proba(model, paths)
+        probabilities(model, paths)
         out["keras predict, files"] = len(paths) / (time.perf_counter() - t)
     return out
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,7 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One small real run (both phases) shared by the predict/evaluate/inspect tests."""
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     root = tmp_path_factory.mktemp("shared-run")
     data = make_folder(root / "data", per_class=10)
@@ -63,3 +66,23 @@ def trained_run(tmp_path_factory) -> Path:
     fit(data, root / "run", image_size=32, head_epochs=15, fine_tune_epochs=1, batch_size=8,
         lr=1e-2, fine_tune_lr=1e-4, unfreeze="all", verbose=0, log=lambda _msg: None)
     return root
+
+
+def wait_for_phase2_epoch(run: Path, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    """The checkpoint state once ``proc`` (a ``graft fit`` of ``run``) saved a phase-2 epoch.
+
+    Fails the test when the process ends first or no such checkpoint appears in time.
+    """
+    state_file = run / ".checkpoint" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fit ended before it could be interrupted: {proc.stderr.read()[-2000:]}")
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("phase") == "fine_tune" and state.get("epoch", 0) >= 1:
+            return state
+        time.sleep(0.05)
+    pytest.fail("no phase-2 checkpoint appeared in time")

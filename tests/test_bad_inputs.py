@@ -20,11 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from graftkit import data as data_module
 from graftkit import defaults
-from graftkit.check import check
 from graftkit.cli import main
-from graftkit.data import load_image, make_dataset, probe_image, scan
+from graftkit.data import images as images_module
+from graftkit.data.checks import check
+from graftkit.data.folder import scan
+from graftkit.data.images import load_image, probe_image
+from graftkit.data.pipeline import make_dataset
 from graftkit.errors import BackboneError, DataError
 
 from .conftest import make_folder
@@ -106,14 +108,14 @@ def test_unreadable_file_permissions(folder, monkeypatch):
     target = folder / "class_0" / "locked.png"
     Image.new("RGB", (8, 8)).save(target)
     if os.geteuid() == 0:  # root reads anything: simulate what a user without rights sees
-        real = data_module._read_bytes
+        real = images_module.read_bytes
 
         def denied(path):
             if str(path).endswith("locked.png"):
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path)
 
-        monkeypatch.setattr(data_module, "_read_bytes", denied)
+        monkeypatch.setattr(images_module, "read_bytes", denied)
     else:
         target.chmod(0)
     assert _reasons(scan(folder))["locked.png"].startswith("permission denied")

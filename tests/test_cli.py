@@ -40,7 +40,7 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     assert 0 < sum(p["seconds"] for p in metrics["phases"]) <= metrics["total_seconds"]
     assert metrics["image_size"] == 32 and metrics["num_train"] + metrics["num_val"] == 30
     assert metrics["val_accuracy"] >= metrics["phases"][0]["best_val_accuracy"] - 1e-6
-    rows = list(csv.DictReader((run / "history.csv").open()))
+    rows = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
     assert list(rows[0]) == ["phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                              "seconds"]
     assert [r["phase"] for r in rows] == ["head", "head", "fine_tune"]
@@ -50,8 +50,8 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     import graftkit
 
     assert metrics["engine"] and "cached activations" in metrics["phases"][1]["note"]
-    preds = list(csv.DictReader((run / "predictions.csv").open()))
-    from graftkit.predict import Classifier
+    preds = list(csv.DictReader((run / "predictions.csv").read_text().splitlines()))
+    from graftkit.classifier import Classifier
 
     plain = Classifier(graftkit.load(run).model, metrics["classes"], fast=False)
     probs = plain.predict_proba([r["path"] for r in preds])
@@ -102,7 +102,7 @@ def test_predict_matches_training_preprocessing(trained_run):
     import numpy as np
 
     import graftkit
-    from graftkit.data import load_image
+    from graftkit.data.images import load_image
 
     clf = graftkit.load(trained_run / "run")
     path = str(trained_run / "data" / "class_0" / "img_001.png")
@@ -127,7 +127,7 @@ def test_evaluate_tta_reports_its_gain_over_the_plain_images(trained_run, capsys
     import numpy as np
 
     import graftkit
-    from graftkit.data import load_image
+    from graftkit.data.images import load_image
 
     run, data = trained_run / "run", trained_run / "data"
     code, out, _ = run_cli(capsys, "evaluate", run, data, "--tta", "--format", "json")
@@ -135,7 +135,7 @@ def test_evaluate_tta_reports_its_gain_over_the_plain_images(trained_run, capsys
     result = json.loads(out)
     clf = graftkit.load(run)
     paths = sorted(str(p) for p in data.rglob("*.png"))
-    labels = [clf.classes_.index(Path(p).parent.name) for p in paths]
+    labels = [clf.classes.index(Path(p).parent.name) for p in paths]
     x = np.stack([load_image(p, 32) for p in paths]).astype("float32")
     probs = (clf.model.predict(x, verbose=0) + clf.model.predict(x[:, :, ::-1], verbose=0)) / 2
     expected = float(np.mean(probs.argmax(1) == np.array(labels)))

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graftkit.data import load_image, make_dataset, parse_augment, scan
+from graftkit.data.augment import parse_augment
+from graftkit.data.folder import scan
+from graftkit.data.images import load_image
+from graftkit.data.pipeline import make_dataset
 from graftkit.errors import DataError, UsageError
 
 from .conftest import make_folder

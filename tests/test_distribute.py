@@ -8,20 +8,19 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from graftkit.distribute import (
+from graftkit.errors import DataError, UsageError
+from graftkit.train.distribute import (
     Distribution,
     eval_batch_size,
     loopback_configs,
     make_distribution,
 )
-from graftkit.errors import DataError, UsageError
 
-from .conftest import make_folder
+from .conftest import make_folder, wait_for_phase2_epoch
 
 FIT = ["--image-size", "48", "--head-epochs", "3", "--fine-tune-epochs", "4", "--batch-size", "4",
        "--unfreeze", "2", "--fine-tune-lr", "1e-4", "--lr", "1e-2", "--strategy", "multi-worker"]
@@ -90,19 +89,8 @@ def test_a_killed_worker_fails_the_job_cleanly_and_it_resumes(tmp_path, private_
     data = make_folder(tmp_path / "data", per_class=16, size=48)
     out = tmp_path / "run"
     chief, worker = _workers(data, out, private_cache)
+    state = wait_for_phase2_epoch(out, chief)
     state_file = out / ".checkpoint" / "state.json"
-    deadline = time.time() + 300
-    state: dict = {}
-    while time.time() < deadline and not (state.get("phase") == "fine_tune"
-                                          and state.get("epoch", 0) >= 1):
-        if chief.poll() is not None:
-            pytest.fail(f"the run ended before the kill: {chief.stderr.read()[-2000:]}")
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        time.sleep(0.05)
-    assert state.get("phase") == "fine_tune", "no phase-2 checkpoint appeared in time"
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     try:
@@ -132,7 +120,7 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from graftkit.workflow import fit
+from graftkit.train.workflow import fit
 out = {}
 for strategy in ("default", "mirrored"):
     r = fit(sys.argv[1], sys.argv[2] + "/" + strategy, strategy=strategy, image_size=48,
@@ -184,3 +172,29 @@ def test_validation_batches_leave_no_replica_empty():
                 assert replicas <= b <= max(batch, n) and (n % b == 0 or n % b >= replicas)
     assert eval_batch_size(9, 8, 2) == 7 and eval_batch_size(16, 8, 2) == 8
     assert eval_batch_size(5, 32, 1) == 32  # one replica: unchanged
+
+
+def test_loopback_ports_come_from_outside_the_ephemeral_range_and_skip_busy_ones():
+    import socket
+
+    from graftkit.train import distribute
+
+    floor = distribute._ephemeral_floor()
+    ports = distribute.free_ports(3)
+    assert len(set(ports)) == 3 and all(1024 <= p < floor for p in ports)
+
+    class Draws:  # the ports a random draw would give, in order
+        def __init__(self, ports):
+            self.ports = iter(ports)
+
+        def randrange(self, low, high):
+            port = next(self.ports)
+            assert low <= port < high
+            return port
+
+    with socket.socket() as busy:  # a port another program holds is passed over
+        busy.bind(("127.0.0.1", ports[0]))
+        busy.listen()
+        assert distribute.free_ports(1, rng=Draws([ports[0], ports[1]])) == [ports[1]]
+    config = json.loads(distribute.loopback_configs(2)[1])
+    assert config["task"] == {"type": "worker", "index": 1} and len(config["cluster"]["worker"]) == 2

@@ -8,7 +8,7 @@ import pytest
 
 from graftkit.cli import main
 from graftkit.errors import UsageError
-from graftkit.export import export
+from graftkit.outputs.export import export
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from PIL import Image
 from graftkit import cli
 from graftkit.cli import main
 from graftkit.errors import DiskFullError
-from graftkit.summary import print_summary
+from graftkit.outputs.summary import print_summary
 
 from .conftest import make_folder
 
@@ -55,7 +55,7 @@ def test_predict_output_in_a_new_folder_is_made(trained_run, tmp_path, capsys):
 
 def test_predict_output_that_is_a_folder_is_refused_before_any_work(trained_run, tmp_path,
                                                                     capsys, monkeypatch):
-    from graftkit.predict import Classifier
+    from graftkit.classifier import Classifier
 
     def no_work(*_a, **_k):
         raise AssertionError("predictions computed before the output path was checked")
@@ -78,7 +78,7 @@ def test_ctrl_c_while_tensorflow_imports_is_one_line_and_exit_130(tmp_path, caps
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_import_tensorflow_quietly", interrupted)
+    monkeypatch.setattr(cli, "import_tensorflow", interrupted)
     data = make_folder(tmp_path / "data", classes=2, per_class=3)
     code, _, err = run_cli(capsys, "fit", data, "--out", tmp_path / "run")
     assert code == 130 and "interrupted" in err and one_line(err)
@@ -101,11 +101,12 @@ def _no_space(path, write):
 @pytest.mark.slow
 def test_full_disk_in_the_checkpoint_is_one_line_and_the_same_command_resumes(
         tmp_path, capsys, monkeypatch):
-    from graftkit import checkpoint, run
+    from graftkit import files
+    from graftkit.train import checkpoint
 
     data = make_folder(tmp_path / "data", per_class=8, size=40)
     out = tmp_path / "run"
-    original = run.atomic_write
+    original = files.atomic_write
 
     def fills_up_in_phase_2(path, write):
         if "fine_tune" in Path(path).name:
@@ -125,7 +126,7 @@ def test_full_disk_in_the_checkpoint_is_one_line_and_the_same_command_resumes(
 
 
 def test_a_full_cache_warns_once_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
-    from graftkit import store
+    from graftkit.frozen import store
 
     monkeypatch.setattr(store, "atomic_write", lambda path, write: (_ for _ in ()).throw(
         DiskFullError(Path(path).parent)))
@@ -140,7 +141,7 @@ def test_a_full_cache_warns_once_and_the_run_goes_on(tmp_path, capsys, monkeypat
 
 
 def test_is_disk_full_knows_wrapped_messages():
-    from graftkit.run import is_disk_full
+    from graftkit.files import is_disk_full
 
     assert is_disk_full(OSError(errno.ENOSPC, "x"))
     assert is_disk_full(OSError("Unable to create file (... No space left on device)"))
@@ -331,8 +332,8 @@ def test_progress_is_a_bar_on_a_terminal_and_spaced_lines_in_a_log(monkeypatch):
 
 
 def test_history_csv_grows_epoch_by_epoch_in_place(tmp_path, monkeypatch):
-    from graftkit.run import HistoryLog
-    from graftkit.workflow import fit
+    from graftkit.outputs.run import HistoryLog
+    from graftkit.train.workflow import fit
 
     seen = []
     original = HistoryLog.append
@@ -347,7 +348,7 @@ def test_history_csv_grows_epoch_by_epoch_in_place(tmp_path, monkeypatch):
                  batch_size=8, unfreeze=1, mode="fine-tune", verbose=0, log=lambda _m: None)
     assert [n for _, n in seen] == list(range(2, 2 + len(seen)))  # header + one row per epoch
     assert len({ino for ino, _ in seen}) == 1  # the same file: tail -f follows it
-    rows = list(csv.DictReader((result.run_dir / "history.csv").open()))
+    rows = list(csv.DictReader((result.run_dir / "history.csv").read_text().splitlines()))
     assert len(rows) == len(seen) == 5
 
 
@@ -367,9 +368,9 @@ def _digit_like(root: Path, per_class: int = 15) -> Path:
 
 
 def test_tiny_images_give_one_finding_not_hundreds_of_near_duplicates(tmp_path, capsys):
-    from graftkit import check as check_module
     from graftkit import defaults
-    from graftkit.check import check
+    from graftkit.data import checks as check_module
+    from graftkit.data.checks import check
 
     root = _digit_like(tmp_path / "digits")
     with pytest.MonkeyPatch.context() as mp:  # what the hash says when trusted on 8x8 images
@@ -385,7 +386,7 @@ def test_tiny_images_give_one_finding_not_hundreds_of_near_duplicates(tmp_path, 
 
 
 def test_near_duplicates_with_other_labels_are_likely_label_errors(tmp_path, capsys):
-    from graftkit.check import check
+    from graftkit.data.checks import check
 
     root = tmp_path / "d"
     make_folder(root / "train", classes=2, per_class=5, size=64)
@@ -410,7 +411,7 @@ def test_near_duplicates_with_other_labels_are_likely_label_errors(tmp_path, cap
 # --- the report -----------------------------------------------------------------------------------------
 
 def test_top_losses_show_wrong_predictions_first_then_the_least_confident_right_ones():
-    from graftkit.report import _top_losses
+    from graftkit.outputs.report import _top_losses
 
     rows = [{"path": f"/x/{n}.png", "label": lab, "predicted": pred, "probability": "0.9",
              "true_probability": tp, "loss": str(-np.log(float(tp)))}
@@ -424,7 +425,7 @@ def test_top_losses_show_wrong_predictions_first_then_the_least_confident_right_
 
 
 def test_the_kept_epoch_is_the_best_validated_one():
-    from graftkit.run import best_row
+    from graftkit.outputs.plots import best_row
 
     rows = [{"phase": "head", "val_accuracy": 0.8, "val_loss": 0.5},
             {"phase": "head", "val_accuracy": 0.9, "val_loss": 0.4},
@@ -439,14 +440,15 @@ def test_the_kept_epoch_is_the_best_validated_one():
 def test_with_a_gpu_visible_the_frozen_pass_runs_through_keras(monkeypatch):
     import keras
 
-    from graftkit import devices, features
+    from graftkit import devices
+    from graftkit.frozen import engine
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
-    monkeypatch.delenv(features.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(engine.ENGINE_ENV, raising=False)
     monkeypatch.setattr(devices, "gpus", lambda: ["/device:GPU:0"])
-    on_gpu = features.FrozenPart(model, "k")
+    on_gpu = engine.FrozenPart(model, "k")
     assert on_gpu.plan(100_000) == "keras" and on_gpu.engine == "keras"
     assert "1 GPU (/device:GPU:0)" in devices.describe() and "through Keras" in devices.describe()
     monkeypatch.setattr(devices, "gpus", lambda: [])
-    assert features.FrozenPart(model, "k").plan(100_000) == "tflite"
+    assert engine.FrozenPart(model, "k").plan(100_000) == "tflite"
     assert "CPU" in devices.describe() and "TFLite" in devices.describe()

@@ -9,7 +9,7 @@ from keras import layers
 
 from graftkit.backbones import load_base
 from graftkit.graft import build_classifier, freeze, unfreeze
-from graftkit.schedule import Best, KeepBest
+from graftkit.train.phases import Best, KeepBest
 
 
 def test_dense_weights():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from graftkit.cli import main
-from graftkit.optimizer import (
+from graftkit.options import parse_unfreeze_schedule
+from graftkit.train.optimizer import (
     LayerwiseAdamW,
     SparseSmoothedCrossentropy,
     Training,
@@ -17,7 +18,6 @@ from graftkit.optimizer import (
     learning_rate,
     optimizer,
 )
-from graftkit.options import parse_unfreeze_schedule
 
 from .conftest import make_folder
 
@@ -114,7 +114,7 @@ def test_block_factors_discriminative_and_gradual():
 
 
 def test_training_defaults_are_those_of_defaults_py():
-    """A Schedule built without training= trains as graft fit does, not with other values."""
+    """A PhasePlan built without training= trains as graft fit does, not with other values."""
     from graftkit import defaults
 
     t = Training()
@@ -168,8 +168,8 @@ def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(
 
 
 def test_auto_image_size_and_depth_follow_the_data(tmp_path):
-    from graftkit.data import scan
-    from graftkit.stages import auto_image_size, auto_unfreeze
+    from graftkit.data.folder import scan
+    from graftkit.train.stages import auto_image_size, auto_unfreeze
 
     sizes = {}
     for side in (8, 40, 300):
@@ -190,7 +190,7 @@ def test_heads_are_averaged_into_one_and_every_epoch_is_logged(tmp_path):
     m = _fit(tmp_path, "heads", "--mode", "head", "--heads", "3")
     head = m["phases"][0]
     assert head["epochs"] == 9 and "3 heads averaged" in head["note"]
-    rows = list(csv.DictReader((tmp_path / "heads" / "history.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "heads" / "history.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 10))
     # The saved model scores what phase 1 reported for the averaged head.
     assert abs(m["val_accuracy"] - head["best_val_accuracy"]) < 1e-6

@@ -12,7 +12,7 @@ import pytest
 
 from graftkit.cli import build_parser
 from graftkit.options import FIT_OPTIONS
-from graftkit.workflow import FitOptions, fit, make_options
+from graftkit.train.workflow import FitOptions, fit, make_options
 
 ROOT = Path(__file__).resolve().parents[1]
 

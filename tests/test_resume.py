@@ -8,14 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from graftkit.cli import main
 
-from .conftest import make_folder
+from .conftest import make_folder, wait_for_phase2_epoch
 
 # Phase 2 on cached activations (top 3 blocks), the default path.
 FIT = ["--image-size", "48", "--head-epochs", "3", "--fine-tune-epochs", "4", "--batch-size", "8",
@@ -31,28 +29,12 @@ def _graft(args, cache) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_phase2_epoch(run: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
-    state_file = run / ".checkpoint" / "state.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fit ended before it could be interrupted: {proc.stderr.read()}")
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if state.get("phase") == "fine_tune" and state.get("epoch", 0) >= 1:
-            return state
-        time.sleep(0.05)
-    pytest.fail("no phase-2 checkpoint appeared in time")
-
-
 @pytest.mark.slow
 def test_sigkill_mid_phase2_then_resume(tmp_path, private_cache):
     data = make_folder(tmp_path / "data", per_class=16, size=48)
     run = tmp_path / "run"
     proc = _graft(["fit", data, "--out", run, *FIT], private_cache)
-    state = _wait_for_phase2_epoch(run, proc)
+    state = wait_for_phase2_epoch(run, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "model.keras").exists() and not (run / "metrics.json").exists()
@@ -62,7 +44,7 @@ def test_sigkill_mid_phase2_then_resume(tmp_path, private_cache):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "resuming: 1 phase(s) done" in out
-    rows = list(csv.DictReader((run / "history.csv").open()))
+    rows = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
     keys = [(r["phase"], int(r["epoch"])) for r in rows]
     assert len(keys) == len(set(keys)), f"an epoch appears twice: {keys}"
     assert [k for k in keys if k[0] == "head"] == [("head", i) for i in (1, 2, 3)]
@@ -78,7 +60,7 @@ def test_ctrl_c_stops_cleanly_and_a_different_command_is_refused(tmp_path, priva
     data = make_folder(tmp_path / "data", per_class=16, size=48)
     run = tmp_path / "run"
     proc = _graft(["fit", data, "--out", run, *FIT], private_cache)
-    _wait_for_phase2_epoch(run, proc)
+    wait_for_phase2_epoch(run, proc)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130  # the shell convention for SIGINT
@@ -99,14 +81,14 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     """Deterministic ops on: two runs of one command agree on every figure but the timings."""
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     data = make_folder(tmp_path / "data", per_class=10, size=40)
     figures = []
     for name in ("a", "b"):
         r = fit(data, tmp_path / name, image_size=32, head_epochs=3, fine_tune_epochs=2,
                 batch_size=8, fine_tune_lr=1e-3, verbose=0, log=lambda _m: None)
-        rows = list(csv.DictReader((r.run_dir / "history.csv").open()))
+        rows = list(csv.DictReader((r.run_dir / "history.csv").read_text().splitlines()))
         figures.append(([{k: v for k, v in row.items() if k != "seconds"} for row in rows],
                         r.metrics["val_accuracy"], r.metrics["per_class"],
                         r.metrics["confusion_matrix"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from graftkit.cli import main
-from graftkit.data import scan
+from graftkit.data.folder import scan
 from graftkit.errors import DataError
 
 from .conftest import make_folder
@@ -60,7 +60,7 @@ def test_fit_with_csv_and_explicit_val(tmp_path, capsys):
 
 def test_predict_tta_averages_the_mirror_image(trained_run):
     import graftkit
-    from graftkit.data import load_image
+    from graftkit.data.images import load_image
 
     clf = graftkit.load(trained_run / "run")
     path = str(trained_run / "data" / "class_1" / "img_003.png")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from graftkit import stages
-from graftkit.distribute import Distribution
-from graftkit.schedule import PhaseResult
-from graftkit.workflow import make_options
+from graftkit.train import stages
+from graftkit.train.distribute import Distribution
+from graftkit.train.phases import PhaseResult
+from graftkit.train.workflow import make_options
 
 from .conftest import make_folder
 
@@ -38,7 +38,7 @@ def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
     assert s.opt.unfreeze == "all" and s.unfreeze_reason.startswith("10 training images")
     assert s.opt.label_smoothing == 0.1  # the whole base is fine-tuned
     stages.plan_phases(s, tensorboard=False)
-    assert s.schedule.head_epochs == 2 and s.phases == [] and (s.run_dir / "history.csv").is_file()
+    assert s.plan.head_epochs == 2 and s.phases == [] and (s.run_dir / "history.csv").is_file()
     stages.cut_base(s)
     assert not s.cached_phase2 and s.need_cache and s.views == 5 and s.engine_key
     stages.compute_frozen(s)
@@ -63,10 +63,10 @@ def _with_phases(tmp_path, head: float, ft: float | None, improved: bool = True,
     s = _state(tmp_path, mode=mode)
     s.phases = [PhaseResult("head", 2, 1.0, head)]
     s.ft_epochs = 2
-    s.schedule = type("Schedule", (), {"history": [], "deadline": None})()
+    s.plan = type("PhasePlan", (), {"history": [], "deadline": None})()
     if ft is not None:
         s.phases.append(PhaseResult("fine_tune", 2, 3.0, ft, improved=improved))
-        s.schedule.history = [{"phase": "fine_tune", "val_accuracy": ft}]
+        s.plan.history = [{"phase": "fine_tune", "val_accuracy": ft}]
     return s
 
 
@@ -89,7 +89,7 @@ def test_choose_mode_without_phase_2_says_why(tmp_path):
 
 
 def test_lr_find_runs_the_stages_to_its_test_and_writes_no_run(tmp_path):
-    from graftkit.workflow import lr_find
+    from graftkit.train.workflow import lr_find
 
     data = make_folder(tmp_path / "data", classes=2, per_class=6)
     tests = lr_find(data, tmp_path / "lr", "head", image_size=32, batch_size=4,
@@ -106,3 +106,30 @@ def test_options_take_fits_defaults_and_refuse_unknown_names():
     assert opts.head_epochs == 3 and opts.fine_tune_epochs == defaults.FINE_TUNE_EPOCHS
     with pytest.raises(TypeError, match="head_epoch"):
         make_options(head_epoch=3)
+
+
+def test_fit_returns_the_classifier_that_load_gives_back(tmp_path):
+    """One shape for the public API: what ``fit`` returns predicts like what ``load`` reads."""
+    import numpy as np
+
+    import graftkit
+
+    data = make_folder(tmp_path / "data", classes=2, per_class=6)
+    clf = graftkit.fit(data, tmp_path / "run", image_size=32, batch_size=8, head_epochs=2,
+                       mode="head", verbose=0, log=lambda _m: None)
+    again = graftkit.load(tmp_path / "run")
+    assert isinstance(clf, graftkit.Classifier) and isinstance(again, graftkit.Classifier)
+    assert clf.run_dir == again.run_dir == tmp_path / "run" and clf.classes == again.classes
+    assert clf.metrics["val_accuracy"] == again.metrics["val_accuracy"]
+    images = sorted(str(p) for p in (data / "class_1").iterdir())[:3]
+    np.testing.assert_allclose(clf.predict_proba(images), again.predict_proba(images), atol=1e-6)
+    assert [p.label for p in clf.predict(images)] == [p.label for p in again.predict(images)]
+    assert clf.evaluate(data)["overlap"]["checked"]  # both know their training images
+
+
+def test_the_public_names_resolve_and_none_shadows_a_module():
+    import graftkit
+
+    for name in graftkit.__all__:
+        assert getattr(graftkit, name) is not None
+    assert callable(graftkit.check) and callable(graftkit.export) and callable(graftkit.lr_find)

@@ -14,10 +14,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "fit": "graftkit.workflow",
-    "FitResult": "graftkit.workflow",
-    "load": "graftkit.predict",
-    "Classifier": "graftkit.predict",
+    "fit": "graftkit.train.workflow",
+    "lr_find": "graftkit.train.workflow",
+    "load": "graftkit.classifier",
+    "Classifier": "graftkit.classifier",
+    "Prediction": "graftkit.classifier",
+    "check": "graftkit.data.checks",
+    "export": "graftkit.outputs.export",
     "freeze": "graftkit.graft",
     "unfreeze": "graftkit.graft",
     "GraftError": "graftkit.errors",

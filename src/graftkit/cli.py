@@ -16,7 +16,8 @@ from pathlib import Path
 
 from graftkit import defaults
 from graftkit.errors import EXIT_CODES, DataError, DiskFullError, GraftError, UsageError
-from graftkit.summary import print_summary
+from graftkit.outputs.summary import print_summary
+from graftkit.quiet import import_tensorflow
 
 
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
@@ -40,7 +41,7 @@ def _training_kwargs(args) -> dict:
 
 
 def preflight_fit(args) -> None:
-    from graftkit.workflow import check_inputs, make_options
+    from graftkit.train.workflow import check_inputs, make_options
 
     kwargs = _training_kwargs(args)
     kwargs.pop("unsafe"), kwargs.pop("verbose")
@@ -50,7 +51,7 @@ def preflight_fit(args) -> None:
 
 
 def cmd_fit(args) -> int:
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     result = fit(args.data_dir, args.out, resume=args.resume, tensorboard=args.tensorboard,
                  overwrite=args.overwrite, **_training_kwargs(args))
@@ -61,7 +62,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from graftkit.workflow import lr_find
+    from graftkit.train.workflow import lr_find
 
     phase = args.phase.replace("-", "_")
     tests = lr_find(args.data_dir, args.out, phase, overwrite=True, **_training_kwargs(args))
@@ -73,7 +74,7 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from graftkit.check import check
+    from graftkit.data.checks import check
 
     rep = check(args.data_dir, args.val_split, args.seed, args.val)
     if args.format == "json":
@@ -106,7 +107,8 @@ def _progress(done: int, total: int) -> None:
 
 
 def preflight_predict(args) -> None:
-    from graftkit.run import prepare_output_file, read_run
+    from graftkit.files import prepare_output_file
+    from graftkit.outputs.run import read_run
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
@@ -121,7 +123,8 @@ def preflight_predict(args) -> None:
 
 
 def cmd_predict(args) -> int:
-    from graftkit.predict import expand_paths, load
+    from graftkit.classifier import load
+    from graftkit.data.images import expand_paths
 
     clf = load(args.run_dir, args.unsafe)
     paths, skipped = expand_paths(args.paths)
@@ -129,7 +132,7 @@ def cmd_predict(args) -> int:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if not paths:
         raise UsageError("no readable image among the given paths")
-    top_k = min(args.top_k, len(clf.classes_))
+    top_k = min(args.top_k, len(clf.classes))
     preds = clf.predict(paths, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
                         progress=_progress)
     if args.format == "json":
@@ -150,7 +153,7 @@ def cmd_predict(args) -> int:
                  ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k)] for p in preds]
         text = _fmt_table(rows, ["path", "label", "probability", f"top {top_k}"]) + "\n"
     if args.output:
-        from graftkit.run import write_text
+        from graftkit.files import write_text
 
         write_text(Path(args.output), text)
         print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
@@ -160,15 +163,15 @@ def cmd_predict(args) -> int:
 
 
 def preflight_evaluate(args) -> None:
-    from graftkit.data import check_data_path
-    from graftkit.run import read_run
+    from graftkit.data.folder import check_data_path
+    from graftkit.outputs.run import read_run
 
     read_run(args.run_dir)
     check_data_path(args.data_dir)
 
 
 def cmd_evaluate(args) -> int:
-    from graftkit.predict import load
+    from graftkit.classifier import load
 
     result = load(args.run_dir, args.unsafe).evaluate(args.data_dir, tta=args.tta)
     overlap = result["overlap"]
@@ -198,13 +201,13 @@ def cmd_evaluate(args) -> int:
 
 
 def preflight_inspect(args) -> None:
-    from graftkit.inspect import check_target
+    from graftkit.backbones.inspect import check_target
 
     check_target(args.target)
 
 
 def cmd_inspect(args) -> int:
-    from graftkit.inspect import inspect_target
+    from graftkit.backbones.inspect import inspect_target
 
     title, rows, totals = inspect_target(args.target, flatten=args.all, unsafe=args.unsafe)
     if args.format == "json":
@@ -223,7 +226,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from graftkit.inspect import backbone_rows
+    from graftkit.backbones.inspect import backbone_rows
 
     rows = backbone_rows()
     if args.format == "json":
@@ -236,8 +239,8 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from graftkit import store
     from graftkit.defaults import cache_dir
+    from graftkit.frozen import store
 
     if args.action == "clear":
         freed = store.clear()
@@ -261,14 +264,14 @@ def cmd_cache(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from graftkit.report import build_report
+    from graftkit.outputs.report import build_report
 
     print(f"wrote {build_report(args.run_dir)}")
     return 0
 
 
 def preflight_export(args) -> None:
-    from graftkit.run import read_run
+    from graftkit.outputs.run import read_run
 
     read_run(args.run_dir)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -276,7 +279,7 @@ def preflight_export(args) -> None:
 
 
 def cmd_export(args) -> int:
-    from graftkit.export import export, summary
+    from graftkit.outputs.export import export, summary
 
     result = export(args.run_dir, args.format, args.quantize, args.out)
     print(summary(result))
@@ -284,7 +287,7 @@ def cmd_export(args) -> int:
 
 
 def preflight_demo(args) -> None:
-    from graftkit.run import check_run_dir
+    from graftkit.outputs.run import check_run_dir
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -469,20 +472,6 @@ graft demo --out /tmp/demo --overwrite
     p.add_argument("--overwrite", action="store_true")
 
 
-def _import_tensorflow_quietly() -> None:
-    """TensorFlow's C++ start-up notes (oneDNN, CPU features) bypass every log setting."""
-    if "tensorflow" in sys.modules:
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 # Checks of paths and option values that need no TensorFlow: a typo is answered at once.
 PREFLIGHT = {"fit": preflight_fit, "lr-find": preflight_fit, "predict": preflight_predict,
              "evaluate": preflight_evaluate, "inspect": preflight_inspect,
@@ -499,7 +488,7 @@ def _run(args) -> int:
     if args.command in NEEDS_TENSORFLOW:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        _import_tensorflow_quietly()
+        import_tensorflow()
     return args.func(args)
 
 
@@ -526,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        from graftkit.run import is_disk_full
+        from graftkit.files import is_disk_full
 
         if not is_disk_full(exc):
             raise

@@ -17,6 +17,10 @@ HEAD_EPOCHS = 20  # on features computed once, so epochs are nearly free
 # Early stopping (patience 3) ends phase 2 sooner where it does not pay; scikit-learn's digits,
 # fine-tuned whole, gain 0.962 -> 0.981 from 5 -> 10 epochs (3 seeds, benchmarks/RESULTS.md).
 FINE_TUNE_EPOCHS = 10
+# Epochs of phase 2 without a better validation score before it stops (the best weights are
+# kept): long enough for a low rate to show a gain, short enough that a trial that does not pay
+# costs 3 epochs.
+PATIENCE = 3
 HEAD_LR = 1e-3
 # Adam at 1e-5 (the guide's) never beat the head in 5 epochs with BatchNormalization frozen
 # (hymenoptera, 0 of 3 seeds); 1e-4 did in 2 of 3 (benchmarks/RESULTS.md).
@@ -60,7 +64,7 @@ MODES = ("auto", "head", "fine-tune")
 SCHEDULES = ("constant", "cosine", "one-cycle")
 PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on a 2-core CPU (README)
 PRECISIONS = ("float32", "mixed_bfloat16")
-STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.distribute
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.train.distribute
 VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
 # Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).

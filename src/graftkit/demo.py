@@ -36,8 +36,8 @@ def write_digits(folder: str | os.PathLike) -> Path:
 def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbose="auto",
              log=print) -> dict:
     """Write the digits, fit, evaluate, predict one image; returns the run's metrics."""
-    from graftkit.predict import load
-    from graftkit.workflow import fit
+    from graftkit.classifier import load
+    from graftkit.train.workflow import fit
 
     out = Path(out)
     data = out / "digits"
@@ -46,7 +46,7 @@ def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbo
         write_digits(data)
     log(f"demo: scikit-learn digits written to {data}/ (10 classes, 1,797 images)")
     result = fit(data, run_dir, overwrite=overwrite, verbose=verbose, log=log, **DEMO_SETTINGS)
-    from graftkit.summary import print_summary
+    from graftkit.outputs.summary import print_summary
 
     print_summary(result.metrics, run_dir)
     clf = load(run_dir)

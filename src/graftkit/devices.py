@@ -1,7 +1,7 @@
 """Which devices compute: GPUs when TensorFlow sees any, else the CPU.
 
 On a GPU, training and the frozen pass run through Keras on the GPU; on a CPU, the frozen pass
-runs through the TFLite engine (XNNPACK) where it pays (``graftkit.features.FrozenPart``).
+runs through the TFLite engine (XNNPACK) where it pays (``graftkit.frozen.engine.FrozenPart``).
 """
 
 from __future__ import annotations

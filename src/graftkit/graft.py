@@ -14,12 +14,15 @@ Two traps of the guide are closed here:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers
 
-from graftkit.backbones.registry import block_groups, count_params, leaf_layers
+from graftkit import defaults
+from graftkit.backbones.registry import block_groups, count_params, layers_within
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
@@ -43,7 +46,7 @@ def counts(model: keras.Model, unfrozen_blocks: int | None = None) -> TrainableC
     )
 
 
-def build_classifier(base: keras.Model, num_classes: int, dropout: float = 0.2) -> keras.Model:
+def build_classifier(base: keras.Model, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
     """Raw pixels -> base (inference mode) -> dropout -> softmax, as one functional model."""
     inputs = keras.Input(base.inputs[0].shape[1:], name="image")
     x = base(inputs, training=False)
@@ -53,7 +56,7 @@ def build_classifier(base: keras.Model, num_classes: int, dropout: float = 0.2) 
     return keras.Model(inputs, outputs, name="graft")
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float = 0.2) -> keras.Model:
+def build_head(feature_dim: int, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(inputs)
@@ -71,15 +74,9 @@ def _recompile(model: keras.Model, learning_rate: float | None = None) -> None:
     model.compile_from_config(config)
 
 
-def all_layers(layer: keras.layers.Layer):
-    yield layer
-    for sub in getattr(layer, "layers", None) or ():
-        yield from all_layers(sub)
-
-
 def set_trainable(model: keras.layers.Layer, value: bool) -> None:
     """``model.trainable = value`` for ``model`` and every layer inside it, whatever their state."""
-    for layer in all_layers(model):
+    for layer in layers_within(model):
         layer.trainable = not value  # a real change, so the setter runs on every backend
         layer.trainable = value
 
@@ -124,7 +121,7 @@ def unfreeze(
                 layer.trainable = False
         n_blocks = min(n, n_blocks)
     if keep_bn_frozen:
-        for layer in leaf_layers(model):
+        for layer in layers_within(model, leaves_only=True):
             if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
     owner = recompile_model or model
@@ -136,7 +133,7 @@ def unfreeze(
 def weight_table(model: keras.Model, flatten: bool = False) -> list[dict]:
     """The guide's introspection: per-layer counts of weights, trainable and non-trainable."""
     rows = []
-    chosen = [layer for layer in leaf_layers(model)] if flatten else model.layers
+    chosen = [layer for layer in layers_within(model, leaves_only=True)] if flatten else model.layers
     for layer in chosen:
         rows.append({
             "layer": layer.name,
@@ -148,3 +145,12 @@ def weight_table(model: keras.Model, flatten: bool = False) -> list[dict]:
             "trainable_params": count_params(layer.trainable_weights),
         })
     return rows
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of every weight and its shape: names a frozen part, proves workers in sync."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()

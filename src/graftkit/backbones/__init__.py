@@ -6,9 +6,9 @@ from graftkit.backbones.registry import (
     BaseInfo,
     Preprocessing,
     block_groups,
-    leaf_layers,
+    layers_within,
     load_base,
 )
 
-__all__ = ["REGISTRY", "Backbone", "BaseInfo", "Preprocessing", "block_groups", "leaf_layers",
+__all__ = ["REGISTRY", "Backbone", "BaseInfo", "Preprocessing", "block_groups", "layers_within",
            "load_base"]

@@ -19,7 +19,7 @@ from keras import layers
 from graftkit.backbones.registry import pytorch_weights_file
 from graftkit.defaults import cache_dir
 from graftkit.errors import BackboneError
-from graftkit.run import atomic_write
+from graftkit.files import atomic_write
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99  # PyTorch's 0.01

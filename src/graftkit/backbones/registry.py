@@ -324,7 +324,7 @@ def block_groups(model: keras.Model, pattern: str) -> list[list[keras.layers.Lay
     groups: list[list[keras.layers.Layer]] = []
     keys: list[object] = []
     last_block = None
-    for layer in leaf_layers(model):
+    for layer in layers_within(model, leaves_only=True):
         if not layer.weights:
             continue
         m = regex.match(layer.name)
@@ -339,14 +339,13 @@ def block_groups(model: keras.Model, pattern: str) -> list[list[keras.layers.Lay
     return groups
 
 
-def leaf_layers(model: keras.layers.Layer):
-    """Every layer that is not itself a container, depth first."""
-    subs = getattr(model, "layers", None)
-    if not subs:
-        yield model
-        return
-    for layer in subs:
-        yield from leaf_layers(layer)
+def layers_within(layer, leaves_only: bool = False):
+    """``layer`` and every layer inside it, depth first; ``leaves_only`` leaves out containers."""
+    subs = getattr(layer, "layers", None) or ()
+    if not (leaves_only and subs):
+        yield layer
+    for sub in subs:
+        yield from layers_within(sub, leaves_only)
 
 
 def count_params(weights) -> int:

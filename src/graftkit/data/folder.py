@@ -1,32 +1,22 @@
-"""Image folders in, labelled streams out: scan, split, decode, augment.
+"""A folder (or a .csv/.tsv table) of labelled images in, a seeded train/validation split out.
 
 Every file is decoded once while scanning, so an unreadable image is reported up front (in
-``skipped``) instead of killing a training run half-way. Training then streams images through a
-tf.data pipeline (parallel decode with the same ``load_image`` that ``predict`` uses, so a raw
-image at prediction time is processed exactly as in training).
+``skipped``) instead of killing a training run half-way.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
-
 from graftkit import defaults
-from graftkit.defaults import AUGMENT, IMAGE_EXTENSIONS, TRAIN_DIR_NAME, VAL_DIR_NAMES
+from graftkit.data.images import ImageProbe, probe_image, read_bytes
+from graftkit.defaults import IMAGE_EXTENSIONS, TRAIN_DIR_NAME, VAL_DIR_NAMES
 from graftkit.errors import DataError, UsageError
-
-
-class ImageTooLarge(ValueError):
-    """More pixels than ``defaults.MAX_PIXELS``: refused before decoding."""
 
 
 @dataclass
@@ -38,6 +28,7 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
+
 
 
 @dataclass
@@ -59,108 +50,21 @@ class ImageFolder:
         for path in split.paths:
             probe = self.probes.get(path)
             out.append(probe.sha256 if probe and probe.sha256
-                       else hashlib.sha256(_read_bytes(path)).hexdigest())
+                       else hashlib.sha256(read_bytes(path)).hexdigest())
         return out
 
-
-@dataclass
-class ImageProbe:
-    """What scanning learnt of one file: why it is unusable, or its size and fingerprints."""
-
-    reason: str | None
-    width: int = 0
-    height: int = 0
-    sha256: str = ""
-    dhash: bytes = b""  # difference hash of the decoded image, for near-duplicates
-
-
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode any supported image to a ``(size, size, 3)`` uint8 RGB array.
-
-    EXIF orientation is applied; alpha is composited on white; 16-bit images are scaled, not
-    clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
-    """
-    with Image.open(path) as img:
-        if img.width * img.height > defaults.MAX_PIXELS:
-            raise ImageTooLarge(f"{img.width}x{img.height} pixels")
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-HASH_SIDE = 16  # difference hash of HASH_SIDE**2 bits: 64 bits proved too coarse on photos
-
-
-def _difference_hash(pixels: np.ndarray) -> bytes:
-    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR)
-    a = np.asarray(gray, dtype=np.int16)
-    return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def probe_image(path: str) -> ImageProbe:
-    """Decode ``path`` once; the reason it is unusable, or its size and fingerprints."""
-    try:
-        data = _read_bytes(path)
-        if not data:
-            return ImageProbe("empty file (0 bytes)")
-        with Image.open(path) as img:
-            width, height = img.size
-        pixels = load_image(path, 32)
-    except ImageTooLarge as exc:
-        return ImageProbe(f"too many pixels ({exc}; limit {defaults.MAX_PIXELS:,}): "
-                          "possible decompression bomb")
-    except Image.DecompressionBombError:
-        return ImageProbe("too many pixels: possible decompression bomb")
-    except FileNotFoundError:
-        return ImageProbe("file not found (dangling symbolic link?)")
-    except PermissionError:
-        return ImageProbe("permission denied: make the file readable")
-    except IsADirectoryError:
-        return ImageProbe("a folder named like an image")
-    except OSError as exc:  # Pillow's "cannot identify image file", truncated data, ELOOP...
-        if exc.errno == errno.ELOOP:
-            return ImageProbe("symbolic link loop")
-        text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
-        return ImageProbe(f"unreadable image: {text}")
-    except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
-        return ImageProbe(f"unreadable image: {type(exc).__name__}: {exc}")
-    return ImageProbe(None, width, height, hashlib.sha256(data).hexdigest(),
-                      _difference_hash(pixels))
-
-
-def check_image(path: str) -> str | None:
-    """None when ``path`` decodes, else the reason it cannot be used."""
-    return probe_image(path).reason
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+
 def _check_class_name(name: str, where: Path) -> None:
     """Class names end up in file names of reports and exports: keep them plain."""
     if name in (".", "..") or any(c in name for c in "/\\\0") or not name.isprintable():
         raise DataError(f"class folder name {name!r} in {where} is not usable: rename it")
+
 
 
 def _list_files(class_dir: Path, skipped: list[dict[str, str]]) -> list[Path]:
@@ -178,6 +82,7 @@ def _list_files(class_dir: Path, skipped: list[dict[str, str]]) -> list[Path]:
     return files
 
 
+
 def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
     dirs = []
     for p in sorted(folder.iterdir()):
@@ -189,6 +94,7 @@ def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
         _check_class_name(p.name, folder)
         dirs.append(p)
     return dirs
+
 
 
 def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
@@ -218,6 +124,7 @@ def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, 
     return result
 
 
+
 def scan_classes(folder: Path, skipped: list[dict[str, str]],
                  probes: dict[str, ImageProbe] | None = None,
                  progress=None) -> dict[str, list[str]]:
@@ -235,6 +142,7 @@ def scan_classes(folder: Path, skipped: list[dict[str, str]],
                 paths.append(str(f))
         candidates[class_dir.name] = paths
     return _probe_candidates(candidates, skipped, probes, progress)
+
 
 
 def scan_table(table: Path, skipped: list[dict[str, str]],
@@ -264,6 +172,7 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
     return _probe_candidates(dict(sorted(candidates.items())), skipped, probes, progress)
 
 
+
 def require_classes(by_class: dict[str, list[str]], where: Path) -> None:
     if not by_class:
         raise DataError(
@@ -276,6 +185,7 @@ def require_classes(by_class: dict[str, list[str]], where: Path) -> None:
         )
     if len(by_class) < 2:
         raise DataError(f"{where} has only one class ({next(iter(by_class))}): a classifier needs at least 2")
+
 
 
 def _seeded_split(by_class: dict[str, list[str]], val_split: float, seed: int) -> tuple[Split, Split]:
@@ -296,12 +206,14 @@ def _seeded_split(by_class: dict[str, list[str]], val_split: float, seed: int) -
     return train, val
 
 
+
 def _as_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
     split = Split()
     for name, paths in by_class.items():
         split.paths.extend(paths)
         split.labels.extend([classes.index(name)] * len(paths))
     return split
+
 
 
 def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
@@ -313,16 +225,19 @@ def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
+
 TABLE_SUFFIXES = (".csv", ".tsv")
+
 
 
 def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+
 def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
     """A labelled data source exists and is of a kind graftkit reads (no TensorFlow needed)."""
-    from graftkit.sources import is_tfds
+    from graftkit.data.sources import is_tfds
 
     if is_tfds(data):
         return
@@ -336,7 +251,8 @@ def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
                         + (" (graft predict takes single images)" if kind == "an image" else ""))
 
 
-def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
+
+def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, seed: int = defaults.SEED,
          strict: bool = True, val: str | os.PathLike | None = None,
          progress=None) -> ImageFolder:
     """Scan and check every image of a dataset.
@@ -348,7 +264,7 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
     classes, a class without a readable image) is recorded in ``fatal`` instead of raised, for
     ``graft check`` to report.
     """
-    from graftkit.sources import is_tfds, materialise_tfds
+    from graftkit.data.sources import is_tfds, materialise_tfds
 
     check_data_path(data_dir)
     if val is not None:
@@ -399,164 +315,3 @@ def scan(data_dir: str | os.PathLike, val_split: float = 0.2, seed: int = 1337,
     source = "folders" if dirs and val is None else f"validation from {val_src}"
     return ImageFolder(root, classes, _as_split(train_by_class, classes), val_items, skipped,
                        source, probes, fatal)
-
-
-def parse_augment(spec: str | None) -> dict[str, float | bool]:
-    """``"flip,rotation=0.1,zoom=0.2"`` -> settings; ``"none"`` or empty -> no augmentation."""
-    if spec is None:
-        return dict(AUGMENT)
-    settings: dict[str, float | bool] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if part == "none":
-            return {}
-        key, _, value = part.partition("=")
-        if key not in AUGMENT:
-            raise UsageError(f"unknown augmentation {key!r} in --augment; use {', '.join(AUGMENT)}")
-        if key == "flip":
-            settings[key] = True
-            continue
-        try:
-            settings[key] = float(value) if value else float(AUGMENT[key])
-        except ValueError:
-            raise UsageError(f"--augment {key}={value!r} is not a number") from None
-    return settings
-
-
-def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool]) -> np.ndarray:
-    """One random view of a uint8 image, fully decided by ``seed``.
-
-    The same function serves per-epoch augmentation and the cached augmented views, and a view
-    depends only on its seed (not on batch or thread order), so cached views of an image are
-    reusable across runs. Flip is horizontal; rotation is a fraction of a full turn, zoom a
-    fraction of the side, contrast a fraction of the per-channel spread (the Keras layers'
-    meanings); empty corners are filled by reflection, as Keras does.
-    """
-    rng = np.random.default_rng(seed)
-    flip = bool(settings.get("flip")) and rng.random() < 0.5
-    rotation = float(settings.get("rotation") or 0.0)
-    zoom = float(settings.get("zoom") or 0.0)
-    contrast = float(settings.get("contrast") or 0.0)
-    angle = rng.uniform(-rotation, rotation) * 2 * np.pi
-    scale = 1.0 + rng.uniform(-zoom, zoom)  # > 1 shows a larger area (zoom out)
-    factor = 1.0 + rng.uniform(-contrast, contrast)
-    out = image[:, ::-1] if flip else image
-    if angle or scale != 1.0:
-        h, w = out.shape[:2]
-        pad = (h // 2, w // 2)
-        padded = Image.fromarray(np.pad(out, (pad, pad, (0, 0)), mode="reflect"))
-        cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
-        cx, cy = w / 2 + pad[1], h / 2 + pad[0]
-        # Output pixel (x, y) samples the padded input at centre + R(angle) * scale * offset.
-        matrix = (cos, -sin, cx - cos * w / 2 + sin * h / 2,
-                  sin, cos, cy - sin * w / 2 - cos * h / 2)
-        out = np.asarray(padded.transform((w, h), Image.AFFINE, matrix, Image.BILINEAR))
-    if factor != 1.0:
-        mean = out.reshape(-1, 3).mean(axis=0)
-        out = np.clip((out - mean) * factor + mean, 0, 255).round().astype(np.uint8)
-    return np.ascontiguousarray(out)
-
-
-def view_seed(digest: str, view: int) -> int:
-    """The seed of augmented view ``view`` of the image with content digest ``digest``."""
-    return int.from_bytes(hashlib.sha256(f"{digest}:{view}".encode()).digest()[:8], "little")
-
-
-class DecodedImages:
-    """Every image of a split decoded and resized once, so epochs do no JPEG work.
-
-    Held in memory up to ``budget`` bytes, beyond that in a memory-mapped file in ``spill_dir``
-    (removed by ``close``). Decoding runs on all cores (Pillow releases the GIL).
-    """
-
-    def __init__(self, paths: Sequence[str], size: int, budget: int | None = None,
-                 spill_dir: Path | None = None, progress=None):
-        import tempfile
-
-        self.paths, self.size = list(paths), size
-        shape = (len(self.paths), size, size, 3)
-        nbytes = int(np.prod(shape))
-        budget = defaults.DECODED_MEMORY_BUDGET if budget is None else budget
-        self._file = None
-        if nbytes > budget:
-            folder = spill_dir or defaults.cache_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="decoded-", suffix=".u8", dir=folder)
-            os.close(fd)
-            self._file = Path(name)
-            self.array = np.memmap(self._file, dtype=np.uint8, mode="w+", shape=shape)
-        else:
-            self.array = np.empty(shape, dtype=np.uint8)
-
-        def work(i: int) -> None:
-            self.array[i] = load_image(self.paths[i], size)
-
-        bar = progress("decoding training images", len(self.paths)) if progress else None
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for i, _ in enumerate(pool.map(work, range(len(self.paths))), start=1):
-                if bar is not None:
-                    bar.update(i)
-        if bar is not None:
-            bar.close()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def close(self) -> None:
-        if self._file is not None:
-            del self.array
-            self._file.unlink(missing_ok=True)
-            self._file = None
-
-
-def make_dataset(
-    images: Sequence[str] | DecodedImages,
-    labels: Sequence[int] | None,
-    image_size: int,
-    batch_size: int,
-    shuffle: bool = False,
-    augment: dict[str, float | bool] | None = None,
-    seed: int = 1337,
-    drop_remainder: bool = False,
-):
-    """A prefetched tf.data stream of ``(float32 0-255 images, labels)`` batches.
-
-    ``images`` are file paths (decoded in parallel by ``load_image``) or a ``DecodedImages``.
-    ``augment`` settings apply ``augment_image`` with a fresh seed per image and epoch.
-    """
-    import tensorflow as tf
-
-    from graftkit.distribute import shard_by_data
-
-    decoded = images if isinstance(images, DecodedImages) else None
-    if decoded is not None:
-        source = np.arange(len(decoded), dtype=np.int64)
-
-        def fetch(i, s):
-            img = decoded.array[int(i)]
-            return augment_image(img, int(s), augment) if augment else np.asarray(img)
-    else:
-        source = list(images)
-
-        def fetch(p, s):
-            img = load_image(p.decode(), image_size)
-            return augment_image(img, int(s), augment) if augment else img
-
-    def decode(item, s):
-        img = tf.numpy_function(fetch, [item, s], tf.uint8)
-        img.set_shape((image_size, image_size, 3))
-        return tf.cast(img, tf.float32)
-
-    count = len(source)
-    if labels is None:
-        ds = tf.data.Dataset.from_tensor_slices(source)
-        ds = ds.map(lambda p: decode(p, tf.constant(0, tf.int64)),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
-    ds = tf.data.Dataset.from_tensor_slices((source, np.asarray(labels, dtype=np.int32)))
-    if shuffle:
-        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-    # One random seed per image and epoch, independent of the order parallel calls finish in.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip((ds, seeds))
-    ds = ds.map(lambda py, s: (decode(py[0], s), py[1]), num_parallel_calls=tf.data.AUTOTUNE)
-    return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))

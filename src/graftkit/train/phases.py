@@ -1,7 +1,7 @@
 """The two phases: train the head on a frozen base, then fine-tune at a low learning rate.
 
 Phase 1 runs on features computed once by the frozen base (the guide's "feature extraction"
-variant), per image and per cached augmented view (``graftkit.features``). Phase 2 unfreezes
+variant), per image and per cached augmented view (``graftkit.frozen``). Phase 2 unfreezes
 the top blocks (trained on cached activations at the cut, since everything below is frozen)
 or all of the base (trained on images), with BatchNormalization kept frozen; ``KeepBest`` makes
 sure the final weights are the best seen on validation across both phases, so fine-tuning can
@@ -17,8 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from graftkit import defaults
 from graftkit.graft import HEAD_DENSE, HEAD_DROPOUT, build_head, freeze, unfreeze
-from graftkit.optimizer import Training, block_factors, loss, optimizer
+from graftkit.train.optimizer import Training, block_factors, loss, optimizer
 
 METRICS = ["accuracy"]
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -86,7 +87,7 @@ class EpochLog(keras.callbacks.Callback):
     def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0, sink=None):
         super().__init__()
         self.phase, self.rows, self.first_epoch = phase, rows, first_epoch
-        self.sink = sink  # e.g. graftkit.run.HistoryLog: each row on disk as the epoch ends
+        self.sink = sink  # e.g. graftkit.outputs.run.HistoryLog: each row on disk as the epoch ends
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -103,7 +104,7 @@ class EpochLog(keras.callbacks.Callback):
 
 
 @dataclass
-class Schedule:
+class PhasePlan:
     """Phase settings, as the user gave them (see ``graftkit.defaults`` for the defaults)."""
 
     head_epochs: int
@@ -111,7 +112,7 @@ class Schedule:
     head_lr: float
     fine_tune_lr: float
     unfreeze: int | str
-    patience: int | None = 3
+    patience: int | None = defaults.PATIENCE
     verbose: int | str = "auto"
     class_weight: dict[int, float] | None = None
     checkpoint: object | None = None  # graftkit.checkpoint.RunCheckpoint
@@ -122,18 +123,18 @@ class Schedule:
     deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
     heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
     history: list[dict] = field(default_factory=list)
-    history_log: object | None = None  # graftkit.run.HistoryLog of the run folder
+    history_log: object | None = None  # graftkit.outputs.run.HistoryLog of the run folder
 
 
-def _compile(model: keras.Model, lr: float, schedule: Schedule, total_steps: int = 0,
+def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 0,
              factors: dict | None = None) -> None:
     """A fresh optimizer for a phase of ``total_steps`` steps (0: a constant rate)."""
-    training = schedule.training
+    training = plan.training
     if not total_steps:
         training = replace(training, schedule="constant")
     model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
                                       factors),
-                  loss=loss(schedule.training.label_smoothing), metrics=METRICS)
+                  loss=loss(plan.training.label_smoothing), metrics=METRICS)
 
 
 def _batches(ds) -> int:
@@ -174,17 +175,17 @@ class TimeBudget(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
-def _tensorboard(schedule: Schedule, phase: str) -> list:
-    if schedule.tensorboard_dir is None:
+def _tensorboard(plan: PhasePlan, phase: str) -> list:
+    if plan.tensorboard_dir is None:
         return []
-    return [keras.callbacks.TensorBoard(log_dir=str(schedule.tensorboard_dir / phase))]
+    return [keras.callbacks.TensorBoard(log_dir=str(plan.tensorboard_dir / phase))]
 
 
-def _phase_seconds(schedule: Schedule, phase: str) -> float:
-    return sum(r["seconds"] for r in schedule.history if r["phase"] == phase)
+def _phase_seconds(plan: PhasePlan, phase: str) -> float:
+    return sum(r["seconds"] for r in plan.history if r["phase"] == phase)
 
 
-def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Schedule, best: Best,
+def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, plan: PhasePlan, best: Best,
                patience: int | None, target: keras.Model | None = None,
                steps_per_epoch: int | None = None) -> int:
     """``model.fit`` for one phase, resuming from the checkpoint's last epoch; epochs done.
@@ -194,21 +195,21 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
     ``model`` trains only part of it.
     """
     keep = KeepBest(best, patience, target)
-    callbacks = [EpochLog(phase, schedule.history, sink=schedule.history_log), keep,
-                 *_tensorboard(schedule, phase)]
-    if schedule.deadline is not None and phase == "fine_tune":
-        callbacks.insert(0, TimeBudget(schedule.deadline, steps_per_epoch or _batches(
+    callbacks = [EpochLog(phase, plan.history, sink=plan.history_log), keep,
+                 *_tensorboard(plan, phase)]
+    if plan.deadline is not None and phase == "fine_tune":
+        callbacks.insert(0, TimeBudget(plan.deadline, steps_per_epoch or _batches(
             train_ds if not callable(train_ds) else None)))
     initial_epoch = 0
-    ckpt = schedule.checkpoint
+    ckpt = plan.checkpoint
     if ckpt is not None:
-        from graftkit.checkpoint import EpochCheckpoint
+        from graftkit.train.checkpoint import EpochCheckpoint
 
         if ckpt.state.get("phase") == phase and ckpt.state.get("epoch", 0) > 0:
             ckpt.load_last(model)
             initial_epoch = ckpt.state["epoch"]
             keep.wait = ckpt.state.get("wait", 0)
-        callbacks.append(EpochCheckpoint(ckpt, phase, schedule.history, keep))
+        callbacks.append(EpochCheckpoint(ckpt, phase, plan.history, keep))
     if initial_epoch >= epochs or (patience is not None and keep.wait >= patience):
         (target or model).set_weights(best.weights)  # the phase had ended before the interruption
         return initial_epoch
@@ -216,19 +217,19 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, schedule: Sched
     hist = model.fit(
         train_ds(initial_epoch) if endless else train_ds, validation_data=val_ds,
         epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-        verbose=schedule.verbose, shuffle=False,  # the dataset shuffles itself
-        class_weight=None if endless else schedule.class_weight,  # endless: sample weights
+        verbose=plan.verbose, shuffle=False,  # the dataset shuffles itself
+        class_weight=None if endless else plan.class_weight,  # endless: sample weights
         callbacks=callbacks,
     )
     return initial_epoch + len(hist.epoch)
 
 
-def train_head(model, base, train_ds, val_ds, schedule: Schedule, best: Best) -> PhaseResult:
+def train_head(model, base, train_ds, val_ds, plan: PhasePlan, best: Best) -> PhaseResult:
     """Phase 1 through the frozen base, epoch by epoch (needed when images are augmented)."""
     freeze(base)
-    _compile(model, schedule.head_lr, schedule, _batches(train_ds) * schedule.head_epochs)
-    done = _fit_phase(model, "head", train_ds, val_ds, schedule.head_epochs, schedule, best, None)
-    return PhaseResult("head", done, _phase_seconds(schedule, "head"), best.val_accuracy,
+    _compile(model, plan.head_lr, plan, _batches(train_ds) * plan.head_epochs)
+    done = _fit_phase(model, "head", train_ds, val_ds, plan.head_epochs, plan, best, None)
+    return PhaseResult("head", done, _phase_seconds(plan, "head"), best.val_accuracy,
                        "through the frozen base every epoch (augmented)")
 
 
@@ -246,7 +247,7 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
     """
     import tensorflow as tf
 
-    from graftkit.distribute import shard_by_data
+    from graftkit.train.distribute import shard_by_data
 
     y = np.asarray(labels, dtype=np.int32)
     w = None if class_weight is None else np.array(
@@ -283,11 +284,11 @@ def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
     return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
 
-def _cycle(views: list, labels, batch_size: int, seed: int, schedule: Schedule,
+def _cycle(views: list, labels, batch_size: int, seed: int, plan: PhasePlan,
            initial_epoch: int = 0):
-    """``view_cycle`` with the schedule's class weights and batching rule."""
-    return view_cycle(views, labels, batch_size, seed, schedule.class_weight, initial_epoch,
-                      schedule.whole_batches)
+    """``view_cycle`` with the plan's class weights and batching rule."""
+    return view_cycle(views, labels, batch_size, seed, plan.class_weight, initial_epoch,
+                      plan.whole_batches)
 
 
 def _head_like(model, feature_dim: int) -> keras.Model:
@@ -303,7 +304,7 @@ def _rows(x, y, batch_size: int):
     """
     import tensorflow as tf
 
-    from graftkit.distribute import shard_by_data
+    from graftkit.train.distribute import shard_by_data
 
     y = np.asarray(y, dtype=np.int32)
     if isinstance(x, np.ndarray):
@@ -325,32 +326,32 @@ def _rows(x, y, batch_size: int):
 
 
 def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_features, y_val,
-                           schedule: Schedule, best: Best, batch_size: int, seed: int,
+                           plan: PhasePlan, best: Best, batch_size: int, seed: int,
                            extract_seconds: float = 0.0, note: str = "") -> PhaseResult:
     """Phase 1 on features computed once: the frozen base runs once per image and view.
 
     Its epochs take a fraction of a second, so an interrupted phase 1 simply runs again
-    (and finds its features in the cache). With ``schedule.heads`` > 1, that many heads train
+    (and finds its features in the cache). With ``plan.heads`` > 1, that many heads train
     from different seeds and their weights are averaged: for linear heads on the same features
     that is exactly the average of their logits, an ensemble at the cost of one Dense layer.
     """
     start = time.perf_counter() - extract_seconds
-    per_epoch = steps(len(y_train), batch_size, schedule.whole_batches)
-    val = _rows(val_features, y_val, schedule.val_batch_size or batch_size)
-    rows_before = len(schedule.history)
+    per_epoch = steps(len(y_train), batch_size, plan.whole_batches)
+    val = _rows(val_features, y_val, plan.val_batch_size or batch_size)
+    rows_before = len(plan.history)
     kept, epochs = [], 0
-    for k in range(schedule.heads):
+    for k in range(plan.heads):
         if k:
             keras.utils.set_random_seed(seed + 7919 * k)  # another initialisation and dropout
         head = _head_like(model, train_views[0].shape[1])
-        _compile(head, schedule.head_lr, schedule, per_epoch * schedule.head_epochs)
+        _compile(head, plan.head_lr, plan, per_epoch * plan.head_epochs)
         head_best = Best()
-        log = EpochLog("head", schedule.history, first_epoch=epochs, sink=schedule.history_log)
+        log = EpochLog("head", plan.history, first_epoch=epochs, sink=plan.history_log)
         hist = head.fit(
-            _cycle(train_views, y_train, batch_size, seed + k, schedule),
+            _cycle(train_views, y_train, batch_size, seed + k, plan),
             steps_per_epoch=per_epoch, validation_data=val,
-            epochs=schedule.head_epochs, verbose=schedule.verbose,
-            callbacks=[log, KeepBest(head_best), *_tensorboard(schedule, "head")],
+            epochs=plan.head_epochs, verbose=plan.verbose, shuffle=False,  # the cycle shuffles
+            callbacks=[log, KeepBest(head_best), *_tensorboard(plan, "head")],
         )
         epochs += len(hist.epoch)
         kept.append(head.get_layer(HEAD_DENSE).get_weights())
@@ -359,9 +360,9 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
         scores = head.evaluate(val, verbose=0, return_dict=True)
         head_best = Best(float(scores["accuracy"]), float(scores["loss"]))
     # The first epoch's row carries the one-off cost of computing the features.
-    if len(schedule.history) > rows_before:
-        schedule.history[rows_before]["seconds"] = round(
-            schedule.history[rows_before]["seconds"] + extract_seconds, 3)
+    if len(plan.history) > rows_before:
+        plan.history[rows_before]["seconds"] = round(
+            plan.history[rows_before]["seconds"] + extract_seconds, 3)
     model.get_layer(HEAD_DENSE).set_weights(head.get_layer(HEAD_DENSE).get_weights())
     best.val_accuracy, best.val_loss = head_best.val_accuracy, head_best.val_loss
     best.weights = model.get_weights()
@@ -378,33 +379,33 @@ def _top_trainer(model, top: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer(HEAD_DENSE)(x), name="top_trainer")
 
 
-def find_head_lr(model, train_views: list, y_train, schedule: Schedule, batch_size: int,
+def find_head_lr(model, train_views: list, y_train, plan: PhasePlan, batch_size: int,
                  seed: int):
     """The range test for phase 1, on a throwaway head over the cached features."""
-    from graftkit.lr_finder import MIN_LR, range_test
+    from graftkit.train.lr_range import MIN_LR, range_test
 
     probe = _head_like(model, train_views[0].shape[1])
-    _compile(probe, MIN_LR, schedule)
-    return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
+    _compile(probe, MIN_LR, plan)
+    return range_test(probe, _cycle(train_views, y_train, batch_size, seed, plan))
 
 
 def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: list, y_train,
-                schedule: Schedule, batch_size: int, seed: int):
+                plan: PhasePlan, batch_size: int, seed: int):
     """The range test for phase 2 on cached activations, from phase 1's weights (restored)."""
-    from graftkit.lr_finder import MIN_LR, range_test
+    from graftkit.train.lr_range import MIN_LR, range_test
 
-    unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
+    unfreeze(base, plan.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     try:
         probe = _top_trainer(model, top)
-        _compile(probe, MIN_LR, schedule)
-        return range_test(probe, _cycle(train_views, y_train, batch_size, seed, schedule))
+        _compile(probe, MIN_LR, plan)
+        return range_test(probe, _cycle(train_views, y_train, batch_size, seed, plan))
     finally:
         freeze(base)
 
 
 def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
                              train_views: list[np.ndarray], y_train, val_activations, y_val,
-                             schedule: Schedule, best: Best, batch_size: int,
+                             plan: PhasePlan, best: Best, batch_size: int,
                              seed: int) -> PhaseResult:
     """Phase 2 for the top blocks only, trained on cached activations at the cut.
 
@@ -412,57 +413,57 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     of the image view: computing it once gives the same gradients as running it every epoch.
     ``top`` shares its layers with ``model``, so training it trains the classifier in place.
     """
-    counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
+    counts = unfreeze(base, plan.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     trainer = _top_trainer(model, top)
-    per_epoch = steps(len(y_train), batch_size, schedule.whole_batches)
-    _compile(trainer, schedule.fine_tune_lr, schedule, per_epoch * schedule.fine_tune_epochs,
-             _factors(base, block_pattern, counts.unfrozen_blocks, schedule, per_epoch))
+    per_epoch = steps(len(y_train), batch_size, plan.whole_batches)
+    _compile(trainer, plan.fine_tune_lr, plan, per_epoch * plan.fine_tune_epochs,
+             _factors(base, block_pattern, counts.unfrozen_blocks, plan, per_epoch))
 
     def data(initial_epoch: int):
-        return _cycle(train_views, y_train, batch_size, seed, schedule, initial_epoch)
+        return _cycle(train_views, y_train, batch_size, seed, plan, initial_epoch)
 
-    val = _rows(val_activations, y_val, schedule.val_batch_size or batch_size)
+    val = _rows(val_activations, y_val, plan.val_batch_size or batch_size)
     before = best.weights
     done = _fit_phase(trainer, "fine_tune", data, val,
-                      schedule.fine_tune_epochs, schedule, best, schedule.patience,
+                      plan.fine_tune_epochs, plan, best, plan.patience,
                       target=model, steps_per_epoch=per_epoch)
     freeze(base)
-    return _fine_tune_result(schedule, best, done, counts, before, " on cached activations")
+    return _fine_tune_result(plan, best, done, counts, before, " on cached activations")
 
 
-def _factors(base, block_pattern: str, unfrozen: int, schedule: Schedule, per_epoch: int):
+def _factors(base, block_pattern: str, unfrozen: int, plan: PhasePlan, per_epoch: int):
     """Per-block rates (discriminative, gradual unfreezing) for the unfrozen top blocks."""
     from graftkit.backbones.registry import block_groups
 
-    return block_factors(block_groups(base, block_pattern), unfrozen, schedule.training,
+    return block_factors(block_groups(base, block_pattern), unfrozen, plan.training,
                          per_epoch)
 
 
-def _fine_tune_result(schedule: Schedule, best: Best, done: int, counts, before,
+def _fine_tune_result(plan: PhasePlan, best: Best, done: int, counts, before,
                       where: str = "") -> PhaseResult:
     n = counts.unfrozen_blocks
     note = (f"unfroze {n} block{'' if n == 1 else 's'} ({counts.trainable:,} trainable parameters)"
             f"{where}, BatchNormalization frozen")
-    t = schedule.training
+    t = plan.training
     if t.lr_decay != 1.0:
         note += f"; each lower block at {t.lr_decay:g}x the rate of the one above"
     if t.unfreeze_epochs:
         note += "; blocks unfrozen one by one from epochs " + ",".join(
             str(e) for e in t.unfreeze_epochs[:n])
-    return PhaseResult("fine_tune", done, _phase_seconds(schedule, "fine_tune"),
+    return PhaseResult("fine_tune", done, _phase_seconds(plan, "fine_tune"),
                        best.val_accuracy, note, improved=best.weights is not before)
 
 
-def fine_tune(model, base, block_pattern: str, train_ds, val_ds, schedule: Schedule,
+def fine_tune(model, base, block_pattern: str, train_ds, val_ds, plan: PhasePlan,
               best: Best) -> PhaseResult:
     """Phase 2: unfreeze, recompile at a low rate, keep the best weights of both phases."""
-    counts = unfreeze(base, schedule.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
+    counts = unfreeze(base, plan.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     per_epoch = _batches(train_ds)
     # trainable changed: only a compile makes it count
-    _compile(model, schedule.fine_tune_lr, schedule, per_epoch * schedule.fine_tune_epochs,
-             _factors(base, block_pattern, counts.unfrozen_blocks, schedule, per_epoch))
+    _compile(model, plan.fine_tune_lr, plan, per_epoch * plan.fine_tune_epochs,
+             _factors(base, block_pattern, counts.unfrozen_blocks, plan, per_epoch))
     before = best.weights
-    done = _fit_phase(model, "fine_tune", train_ds, val_ds, schedule.fine_tune_epochs, schedule,
-                      best, schedule.patience)
+    done = _fit_phase(model, "fine_tune", train_ds, val_ds, plan.fine_tune_epochs, plan,
+                      best, plan.patience)
     freeze(base)  # the saved model comes back frozen, as it was after phase 1
-    return _fine_tune_result(schedule, best, done, counts, before)
+    return _fine_tune_result(plan, best, done, counts, before)

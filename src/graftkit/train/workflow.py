@@ -1,4 +1,4 @@
-"""``fit`` and ``lr_find``: the stages of ``graftkit.stages`` run in order, in one call.
+"""``fit`` and ``lr_find``: the stages of ``graftkit.train.stages`` run in order, in one call.
 
 data -> base -> graft -> frozen outputs -> phases -> choice -> run folder.
 """
@@ -11,22 +11,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from graftkit import defaults, stages
+from graftkit import defaults
 from graftkit import options as options_module
 from graftkit.errors import UsageError
 from graftkit.options import number_or_auto, parse_unfreeze
 from graftkit.progress import progress_factory
+from graftkit.train import stages
 
-
-@dataclass
-class FitResult:
-    """What ``fit`` produced: the trained model, its metrics and where the run was written."""
-
-    model: object
-    metrics: dict
-    run_dir: Path
-    classes: list[str]
+if TYPE_CHECKING:
+    from graftkit.classifier import Classifier
 
 
 _Fields = dataclasses.make_dataclass("_Fields", options_module.fields(), frozen=True,
@@ -45,8 +40,8 @@ class FitOptions(_Fields):
         return self.mode != "head" and self.fine_tune_epochs > 0
 
     def training(self):
-        from graftkit.optimizer import Training
         from graftkit.options import parse_unfreeze_schedule
+        from graftkit.train.optimizer import Training
 
         return Training(self.schedule, self.weight_decay, self.label_smoothing, self.lr_decay,
                         parse_unfreeze_schedule(self.unfreeze_schedule))
@@ -124,7 +119,7 @@ def make_options(**given) -> FitOptions:
 
     Options not given take their declared defaults; an unknown name is a ``TypeError``.
     """
-    from graftkit.data import parse_augment
+    from graftkit.data.augment import parse_augment
 
     unknown = sorted(set(given) - set(_OPTION_NAMES))
     if unknown:
@@ -163,8 +158,8 @@ def check_inputs(data_dir, out, options: FitOptions, overwrite: bool,
     import importlib.util
 
     from graftkit.backbones.registry import check_base_name
-    from graftkit.data import check_data_path
-    from graftkit.run import check_run_dir
+    from graftkit.data.folder import check_data_path
+    from graftkit.outputs.run import check_run_dir
 
     if not 0.0 < options.val_split < 1.0:
         raise UsageError(f"--val-split must be between 0 and 1 (got {options.val_split})")
@@ -194,7 +189,7 @@ def fit(
     verbose: int | str = "auto",
     log: Callable[[str], None] = print,
     **options,
-) -> FitResult:
+) -> Classifier:
     """Fine-tune a pretrained base on an image folder and write a run folder.
 
     Args:
@@ -218,12 +213,14 @@ def fit(
 {OPTIONS}
 
     Returns:
-        A ``FitResult``: ``model``, ``metrics`` (as in ``metrics.json``), ``run_dir``,
-        ``classes``.
+        The trained ``graftkit.Classifier`` (``predict``, ``predict_proba``, ``evaluate``), with
+        ``model``, ``classes``, ``metrics`` (as in ``metrics.json``) and ``run_dir``: the same
+        kind of object ``graftkit.load(run_dir)`` gives later.
 
     Example:
-        >>> result = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
-        >>> result.metrics["val_accuracy"]  # doctest: +SKIP
+        >>> clf = graftkit.fit("photos/", out="runs/photos")  # doctest: +SKIP
+        >>> clf.metrics["val_accuracy"]  # doctest: +SKIP
+        >>> clf.predict(["new/photo.jpg"])[0].label  # doctest: +SKIP
     """
     options = make_options(**options)
     check_inputs(data_dir, out, options, overwrite, tensorboard)
@@ -251,8 +248,8 @@ def _session(out, options: FitOptions, overwrite: bool):
     """
     import keras
 
-    from graftkit.distribute import make_distribution, worker_failed
-    from graftkit.run import prepare_run_dir
+    from graftkit.outputs.run import prepare_run_dir
+    from graftkit.train.distribute import make_distribution, worker_failed
 
     dist = make_distribution(options.strategy)  # before any other TensorFlow work
     created = not Path(out).exists()
@@ -301,12 +298,27 @@ def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "h
             overwrite: bool = True, deterministic: bool = True, unsafe: bool = False,
             verbose: int | str = "auto", log: Callable[[str], None] = print,
             **training) -> dict:
-    """The learning-rate range tests of ``graft fit``'s phases, without training the model.
+    """The learning-rate range test of one of ``graft fit``'s phases, without a full run.
 
     Runs ``fit``'s stages up to the test: ``phase="head"`` tests phase 1 on the cached
     features; ``"fine_tune"`` also trains phase 1 (quick, on features) and then tests phase 2
-    on the cached activations from its weights. ``training`` takes ``fit``'s options. Plots go
-    to ``out``; returns ``{phase: {"suggestion", "minimum", "steps", ...}}``.
+    on the cached activations from its weights. ``fit`` runs the same test itself for
+    ``lr="auto"`` or ``fine_tune_lr="auto"``.
+
+    Args:
+        data_dir: as in ``fit``.
+        out: the folder for the plot of loss against learning rate.
+        phase: ``"head"`` or ``"fine_tune"``. Defaults to ``"head"``.
+        overwrite: replace an earlier test in ``out``. Defaults to True.
+        deterministic, unsafe, verbose, log: as in ``fit``.
+        **training: ``fit``'s options (e.g. ``backbone``, ``unfreeze``, ``batch_size``).
+
+    Returns:
+        ``{phase: {"suggestion", "minimum", "steps", ...}}``: the suggested rate, the rate of
+        the lowest loss and the number of steps the test took.
+
+    Example:
+        >>> graftkit.lr_find("photos/", "lr-test")["head"]["suggestion"]  # doctest: +SKIP
     """
     if phase not in ("head", "fine_tune"):
         raise UsageError(f"--phase must be head or fine-tune (got {phase!r})")

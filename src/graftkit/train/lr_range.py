@@ -44,7 +44,7 @@ class RangeTest:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from graftkit.run import atomic_write
+        from graftkit.files import atomic_write
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.losses)

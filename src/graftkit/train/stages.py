@@ -18,27 +18,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graftkit import defaults
 from graftkit.errors import RunError, UsageError
+
+if TYPE_CHECKING:
+    from graftkit.classifier import Classifier
 
 
 @dataclass
 class FitState:
     """What one ``fit`` knows so far. Set at the start, then filled stage by stage."""
 
-    opt: Any  # graftkit.workflow.FitOptions; its "auto" values are replaced as they resolve
+    opt: Any  # graftkit.train.workflow.FitOptions; its "auto" values are replaced as they resolve
     run_dir: Path
-    dist: Any  # graftkit.distribute.Distribution
+    dist: Any  # graftkit.train.distribute.Distribution
     log: Callable[[str], None]
     verbose: int | str
     writes: bool = True  # False for the range tests of lr-find: no checkpoint, no history
     started: float = field(default_factory=time.perf_counter)
     progress: Callable | None = None  # graftkit.progress.progress_factory(...)
     # scan_data
-    folder: Any = None  # graftkit.data.ImageFolder
-    checked: Any = None  # graftkit.check.CheckReport
+    folder: Any = None  # graftkit.data.folder.ImageFolder
+    checked: Any = None  # graftkit.data.checks.CheckReport
     # open_checkpoint
     ckpt: Any = None  # graftkit.checkpoint.RunCheckpoint
     resumed: dict | None = None  # the checkpoint's state when resuming
@@ -53,21 +56,21 @@ class FitState:
     class_weight: dict[int, float] | None = None
     # plan_phases
     batch_size: int = 0
-    schedule: Any = None  # graftkit.schedule.Schedule
-    best: Any = None  # graftkit.schedule.Best
+    plan: Any = None  # graftkit.train.phases.PhasePlan
+    best: Any = None  # graftkit.train.phases.Best
     phases: list = field(default_factory=list)
     lr_tests: dict = field(default_factory=dict)
     # cut_base
     ft_epochs: int = 0
-    split: Any = None  # graftkit.features.BaseSplit
+    split: Any = None  # graftkit.frozen.cut.BaseSplit
     cached_phase2: bool = False
     views: int = 1
     need_cache: bool = False
     frozen_model: Any = None  # pixels -> what the frozen part gives (see BaseSplit.frozen_model)
     engine_key: str = ""
     # compute_frozen
-    frozen: Any = None  # graftkit.features.FrozenPart
-    train_ex: Any = None  # graftkit.features.Extracted
+    frozen: Any = None  # graftkit.frozen.engine.FrozenPart
+    train_ex: Any = None  # graftkit.frozen.extract.Extracted
     val_ex: Any = None
     extract_seconds: float = 0.0
     # choose_mode
@@ -82,15 +85,15 @@ class FitState:
 
 def scan_data(s: FitState, data_dir) -> None:
     """Decode every file once; log what was found and what ``graft check`` says of it."""
-    from graftkit.check import WARNING, report
-    from graftkit.data import scan
+    from graftkit.data.checks import WARNING, find_problems
+    from graftkit.data.folder import scan
 
     opt = s.opt
     s.folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val, progress=s.progress)
     s.log(f"data: {len(s.folder.classes)} classes, {len(s.folder.train)} training and "
           f"{len(s.folder.val)} validation images ({s.folder.split_source}); "
           f"{len(s.folder.skipped)} files skipped")
-    s.checked = report(s.folder)
+    s.checked = find_problems(s.folder)
     for g in s.checked.groups():
         if g["severity"] == WARNING:
             s.log(f"  check: {g['kind']}: {g['message']}"
@@ -99,8 +102,8 @@ def scan_data(s: FitState, data_dir) -> None:
 
 def open_checkpoint(s: FitState, overwrite: bool, resume: bool) -> None:
     """The run's checkpoint: refused if another command wrote it, read when resuming."""
-    from graftkit.checkpoint import RunCheckpoint
     from graftkit.devices import describe
+    from graftkit.train.checkpoint import RunCheckpoint
 
     folder, dist = s.folder, s.dist
     fingerprint = {**s.opt.fingerprint, "data": str(folder.root.resolve()),
@@ -221,9 +224,9 @@ def resolve_auto(s: FitState) -> None:
 # --- the phases' plan ---------------------------------------------------------------------
 
 def plan_phases(s: FitState, tensorboard: bool) -> None:
-    """The ``Schedule`` of both phases; what a resumed checkpoint already finished."""
-    from graftkit.distribute import eval_batch_size
-    from graftkit.schedule import Best, PhaseResult, Schedule
+    """The ``PhasePlan`` of both phases; what a resumed checkpoint already finished."""
+    from graftkit.train.distribute import eval_batch_size
+    from graftkit.train.phases import Best, PhasePlan, PhaseResult
 
     opt, dist = s.opt, s.dist
     s.batch_size = dist.batch_size(opt.batch_size)
@@ -231,7 +234,7 @@ def plan_phases(s: FitState, tensorboard: bool) -> None:
     def scaled(lr):  # a rate the range test finds is already for the global batch
         return lr if lr == "auto" else dist.learning_rate(lr)
 
-    s.schedule = Schedule(
+    s.plan = PhasePlan(
         opt.head_epochs, opt.fine_tune_epochs, scaled(opt.lr), scaled(opt.fine_tune_lr),
         opt.unfreeze, verbose=s.verbose, class_weight=s.class_weight, checkpoint=s.ckpt,
         tensorboard_dir=s.run_dir / "tensorboard" if tensorboard and dist.chief else None,
@@ -240,26 +243,26 @@ def plan_phases(s: FitState, tensorboard: bool) -> None:
         training=opt.training(), heads=opt.heads,
         deadline=None if opt.time_budget is None else s.started + opt.time_budget)
     if opt.mode == "fine-tune":
-        s.schedule.patience = None  # every epoch runs; the best weights are still kept
+        s.plan.patience = None  # every epoch runs; the best weights are still kept
     s.best = Best()
     if s.resumed:
         s.phases = [PhaseResult(**p) for p in s.resumed["phases"]]
-        s.schedule.history = list(s.resumed["history"])
+        s.plan.history = list(s.resumed["history"])
         if s.resumed.get("best"):
             s.best = Best(s.resumed["best"]["val_accuracy"], s.resumed["best"]["val_loss"],
                           s.ckpt.best_weights())
     if dist.chief and s.writes:
-        from graftkit.run import HISTORY_FILE, HistoryLog
-        from graftkit.schedule import HISTORY_COLUMNS
+        from graftkit.outputs.run import HISTORY_FILE, HistoryLog
+        from graftkit.train.phases import HISTORY_COLUMNS
 
-        s.schedule.history_log = HistoryLog(s.run_dir / HISTORY_FILE, HISTORY_COLUMNS)
-        s.schedule.history_log.reset(s.schedule.history)
+        s.plan.history_log = HistoryLog(s.run_dir / HISTORY_FILE, HISTORY_COLUMNS)
+        s.plan.history_log.reset(s.plan.history)
 
 
 def cut_base(s: FitState) -> None:
     """Cut the base below the blocks phase 2 fine-tunes: what is under the cut is frozen, so
     its output is computed once per image and view (and cached across runs)."""
-    from graftkit.features import cut_blocks, part_key, split_base
+    from graftkit.frozen.cut import cut_blocks, part_key, split_base
 
     opt, info = s.opt, s.info
     s.ft_epochs = opt.fine_tune_epochs if opt.fine_tunes else 0
@@ -284,7 +287,8 @@ def cut_base(s: FitState) -> None:
 
 def compute_frozen(s: FitState) -> None:
     """The frozen part's outputs for every training view and validation image (cached)."""
-    from graftkit.features import FrozenPart, extract
+    from graftkit.frozen.engine import FrozenPart
+    from graftkit.frozen.extract import extract
 
     if not s.need_cache:
         return
@@ -340,23 +344,23 @@ def _pooled(s: FitState):
 
 def head_range_test(s: FitState) -> None:
     """Phase 1's learning-rate range test on the cached features; the rate it suggests."""
-    from graftkit.schedule import find_head_lr
+    from graftkit.train.phases import find_head_lr
 
     pooled, _ = _pooled(s)
-    test = find_head_lr(s.model, pooled, s.folder.train.labels, s.schedule, s.batch_size,
+    test = find_head_lr(s.model, pooled, s.folder.train.labels, s.plan, s.batch_size,
                         s.opt.seed)
-    s.schedule.head_lr = test.suggestion
+    s.plan.head_lr = test.suggestion
     s.lr_tests["head"] = _lr_test_done(s, test, "head")
 
 
 def fine_tune_range_test(s: FitState) -> None:
     """Phase 2's range test on the cached activations, from phase 1's weights."""
-    from graftkit.schedule import find_top_lr
+    from graftkit.train.phases import find_top_lr
 
     test = find_top_lr(s.model, s.base_model, s.info.block_pattern, s.split.top,
-                       s.train_ex.output(0), s.folder.train.labels, s.schedule, s.batch_size,
+                       s.train_ex.output(0), s.folder.train.labels, s.plan, s.batch_size,
                        s.opt.seed)
-    s.schedule.fine_tune_lr = test.suggestion
+    s.plan.fine_tune_lr = test.suggestion
     s.lr_tests["fine_tune"] = _lr_test_done(s, test, "fine_tune")
 
 
@@ -366,43 +370,43 @@ def train_head_phase(s: FitState) -> None:
     """Phase 1: the head on cached features (or through the frozen base with --augment-head).
 
     A resumed run whose phase 1 is done takes its best weights back instead."""
-    from graftkit.data import make_dataset
-    from graftkit.schedule import train_head, train_head_on_features
+    from graftkit.data.pipeline import make_dataset
+    from graftkit.train.phases import train_head, train_head_on_features
 
-    opt, schedule, folder = s.opt, s.schedule, s.folder
+    opt, plan, folder = s.opt, s.plan, s.folder
     if s.phases:
         s.model.set_weights(s.best.weights)
         return
     y_train, y_val = folder.train.labels, folder.val.labels
     if not opt.augment_head:
-        schedule.history = []  # phase 1 on features is quick: it runs again from the start
-        if schedule.history_log is not None:
-            schedule.history_log.reset([])
+        plan.history = []  # phase 1 on features is quick: it runs again from the start
+        if plan.history_log is not None:
+            plan.history_log.reset([])
         pooled, pooled_val = _pooled(s)
         what = (f"{s.views} cached views per image" if s.views > 1
                 else "features computed once by the frozen base")
-        if schedule.head_lr == "auto":
+        if plan.head_lr == "auto":
             head_range_test(s)
         s.log(f"phase 1: head on {what}")
         s.phases.append(train_head_on_features(
-            s.model, pooled, y_train, pooled_val, y_val, schedule, s.best, s.batch_size,
+            s.model, pooled, y_train, pooled_val, y_val, plan, s.best, s.batch_size,
             opt.seed, s.extract_seconds, f"on {what}"))
     else:
         s.log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
         train_ds = make_dataset(folder.train.paths, y_train, s.size, s.batch_size,
                                 shuffle=True, augment=opt.augment, seed=opt.seed,
-                                drop_remainder=schedule.whole_batches)
-        val_ds = make_dataset(folder.val.paths, y_val, s.size, schedule.val_batch_size)
-        s.phases.append(train_head(s.model, s.base_model, train_ds, val_ds, schedule, s.best))
-    s.ckpt.save_phase([dataclasses.asdict(p) for p in s.phases], schedule.history, s.best)
+                                drop_remainder=plan.whole_batches)
+        val_ds = make_dataset(folder.val.paths, y_val, s.size, plan.val_batch_size)
+        s.phases.append(train_head(s.model, s.base_model, train_ds, val_ds, plan, s.best))
+    s.ckpt.save_phase([dataclasses.asdict(p) for p in s.phases], plan.history, s.best)
 
 
 def fine_tune_phase(s: FitState) -> None:
     """Phase 2: the top blocks on cached activations, or the whole base on decoded images."""
-    opt, schedule = s.opt, s.schedule
+    opt, plan = s.opt, s.plan
     if s.ft_epochs == 0 or len(s.phases) >= 2:
         return
-    if schedule.deadline is not None and time.perf_counter() >= schedule.deadline:
+    if plan.deadline is not None and time.perf_counter() >= plan.deadline:
         s.log(f"phase 2: skipped, the time budget ({opt.time_budget:g} s) is used up")
         return
     what = "all" if opt.unfreeze == "all" else f"top {opt.unfreeze} blocks"
@@ -410,39 +414,39 @@ def fine_tune_phase(s: FitState) -> None:
         _fine_tune_cached(s, what)
     else:
         _fine_tune_whole(s, what)
-    s.ckpt.save_phase([dataclasses.asdict(p) for p in s.phases], schedule.history, s.best)
+    s.ckpt.save_phase([dataclasses.asdict(p) for p in s.phases], plan.history, s.best)
 
 
 def _fine_tune_cached(s: FitState, what: str) -> None:
-    from graftkit.schedule import fine_tune_on_activations
+    from graftkit.train.phases import fine_tune_on_activations
 
-    if s.schedule.fine_tune_lr == "auto":
+    if s.plan.fine_tune_lr == "auto":
         fine_tune_range_test(s)
-    s.log(f"phase 2: fine-tuning {what} of the base at lr {s.schedule.fine_tune_lr:g} on cached "
+    s.log(f"phase 2: fine-tuning {what} of the base at lr {s.plan.fine_tune_lr:g} on cached "
           "activations, BatchNormalization frozen")
     s.phases.append(fine_tune_on_activations(
         s.model, s.base_model, s.info.block_pattern, s.split.top, s.train_ex.output(0),
-        s.folder.train.labels, s.val_ex.views[0][0], s.folder.val.labels, s.schedule, s.best,
+        s.folder.train.labels, s.val_ex.views[0][0], s.folder.val.labels, s.plan, s.best,
         s.batch_size, s.opt.seed))
 
 
 def _fine_tune_whole(s: FitState, what: str) -> None:
-    from graftkit.data import DecodedImages, make_dataset
-    from graftkit.schedule import fine_tune
+    from graftkit.data.pipeline import DecodedImages, make_dataset
+    from graftkit.train.phases import fine_tune
 
-    folder, schedule = s.folder, s.schedule
-    s.log(f"phase 2: fine-tuning {what} of the base at lr {schedule.fine_tune_lr:g}, "
+    folder, plan = s.folder, s.plan
+    s.log(f"phase 2: fine-tuning {what} of the base at lr {plan.fine_tune_lr:g}, "
           "BatchNormalization frozen")
     decoded = DecodedImages(folder.train.paths, s.size, progress=s.progress)
     try:
         train_ds = make_dataset(decoded, folder.train.labels, s.size, s.batch_size,
                                 shuffle=True, augment=s.opt.augment or None,
                                 seed=s.opt.seed + s.resumed_epochs,
-                                drop_remainder=schedule.whole_batches)
+                                drop_remainder=plan.whole_batches)
         val_ds = make_dataset(folder.val.paths, folder.val.labels, s.size,
-                              schedule.val_batch_size)
+                              plan.val_batch_size)
         s.phases.append(fine_tune(s.model, s.base_model, s.info.block_pattern, train_ds, val_ds,
-                                  schedule, s.best))
+                                  plan, s.best))
     finally:
         decoded.close()
 
@@ -451,7 +455,7 @@ def _fine_tune_whole(s: FitState, what: str) -> None:
 
 def choose_mode(s: FitState) -> None:
     """Which model the run ended with (the head alone or fine-tuned) and why, for the report."""
-    opt, phases, schedule = s.opt, s.phases, s.schedule
+    opt, phases, plan = s.opt, s.phases, s.plan
     head = phases[0]
     out = {"requested": opt.mode, "time_budget": opt.time_budget,
            "head_val_accuracy": head.best_val_accuracy}
@@ -462,20 +466,20 @@ def choose_mode(s: FitState) -> None:
         mode = {**out, "chosen": "head",
                 "reason": f"the time budget ({opt.time_budget:g} s) ran out in phase 1"}
     else:
-        mode = _fine_tune_verdict(out, head, phases[1], s.ft_epochs, schedule)
+        mode = _fine_tune_verdict(out, head, phases[1], s.ft_epochs, plan)
     mode.update(unfreeze=opt.unfreeze, unfreeze_reason=s.unfreeze_reason, image_size=s.size,
                 image_size_reason=s.size_reason)
     s.mode = mode
     s.log(f"mode {opt.mode}: {mode['chosen'].replace('_', '-')} ({mode['reason']})")
 
 
-def _fine_tune_verdict(out: dict, head, ft, ft_epochs: int, schedule) -> dict:
-    own = [r["val_accuracy"] for r in schedule.history if r["phase"] == "fine_tune"]
+def _fine_tune_verdict(out: dict, head, ft, ft_epochs: int, plan) -> dict:
+    own = [r["val_accuracy"] for r in plan.history if r["phase"] == "fine_tune"]
     out["fine_tune_val_accuracy"] = max(own) if own else None
     out["fine_tune_seconds"] = round(ft.seconds, 2)
     stopped = ""
     if ft.epochs < ft_epochs:
-        late = schedule.deadline is not None and time.perf_counter() >= schedule.deadline - 1
+        late = plan.deadline is not None and time.perf_counter() >= plan.deadline - 1
         stopped = ", stopped by the time budget" if late else ", stopped early"
     if ft.improved:
         gain = ft.best_val_accuracy - head.best_val_accuracy
@@ -491,32 +495,21 @@ def _fine_tune_verdict(out: dict, head, ft, ft_epochs: int, schedule) -> dict:
     return {**out, "chosen": "head", "reason": why}
 
 
-def weights_sha256(model) -> str:
-    """A digest of every weight: equal on every worker of a run that stayed in sync."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for w in model.get_weights():
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()
-
-
-def finish(s: FitState):
+def finish(s: FitState) -> Classifier:
     """Free the cached rows; workers other than the chief stop here, the chief writes the run."""
-    from graftkit.features import release_memory
-    from graftkit.workflow import FitResult
+    from graftkit.classifier import Classifier
+    from graftkit.frozen.engine import release_memory
+    from graftkit.graft import weights_digest
 
     dist = s.dist
     s.train_ex = s.val_ex = None  # the cached rows are done with: free them before the last pass
     release_memory()
-    digest = weights_sha256(s.model)
+    digest = weights_digest(s.model)
     if not dist.chief:
         s.log(f"worker {dist.worker} of {dist.workers}: done, final weights sha256 "
               f"{digest[:16]} (the chief writes {s.run_dir})")
-        return FitResult(s.model, {"worker": dist.worker, "weights_sha256": digest}, s.run_dir,
-                         s.folder.classes)
+        return Classifier(s.model, s.folder.classes,
+                          {"worker": dist.worker, "weights_sha256": digest}, s.run_dir)
     if dist.strategy is not None:  # the chief alone evaluates and saves: a copy off the strategy
         import keras
 
@@ -532,7 +525,7 @@ def finish(s: FitState):
 
 def _fast_scorer(s: FitState):
     """The split path (frozen bottom on its engine) for the final scores, when still valid."""
-    from graftkit.features import SplitClassifier, cut_blocks
+    from graftkit.frozen.cut import SplitClassifier, cut_blocks
 
     bottom_unchanged = s.cached_phase2 or s.ft_epochs == 0
     if not bottom_unchanged:  # the whole base was fine-tuned: the engine no longer matches
@@ -553,7 +546,7 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
 
     from graftkit import __version__
 
-    folder, opt, dist, schedule = s.folder, s.opt, s.dist, s.schedule
+    folder, opt, dist, plan = s.folder, s.opt, s.dist, s.plan
     return {
         "val_accuracy": result["accuracy"],
         "balanced_accuracy": result["balanced_accuracy"],
@@ -576,7 +569,7 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
         "precision": opt.precision,
         "distribution": {"strategy": dist.name, "replicas": dist.replicas,
                          "workers": dist.workers, "weights_sha256": digest},
-        "learning_rates": {"head": schedule.head_lr, "fine_tune": schedule.fine_tune_lr,
+        "learning_rates": {"head": plan.head_lr, "fine_tune": plan.fine_tune_lr,
                            "range_tests": s.lr_tests or None},
         "mode": s.mode,
         "options": dataclasses.asdict(opt),
@@ -591,22 +584,24 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
     }
 
 
-def write_run(s: FitState, digest: str):
+def write_run(s: FitState, digest: str) -> Classifier:
     """Score the final model on validation and write every file of the run folder."""
-    from graftkit import run
-    from graftkit.evaluate import predict_proba, scores
-    from graftkit.report import build_report
-    from graftkit.schedule import HISTORY_COLUMNS
-    from graftkit.workflow import FitResult
+    from graftkit.classifier import Classifier
+    from graftkit.files import write_json
+    from graftkit.outputs import run
+    from graftkit.outputs.evaluation import probabilities, scores
+    from graftkit.outputs.plots import best_row, plot_confusion, plot_history
+    from graftkit.outputs.report import build_report
+    from graftkit.train.phases import HISTORY_COLUMNS
 
-    folder, run_dir, history = s.folder, s.run_dir, s.schedule.history
+    folder, run_dir, history = s.folder, s.run_dir, s.plan.history
     fast, engine_key = _fast_scorer(s)
-    probs = predict_proba(s.model, folder.val.paths, fast=fast)
+    probs = probabilities(s.model, folder.val.paths, fast=fast)
     result = scores(folder.val.labels, probs, folder.classes)
     metrics = metrics_of(s, result, engine_key, digest)
     run.save_model(s.model, run_dir / run.MODEL_FILE)
-    run.write_json(run_dir / run.LABELS_FILE, folder.classes)
-    run.write_json(run_dir / run.SPLIT_FILE, {
+    write_json(run_dir / run.LABELS_FILE, folder.classes)
+    write_json(run_dir / run.SPLIT_FILE, {
         "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
         "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
         # Content digests: graft evaluate warns when its images are training images.
@@ -616,8 +611,9 @@ def write_run(s: FitState, digest: str):
                           probs, folder.classes)
     run.write_history(run_dir / run.HISTORY_FILE, history, HISTORY_COLUMNS)
     kept = ("head",) if s.mode and s.mode.get("chosen") == "head" else ("head", "fine_tune")
-    run.plot_history(history, run_dir / run.CURVES_FILE, run.best_row(history, kept))
-    run.plot_confusion(result["confusion_matrix"], folder.classes, run_dir / run.CONFUSION_FILE)
+    plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))
+    plot_confusion(result["confusion_matrix"], folder.classes, run_dir / run.CONFUSION_FILE)
     build_report(run_dir, metrics)
-    run.write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
-    return FitResult(s.model, metrics, run_dir, folder.classes)
+    write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
+    return Classifier(s.model, folder.classes, metrics, run_dir,
+                      train_digests=folder.digests(folder.train))

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from graftkit.errors import RunError
-from graftkit.run import atomic_write, write_json
+from graftkit.files import atomic_write, write_json
 
 CHECKPOINT_DIR = ".checkpoint"
 STATE_FILE = "state.json"

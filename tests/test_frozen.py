@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 from keras import layers
 
-from graftkit import features
 from graftkit.backbones import load_base
 from graftkit.backbones.registry import block_groups
-from graftkit.data import augment_image, load_image, view_seed
-from graftkit.features import FrozenPart, extract, part_key, split_base
-from graftkit.graft import all_layers
+from graftkit.data.augment import augment_image, view_seed
+from graftkit.data.images import load_image
+from graftkit.frozen import engine as engine_module
+from graftkit.frozen.cut import part_key, split_base
+from graftkit.frozen.engine import FrozenPart
+from graftkit.frozen.extract import extract
+from graftkit.frozen.rows import DiskRows
+from graftkit.graft import layers_within
 
 SIZE = 64
 
@@ -36,10 +40,10 @@ def test_cut_base_computes_the_same_features_and_shares_its_layers(lite0, top_n)
     np.testing.assert_allclose(split.top(split.bottom(x)), base(x), rtol=1e-5, atol=1e-5)
     groups = block_groups(base, info.block_pattern)
     wanted = {id(layer) for g in groups[-top_n:] for layer in g}
-    in_top = {id(layer) for layer in all_layers(split.top) if layer.weights
+    in_top = {id(layer) for layer in layers_within(split.top) if layer.weights
               and not getattr(layer, "layers", None)}
     assert in_top == wanted
-    assert not wanted & {id(layer) for layer in all_layers(split.bottom)}
+    assert not wanted & {id(layer) for layer in layers_within(split.bottom)}
 
 
 def test_cut_at_the_output_is_the_base_itself(lite0):
@@ -114,7 +118,7 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
 def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkeypatch):
     from graftkit import defaults
 
-    monkeypatch.delenv(features.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(engine_module.ENGINE_ENV, raising=False)
     monkeypatch.setattr(defaults, "ENGINE_MIN_IMAGES", 100)
     net = _small_net(4)
     key = part_key(net, SIZE, "plan")
@@ -128,9 +132,9 @@ def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkey
     assert (private_cache / "engines" / f"{key}.tflite").is_file()
     cached = FrozenPart(net, key)  # once converted, even a small job uses it
     assert cached.plan(1) == "tflite"
-    monkeypatch.setenv(features.ENGINE_ENV, "tflite")
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "tflite")
     assert FrozenPart(net, part_key(net, SIZE, "forced")).plan(1) == "tflite"
-    monkeypatch.setenv(features.ENGINE_ENV, "keras")
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "keras")
     assert FrozenPart(net, key).plan(10**6) == "keras"
 
 
@@ -144,7 +148,7 @@ def test_engine_that_disagrees_with_keras_falls_back(private_cache):
 
 
 def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path):
-    from graftkit.data import scan
+    from graftkit.data.folder import scan
 
     net = _small_net(3)
     folder = scan(image_folder)
@@ -175,8 +179,8 @@ def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path
 
 def test_outputs_past_the_memory_budget_stay_on_disk_and_read_back_the_same(image_folder,
                                                                              private_cache):
-    from graftkit.data import scan
-    from graftkit.schedule import _rows, view_cycle
+    from graftkit.data.folder import scan
+    from graftkit.train.phases import _rows, view_cycle
 
     net = _small_net(3)
     folder = scan(image_folder)
@@ -187,7 +191,7 @@ def test_outputs_past_the_memory_budget_stay_on_disk_and_read_back_the_same(imag
     spilled = extract(part, paths, digests, SIZE, views=2, augment=aug, memory_budget=0)
     assert not held.on_disk and spilled.on_disk
     rows = spilled.views[1][0]
-    assert isinstance(rows, features.DiskRows) and rows.shape == held.views[1][0].shape
+    assert isinstance(rows, DiskRows) and rows.shape == held.views[1][0].shape
     for v in range(2):
         for k in range(2):
             a, b = held.views[v][k], spilled.views[v][k]
@@ -212,7 +216,7 @@ def test_cache_evicts_least_recently_used_and_clears(private_cache, tmp_path, mo
     import time
 
     monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path / "c"))
-    from graftkit import store
+    from graftkit.frozen import store
 
     old = store.FeatureStore("a/plain")
     old.put(["x:0"], np.zeros((1, 1000), np.float16))
@@ -248,7 +252,7 @@ def test_rotation_keeps_the_image_centre_and_fills_corners():
 
 
 def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tmp_path):
-    from graftkit.workflow import fit
+    from graftkit.train.workflow import fit
 
     from .conftest import make_folder
 
@@ -259,5 +263,5 @@ def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tm
     assert result.metrics["precision"] == "mixed_bfloat16"
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
     assert model.get_layer("head_dense").compute_dtype == "float32"
-    inner = [layer for layer in all_layers(model) if isinstance(layer, layers.Conv2D)]
+    inner = [layer for layer in layers_within(model) if isinstance(layer, layers.Conv2D)]
     assert inner and all(layer.compute_dtype == "bfloat16" for layer in inner)

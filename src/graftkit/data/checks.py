@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graftkit import defaults
-from graftkit.data import ImageFolder, scan
+from graftkit.data.folder import ImageFolder, scan
 
 FATAL, WARNING, NOTE = "fatal", "warning", "note"
 EXIT_CODES = {NOTE: 0, WARNING: 1, FATAL: 2}
@@ -230,7 +230,7 @@ def _skipped(folder: ImageFolder) -> list[Finding]:
     return findings
 
 
-def report(folder: ImageFolder) -> CheckReport:
+def find_problems(folder: ImageFolder) -> CheckReport:
     """Findings for a scanned folder (``graftkit.data.scan``)."""
     counts = {c: {"train": 0, "val": 0} for c in folder.classes}
     for name, split in (("train", folder.train), ("val", folder.val)):
@@ -246,5 +246,25 @@ def report(folder: ImageFolder) -> CheckReport:
 
 def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
           seed: int = defaults.SEED, val: str | os.PathLike | None = None) -> CheckReport:
-    """Scan and report, never raising for a fatal data problem (it becomes a finding)."""
-    return report(scan(data_dir, val_split, seed, strict=False, val=val))
+    """Look for what would spoil training on a data folder, without training.
+
+    Finds unreadable or skipped files, exact and near duplicates (also across the split and
+    across classes), odd image shapes and class imbalance. A fatal problem (e.g. a class with
+    no images) is a finding, not an exception, so every problem is reported at once.
+
+    Args:
+        data_dir: the folder (or CSV/TSV table) ``graft fit`` would read.
+        val_split: the validation share when the data has no ``val/`` folder.
+            Defaults to 0.2.
+        seed: the seed of that split. Defaults to 1337.
+        val: a separate validation folder or table. Defaults to None.
+
+    Returns:
+        A ``CheckReport``: ``findings`` (each with ``severity``, ``kind``, ``message``,
+        ``paths``), ``counts`` per split and class, and ``exit_code()``.
+
+    Example:
+        >>> report = graftkit.check("photos/")  # doctest: +SKIP
+        >>> [f.message for f in report.findings]  # doctest: +SKIP
+    """
+    return find_problems(scan(data_dir, val_split, seed, strict=False, val=val))

@@ -10,7 +10,7 @@ import pytest
 
 from graftkit import defaults
 from graftkit.cli import main
-from graftkit.lr_finder import range_test, suggest
+from graftkit.train.lr_range import range_test, suggest
 
 from .conftest import make_folder
 

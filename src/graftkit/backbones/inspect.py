@@ -10,7 +10,7 @@ from graftkit.errors import BackboneError
 def check_target(target: str) -> None:
     """A run folder, an existing ``.keras`` file or a backbone name (no TensorFlow needed)."""
     from graftkit.backbones import REGISTRY
-    from graftkit.run import read_run
+    from graftkit.outputs.run import read_run
 
     path = Path(target)
     if path.is_dir():
@@ -29,7 +29,7 @@ def _load_target(target: str, unsafe: bool = False):
 
     path = Path(target)
     if path.is_dir():
-        from graftkit.predict import load
+        from graftkit.classifier import load
 
         return f"run {path}", load(path, unsafe).model
     if target.endswith(".keras"):

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from graftkit.defaults import STRATEGIES
 
@@ -209,19 +210,54 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the OS hands out for ``bind(0)`` and outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # the IANA dynamic range: macOS and Windows use it
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, rng=None) -> list[int]:
+    """``count`` free ports on 127.0.0.1, chosen below the OS's ephemeral range.
+
+    A port from ``bind(0)`` is free only until its socket closes: the OS may hand the same
+    number to the next ``bind(0)`` or outgoing connection of any process before the worker binds
+    it. Ports below the ephemeral range are never handed out so; one that is free now stays free
+    unless another program asks for that exact number.
+    """
+    import random
+
+    rng = rng or random.SystemRandom()
+    top = min(_ephemeral_floor(), 65536)
+    low = max(1024, top - 16384)
+    found: list[int] = []
+    for _ in range(2000):
+        port = rng.randrange(low, top)
+        if port not in found and _bindable(port):
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise OSError(f"no {count} free ports on 127.0.0.1 between {low} and {top}")
+
+
 def loopback_configs(workers: int) -> list[str]:
     """``TF_CONFIG`` values for ``workers`` processes on this machine (free ports on 127.0.0.1).
 
     For trying a cluster locally: the tests and ``benchmarks/scaling.py`` start workers so.
     """
-    import socket
-
-    socks = [socket.socket() for _ in range(workers)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]}
-    for s in socks:
-        s.close()
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
     return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
             for i in range(workers)]
 

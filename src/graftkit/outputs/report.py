@@ -42,7 +42,7 @@ def _png_data_uri(path: Path) -> str | None:
 def _thumbnail(path: str) -> str | None:
     from PIL import Image
 
-    from graftkit.data import load_image
+    from graftkit.data.images import load_image
 
     try:
         img = Image.fromarray(load_image(path, THUMBNAIL))
@@ -161,7 +161,8 @@ def _top_losses(predictions: list[dict]) -> str:
 
 def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` from the run's files (atomic)."""
-    from graftkit.run import CURVES_FILE, METRICS_FILE, read_predictions, write_text
+    from graftkit.files import write_text
+    from graftkit.outputs.run import CURVES_FILE, METRICS_FILE, read_predictions
 
     run_dir = Path(run_dir)
     if metrics is None:

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graftkit import defaults
 
-def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool = False,
+
+def probabilities(model, paths: Sequence[str], batch_size: int = defaults.BATCH_SIZE, tta: bool = False,
                   progress=None, fast=None) -> np.ndarray:
     """Class probabilities for image files, through the same decoder as training.
 
@@ -19,7 +21,8 @@ def predict_proba(model, paths: Sequence[str], batch_size: int = 32, tta: bool =
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from graftkit.data import load_image, make_dataset
+    from graftkit.data.images import load_image
+    from graftkit.data.pipeline import make_dataset
 
     paths = list(paths)
     if not paths:

@@ -18,7 +18,7 @@ import numpy as np
 
 from graftkit import defaults
 from graftkit.errors import DiskFullError
-from graftkit.run import atomic_write
+from graftkit.files import atomic_write
 
 _FULL: set[str] = set()  # cache folders found full in this process
 

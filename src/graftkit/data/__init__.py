@@ -1,0 +1,1 @@
+"""Data in: image folders and tables scanned, checked, split, decoded and augmented."""

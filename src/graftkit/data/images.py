@@ -1,0 +1,144 @@
+"""One image file: decoded, checked and fingerprinted the same way everywhere.
+
+``load_image`` is the one decoder: training, ``graft predict`` and export all use it, so a raw
+image at prediction time is processed exactly as in training.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from graftkit import defaults
+from graftkit.defaults import IMAGE_EXTENSIONS
+from graftkit.errors import DataError
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than ``defaults.MAX_PIXELS``: refused before decoding."""
+
+
+
+@dataclass
+class ImageProbe:
+    """What scanning learnt of one file: why it is unusable, or its size and fingerprints."""
+
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    dhash: bytes = b""  # difference hash of the decoded image, for near-duplicates
+
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode any supported image to a ``(size, size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied; alpha is composited on white; 16-bit images are scaled, not
+    clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
+    """
+    with Image.open(path) as img:
+        if img.width * img.height > defaults.MAX_PIXELS:
+            raise ImageTooLarge(f"{img.width}x{img.height} pixels")
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+
+HASH_SIDE = 16  # difference hash of HASH_SIDE**2 bits: 64 bits proved too coarse on photos
+
+
+
+def _difference_hash(pixels: np.ndarray) -> bytes:
+    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR)
+    a = np.asarray(gray, dtype=np.int16)
+    return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
+
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+
+def probe_image(path: str) -> ImageProbe:
+    """Decode ``path`` once; the reason it is unusable, or its size and fingerprints."""
+    try:
+        data = read_bytes(path)
+        if not data:
+            return ImageProbe("empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+        pixels = load_image(path, 32)
+    except ImageTooLarge as exc:
+        return ImageProbe(f"too many pixels ({exc}; limit {defaults.MAX_PIXELS:,}): "
+                          "possible decompression bomb")
+    except Image.DecompressionBombError:
+        return ImageProbe("too many pixels: possible decompression bomb")
+    except FileNotFoundError:
+        return ImageProbe("file not found (dangling symbolic link?)")
+    except PermissionError:
+        return ImageProbe("permission denied: make the file readable")
+    except IsADirectoryError:
+        return ImageProbe("a folder named like an image")
+    except OSError as exc:  # Pillow's "cannot identify image file", truncated data, ELOOP...
+        if exc.errno == errno.ELOOP:
+            return ImageProbe("symbolic link loop")
+        text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+        return ImageProbe(f"unreadable image: {text}")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
+        return ImageProbe(f"unreadable image: {type(exc).__name__}: {exc}")
+    return ImageProbe(None, width, height, hashlib.sha256(data).hexdigest(),
+                      _difference_hash(pixels))
+
+
+
+def check_image(path: str) -> str | None:
+    """None when ``path`` decodes, else the reason it cannot be used."""
+    return probe_image(path).reason
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
+    """Files as given, folders walked for images; returns ``(images, skipped)``."""
+    found, skipped = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            candidates = sorted(f for f in p.rglob("*")
+                                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            candidates = [p]
+        else:
+            raise DataError(f"no such file or folder: {p}")
+        for f in candidates:
+            reason = check_image(str(f))
+            if reason:
+                skipped.append({"path": str(f), "reason": reason})
+            else:
+                found.append(str(f))
+    return found, skipped

@@ -1,0 +1,188 @@
+"""Frozen outputs for every image and view: read from the cache, or computed and cached.
+
+The cache (``graftkit.frozen.store``) is keyed by the frozen part's weights, input size and
+each file's content digest, so a second ``graft fit`` on the same images skips the base. Views
+of an image are decided by its digest, not by the run's seed, so they are reusable too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from graftkit import defaults
+from graftkit.data.augment import augment_image, view_seed
+from graftkit.data.images import load_image
+from graftkit.frozen.engine import FrozenPart
+from graftkit.frozen.rows import DiskRows, rows_for
+from graftkit.frozen.store import FeatureStore, cache_limit_bytes, evict
+
+CHUNK = 64  # images decoded ahead while the bottom runs
+
+
+
+SHARD_ROWS = 2048  # rows per cache file: a bounded copy when writing, a bounded read later
+
+
+
+def _augment_key(augment: dict | None) -> str:
+    if not augment:
+        return "plain"
+    text = json.dumps(augment, sort_keys=True)
+    return "aug-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+
+@dataclass
+class Extracted:
+    """Frozen outputs for one split: ``views[v][k]`` is output ``k`` of view ``v`` per image.
+
+    Each is an array, or ``DiskRows`` beyond ``defaults.FEATURE_MEMORY_BUDGET``.
+    """
+
+    views: list[list[np.ndarray | DiskRows]]
+    computed: int  # images x views the frozen part had to run for (the rest: from the cache)
+    seconds: float
+
+    def output(self, k: int) -> list[np.ndarray | DiskRows]:
+        """Output ``k`` of every view."""
+        return [v[k] for v in self.views]
+
+    @property
+    def on_disk(self) -> bool:
+        return any(isinstance(a, DiskRows) for v in self.views for a in v)
+
+
+
+def _stores(store_key: str | None, augment: dict | None):
+    """``store(k, v)``: the cache folder of output ``k`` of view ``v`` (None: no caching)."""
+    def store(k: int, v: int) -> FeatureStore | None:
+        if not store_key:
+            return None
+        return FeatureStore(f"{store_key}/{k}-{'plain' if v == 0 else _augment_key(augment)}")
+
+    return store
+
+
+
+def _read_stored(out, store, digests: Sequence[str], views: int,
+                 outputs: int) -> set[tuple[int, int]]:
+    """Fill ``out`` with the rows the cache holds; the ``(image, view)`` places it filled.
+
+    Identical files share their rows; a place counts only when every output of it was found.
+    """
+    have: set[tuple[int, int]] = set()
+    for group in ([0], list(range(1, views))):
+        if not group:
+            continue
+        keys: dict[str, list[tuple[int, int]]] = {}
+        for i in range(len(digests)):
+            for v in group:
+                keys.setdefault(f"{digests[i]}:{v}", []).append((i, v))
+        complete = set(keys)
+        for k in range(outputs):  # rows go straight to their place: no second copy
+            seen = set()
+            for key, row in store(k, group[0]).read(list(keys)):
+                for i, v in keys[key]:
+                    out[v][k][i] = row
+                seen.add(key)
+            complete &= seen
+        have.update(place for key in complete for place in keys[key])
+    return have
+
+
+
+def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar) -> None:
+    """Run the frozen part on every view in ``todo``, decoding two chunks ahead on all cores."""
+    outputs = len(frozen.output_shapes)
+    done = 0
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        ahead: deque = deque()
+        queue = iter(sorted(todo))
+        for i in queue:  # keep two chunks of decoding in flight, no more (bounded memory)
+            ahead.append((i, pool.submit(prepare, i)))
+            if len(ahead) >= 2 * CHUNK:
+                break
+        while ahead:
+            chunk = [ahead.popleft() for _ in range(min(CHUNK, len(ahead)))]
+            for i in queue:
+                ahead.append((i, pool.submit(prepare, i)))
+                if len(ahead) >= 2 * CHUNK:
+                    break
+            prepared = [(i, f.result()) for i, f in chunk]
+            batch = np.stack([view for _, views_of in prepared for view in views_of])
+            results = frozen(batch.astype(np.float32))
+            r = 0
+            for i, _ in prepared:
+                for v in todo[i]:
+                    for k in range(outputs):
+                        out[v][k][i] = results[k][r]
+                    r += 1
+            done += len(chunk)
+            if bar is not None:
+                bar.update(done)
+    if bar is not None:
+        bar.close()
+
+
+
+def _store_new(out, store, todo: dict[int, list[int]], digests: Sequence[str], views: int,
+               outputs: int, caching: bool) -> int:
+    """New rows to the cache view by view, copied out of the filled arrays; rows computed."""
+    images = sorted(todo)
+    computed = 0
+    for v in range(views):
+        rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
+        computed += len(rows)
+        for first in range(0, len(rows) if caching else 0, SHARD_ROWS):
+            part = rows[first: first + SHARD_ROWS]  # bounded copies, bounded shards
+            keys = [f"{digests[i]}:{v}" for i in part]
+            for k in range(outputs):
+                store(k, v).put(keys, out[v][k][part])
+    if caching and computed:
+        evict(cache_limit_bytes())  # once, after all new shards (a scan of the whole cache)
+    return computed
+
+
+
+def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
+            views: int = 1, augment: dict | None = None, store_key: str | None = None,
+            progress=None, memory_budget: int | None = None) -> Extracted:
+    """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
+
+    Each image is decoded once for all its views, decoding runs ahead on all cores while the
+    frozen part runs, and rows already in the store are read instead of computed.
+    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
+    """
+    start = time.perf_counter()
+    n, outputs = len(paths), len(frozen.output_shapes)
+    augment = augment if views > 1 else None
+    store = _stores(store_key, augment)
+    budget = defaults.FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
+    out = rows_for(n, frozen.output_shapes, views, budget)
+    have = _read_stored(out, store, digests, views, outputs) if store_key else set()
+    todo: dict[int, list[int]] = {}
+    for i in range(n):
+        for v in range(views):
+            if (i, v) not in have:
+                todo.setdefault(i, []).append(v)
+    frozen.plan(sum(len(v) for v in todo.values()))
+    bar = progress(f"frozen base ({frozen.engine}, {views} view{'s' if views > 1 else ''})",
+                   len(todo)) if progress and todo else None
+
+    def prepare(i: int) -> list[np.ndarray]:
+        img = load_image(paths[i], image_size)
+        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
+                for v in todo[i]]
+
+    _compute(frozen, out, todo, prepare, bar)
+    computed = _store_new(out, store, todo, digests, views, outputs, bool(store_key))
+    return Extracted(out, computed, time.perf_counter() - start)
