@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from graftkit.errors import ExportError, UsageError
+from graftkit.quiet import silenced
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
@@ -148,10 +149,12 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     target_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
     try:
-        built, run = _build(model, fmt, quantize, work, split["train"], size)
+        with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
+            built, run = _build(model, fmt, quantize, work, split["train"], size)
         x, labels = _images(split["val"], size, MAX_CHECK_IMAGES)
         ref = model.predict(x, verbose=0)
-        got = run(built, x)
+        with silenced():
+            got = run(built, x)
         y = np.array([classes.index(label) for label in labels])
         result = ExportResult(
             path="", format=fmt, quantize=quantize, size_bytes=_size(built),
