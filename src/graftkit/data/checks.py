@@ -261,7 +261,7 @@ def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
 
     Returns:
         A ``CheckReport``: ``findings`` (each with ``severity``, ``kind``, ``message``,
-        ``paths``), ``counts`` per split and class, and ``exit_code()``.
+        ``paths``), ``counts`` per split and class, ``status`` and ``exit_code`` (0 clean, 1 warnings, 2 fatal).
 
     Example:
         >>> report = graftkit.check("photos/")  # doctest: +SKIP
