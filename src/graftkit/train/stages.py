@@ -599,13 +599,14 @@ def write_run(s: FitState, digest: str) -> Classifier:
     probs = probabilities(s.model, folder.val.paths, fast=fast)
     result = scores(folder.val.labels, probs, folder.classes)
     metrics = metrics_of(s, result, engine_key, digest)
+    train_sha256 = folder.digests(folder.train)  # may read files the scan could not hash
     run.save_model(s.model, run_dir / run.MODEL_FILE)
     write_json(run_dir / run.LABELS_FILE, folder.classes)
     write_json(run_dir / run.SPLIT_FILE, {
         "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
         "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
         # Content digests: graft evaluate warns when its images are training images.
-        "train_sha256": folder.digests(folder.train),
+        "train_sha256": train_sha256,
     })
     run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
                           probs, folder.classes)
@@ -616,4 +617,4 @@ def write_run(s: FitState, digest: str) -> Classifier:
     build_report(run_dir, metrics)
     write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
     return Classifier(s.model, folder.classes, metrics, run_dir,
-                      train_digests=folder.digests(folder.train))
+                      train_digests=train_sha256)
