@@ -10,28 +10,35 @@ import pytest
 from PIL import Image
 
 from graftkit.backbones import REGISTRY, block_groups, load_base
-from graftkit.backbones.efficientnet_lite import load_efficientnet_lite0
+from graftkit.backbones.efficientnet_lite import VARIANTS, load_efficientnet_lite
 from graftkit.errors import BackboneError
 
 DATA = Path(__file__).parent / "data"
 
 
-def test_converted_lite0_matches_pytorch_on_a_cat_photo():
-    """Reference logits were computed by PyTorch 2.13 with efficientnet-lite-pytorch."""
-    model = load_efficientnet_lite0(224, include_top=True)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_lite_matches_pytorch_on_a_cat_photo(variant):
+    """Reference logits were computed by PyTorch (2.13 for Lite0, 2.14 for Lite1/2) with the
+    efficientnet-lite-pytorch implementation, at each network's pretraining size (its padding
+    is fixed for that size): the 224 px photo, edges mirrored out to 240 / 260 px."""
+    size = REGISTRY[variant].input_size
+    model = load_efficientnet_lite(size, include_top=True, variant=variant)
     pixels = np.asarray(Image.open(DATA / "chelsea_224.png"), dtype="float32")
+    pad = (size - 224) // 2, size - 224 - (size - 224) // 2
+    pixels = np.pad(pixels, (pad, pad, (0, 0)), mode="reflect")
     logits = model.predict((pixels[None] - 127.0) / 128.0, verbose=0)[0]
-    reference = np.load(DATA / "chelsea_lite0_torch_logits.npy")
+    reference = np.load(DATA / f"chelsea_{variant.removeprefix('efficientnet_')}_torch_logits.npy")
     assert 281 <= int(np.argmax(logits)) <= 285  # an ImageNet cat class
     np.testing.assert_allclose(logits, reference, atol=1e-4)
+    assert model.name == variant and REGISTRY[variant].weights_on_disk()
 
 
 def test_conversion_is_cached(private_cache):
-    load_efficientnet_lite0(32)
+    load_efficientnet_lite(32)
     cached = list(Path(private_cache).glob("efficientnet_lite0-*.weights.h5"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    load_efficientnet_lite0(32)
+    load_efficientnet_lite(32)
     assert cached[0].stat().st_mtime_ns == mtime
 
 
@@ -40,11 +47,11 @@ def test_base_takes_raw_pixels_and_applies_its_preprocessing():
     assert info.image_size == 224 and base.output.shape[-1] == 1280
     pixels = np.asarray(Image.open(DATA / "chelsea_224.png"), dtype="float32")[None]
     features = base.predict(pixels, verbose=0)
-    net = load_efficientnet_lite0(224)
+    net = load_efficientnet_lite(224)
     np.testing.assert_allclose(features, net.predict((pixels - 127) / 128, verbose=0), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"efficientnet_lite0"}))
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - set(VARIANTS)))
 def test_keras_applications_with_a_local_weights_file(name, tmp_path):
     """The --weights FILE path, with random weights saved by the test."""
     size = max(REGISTRY[name].min_size, 32)

