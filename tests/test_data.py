@@ -139,6 +139,8 @@ def test_bad_val_split():
 def test_augment_spec():
     assert parse_augment("none") == {}
     assert parse_augment("flip,zoom=0.3") == {"flip": True, "zoom": 0.3}
+    assert parse_augment(None) == {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+    assert parse_augment("grayscale,hue=0.1") == {"grayscale": 0.2, "hue": 0.1}
     with pytest.raises(UsageError, match="unknown augmentation"):
         parse_augment("blur")
     with pytest.raises(UsageError, match="not a number"):

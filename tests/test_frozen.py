@@ -242,6 +242,37 @@ def test_augment_image_is_decided_by_its_seed():
     assert flips == {img.tobytes(), img[:, ::-1].tobytes()}
 
 
+def test_views_of_the_basic_augmentations_never_change():
+    """Cached frozen outputs of earlier runs stay valid: the digest was taken before the colour
+    and crop augmentations existed."""
+    import hashlib
+
+    img = np.random.default_rng(7).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    aug = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+    views = b"".join(augment_image(img, s, aug).tobytes() for s in range(5))
+    assert hashlib.sha256(views).hexdigest() == (
+        "04f59cdf632004f785e6d9cb2bbe2630f841fa136497b48ce5f49d61f25af53c")
+
+
+def test_colour_and_crop_augmentations():
+    img = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    gray = augment_image(img, 5, {"grayscale": 1.0})
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert not np.array_equal(gray, img)
+    never = augment_image(img, 5, {"grayscale": 0.0, "hue": 0.0})
+    np.testing.assert_array_equal(never, img)
+    brighter = [augment_image(img, s, {"brightness": 0.2}).astype(int).mean() - img.mean()
+                for s in range(30)]
+    assert max(brighter) > 10 and min(brighter) < -10 and max(map(abs, brighter)) <= 0.2 * 255
+    crops = [augment_image(img, s, {"crop": 0.5}) for s in range(10)]
+    assert all(c.shape == img.shape for c in crops) and any(not np.array_equal(c, img) for c in crops)
+    hue = augment_image(img, 3, {"hue": 0.2})
+    assert hue.shape == img.shape and not np.array_equal(hue, img)
+    everything = {"flip": True, "crop": 0.3, "brightness": 0.2, "saturation": 0.3, "hue": 0.05,
+                  "grayscale": 0.2}
+    np.testing.assert_array_equal(augment_image(img, 9, everything), augment_image(img, 9, everything))
+
+
 def test_rotation_keeps_the_image_centre_and_fills_corners():
     img = np.zeros((33, 33, 3), np.uint8)
     img[16, 16] = 255

@@ -67,8 +67,12 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.train.distribute
 VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
-# Augmentation strengths, as fractions the Keras layers take (rotation: of a full turn).
-AUGMENT = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+# Every augmentation and its strength when named without a value, as fractions the Keras layers
+# take (rotation and hue: of a full turn; crop: of the area a random crop may lose; grayscale: a
+# probability). AUGMENT is the default set.
+AUGMENTATIONS = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1, "crop": 0.3,
+                 "brightness": 0.2, "saturation": 0.3, "hue": 0.05, "grayscale": 0.2}
+AUGMENT = {k: AUGMENTATIONS[k] for k in ("flip", "rotation", "zoom", "contrast")}
 
 # Images with more pixels than this are refused unread (decompression bombs); Pillow's default.
 MAX_PIXELS = 89_478_485

@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from graftkit.defaults import AUGMENT
+from graftkit.defaults import AUGMENT, AUGMENTATIONS
 from graftkit.errors import UsageError
 
 
@@ -24,13 +24,14 @@ def parse_augment(spec: str | None) -> dict[str, float | bool]:
         if part == "none":
             return {}
         key, _, value = part.partition("=")
-        if key not in AUGMENT:
-            raise UsageError(f"unknown augmentation {key!r} in --augment; use {', '.join(AUGMENT)}")
+        if key not in AUGMENTATIONS:
+            raise UsageError(f"unknown augmentation {key!r} in --augment; use "
+                             f"{', '.join(AUGMENTATIONS)}")
         if key == "flip":
             settings[key] = True
             continue
         try:
-            settings[key] = float(value) if value else float(AUGMENT[key])
+            settings[key] = float(value) if value else float(AUGMENTATIONS[key])
         except ValueError:
             raise UsageError(f"--augment {key}={value!r} is not a number") from None
     return settings
@@ -68,7 +69,55 @@ def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool
     if factor != 1.0:
         mean = out.reshape(-1, 3).mean(axis=0)
         out = np.clip((out - mean) * factor + mean, 0, 255).round().astype(np.uint8)
+    # Drawn after the settings above, and only when asked for: views of the settings above
+    # stay exactly as they were (and so do their cached frozen outputs).
+    if settings.get("crop"):
+        out = _random_resized_crop(out, rng, float(settings["crop"]))
+    if any(settings.get(k) for k in ("brightness", "saturation", "hue", "grayscale")):
+        out = _colour(out, rng, settings)
     return np.ascontiguousarray(out)
+
+
+def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, loss: float) -> np.ndarray:
+    """A crop of ``1 - loss`` to all of the area, aspect 3:4 to 4:3, resized back (Inception's)."""
+    h, w = image.shape[:2]
+    area = rng.uniform(1.0 - min(loss, 0.95), 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = min(w, max(1, round(w * np.sqrt(area * aspect))))
+    ch = min(h, max(1, round(h * np.sqrt(area / aspect))))
+    x0 = int(rng.integers(0, w - cw + 1))
+    y0 = int(rng.integers(0, h - ch + 1))
+    crop = Image.fromarray(np.ascontiguousarray(image[y0:y0 + ch, x0:x0 + cw]))
+    return np.asarray(crop.resize((w, h), Image.BILINEAR))
+
+
+def _colour(image: np.ndarray, rng: np.random.Generator, settings: dict) -> np.ndarray:
+    """Colour changes that keep the shapes: what a change of style (paint, print, light) alters.
+
+    Brightness adds up to that fraction of 255; saturation scales the distance from gray;
+    hue turns the colour wheel by up to that fraction; grayscale, with that probability, keeps
+    only the luminance (in three channels)."""
+    brightness = float(settings.get("brightness") or 0.0)
+    saturation = float(settings.get("saturation") or 0.0)
+    hue = float(settings.get("hue") or 0.0)
+    draws = rng.uniform(-1.0, 1.0, 3)
+    gray_draw = rng.random()
+    out = image.astype(np.float32) + draws[0] * brightness * 255.0
+    if saturation:
+        gray = (out @ _LUMA)[..., None]
+        out = gray + (out - gray) * (1.0 + draws[1] * saturation)
+    out = np.clip(out, 0, 255).round().astype(np.uint8)
+    if hue:
+        hsv = np.asarray(Image.fromarray(out).convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(draws[2] * hue * 256)) % 256
+        out = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if gray_draw < float(settings.get("grayscale") or 0.0):
+        gray = np.clip((out.astype(np.float32) @ _LUMA).round(), 0, 255).astype(np.uint8)
+        out = np.repeat(gray[..., None], 3, axis=-1)
+    return out
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L"
 
 
 
