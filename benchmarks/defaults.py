@@ -29,8 +29,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "datasets"
-DATASETS = ("hymenoptera", "flowers5", "digits")
-TARGETS = {"hymenoptera": 0.96, "flowers5": 0.95, "digits": 0.98}
+DATASETS = ("hymenoptera", "flowers5", "digits", "pacs_art")
+TARGETS = {"hymenoptera": 0.9608, "flowers5": 0.9542, "digits": 0.9805, "pacs_art": 0.955}
+# A style-shift test set per dataset: the run is scored on it after training, never trained on
+# or used to choose anything by itself (the paintings' classes drawn as cartoons).
+STYLE_SHIFT = {"pacs_art": "pacs_cartoon"}
+
+BASIC = "flip,rotation=0.1,zoom=0.1,contrast=0.1"  # graftkit's augmentation before this protocol
+STYLE = BASIC + ",brightness=0.2,saturation=0.3,hue=0.05,grayscale=0.2"
 
 # Overrides of graftkit's defaults, by name. "defaults" is graftkit as shipped.
 SETTINGS: dict[str, dict] = {
@@ -88,6 +94,17 @@ SETTINGS: dict[str, dict] = {
     "dropout-0.5": {"dropout": 0.5},
     "gradual": {"unfreeze_schedule": "gradual"},
     "discriminative-0.5": {"lr_decay": 0.5},
+    # Style robustness: colour changes a change of style brings (and random resized crops).
+    "style": {"augment": STYLE},
+    "style-crop": {"augment": STYLE + ",crop=0.3"},
+    "grayscale": {"augment": BASIC + ",grayscale=0.2"},
+    "style-views-10": {"augment": STYLE, "views": 10},
+    # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
+    "lite1": {"base": "efficientnet_lite1"},
+    "lite2": {"base": "efficientnet_lite2"},
+    "lite1-288px": {"base": "efficientnet_lite1", "image_size": 288},
+    "lite2-288px": {"base": "efficientnet_lite2", "image_size": 288},
+    "lite2-style": {"base": "efficientnet_lite2", "augment": STYLE},
 }
 
 
@@ -128,35 +145,95 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
         result = fit(data, Path(tmp) / "run", seed=seed, verbose=0, log=lambda _: None,
                      **SETTINGS[setting])
         seconds = time.perf_counter() - start
+        shift = ({"shift_accuracy": result.evaluate(shared / STYLE_SHIFT[name])["accuracy"]}
+                 if name in STYLE_SHIFT else {})
     m = result.metrics
     return {"code": source_commit(), "dataset": name, "setting": setting,
             "overrides": SETTINGS[setting], "seed": seed,
             "val_accuracy": m["val_accuracy"], "phase1": m["phases"][0]["best_val_accuracy"],
             "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
-            "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]]}
+            "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]], **shift}
 
 
-def table(rows: list[dict]) -> str:
-    """One line per (code, setting): mean, spread and median seconds on each dataset."""
+PROBE = "probe: logistic regression on Lite0 224 px pooled features"
+
+
+def _pooled_features(paths: list[str], size: int = 224):
+    """EfficientNet-Lite0's pooled ImageNet features of the plain images (no augmentation)."""
+    import numpy as np
+
+    from graftkit.backbones.registry import load_base
+    from graftkit.data.images import load_image
+
+    base, _ = load_base("efficientnet_lite0", size)
+    out = []
+    for i in range(0, len(paths), 64):
+        batch = np.stack([load_image(p, size) for p in paths[i:i + 64]]).astype("float32")
+        out.append(base.predict(batch, verbose=0))
+    return np.concatenate(out)
+
+
+def probe_one(name: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
+    """The fixed reference row: an L2 logistic regression on standardised Lite0 features,
+    its C chosen by 3-fold cross-validation on the training features alone."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from graftkit.data.folder import scan, scan_classes
+
+    start = time.perf_counter()
+    folder = scan(dataset_path(name, scratch, shared), seed=seed)
+    train_x = _pooled_features(list(folder.train.paths))
+    val_x = _pooled_features(list(folder.val.paths))
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(
+        Cs=np.logspace(-4, 2, 13), cv=3, max_iter=5000, scoring="accuracy"))
+    probe.fit(train_x, np.asarray(folder.train.labels))
+    row = {"code": "reference", "dataset": name, "setting": PROBE, "seed": seed,
+           "val_accuracy": float(probe.score(val_x, np.asarray(folder.val.labels))),
+           "C": float(probe[-1].C_[0])}
+    if name in STYLE_SHIFT:
+        by_class = scan_classes(shared / STYLE_SHIFT[name], [], {})
+        paths = [p for ps in by_class.values() for p in ps]
+        labels = [folder.classes.index(c) for c, ps in by_class.items() for _ in ps]
+        row["shift_accuracy"] = float(probe.score(_pooled_features(paths), np.asarray(labels)))
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f} (n=1)"
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
+
+
+def table(rows: list[dict], datasets=DATASETS) -> str:
+    """One line per (code, setting): mean (spread, n) and median seconds on each dataset."""
     groups = list(dict.fromkeys((r.get("code", "?"), r["setting"]) for r in rows))
-    head = "| code | setting | " + " | ".join(
-        f"{d} mean | spread | s" for d in DATASETS) + " | phase 1 (head) means |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(DATASETS))]
-    for code, s in groups:
-        cells, p1 = [], []
-        for d in DATASETS:
-            runs = [r for r in rows if (r.get("code", "?"), r["setting"]) == (code, s)
+    shifts = [STYLE_SHIFT[d] for d in datasets if d in STYLE_SHIFT]
+    head = ("| code | setting | " + " | ".join(f"{d} | s" for d in datasets)
+            + "".join(f" | {s}" for s in shifts) + " | phase 1 (head) means |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(datasets) + len(shifts))]
+    for code, setting in groups:
+        cells, p1, shift_cells = [], [], []
+        for d in datasets:
+            runs = [r for r in rows if (r.get("code", "?"), r["setting"]) == (code, setting)
                     and r["dataset"] == d]
             if not runs:
-                cells += ["", "", ""]
+                cells += ["", ""]
                 p1.append("-")
+                shift_cells += [""] if d in STYLE_SHIFT else []
                 continue
-            acc = [r["val_accuracy"] for r in runs]
-            cells += [f"{statistics.mean(acc):.4f} (n={len(acc)})",
-                      f"{min(acc):.4f}-{max(acc):.4f}",
+            cells += [_cell([r["val_accuracy"] for r in runs]),
                       f"{statistics.median(r['seconds'] for r in runs):.0f}"]
-            p1.append(f"{statistics.mean(r['phase1'] for r in runs):.4f}")
-        lines.append(f"| {code} | {s} | " + " | ".join(cells) + " | " + " / ".join(p1) + " |")
+            p1.append(f"{statistics.mean(r['phase1'] for r in runs):.4f}"
+                      if all("phase1" in r for r in runs) else "-")
+            if d in STYLE_SHIFT:
+                shift = [r["shift_accuracy"] for r in runs if "shift_accuracy" in r]
+                shift_cells.append(_cell(shift) if shift else "")
+        lines.append(f"| {code} | {setting} | " + " | ".join(cells)
+                     + "".join(f" | {c}" for c in shift_cells) + " | " + " / ".join(p1) + " |")
     return "\n".join(lines)
 
 
@@ -170,15 +247,18 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=SHARED,
                    help="the folder holding hymenoptera/ and flowers5/")
     p.add_argument("--table", action="store_true", help="print the table and stop")
+    p.add_argument("--probe", action="store_true",
+                   help="record the logistic-probe reference rows instead of graft fit runs")
     args = p.parse_args()
     if not args.table:
         args.scratch.mkdir(parents=True, exist_ok=True)
-        for setting in args.settings.split(","):
-            if setting not in SETTINGS:
+        for setting in [PROBE] if args.probe else args.settings.split(","):
+            if setting not in SETTINGS and not args.probe:
                 raise SystemExit(f"unknown setting {setting!r}: one of {', '.join(SETTINGS)}")
             for name in args.datasets.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    row = run_one(name, setting, seed, args.scratch, args.shared)
+                    row = (probe_one(name, seed, args.scratch, args.shared) if args.probe
+                           else run_one(name, setting, seed, args.scratch, args.shared))
                     print(json.dumps(row), flush=True)
                     with args.results.open("a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
