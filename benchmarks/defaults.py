@@ -176,6 +176,8 @@ def _pooled_features(paths: list[str], size: int = 224):
 def probe_one(name: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
     """The fixed reference row: an L2 logistic regression on standardised Lite0 features,
     its C chosen by 3-fold cross-validation on the training features alone."""
+    import warnings
+
     import numpy as np
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
@@ -189,7 +191,9 @@ def probe_one(name: str, seed: int, scratch: Path, shared: Path = SHARED) -> dic
     val_x = _pooled_features(list(folder.val.paths))
     probe = make_pipeline(StandardScaler(), LogisticRegressionCV(
         Cs=np.logspace(-4, 2, 13), cv=3, max_iter=5000, scoring="accuracy"))
-    probe.fit(train_x, np.asarray(folder.train.labels))
+    with warnings.catch_warnings():  # scikit-learn 1.8's notices of future defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        probe.fit(train_x, np.asarray(folder.train.labels))
     row = {"code": "reference", "dataset": name, "setting": PROBE, "seed": seed,
            "val_accuracy": float(probe.score(val_x, np.asarray(folder.val.labels))),
            "C": float(probe[-1].C_[0])}

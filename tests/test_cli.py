@@ -163,10 +163,13 @@ def test_inspect_and_backbones(trained_run, capsys):
     assert code == 0 and "stem_bn" in out and "total:" in out
     code, out, _ = run_cli(capsys, "backbones", "--format", "json")
     rows = {r["name"]: r for r in json.loads(out)}
-    assert {"efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "xception", "resnet50",
-            "convnext_tiny"} <= set(rows)
-    assert rows["efficientnet_lite0"]["weights_on_disk"] is True
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2",
+            "efficientnet_b0", "xception", "resnet50", "convnext_tiny"} <= set(rows)
+    assert all(rows[f"efficientnet_lite{i}"]["weights_on_disk"] is True for i in range(3))
     assert rows["efficientnet_lite0"]["params"] == 3_413_024  # incl. BN statistics
+    assert [rows[f"efficientnet_lite{i}"]["fit_size"] for i in range(3)] == [288, 320, 352]
+    code, out, _ = run_cli(capsys, "backbones")
+    assert code == 0 and "77.6" in out and "docs/backbones.md" in out
 
 
 @pytest.mark.parametrize("argv,code,fragment", [

