@@ -97,6 +97,7 @@ SETTINGS: dict[str, dict] = {
     # Style robustness: colour changes a change of style brings (and random resized crops).
     "style": {"augment": STYLE},
     "style-crop": {"augment": STYLE + ",crop=0.3"},
+    "colour": {"augment": BASIC + ",saturation=0.3,hue=0.05,grayscale=0.2"},  # style less brightness
     "grayscale": {"augment": BASIC + ",grayscale=0.2"},
     "style-views-10": {"augment": STYLE, "views": 10},
     # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
