@@ -271,6 +271,11 @@ def test_colour_and_crop_augmentations():
     everything = {"flip": True, "crop": 0.3, "brightness": 0.2, "saturation": 0.3, "hue": 0.05,
                   "grayscale": 0.2}
     np.testing.assert_array_equal(augment_image(img, 9, everything), augment_image(img, 9, everything))
+    # Saturation, hue and grayscale leave a grayscale image exactly as it was.
+    gray_img = img[..., :1].repeat(3, axis=-1)
+    colour = {"saturation": 0.3, "hue": 0.05, "grayscale": 0.5}
+    for s in range(20):
+        np.testing.assert_array_equal(augment_image(gray_img, s, colour), gray_img)
 
 
 def test_rotation_keeps_the_image_centre_and_fills_corners():
