@@ -141,6 +141,9 @@ def test_augment_spec():
     assert parse_augment("flip,zoom=0.3") == {"flip": True, "zoom": 0.3}
     assert parse_augment(None) == {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
     assert parse_augment("grayscale,hue=0.1") == {"grayscale": 0.2, "hue": 0.1}
+    assert parse_augment("basic") == parse_augment(None)
+    assert parse_augment("style,hue=0.1") == {**parse_augment(None), "brightness": 0.2,
+                                              "saturation": 0.3, "hue": 0.1, "grayscale": 0.2}
     with pytest.raises(UsageError, match="unknown augmentation"):
         parse_augment("blur")
     with pytest.raises(UsageError, match="not a number"):

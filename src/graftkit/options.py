@@ -153,8 +153,8 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", defaults.BATCH_SIZE, "images per step (per replica under a "
            "strategy)", "optimizer", int),
     Option("augment", None, "augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' "
-           "(the default), or none; also crop, brightness, saturation, hue, grayscale "
-           "(docs/data.md)", "augmentation"),
+           "(the default, also named 'basic'), 'style' (basic plus brightness, saturation, "
+           "hue, grayscale), or none; also crop (docs/guide.md)", "augmentation"),
     Option("views", defaults.VIEWS, "views per training image run once through the frozen "
            "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int),
     Option("augment_head", False, "phase 1 the guide's way: through the frozen base every "

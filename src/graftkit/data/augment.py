@@ -11,12 +11,15 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from graftkit.defaults import AUGMENT, AUGMENTATIONS
+from graftkit.defaults import AUGMENT, AUGMENT_PRESETS, AUGMENTATIONS
 from graftkit.errors import UsageError
 
 
 def parse_augment(spec: str | None) -> dict[str, float | bool]:
-    """``"flip,rotation=0.1,zoom=0.2"`` -> settings; ``"none"`` or empty -> no augmentation."""
+    """``"flip,rotation=0.1,zoom=0.2"`` -> settings; ``"none"`` or empty -> no augmentation.
+
+    A preset name (``basic``, ``style``) adds its set; later names override earlier strengths
+    (``"style,hue=0.1"``)."""
     if spec is None:
         return dict(AUGMENT)
     settings: dict[str, float | bool] = {}
@@ -24,9 +27,12 @@ def parse_augment(spec: str | None) -> dict[str, float | bool]:
         if part == "none":
             return {}
         key, _, value = part.partition("=")
+        if key in AUGMENT_PRESETS and not value:
+            settings.update(AUGMENT_PRESETS[key])
+            continue
         if key not in AUGMENTATIONS:
             raise UsageError(f"unknown augmentation {key!r} in --augment; use "
-                             f"{', '.join(AUGMENTATIONS)}")
+                             f"{', '.join(AUGMENTATIONS)} or a set: {', '.join(AUGMENT_PRESETS)}")
         if key == "flip":
             settings[key] = True
             continue
