@@ -35,9 +35,6 @@ TARGETS = {"hymenoptera": 0.9608, "flowers5": 0.9542, "digits": 0.9805, "pacs_ar
 # or used to choose anything by itself (the paintings' classes drawn as cartoons).
 STYLE_SHIFT = {"pacs_art": "pacs_cartoon"}
 
-BASIC = "flip,rotation=0.1,zoom=0.1,contrast=0.1"  # graftkit's augmentation before this protocol
-STYLE = BASIC + ",brightness=0.2,saturation=0.3,hue=0.05,grayscale=0.2"
-
 # Overrides of graftkit's defaults, by name. "defaults" is graftkit as shipped.
 SETTINGS: dict[str, dict] = {
     "defaults": {},
@@ -95,17 +92,18 @@ SETTINGS: dict[str, dict] = {
     "gradual": {"unfreeze_schedule": "gradual"},
     "discriminative-0.5": {"lr_decay": 0.5},
     # Style robustness: colour changes a change of style brings (and random resized crops).
-    "style": {"augment": STYLE},
-    "style-crop": {"augment": STYLE + ",crop=0.3"},
-    "colour": {"augment": BASIC + ",saturation=0.3,hue=0.05,grayscale=0.2"},  # style less brightness
-    "grayscale": {"augment": BASIC + ",grayscale=0.2"},
-    "style-views-10": {"augment": STYLE, "views": 10},
+    # (--augment presets; runs before they existed spell them out, with the same strengths)
+    "style": {"augment": "style"},
+    "style-crop": {"augment": "style,crop"},
+    "colour": {"augment": "basic,saturation,hue,grayscale"},  # style less brightness
+    "grayscale": {"augment": "basic,grayscale"},
+    "style-views-10": {"augment": "style", "views": 10},
     # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
     "lite1": {"base": "efficientnet_lite1"},
     "lite2": {"base": "efficientnet_lite2"},
     "lite1-288px": {"base": "efficientnet_lite1", "image_size": 288},
     "lite2-288px": {"base": "efficientnet_lite2", "image_size": 288},
-    "lite2-style": {"base": "efficientnet_lite2", "augment": STYLE},
+    "lite2-style": {"base": "efficientnet_lite2", "augment": "style"},
 }
 
 
@@ -159,14 +157,12 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
 PROBE = "probe: logistic regression on Lite0 224 px pooled features"
 
 
-def _pooled_features(paths: list[str], size: int = 224):
-    """EfficientNet-Lite0's pooled ImageNet features of the plain images (no augmentation)."""
+def _pooled_features(base, paths: list[str], size: int = 224):
+    """The base's pooled features of the plain images (no augmentation)."""
     import numpy as np
 
-    from graftkit.backbones.registry import load_base
     from graftkit.data.images import load_image
 
-    base, _ = load_base("efficientnet_lite0", size)
     out = []
     for i in range(0, len(paths), 64):
         batch = np.stack([load_image(p, size) for p in paths[i:i + 64]]).astype("float32")
@@ -184,12 +180,14 @@ def probe_one(name: str, seed: int, scratch: Path, shared: Path = SHARED) -> dic
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from graftkit.backbones.registry import load_base
     from graftkit.data.folder import scan, scan_classes
 
     start = time.perf_counter()
+    base, _ = load_base("efficientnet_lite0", 224)
     folder = scan(dataset_path(name, scratch, shared), seed=seed)
-    train_x = _pooled_features(list(folder.train.paths))
-    val_x = _pooled_features(list(folder.val.paths))
+    train_x = _pooled_features(base, list(folder.train.paths))
+    val_x = _pooled_features(base, list(folder.val.paths))
     probe = make_pipeline(StandardScaler(), LogisticRegressionCV(
         Cs=np.logspace(-4, 2, 13), cv=3, max_iter=5000, scoring="accuracy"))
     with warnings.catch_warnings():  # scikit-learn 1.8's notices of future defaults
@@ -202,7 +200,7 @@ def probe_one(name: str, seed: int, scratch: Path, shared: Path = SHARED) -> dic
         by_class = scan_classes(shared / STYLE_SHIFT[name], [], {})
         paths = [p for ps in by_class.values() for p in ps]
         labels = [folder.classes.index(c) for c, ps in by_class.items() for _ in ps]
-        row["shift_accuracy"] = float(probe.score(_pooled_features(paths), np.asarray(labels)))
+        row["shift_accuracy"] = float(probe.score(_pooled_features(base, paths), np.asarray(labels)))
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
