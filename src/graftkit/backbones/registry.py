@@ -151,10 +151,9 @@ REGISTRY: dict[str, Backbone] = {
             Backbone(
                 v.name, _lite(v.name), v.input_size, LITE_PREPROCESSING,
                 f"PyPI package {v.package} (offline, converted once)", "Apache-2.0",
-                r"^(block\d+)_", params, top1,
+                r"^(block\d+)_", v.params, v.imagenet_top1,
             )
-            for v, params, top1 in zip(VARIANTS.values(), (3_413_024, 4_189_344, 4_869_168),
-                                       (75.1, 76.7, 77.6))
+            for v in VARIANTS.values()
         ),
         Backbone(
             "mobilenet_v2", _keras_app("MobileNetV2"), 224,
