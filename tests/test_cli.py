@@ -87,12 +87,13 @@ def test_predict_formats(trained_run, capsys):
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 10
-    assert set(lines[0]) == {"path", "label", "probability", "top_k"}
+    assert set(lines[0]) == {"path", "label", "probability", "top_k", "known", "ood_score"}
+    assert all(isinstance(r["known"], bool) and r["ood_score"] >= 0 for r in lines)
     assert len(lines[0]["top_k"]) == 2 and lines[0]["top_k"][0][0] == lines[0]["label"]
     assert sum(r["label"] == "class_1" for r in lines) >= 8
     code, out, _ = run_cli(capsys, "predict", run, data / "class_0" / "img_000.png",
                            "--format", "csv")
-    assert code == 0 and out.splitlines()[0] == "path,label,probability,top_k"
+    assert code == 0 and out.splitlines()[0] == "path,label,probability,top_k,known,ood_score"
     code, out, _ = run_cli(capsys, "predict", run, data / "class_0" / "img_000.png")
     assert code == 0 and "class_0" in out
 

@@ -19,7 +19,13 @@ def test_float32_exports_match_keras(trained_run, tmp_path, fmt):
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
     assert result.accuracy == result.keras_accuracy
     assert (tmp_path / fmt / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
-    assert json.loads((tmp_path / fmt / "export.json").read_text())["format"] == fmt
+    written = json.loads((tmp_path / fmt / "export.json").read_text())
+    assert written["format"] == fmt
+    # the "unknown" answer travels with the export: its ood_score gives graft predict's decisions
+    assert result.known_agreement == 1.0 and result.ood_max_abs_diff <= 1e-3
+    rejection = written["rejection"]
+    assert rejection["output"] == "ood_score" and rejection["method"] == "knn"
+    assert rejection["threshold"] > 0 and rejection["known_if"] == "ood_score <= threshold"
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_predict_writes_a_file(trained_run, tmp_path, capsys):
                  "--tta", "--batch-size", "4", "--output", str(out)])
     assert code == 0
     rows = out.read_text().splitlines()
-    assert rows[0] == "path,label,probability,top_k" and len(rows) == 31
+    assert rows[0] == "path,label,probability,top_k,known,ood_score" and len(rows) == 31
 
 
 def test_tfds_by_name_offline_with_mock_data(tmp_path, capsys):

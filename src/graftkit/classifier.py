@@ -15,21 +15,43 @@ from pathlib import Path
 import numpy as np
 
 from graftkit import defaults
-from graftkit.errors import DataError
+from graftkit.errors import DataError, UsageError
 
 
 @dataclass
 class Prediction:
-    """One image's answer: the top label, its probability and the ``top_k`` (label, p) pairs."""
+    """One image's answer: the closest class, its probability and the ``top_k`` (label, p)
+    pairs; ``known`` is False when the image is unlike the training images (its ``ood_score``,
+    higher = less like them, is above the run's threshold); ``label`` stays the closest class.
+    """
 
     path: str
     label: str
     probability: float
     top_k: list[tuple[str, float]]
+    known: bool = True
+    ood_score: float | None = None
 
     def as_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "probability": self.probability,
-                "top_k": [[lab, p] for lab, p in self.top_k]}
+                "top_k": [[lab, p] for lab, p in self.top_k], "known": self.known,
+                "ood_score": self.ood_score}
+
+    def __str__(self) -> str:
+        if self.known:
+            return self.label
+        return f"unknown (closest: {self.label} {self.probability:.2f})"
+
+
+def parse_reject(value) -> str | float:
+    """``--reject``: auto (the run's threshold), none (every image known) or a threshold."""
+    if str(value) in ("auto", "none"):
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--reject must be auto, none or a threshold in the run's score units "
+                         f"(got {value!r})") from None
 
 
 class Classifier:
@@ -65,18 +87,84 @@ class Classifier:
         self.image_size = int(model.inputs[0].shape[1])
         self.fast = fast
         self._split = None
+        self._two = None
+        self._open_set = None  # graftkit.outputs.open_set.OpenSet, read from the run when used
 
     def __repr__(self) -> str:
         where = f", run_dir='{self.run_dir}'" if self.run_dir else ""
         return f"Classifier(classes={self.classes}{where})"
 
-    def _fast_path(self):
+    def _features_model(self):
+        """The model with its penultimate features as a first output (None if it has no head
+        of graftkit's: then no open-set score)."""
+        if self._two is None:
+            from graftkit.graft import with_features
+
+            try:
+                self._two = with_features(self.model)
+            except ValueError:
+                self._two = False
+        return self._two or None
+
+    def _fast_path(self, model):
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and self._split is None:
             from graftkit.frozen.cut import split_classifier
 
-            self._split = split_classifier(self.model, self.metrics) or False
+            self._split = split_classifier(model, self.metrics) or False
         return self._split or None
+
+    @property
+    def open_set(self):
+        """The run's open-set score and threshold (``OpenSet``), or None for runs without one."""
+        if self._open_set is None:
+            from graftkit.outputs.open_set import FILE, OpenSet
+
+            path = self.run_dir / FILE if self.run_dir is not None else None
+            self._open_set = (OpenSet.load(path) if path is not None and path.is_file()
+                              and "open_set" in self.metrics else False)
+        return self._open_set or None
+
+    @open_set.setter
+    def open_set(self, value) -> None:
+        self._open_set = value if value is not None else False
+
+    @property
+    def open_set_note(self) -> str:
+        """Why images are all "known" with no score, when that is so."""
+        if self.open_set is not None and self._features_model() is not None:
+            return ""
+        return ("this run has no open-set statistics (made by an older graftkit): every image "
+                "counts as known and ood_score is null; run graft fit again to get them")
+
+    def scored(self, paths: Sequence[str | os.PathLike], batch_size: int = defaults.BATCH_SIZE,
+               tta: bool = False, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(probabilities, ood_scores)`` of image files; the scores are None when the run has
+        no open-set statistics. With ``tta`` the probabilities are averaged with the mirror
+        image's, the score is the image's own."""
+        from graftkit.outputs.evaluation import model_outputs
+
+        paths = [str(p) for p in paths]
+        two = self._features_model()
+        if two is None or self.open_set is None:
+            return model_outputs(self.model, paths, batch_size, tta, progress,
+                                 fast=self._fast_path(self.model))[-1], None
+        features, probs = model_outputs(two, paths, batch_size, tta, progress,
+                                        fast=self._fast_path(two))
+        logits = None
+        if self.open_set.method == "energy":
+            from graftkit.graft import HEAD_DENSE
+
+            kernel, bias = self.model.get_layer(HEAD_DENSE).get_weights()
+            logits = features.astype(np.float64) @ kernel + bias
+        return probs, self.open_set.scores(features, probs, logits)
+
+    def threshold(self, reject: str | float = "auto") -> float:
+        """The score above which an image is unknown under ``reject`` (auto / none / number)."""
+        reject = parse_reject(reject)
+        if reject == "none" or self.open_set is None:
+            return float("inf")
+        return self.open_set.threshold if reject == "auto" else float(reject)
 
     def predict_proba(self, paths: Sequence[str | os.PathLike], batch_size: int = defaults.BATCH_SIZE,
                       tta: bool = False, progress=None) -> np.ndarray:
@@ -91,31 +179,34 @@ class Classifier:
         Returns:
             A float array of shape ``(len(paths), len(classes))``; rows sum to 1.
         """
-        from graftkit.outputs.evaluation import probabilities
-
-        return probabilities(self.model, [str(p) for p in paths], batch_size, tta, progress,
-                             fast=self._fast_path())
+        return self.scored(paths, batch_size, tta, progress)[0]
 
     def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 1, batch_size: int = defaults.BATCH_SIZE,
-                tta: bool = False, progress=None) -> list[Prediction]:
-        """The most likely labels of image files.
+                tta: bool = False, progress=None, reject: str | float = "auto") -> list[Prediction]:
+        """The most likely labels of image files, and whether each is like the training images.
 
         Args:
             paths: image files.
             top_k: labels per image, most likely first (capped at the number of classes).
                 Defaults to 1.
             batch_size, tta, progress: as in ``predict_proba``.
+            reject: ``"auto"`` (the run's threshold, chosen to keep 95% of its validation
+                images), ``"none"`` (every image known; the score is still given) or a
+                threshold in the score's units. Defaults to "auto".
 
         Returns:
             One ``Prediction`` per path, in order.
         """
-        probs = self.predict_proba(paths, batch_size, tta, progress)
+        limit = self.threshold(reject)
+        probs, ood = self.scored(paths, batch_size, tta, progress)
         k = max(1, min(top_k, len(self.classes)))
         out = []
-        for path, p in zip(paths, probs):
+        for i, (path, p) in enumerate(zip(paths, probs)):
             order = np.argsort(-p)[:k]
-            top = [(self.classes[i], float(p[i])) for i in order]
-            out.append(Prediction(str(path), top[0][0], top[0][1], top))
+            top = [(self.classes[j], float(p[j])) for j in order]
+            score = None if ood is None else float(ood[i])
+            known = score is None or score <= limit
+            out.append(Prediction(str(path), top[0][0], top[0][1], top, known, score))
         return out
 
     def evaluate(self, data_dir: str | os.PathLike, batch_size: int = defaults.BATCH_SIZE,
@@ -138,7 +229,9 @@ class Classifier:
         from graftkit.outputs.evaluation import scores
 
         paths, labels, folder, skipped, digests = self._labelled(data_dir)
-        result = scores(labels, self.predict_proba(paths, batch_size), self.classes)
+        probs, ood = self.scored(paths, batch_size)
+        result = scores(labels, probs, self.classes)
+        result["rejected"] = self._rejected(ood)
         if tta:
             augmented = scores(labels, self.predict_proba(paths, batch_size, tta=True),
                                self.classes)
@@ -153,6 +246,18 @@ class Classifier:
         result["skipped_files"] = skipped
         result["overlap"] = self._overlap(paths, digests)
         return result
+
+    def _rejected(self, ood: np.ndarray | None) -> dict:
+        """How many images of known classes the run's threshold would call unknown."""
+        if ood is None:
+            return {"share": None, "count": None, "threshold": None,
+                    "message": self.open_set_note}
+        limit = self.threshold("auto")
+        count = int((ood > limit).sum())
+        return {"share": count / len(ood) if len(ood) else 0.0, "count": count,
+                "threshold": limit, "method": self.open_set.method,
+                "message": f"{count} of {len(ood)} images score above the run's threshold: "
+                           "graft predict would answer unknown for them"}
 
     def _labelled(self, data_dir):
         """``(paths, labels, folder, skipped, digests)`` of an evaluation folder."""

@@ -114,6 +114,9 @@ def preflight_predict(args) -> None:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    from graftkit.classifier import parse_reject
+
+    parse_reject(args.reject)
     read_run(args.run_dir)
     for path in args.paths:
         if not Path(path).exists():
@@ -134,7 +137,9 @@ def cmd_predict(args) -> int:
         raise UsageError("no readable image among the given paths")
     top_k = min(args.top_k, len(clf.classes))
     preds = clf.predict(paths, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
-                        progress=_progress)
+                        progress=_progress, reject=args.reject)
+    if clf.open_set_note:
+        print(f"note: {clf.open_set_note}", file=sys.stderr)
     if args.format == "json":
         text = "".join(json.dumps(p.as_dict(), ensure_ascii=False) + "\n" for p in preds)
     elif args.format == "csv":
@@ -143,15 +148,23 @@ def cmd_predict(args) -> int:
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "probability", "top_k"])
+        w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"])
         for p in preds:
             w.writerow([p.path, p.label, f"{p.probability:.6f}",
-                        ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k)])
+                        ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k),
+                        str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"])
         text = buf.getvalue()
     else:
-        rows = [[p.path, p.label, f"{p.probability:.4f}",
-                 ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k)] for p in preds]
-        text = _fmt_table(rows, ["path", "label", "probability", f"top {top_k}"]) + "\n"
+        rows = [[p.path, str(p), f"{p.probability:.4f}",
+                 ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k),
+                 "" if p.ood_score is None else f"{p.ood_score:.3f}"] for p in preds]
+        text = _fmt_table(rows, ["path", "label", "probability", f"top {top_k}",
+                                 "ood score"]) + "\n"
+        unknown = sum(not p.known for p in preds)
+        if unknown:
+            text += (f"{unknown} of {len(preds)} images unlike the training images (score above "
+                     f"{clf.threshold(args.reject):.4g}): answered unknown with the closest "
+                     "class\n")
     if args.output:
         from graftkit.files import write_text
 
@@ -188,6 +201,13 @@ def cmd_evaluate(args) -> int:
         print(f"with --tta (image and mirror image averaged): accuracy {t['accuracy']:.4f} "
               f"(gain {t['gain']:+.4f}), balanced accuracy {t['balanced_accuracy']:.4f} "
               f"(gain {t['balanced_gain']:+.4f})")
+    rejected = result["rejected"]
+    if rejected["share"] is not None:
+        print(f"unknown: {rejected['count']} of {result['num_images']} images "
+              f"({rejected['share']:.1%}) score above the run's threshold "
+              f"({rejected['method']} score {rejected['threshold']:.4g})")
+    else:
+        print(f"note: {rejected['message']}", file=sys.stderr)
     rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
             for c, v in result["per_class"].items()]
     print(_fmt_table(rows, ["class", "precision", "recall", "f1", "images"]))
@@ -406,6 +426,10 @@ graft predict runs/photos new_photos/ --tta --format csv --output predictions.cs
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image with its mirror image")
+    p.add_argument("--reject", default="auto", metavar="auto|none|THRESHOLD",
+                   help="when an image is 'unknown' (unlike the training images): auto, the "
+                        "run's threshold (keeps 95%% of its validation images); none, never; "
+                        "or a threshold in the score's units (metrics.json open_set)")
     p.add_argument("--output", help="write the predictions to this file instead of stdout")
     _unsafe(p)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")

@@ -122,3 +122,9 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "graftkit"
+
+# Calibration and the "unknown" answer (graftkit.outputs.calibration / open_set).
+CALIBRATE = "auto"  # temperature scaling, kept only when it lowers the held-out ECE
+OPEN_SET_METHOD = "knn"  # measured against msp/energy/mahalanobis: benchmarks/open_set.py
+OPEN_SET_K = 5
+OPEN_SET_KEEP = 0.95  # the threshold keeps this share of the validation images

@@ -56,6 +56,13 @@ def build_classifier(base: keras.Model, num_classes: int, dropout: float = defau
     return keras.Model(inputs, outputs, name="graft")
 
 
+def with_features(model: keras.Model) -> keras.Model:
+    """The classifier with two outputs, ``[penultimate features, probabilities]``: one pass
+    gives the answer and what the open-set score measures."""
+    dense = model.get_layer(HEAD_DENSE)
+    return keras.Model(model.inputs, [dense.input, model.outputs[0]], name=f"{model.name}_features")
+
+
 def build_head(feature_dim: int, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")

@@ -134,6 +134,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("heads", defaults.HEADS, "phase 1: train this many heads from different seeds on "
            "the cached features and average them into one (a logit ensemble at no inference "
            "cost)", "phases", int),
+    Option("calibrate", defaults.CALIBRATE, "auto: fold a temperature fitted on the "
+           "validation images into the final layer when it lowers their held-out calibration "
+           "error and log-loss (accuracy unchanged); none: keep the probabilities as trained", "model",
+           choices=("auto", "none")),
     Option("lr", defaults.HEAD_LR, "phase 1 learning rate, or auto: the range test chooses "
            "(graft lr-find)", "optimizer"),
     Option("fine_tune_lr", defaults.FINE_TUNE_LR,

@@ -53,12 +53,13 @@ def _node_in(model: keras.Model, layer) -> object | None:
 
 def _cut_model(model: keras.Model, first: keras.layers.Layer):
     """``(bottom, top)`` of ``model`` cut just below ``first``, recursing into nested models."""
+    outputs = model.outputs if len(model.outputs) > 1 else model.outputs[0]
     if first in model.layers:
         node = _node_in(model, first)
         if node is None or len(node.input_tensors) != 1:
             return None
         cut = node.input_tensors[0]
-        return keras.Model(model.inputs, cut), keras.Model(cut, model.outputs[0])
+        return keras.Model(model.inputs, cut), keras.Model(cut, outputs)
     for child in model.layers:
         if isinstance(child, keras.Model) and any(
                 layer is first for layer in layers_within(child)):
@@ -68,7 +69,7 @@ def _cut_model(model: keras.Model, first: keras.layers.Layer):
                 return None
             inner_bottom, inner_top = inner
             before = _between(model.inputs[0], node.input_tensors[0])
-            after = _between(node.output_tensors[0], model.outputs[0])
+            after = _between(node.output_tensors[0], outputs)
             x = keras.Input(model.inputs[0].shape[1:])
             bottom = keras.Model(x, inner_bottom(before(x) if before else x))
             a = keras.Input(inner_top.inputs[0].shape[1:])
@@ -173,10 +174,18 @@ class SplitClassifier:
         return self.frozen.plan(images)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        cut = self.frozen(pixels)[0]
+        """The model's (last) output: its probabilities."""
+        return self.outputs(pixels)[-1]
+
+    def outputs(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """Every output of the model (``[features, probabilities]`` for ``with_features``)."""
+        return self.rest_outputs(self.frozen(pixels)[0])
+
+    def rest_outputs(self, cut: np.ndarray) -> list[np.ndarray]:
+        """The model's outputs from the bottom's outputs (e.g. cached activations)."""
         if self._rest is None:
             self._rest = compiled(self.rest)
-        return self._rest(cut)[0]
+        return self._rest(cut)
 
 
 

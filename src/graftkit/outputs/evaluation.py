@@ -19,6 +19,16 @@ def probabilities(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
     ``features.SplitClassifier`` of ``model`` (the same function, up to twice the images/s:
     a compiled Keras bottom, or the TFLite engine when cached or worth converting).
     """
+    return model_outputs(model, paths, batch_size, tta, progress, fast)[-1]
+
+
+def model_outputs(model, paths: Sequence[str], batch_size: int = defaults.BATCH_SIZE,
+                  tta: bool = False, progress=None, fast=None) -> list[np.ndarray]:
+    """Every output of ``model`` for image files (probabilities last), as ``probabilities``.
+
+    With ``tta`` only the last output (the probabilities) is averaged with the mirror image's;
+    the others (e.g. ``graft.with_features``' features) are those of the image itself.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from graftkit.data.images import load_image
@@ -26,7 +36,7 @@ def probabilities(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
 
     paths = list(paths)
     if not paths:
-        return np.zeros((0, model.outputs[0].shape[-1]), dtype=np.float32)
+        return [np.zeros((0, o.shape[-1]), dtype=np.float32) for o in model.outputs]
     if fast is not None:  # converts the engine only for a job that pays for it
         fast.plan(len(paths) * (2 if tta else 1))
     size = int(model.inputs[0].shape[1])
@@ -45,19 +55,25 @@ def probabilities(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
                 x = np.stack([f.result() for f in pending]).astype(np.float32)
                 if start + chunk < len(paths):
                     pending = decode(start + chunk)
-                probs = fast(x)
+                outs = fast.outputs(x)
                 if tta:
-                    probs = (probs + fast(x[:, :, ::-1])) / 2
+                    outs[-1] = (outs[-1] + fast(x[:, :, ::-1])) / 2
             else:
                 ds = make_dataset(part, None, size, batch_size)
-                probs = np.asarray(model.predict(ds, verbose=0))
+                outs = _as_list(model.predict(ds, verbose=0))
                 if tta:
                     flipped = ds.map(lambda x: x[:, :, ::-1, :])
-                    probs = (probs + np.asarray(model.predict(flipped, verbose=0))) / 2
-            out.append(probs)
+                    outs[-1] = (outs[-1] + _as_list(model.predict(flipped, verbose=0))[-1]) / 2
+            out.append(outs)
             if progress:
                 progress(min(start + chunk, len(paths)), len(paths))
-    return np.concatenate(out)
+    return [np.concatenate(col) for col in zip(*out)]
+
+
+def _as_list(outputs) -> list[np.ndarray]:
+    if isinstance(outputs, (list, tuple)):
+        return [np.asarray(o) for o in outputs]
+    return [np.asarray(outputs)]
 
 
 def scores(y_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict:

@@ -24,6 +24,7 @@ FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
             "onnx": ("none", "int8")}
 FP32_TOLERANCE = 1e-4
+OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
 MAX_CHECK_IMAGES = 256  # validation images run through the exported model
 CALIBRATION_IMAGES = 100  # training images for int8 calibration
 
@@ -42,6 +43,10 @@ class ExportResult:
     top1_agreement: float
     accuracy: float
     keras_accuracy: float
+    # The "unknown" answer: the export's second output, and how it matched graft predict.
+    rejection: dict | None = None
+    ood_max_abs_diff: float | None = None
+    known_agreement: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,36 +70,50 @@ def _tflite_interpreter(path: Path):
     return Interpreter(model_path=str(path))
 
 
-def _run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
+def _named(outputs: dict) -> dict[str, np.ndarray]:
+    """An export's outputs by name: ``probabilities`` (and ``ood_score``); a single unnamed
+    output (a run without open-set statistics) is the probabilities."""
+    if len(outputs) == 1:
+        return {"probabilities": next(iter(outputs.values()))}
+    return outputs
+
+
+def _stack(parts: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([np.asarray(p[k], dtype=np.float32) for p in parts])
+            for k in parts[0]}
+
+
+def _run_tflite(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     interp = _tflite_interpreter(path)
-    inp = interp.get_input_details()[0]
-    out = []
-    for batch in _batches(x):
-        interp.resize_tensor_input(inp["index"], batch.shape)
-        interp.allocate_tensors()
-        interp.set_tensor(inp["index"], batch.astype(np.float32))
-        interp.invoke()
-        out.append(interp.get_tensor(interp.get_output_details()[0]["index"]).astype(np.float32))
-    return np.concatenate(out)
+    runner = interp.get_signature_runner()  # outputs by name, whatever their tensor order
+    name = interp.get_signature_list()["serving_default"]["inputs"][0]
+    return _stack([_named(runner(**{name: b.astype(np.float32)})) for b in _batches(x)])
 
 
-def _run_savedmodel(path: Path, x: np.ndarray) -> np.ndarray:
+def _run_savedmodel(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))
-    return np.concatenate([loaded.serve(tf.constant(b)).numpy() for b in _batches(x)])
+
+    def run(b):
+        out = loaded.serve(tf.constant(b))
+        return _named({k: v.numpy() for k, v in out.items()} if isinstance(out, dict)
+                      else {"output": out.numpy()})
+
+    return _stack([run(b) for b in _batches(x)])
 
 
-def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+def _run_onnx(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: b.astype(np.float32)})[0]
-                           for b in _batches(x)])
+    names = [o.name for o in session.get_outputs()]
+    return _stack([_named(dict(zip(names, session.run(None, {name: b.astype(np.float32)}))))
+                   for b in _batches(x)])
 
 
-def _images(items: list, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
+def _images(items: list, size: int, limit: int) -> tuple[np.ndarray, list[str], list[str]]:
     from graftkit.data.images import load_image
 
     kept = [(p, label) for p, label in items if os.path.isfile(p)][:limit]
@@ -102,7 +121,7 @@ def _images(items: list, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
         raise ExportError("none of the run's images are readable any more: the export "
                           "cannot be verified; run graft export where the data is")
     x = np.stack([load_image(p, size) for p, _ in kept]).astype(np.float32)
-    return x, [label for _, label in kept]
+    return x, [label for _, label in kept], [p for p, _ in kept]
 
 
 def _size(path: Path) -> int:
@@ -143,6 +162,10 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     run_dir = Path(run_dir)
     clf = load(run_dir)
     model, classes, size = clf.model, clf.classes, clf.image_size
+    if clf.open_set is not None and clf._features_model() is not None:
+        from graftkit.outputs.open_set import open_set_model
+
+        model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
     split = read_split(run_dir)
     name = fmt if quantize == "none" else f"{fmt}-{quantize}"
     target_dir = Path(out) if out else run_dir / "export" / name
@@ -151,10 +174,11 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     try:
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
             built, run = _build(model, fmt, quantize, work, split["train"], size)
-        x, labels = _images(split["val"], size, MAX_CHECK_IMAGES)
-        ref = model.predict(x, verbose=0)
+        x, labels, paths = _images(split["val"], size, MAX_CHECK_IMAGES)
+        ref = clf.model.predict(x, verbose=0)
         with silenced():
-            got = run(built, x)
+            outputs = run(built, x)
+        got = outputs["probabilities"]
         y = np.array([classes.index(label) for label in labels])
         result = ExportResult(
             path="", format=fmt, quantize=quantize, size_bytes=_size(built),
@@ -171,6 +195,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
                 f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
                 "nothing was written"
             )
+        if "ood_score" in outputs:
+            _check_rejection(result, clf, paths, outputs["ood_score"], fmt, quantize)
         final = target_dir / ("saved_model" if fmt == "savedmodel" else built.name)
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -181,6 +207,33 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.ndarray,
+                     fmt: str, quantize: str) -> None:
+    """The export's ``ood_score`` against ``graft predict``'s on the same files: a float32
+    export must agree within the tolerance and give the same known/unknown decisions (images
+    closer to the threshold than the tolerance excepted)."""
+    open_set = clf.open_set
+    _, expected = clf.scored(paths)
+    tolerance = OOD_TOLERANCE * np.maximum(1.0, np.abs(expected))
+    diff = np.abs(scores.astype(np.float64) - expected)
+    clear = np.abs(expected - open_set.threshold) > tolerance
+    agree = (scores <= open_set.threshold) == (expected <= open_set.threshold)
+    result.ood_max_abs_diff = float(diff.max())
+    result.known_agreement = float(agree.mean())
+    result.rejection = {**open_set.describe(), "output": "ood_score",
+                        "tolerance": f"{OOD_TOLERANCE:g} x max(1, |score|)",
+                        "how": "the model's second output ood_score: an image is unknown when "
+                               "ood_score > threshold (the run's threshold keeps "
+                               f"{open_set.keep:.0%} of its validation images); probabilities "
+                               "and the closest class are given either way"}
+    result.rejection.pop("file", None)
+    if quantize == "none" and ((diff > tolerance).any() or not agree[clear].all()):
+        raise ExportError(
+            f"the {fmt} export's ood_score disagrees with graft predict (max difference "
+            f"{result.ood_max_abs_diff:.2e}, same known/unknown decision on "
+            f"{result.known_agreement:.4f} of the images); nothing was written")
 
 
 def _check_request(fmt: str, quantize: str) -> None:
@@ -229,7 +282,7 @@ def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int) ->
     elif quantize == "int8":
         # Integer kernels calibrated on training images (never the validation ones the
         # accuracy is reported on); input and output stay float32 raw pixels/probabilities.
-        x, _ = _images(train_items, size, CALIBRATION_IMAGES)
+        x, _, _ = _images(train_items, size, CALIBRATION_IMAGES)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([img[None]] for img in x)
     return converter.convert()
@@ -244,6 +297,12 @@ def summary(result: ExportResult) -> str:
         f"{result.top1_agreement:.4f}",
         f"  accuracy {result.accuracy:.4f} (Keras model {result.keras_accuracy:.4f})",
     ]
+    if result.rejection:
+        r = result.rejection
+        lines.append(f"  unknown images: output ood_score ({r['method']}), unknown when above "
+                     f"{r['threshold']:.4g}; matches graft predict within "
+                     f"{result.ood_max_abs_diff:.1e}, same decision on "
+                     f"{result.known_agreement:.4f} of the images")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ THUMBNAIL = 160
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
 max-width:1200px}
+.charts{display:flex;gap:16px;flex-wrap:wrap}figure.chart{margin:4px 0}figcaption{font-size:12px;color:#555}
 h3{font-size:14px;margin:14px 0 6px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
@@ -159,6 +160,78 @@ def _top_losses(predictions: list[dict]) -> str:
     return f"<div id=top-losses>{''.join(parts)}</div>"
 
 
+def _svg_bars(bars: list[tuple[float, float, float, str]], lines: list[tuple], x_label: str,
+              y_label: str, width: int = 360, height: int = 220) -> str:
+    """A small inline SVG chart: ``bars`` are (x0, x1, height, colour) in [0, 1] units and
+    ``lines`` ((x0, y0, x1, y1, colour, dash)); no image file, no script."""
+    pad = 32
+    w, h = width - pad - 8, height - pad - 8
+
+    def px(x, y):
+        return pad + x * w, 8 + (1 - y) * h
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width={width} height={height} "
+             f"role=img><rect x={pad} y=8 width={w} height={h} fill='#fafafa' stroke='#ccc'/>"]
+    for x0, x1, y, colour in bars:
+        (a, top), (b, _) = px(x0, y), px(x1, 0)
+        parts.append(f"<rect x={a:.1f} y={top:.1f} width={max(b - a - 1, 1):.1f} "
+                     f"height={8 + h - top:.1f} fill='{colour}'/>")
+    for x0, y0, x1, y1, colour, dash in lines:
+        (a, b), (c, d) = px(x0, y0), px(x1, y1)
+        parts.append(f"<line x1={a:.1f} y1={b:.1f} x2={c:.1f} y2={d:.1f} stroke='{colour}' "
+                     f"stroke-width=2{' stroke-dasharray=4' if dash else ''}/>")
+    parts.append(f"<text x={pad + w / 2} y={height - 4} font-size=11 text-anchor=middle>"
+                 f"{_e(x_label)}</text><text x=10 y={8 + h / 2} font-size=11 "
+                 f"transform='rotate(-90 10 {8 + h / 2})' text-anchor=middle>{_e(y_label)}</text>"
+                 "</svg>")
+    return "".join(parts)
+
+
+def _reliability(bins: list[dict], title: str) -> str:
+    bars = [(b["low"], b["high"], b["accuracy"], "#4a7ab5") for b in bins]
+    chart = _svg_bars(bars, [(0, 0, 1, 1, "#999", True)], "confidence", "accuracy")
+    return f"<figure class=chart><figcaption>{_e(title)}</figcaption>{chart}</figure>"
+
+
+def _calibration(m: dict) -> str:
+    c = m.get("calibration")
+    if not c:
+        return "<p class=muted>this run predates calibration: run graft fit again.</p>"
+    text = (f"<p>{_e(c['reason'])}. Expected calibration error ({c['bins']} bins) "
+            f"<b>{c['ece_before']:.4f}</b> before, <b>{c['ece_after']:.4f}</b> after; "
+            f"negative log-likelihood {c['nll_before']:.4f} / {c['nll_after']:.4f}; measured on "
+            "validation images the temperature was not fitted on (each half with the other "
+            "half's temperature). Bars below the dashed line: over-confident.</p>")
+    return (f"<div id=calibration>{text}<div class=charts>"
+            + _reliability(c["reliability_before"], "before")
+            + _reliability(c["reliability_after"], f"after (T = {c['temperature']:.3f})")
+            + "</div></div>")
+
+
+def _open_set(m: dict, predictions: list[dict]) -> str:
+    o = m.get("open_set")
+    scores = [float(r["ood_score"]) for r in predictions if r.get("ood_score")]
+    if not o or not scores:
+        return "<p class=muted>this run predates the open-set score: run graft fit again.</p>"
+    top = max(max(scores), o["threshold"]) * 1.05 or 1.0
+    counts = [0] * 30
+    for v in scores:
+        counts[min(int(v / top * 30), 29)] += 1
+    peak = max(counts)
+    bars = [(i / 30, (i + 1) / 30, n / peak, "#4a7ab5" if (i + 0.5) / 30 * top <= o["threshold"]
+             else "#c0504d") for i, n in enumerate(counts) if n]
+    x = o["threshold"] / top
+    chart = _svg_bars(bars, [(x, 0, x, 1, "#333", True)], f"{o['method']} score (0 to {top:.3g})",
+                      "validation images")
+    held = o.get("val_rejected_held_out")
+    text = (f"<p>Score: <b>{_e(o['method'])}</b> ({_e(o['formula'])}); higher = less like the "
+            f"training images. Threshold <b>{o['threshold']:.4g}</b> (dashed) keeps "
+            f"{1 - o['val_rejected']:.1%} of the validation images"
+            + ("" if held is None else f", {1 - held:.1%} of those it was not chosen on")
+            + ". Images above it are answered <i>unknown</i> by graft predict (--reject).</p>")
+    return f"<div id=open-set>{text}<figure class=chart>{chart}</figure></div>"
+
+
 def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` from the run's files (atomic)."""
     from graftkit.files import write_text
@@ -188,6 +261,9 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 <h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
 <h2>Per-class precision, recall, F1</h2>{_per_class(metrics)}
 <h2>Most confused pairs</h2>{_pairs(metrics)}
+<h2>Calibration: are the probabilities right?</h2>{_calibration(metrics)}
+<h2>Unknown images: the open-set score of the validation images</h2>
+{_open_set(metrics, predictions)}
 <h2>Top losses: validation images the model gets wrong, then those it is least sure of</h2>
 {_top_losses(predictions)}
 </body></html>

@@ -45,6 +45,10 @@ PREDICTIONS_FILE = "predictions.csv"  # validation predictions of the final mode
 
 
 
+OPEN_SET_FILE = "open_set.npz"  # the "unknown" score's statistics and threshold
+
+
+
 RUN_MARKERS = (MODEL_FILE, METRICS_FILE)
 
 
@@ -104,18 +108,25 @@ class HistoryLog:
 
 
 
-def write_predictions(path: Path, paths, labels, probs, classes) -> None:
-    """One row per validation image: what the final model said, and its loss on it."""
+def write_predictions(path: Path, paths, labels, probs, classes, ood_scores=None,
+                      threshold: float | None = None) -> None:
+    """One row per validation image: what the final model said, its loss on it, and its
+    open-set score (``known``: at or below the run's threshold)."""
     import numpy as np
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "predicted", "probability", "true_probability", "loss"])
-    for p, y, row in zip(paths, labels, probs):
+    writer.writerow(["path", "label", "predicted", "probability", "true_probability", "loss",
+                     "ood_score", "known"])
+    if ood_scores is None:
+        ood_scores = [None] * len(paths)
+    for p, y, row, score in zip(paths, labels, probs, ood_scores):
         k = int(np.argmax(row))
         true_p = float(row[y])
+        known = "" if score is None or threshold is None else str(bool(score <= threshold)).lower()
         writer.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", f"{true_p:.6f}",
-                         f"{-np.log(max(true_p, 1e-12)):.6f}"])
+                         f"{-np.log(max(true_p, 1e-12)):.6f}",
+                         "" if score is None else f"{score:.6g}", known])
     write_text(path, buf.getvalue())
 
 

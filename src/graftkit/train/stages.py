@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from graftkit import defaults
 from graftkit.errors import RunError, UsageError
 
@@ -499,13 +501,13 @@ def finish(s: FitState) -> Classifier:
     """Free the cached rows; workers other than the chief stop here, the chief writes the run."""
     from graftkit.classifier import Classifier
     from graftkit.frozen.engine import release_memory
-    from graftkit.graft import weights_digest
+    from graftkit.graft import weights_digest, with_features
 
     dist = s.dist
-    s.train_ex = s.val_ex = None  # the cached rows are done with: free them before the last pass
-    release_memory()
     digest = weights_digest(s.model)
     if not dist.chief:
+        s.train_ex = s.val_ex = None
+        release_memory()
         s.log(f"worker {dist.worker} of {dist.workers}: done, final weights sha256 "
               f"{digest[:16]} (the chief writes {s.run_dir})")
         return Classifier(s.model, s.folder.classes,
@@ -516,15 +518,21 @@ def finish(s: FitState) -> Classifier:
         plain = keras.models.clone_model(s.model)
         plain.set_weights(s.model.get_weights())
         s.model = plain
-    result = write_run(s, digest)
+    two = with_features(s.model)
+    scorer, engine_key = _fast_scorer(s, two)
+    train_features = _training_features(s, two, scorer)
+    s.train_ex = s.val_ex = None  # the cached rows are done with: free them before the last pass
+    release_memory()
+    result = write_run(s, digest, two, scorer, engine_key, train_features)
     if dist.workers > 1:
         s.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     s.ckpt.remove()
     return result
 
 
-def _fast_scorer(s: FitState):
-    """The split path (frozen bottom on its engine) for the final scores, when still valid."""
+def _fast_scorer(s: FitState, model):
+    """The split path of ``model`` (the final model, or ``with_features`` of it: frozen bottom
+    on its engine) for the final scores, when still valid."""
     from graftkit.frozen.cut import SplitClassifier, cut_blocks
 
     bottom_unchanged = s.cached_phase2 or s.ft_epochs == 0
@@ -533,10 +541,64 @@ def _fast_scorer(s: FitState):
     top_n = cut_blocks(s.opt.unfreeze, s.opt.fine_tune_epochs if s.opt.fine_tunes else 0)
     frozen = s.frozen if s.need_cache else None
     try:
-        return SplitClassifier(s.model, s.info.block_pattern, top_n, s.engine_key,
+        return SplitClassifier(model, s.info.block_pattern, top_n, s.engine_key,
                                frozen), s.engine_key
     except ValueError:
         return None, s.engine_key
+
+
+def _training_features(s: FitState, two, scorer) -> np.ndarray:
+    """The final model's penultimate features of the plain training images (the open-set
+    statistics): from the cached frozen outputs while they still hold, else one more pass."""
+    from graftkit.outputs.evaluation import model_outputs
+
+    ex = s.train_ex
+    if scorer is not None and ex is not None:
+        rows, out = ex.views[0][0], []  # view 0: the plain image
+        for i in range(0, len(rows), 256):
+            cut = np.asarray(rows[np.arange(i, min(i + 256, len(rows)))], dtype=np.float32)
+            out.append(scorer.rest_outputs(cut)[0])
+        return np.concatenate(out) if out else np.zeros((0, two.outputs[0].shape[-1]))
+    s.log(f"open set: features of the {len(s.folder.train)} training images (one pass of the "
+          "final model)")
+    return model_outputs(two, s.folder.train.paths, fast=scorer, progress=None)[0]
+
+
+def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.ndarray,
+                         train_features: np.ndarray) -> tuple[np.ndarray, dict, Any, np.ndarray]:
+    """Fold a temperature into the head (``--calibrate``) and fit the open-set score on the
+    training features; ``(probabilities, calibration, open_set, validation scores)``."""
+    from graftkit.graft import HEAD_DENSE
+    from graftkit.outputs import calibration, open_set
+
+    labels = np.asarray(s.folder.val.labels)
+    kernel, bias = two.get_layer(HEAD_DENSE).get_weights()
+    logits = features.astype(np.float64) @ kernel + bias
+    cal = calibration.calibrate(logits, labels, s.opt.calibrate)
+    probs = raw_probs
+    if cal["applied"]:
+        calibration.fold_temperature(s.model, cal["temperature"])
+        kernel, bias = two.get_layer(HEAD_DENSE).get_weights()
+        logits = features.astype(np.float64) @ kernel + bias
+        probs = calibration.softmax(logits).astype(np.float32)
+    s.log(f"calibration: {cal['reason']}")
+    scorer = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
+                                   s.folder.train.labels, len(s.folder.classes),
+                                   k=defaults.OPEN_SET_K)
+    scores = scorer.scores(features, probs, logits)
+    scorer.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
+    halves = calibration.halves(labels)
+    held_out = None  # the rate on images that did not choose the threshold (both ways)
+    if 0 < halves.sum() < len(halves):
+        held_out = float(np.mean([(scores[~h] > open_set.choose_threshold(scores[h])).mean()
+                                  for h in (halves, ~halves)]))
+    info = {**scorer.describe(), "train_images": int(len(train_features)),
+            "val_rejected": float((scores > scorer.threshold).mean()),
+            "val_rejected_held_out": held_out}
+    s.log(f"open set: {scorer.method} score, threshold {scorer.threshold:.4g} keeps "
+          f"{1 - info['val_rejected']:.1%} of the validation images"
+          + ("" if held_out is None else f" ({1 - held_out:.1%} of those it was not chosen on)"))
+    return probs, cal, (scorer, info), scores
 
 
 def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -> dict:
@@ -584,21 +646,26 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
     }
 
 
-def write_run(s: FitState, digest: str) -> Classifier:
+def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
+              train_features: np.ndarray) -> Classifier:
     """Score the final model on validation and write every file of the run folder."""
     from graftkit.classifier import Classifier
     from graftkit.files import write_json
     from graftkit.outputs import run
-    from graftkit.outputs.evaluation import probabilities, scores
+    from graftkit.outputs.evaluation import model_outputs, scores
+    from graftkit.outputs.open_set import FILE as OPEN_SET_FILE
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
     from graftkit.outputs.report import build_report
     from graftkit.train.phases import HISTORY_COLUMNS
 
     folder, run_dir, history = s.folder, s.run_dir, s.plan.history
-    fast, engine_key = _fast_scorer(s)
-    probs = probabilities(s.model, folder.val.paths, fast=fast)
+    features, raw_probs = model_outputs(two, folder.val.paths, fast=fast)
+    probs, cal, (open_set, open_info), ood = calibrate_and_reject(s, two, features, raw_probs,
+                                                                  train_features)
     result = scores(folder.val.labels, probs, folder.classes)
     metrics = metrics_of(s, result, engine_key, digest)
+    metrics["calibration"] = cal
+    metrics["open_set"] = open_info
     train_sha256 = folder.digests(folder.train)  # may read files the scan could not hash
     run.save_model(s.model, run_dir / run.MODEL_FILE)
     write_json(run_dir / run.LABELS_FILE, folder.classes)
@@ -608,8 +675,9 @@ def write_run(s: FitState, digest: str) -> Classifier:
         # Content digests: graft evaluate warns when its images are training images.
         "train_sha256": train_sha256,
     })
+    open_set.save(run_dir / OPEN_SET_FILE)
     run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
-                          probs, folder.classes)
+                          probs, folder.classes, ood, open_set.threshold)
     run.write_history(run_dir / run.HISTORY_FILE, history, HISTORY_COLUMNS)
     kept = ("head",) if s.mode and s.mode.get("chosen") == "head" else ("head", "fine_tune")
     plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))

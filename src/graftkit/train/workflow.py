@@ -112,6 +112,8 @@ class FitOptions(_Fields):
             raise UsageError(str(exc)) from None
         if self.class_weight not in ("auto", "none"):
             raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
+        if self.calibrate not in ("auto", "none"):
+            raise UsageError(f"--calibrate must be auto or none (got {self.calibrate!r})")
 
 
 def make_options(**given) -> FitOptions:
