@@ -184,3 +184,14 @@ def test_a_run_without_open_set_statistics_answers_known_with_a_note(trained_run
     line = json.loads(captured.out)
     assert line["known"] is True and line["ood_score"] is None
     assert "no open-set statistics" in captured.err
+
+
+def test_the_knn_bank_is_a_fixed_sample_beyond_its_limit(monkeypatch):
+    from graftkit import defaults
+
+    train, labels, known, _ = _clusters()
+    monkeypatch.setattr(defaults, "OPEN_SET_MAX_BANK", 30)
+    a = osr.fit_open_set("knn", train, labels, 3)
+    b = osr.fit_open_set("knn", train, labels, 3)
+    assert a.arrays["bank"].shape == (30, 16)
+    np.testing.assert_array_equal(a.arrays["bank"], b.arrays["bank"])  # the same sample each time

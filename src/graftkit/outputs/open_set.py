@@ -121,6 +121,10 @@ def fit_open_set(method: str, train_features: np.ndarray | None, train_labels,
         return OpenSet(method)
     f = np.asarray(train_features, dtype=np.float32)
     if method == "knn":
+        if len(f) > defaults.OPEN_SET_MAX_BANK:  # a fixed sample: bounded file, export and time
+            keep = np.random.RandomState(0).choice(len(f), defaults.OPEN_SET_MAX_BANK,
+                                                   replace=False)
+            f = f[np.sort(keep)]
         return OpenSet(method, {"bank": normalise(f).astype(np.float16)}, k=k)
     from sklearn.covariance import LedoitWolf
 
