@@ -121,7 +121,6 @@ def measure(name: str, runs: Path, seed: int) -> list[dict]:
              "val_accuracy": clf.metrics["val_accuracy"], "fit_seconds": seconds,
              **{k: c[k] for k in ("fitted_temperature", "ece_before", "ece_after",
                                    "nll_before", "nll_after", "applied")}}]
-    half = cal.halves(val_labels)
     for unknown, kind in PAIRS[name]:
         upaths = unknown_paths(unknown)
         uf, ulogits, uprobs = features(clf, upaths)
@@ -131,7 +130,7 @@ def measure(name: str, runs: Path, seed: int) -> list[dict]:
                                       k=k or osr.DEFAULT_K)
             vs = scorer.scores(vf, vprobs, vlogits)
             us = scorer.scores(uf, uprobs, ulogits)
-            held = np.mean([(vs[~a] > osr.choose_threshold(vs[a])).mean() for a in (half, ~half)])
+            held = osr.held_out_rejection(vs, val_labels)
             rows.append({"kind": "open_set", "dataset": name, "unknown": unknown, "pair": kind,
                          "seed": seed, "method": method, "k": k,
                          "auroc": osr.auroc(vs, us), "fpr95": osr.fpr_at_95(vs, us),

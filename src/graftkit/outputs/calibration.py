@@ -38,17 +38,9 @@ def nll(logits: np.ndarray, labels, temperature: float = 1.0) -> float:
 def ece(probs: np.ndarray, labels, bins: int = ECE_BINS) -> float:
     """Expected calibration error: |accuracy - confidence| per equal-width confidence bin,
     weighted by the bin's share of the images."""
-    labels = np.asarray(labels)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
+    rows = reliability(probs, labels, bins)
+    n = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in rows))
 
 
 def reliability(probs: np.ndarray, labels, bins: int = ECE_BINS) -> list[dict]:

@@ -148,6 +148,19 @@ def choose_threshold(scores: np.ndarray, keep: float = DEFAULT_KEEP) -> float:
     return float(np.quantile(scores, keep, method="higher"))
 
 
+def held_out_rejection(scores: np.ndarray, labels, keep: float = DEFAULT_KEEP) -> float | None:
+    """Share of known images rejected by a threshold chosen on the *other* half of them (both
+    ways, averaged): what new images of the classes meet. None when a half would be empty."""
+    from graftkit.outputs.calibration import halves
+
+    half = halves(labels)
+    if not 0 < half.sum() < len(half):
+        return None
+    scores = np.asarray(scores)
+    return float(np.mean([(scores[~h] > choose_threshold(scores[h], keep)).mean()
+                          for h in (half, ~half)]))
+
+
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """Chance that an unknown image scores above a known one (ties count half)."""
     from sklearn.metrics import roc_auc_score

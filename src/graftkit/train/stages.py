@@ -587,11 +587,7 @@ def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.n
                                    k=defaults.OPEN_SET_K)
     scores = scorer.scores(features, probs, logits)
     scorer.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
-    halves = calibration.halves(labels)
-    held_out = None  # the rate on images that did not choose the threshold (both ways)
-    if 0 < halves.sum() < len(halves):
-        held_out = float(np.mean([(scores[~h] > open_set.choose_threshold(scores[h])).mean()
-                                  for h in (halves, ~halves)]))
+    held_out = open_set.held_out_rejection(scores, labels, defaults.OPEN_SET_KEEP)
     info = {**scorer.describe(), "train_images": int(len(train_features)),
             "val_rejected": float((scores > scorer.threshold).mean()),
             "val_rejected_held_out": held_out}
