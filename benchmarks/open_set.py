@@ -154,13 +154,14 @@ def table(rows: list[dict]) -> str:
             cells.append("" if not hit else (f"{hit[-1]['auroc']:.3f} / {hit[-1]['fpr95']:.2f}"
                                              f" / {hit[-1]['known_rejected_held_out']:.3f}"))
         lines.append(f"| {ds} vs {un} ({kind}) | " + " | ".join(cells) + " |")
-    lines += ["", "| dataset | val accuracy | T | ECE before | ECE after | NLL before | NLL after |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| dataset | val accuracy | T | ECE before | ECE after | NLL before | NLL after "
+              "| applied (auto) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "calibration":
             lines.append(f"| {r['dataset']} | {r['val_accuracy']:.4f} | "
                          f"{r['fitted_temperature']:.3f} | {r['ece_before']:.4f} | "
-                         f"{r['ece_after']:.4f} | {r['nll_before']:.4f} | {r['nll_after']:.4f} |")
+                         f"{r['ece_after']:.4f} | {r['nll_before']:.4f} | {r['nll_after']:.4f} | "
+                         f"{'yes' if r['applied'] else 'no'} |")
     return "\n".join(lines)
 
 
