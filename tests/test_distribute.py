@@ -79,6 +79,7 @@ def test_two_workers_on_loopback_end_in_sync_and_only_the_chief_writes(tmp_path,
     assert "summary" in chief_out and "summary" not in out1
     names = {p.name for p in out.iterdir()}
     assert names == {"model.keras", "labels.json", "metrics.json", "history.csv", "curves.png",
+                     "open_set.npz",
                      "confusion_matrix.png", "predictions.csv", "split.json", "report.html"}
     # Batch 4 per replica: 8 per step, learning rates doubled, as the rule says.
     assert "batch 8 in all (4 per replica), learning rates x2" in chief_out

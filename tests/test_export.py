@@ -22,7 +22,8 @@ def test_float32_exports_match_keras(trained_run, tmp_path, fmt):
     written = json.loads((tmp_path / fmt / "export.json").read_text())
     assert written["format"] == fmt
     # the "unknown" answer travels with the export: its ood_score gives graft predict's decisions
-    assert result.known_agreement == 1.0 and result.ood_max_abs_diff <= 1e-3
+    # (an image at the threshold itself, here the highest of 6 scores, may fall either side)
+    assert result.known_agreement_clear == 1.0 and result.ood_max_abs_diff <= 1e-3
     rejection = written["rejection"]
     assert rejection["output"] == "ood_score" and rejection["method"] == "knn"
     assert rejection["threshold"] > 0 and rejection["known_if"] == "ood_score <= threshold"

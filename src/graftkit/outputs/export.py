@@ -47,6 +47,8 @@ class ExportResult:
     rejection: dict | None = None
     ood_max_abs_diff: float | None = None
     known_agreement: float | None = None
+    # the same, over the images farther from the threshold than the tolerance (must be 1.0)
+    known_agreement_clear: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +224,7 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
     agree = (scores <= open_set.threshold) == (expected <= open_set.threshold)
     result.ood_max_abs_diff = float(diff.max())
     result.known_agreement = float(agree.mean())
+    result.known_agreement_clear = float(agree[clear].mean()) if clear.any() else 1.0
     result.rejection = {**open_set.describe(), "output": "ood_score",
                         "tolerance": f"{OOD_TOLERANCE:g} x max(1, |score|)",
                         "how": "the model's second output ood_score: an image is unknown when "

@@ -559,9 +559,17 @@ def _training_features(s: FitState, two, scorer) -> np.ndarray:
             cut = np.asarray(rows[np.arange(i, min(i + 256, len(rows)))], dtype=np.float32)
             out.append(scorer.rest_outputs(cut)[0])
         return np.concatenate(out) if out else np.zeros((0, two.outputs[0].shape[-1]))
-    s.log(f"open set: features of the {len(s.folder.train)} training images (one pass of the "
-          "final model)")
-    return model_outputs(two, s.folder.train.paths, fast=scorer, progress=None)[0]
+    start = time.perf_counter()
+    bar = s.progress("open set: training images", len(s.folder.train)) if s.progress else None
+    try:
+        features = model_outputs(two, s.folder.train.paths, fast=scorer,
+                                 progress=(lambda done, _total: bar.update(done)) if bar else None)[0]
+    finally:
+        if bar:
+            bar.close()
+    s.log(f"open set: features of the {len(s.folder.train)} training images, one pass of the "
+          f"final model ({time.perf_counter() - start:.1f} s)")
+    return features
 
 
 def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.ndarray,
