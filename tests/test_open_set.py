@@ -116,7 +116,7 @@ def test_the_graph_score_of_exports_is_the_numpy_score(method, tmp_path):
     graph = osr.open_set_model(model, scorer).predict(images, verbose=0)
     f, p = with_features(model).predict(images, verbose=0)
     kernel, bias = model.get_layer(HEAD_DENSE).get_weights()
-    expected = scorer.scores(f, p, f.astype(np.float64) @ kernel + bias)
+    expected = scorer.scores(f, p, f.astype(np.float64) @ kernel + bias)  # by hand, not head_logits
     np.testing.assert_allclose(graph["ood_score"], expected, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(graph["probabilities"], p, atol=1e-6)
 

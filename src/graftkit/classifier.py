@@ -125,10 +125,6 @@ class Classifier:
                               and "open_set" in self.metrics else False)
         return self._open_set or None
 
-    @open_set.setter
-    def open_set(self, value) -> None:
-        self._open_set = value if value is not None else False
-
     @property
     def open_set_note(self) -> str:
         """Why images are all "known" with no score, when that is so."""
@@ -153,10 +149,9 @@ class Classifier:
                                         fast=self._fast_path(two))
         logits = None
         if self.open_set.method == "energy":
-            from graftkit.graft import HEAD_DENSE
+            from graftkit.graft import head_logits
 
-            kernel, bias = self.model.get_layer(HEAD_DENSE).get_weights()
-            logits = features.astype(np.float64) @ kernel + bias
+            logits = head_logits(self.model, features)
         return probs, self.open_set.scores(features, probs, logits)
 
     def threshold(self, reject: str | float = "auto") -> float:

@@ -63,6 +63,15 @@ def with_features(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, [dense.input, model.outputs[0]], name=f"{model.name}_features")
 
 
+def head_logits(model: keras.Model, features):
+    """The head's logits (float64) from penultimate features: what calibration fits and the
+    energy score reads, without clipping probabilities back through a log."""
+    import numpy as np
+
+    kernel, bias = model.get_layer(HEAD_DENSE).get_weights()
+    return np.asarray(features, dtype=np.float64) @ kernel + bias
+
+
 def build_head(feature_dim: int, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")

@@ -576,18 +576,16 @@ def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.n
                          train_features: np.ndarray) -> tuple[np.ndarray, dict, Any, np.ndarray]:
     """Fold a temperature into the head (``--calibrate``) and fit the open-set score on the
     training features; ``(probabilities, calibration, open_set, validation scores)``."""
-    from graftkit.graft import HEAD_DENSE
+    from graftkit.graft import head_logits
     from graftkit.outputs import calibration, open_set
 
     labels = np.asarray(s.folder.val.labels)
-    kernel, bias = two.get_layer(HEAD_DENSE).get_weights()
-    logits = features.astype(np.float64) @ kernel + bias
+    logits = head_logits(two, features)
     cal = calibration.calibrate(logits, labels, s.opt.calibrate)
     probs = raw_probs
     if cal["applied"]:
         calibration.fold_temperature(s.model, cal["temperature"])
-        kernel, bias = two.get_layer(HEAD_DENSE).get_weights()
-        logits = features.astype(np.float64) @ kernel + bias
+        logits = head_logits(two, features)
         probs = calibration.softmax(logits).astype(np.float32)
     s.log(f"calibration: {cal['reason']}")
     scorer = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
