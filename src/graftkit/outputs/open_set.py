@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from graftkit import defaults
+from graftkit.outputs.run import OPEN_SET_FILE as FILE
 
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 DEFAULT_KEEP = defaults.OPEN_SET_KEEP
 DEFAULT_K = defaults.OPEN_SET_K
-FILE = "open_set.npz"
 # The formula a deployment applies, with the arrays of the file (documented in docs/export.md).
 FORMULAS = {
     "msp": "ood_score = 1 - max(probabilities)",

@@ -655,7 +655,6 @@ def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
     from graftkit.files import write_json
     from graftkit.outputs import run
     from graftkit.outputs.evaluation import model_outputs, scores
-    from graftkit.outputs.open_set import FILE as OPEN_SET_FILE
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
     from graftkit.outputs.report import build_report
     from graftkit.train.phases import HISTORY_COLUMNS
@@ -677,7 +676,7 @@ def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
         # Content digests: graft evaluate warns when its images are training images.
         "train_sha256": train_sha256,
     })
-    open_set.save(run_dir / OPEN_SET_FILE)
+    open_set.save(run_dir / run.OPEN_SET_FILE)
     run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
                           probs, folder.classes, ood, open_set.threshold)
     run.write_history(run_dir / run.HISTORY_FILE, history, HISTORY_COLUMNS)
