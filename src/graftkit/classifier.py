@@ -89,6 +89,7 @@ class Classifier:
         self._split = None
         self._two = None
         self._open_set = None  # graftkit.outputs.open_set.OpenSet, read from the run when used
+        self._calls: dict = {}  # compiled functions of models that do not split
 
     def __repr__(self) -> str:
         where = f", run_dir='{self.run_dir}'" if self.run_dir else ""
@@ -147,12 +148,36 @@ class Classifier:
                                  fast=self._fast_path(self.model))[-1], None
         features, probs = model_outputs(two, paths, batch_size, tta, progress,
                                         fast=self._fast_path(two))
+        return probs, self._ood(features, probs)
+
+    def scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``scored`` for images already decoded by ``load_image`` (uint8, stacked): what
+        ``graft serve`` calls on the uploads of one batch."""
+        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        two = self._features_model()
+        if two is None or self.open_set is None:
+            return self._run_pixels(self.model, x)[-1], None
+        features, probs = self._run_pixels(two, x)
+        return probs, self._ood(features, probs)
+
+    def _run_pixels(self, model, x: np.ndarray) -> list[np.ndarray]:
+        fast = self._fast_path(model)
+        if fast is not None:
+            fast.plan(len(x))  # the run's cached engine when there is one; Keras otherwise
+            return fast.outputs(x)
+        if model not in self._calls:
+            from graftkit.frozen.engine import compiled
+
+            self._calls[model] = compiled(model)
+        return self._calls[model](x)
+
+    def _ood(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
         logits = None
         if self.open_set.method == "energy":
             from graftkit.graft import head_logits
 
             logits = head_logits(self.model, features)
-        return probs, self.open_set.scores(features, probs, logits)
+        return self.open_set.scores(features, probs, logits)
 
     def threshold(self, reject: str | float = "auto") -> float:
         """The score above which an image is unknown under ``reject`` (auto / none / number)."""
@@ -192,16 +217,22 @@ class Classifier:
         Returns:
             One ``Prediction`` per path, in order.
         """
-        limit = self.threshold(reject)
+        parse_reject(reject)  # a bad value fails before the images are scored
         probs, ood = self.scored(paths, batch_size, tta, progress)
+        return self.answers([str(p) for p in paths], probs, ood, top_k, reject)
+
+    def answers(self, names: Sequence[str], probs: np.ndarray, ood: np.ndarray | None,
+                top_k: int = 1, reject: str | float = "auto") -> list[Prediction]:
+        """``Prediction`` objects from ``scored``'s (or ``scored_pixels``') arrays."""
+        limit = self.threshold(reject)
         k = max(1, min(top_k, len(self.classes)))
         out = []
-        for i, (path, p) in enumerate(zip(paths, probs)):
+        for i, (name, p) in enumerate(zip(names, probs)):
             order = np.argsort(-p)[:k]
             top = [(self.classes[j], float(p[j])) for j in order]
             score = None if ood is None else float(ood[i])
             known = score is None or score <= limit
-            out.append(Prediction(str(path), top[0][0], top[0][1], top, known, score))
+            out.append(Prediction(str(name), top[0][0], top[0][1], top, known, score))
         return out
 
     def evaluate(self, data_dir: str | os.PathLike, batch_size: int = defaults.BATCH_SIZE,

@@ -310,6 +310,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def preflight_serve(args) -> None:
+    import importlib.util
+
+    from graftkit.data.folder import check_data_path
+    from graftkit.outputs.run import read_run
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError("graft serve needs the serve extra (FastAPI, uvicorn): "
+                         "pip install 'graftkit[serve]'")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535 (got {args.port})")
+    if not args.max_upload_mb > 0:
+        raise UsageError(f"--max-upload-mb must be above 0 (got {args.max_upload_mb})")
+    read_run(args.run_dir)
+    if args.data:
+        check_data_path(args.data)
+    from graftkit.serve.server import bind
+
+    args.sock = bind(args.host, args.port)  # before TensorFlow loads: a taken port is told at once
+
+
+def cmd_serve(args) -> int:
+    from graftkit.serve.server import serve
+
+    return serve(args.run_dir, args.data, args.host, args.port, args.max_upload_mb, args.unsafe,
+                 sock=args.sock)
+
+
 def preflight_demo(args) -> None:
     from graftkit.outputs.run import check_run_dir
 
@@ -476,6 +505,22 @@ graft export runs/photos --format onnx --out deploy/
                    help="tflite: none|float16|int8; onnx: none|int8; savedmodel: none")
     p.add_argument("--out", help="folder for the export (default RUN_DIR/export/FORMAT[-Q])")
 
+    p = _sub(subs, "serve", cmd_serve,
+             "the run as a local web app and HTTP API, with a page to review its data", """
+graft serve runs/photos                     # http://127.0.0.1:8000/ (try page), /review, /predict
+graft serve runs/photos --data photos/ --port 8080
+curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'
+""")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="the data folder to review (default: the run's own)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; another than 127.0.0.1 (e.g. 0.0.0.0) opens the "
+                        "try page and the API to other machines")
+    p.add_argument("--port", type=int, default=defaults.SERVE_PORT, help="0: any free port")
+    p.add_argument("--max-upload-mb", type=float, default=defaults.SERVE_MAX_UPLOAD_MB,
+                   help="largest request body accepted (larger: HTTP 413)")
+    _unsafe(p)
+
 
 def _other_commands(subs) -> None:
     p = _sub(subs, "backbones", cmd_backbones, "list the backbones graftkit can build", """
@@ -503,9 +548,9 @@ graft demo --out /tmp/demo --overwrite
 # Checks of paths and option values that need no TensorFlow: a typo is answered at once.
 PREFLIGHT = {"fit": preflight_fit, "lr-find": preflight_fit, "predict": preflight_predict,
              "evaluate": preflight_evaluate, "inspect": preflight_inspect,
-             "export": preflight_export, "demo": preflight_demo}
+             "export": preflight_export, "demo": preflight_demo, "serve": preflight_serve}
 # Commands that never touch TensorFlow: check, report, backbones, cache.
-NEEDS_TENSORFLOW = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "demo"}
+NEEDS_TENSORFLOW = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "demo", "serve"}
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 

@@ -129,3 +129,7 @@ OPEN_SET_METHOD = "knn"  # measured against msp/energy/mahalanobis: benchmarks/o
 OPEN_SET_K = 5
 OPEN_SET_MAX_BANK = 20000  # training images kept for the kNN score (a fixed sample beyond): 51 MB
 OPEN_SET_KEEP = 0.95  # the threshold keeps this share of the validation images
+
+# graft serve
+SERVE_PORT = 8000
+SERVE_MAX_UPLOAD_MB = 20.0  # a request body above this is refused with 413

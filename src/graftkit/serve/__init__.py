@@ -1,0 +1,1 @@
+"""``graft serve``: a run as a local web app (try page, review page) and an HTTP API."""

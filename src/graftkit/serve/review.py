@@ -1,0 +1,422 @@
+"""The review page's model: the run's suspect images, and moves of them that can be undone.
+
+Suspects come from two places: the run's ``predictions.csv`` (validation images the final model
+got wrong or was least sure of) and a fresh data check (duplicates, train/val leakage, labels
+that disagree with a near-duplicate's, unreadable files). Only those files can be shown or
+moved; the page names an image by its path inside the data root, which is looked up in that
+list, never joined to a path blindly.
+
+Moves (relabel: to another class folder of the same split; set aside: into the hidden
+``.graft-set-aside`` folder, which scans skip) never delete and never overwrite: the target gets
+a free name, and the file is hard-linked there before the old name is removed. Each move is
+appended to ``.graft-journal.jsonl`` in the data root before it happens and marked done after,
+so undo works after a restart and a move cut short is finished or ignored on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+SET_ASIDE = ".graft-set-aside"
+JOURNAL = ".graft-journal.jsonl"
+TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
+
+# Page groups: which check findings go where, with the group's title.
+GROUPS = {
+    "top_losses": "Wrong or least sure (validation)",
+    "label_disagreement": "Label disagrees with a copy or near-copy",
+    "leakage": "Train/val leakage",
+    "duplicates": "Duplicates inside a split",
+    "unreadable": "Unreadable files",
+}
+FINDING_GROUP = {"conflicting_labels": "label_disagreement", "near_duplicate_labels": "label_disagreement",
+                 "leak": "leakage", "near_duplicate": "leakage", "duplicate": "duplicates",
+                 "unreadable": "unreadable"}
+
+
+class ReviewError(Exception):
+    """A request the review cannot carry out; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Item:
+    """One listed image: where it was when listed (``key``), and why."""
+
+    key: str
+    split: str
+    label: str
+    predicted: str | None = None
+    probability: float | None = None
+    loss: float | None = None
+    reasons: dict[str, list[str]] = field(default_factory=dict)  # group -> why listed there
+
+
+def _rel(path: str | os.PathLike, root: Path) -> str | None:
+    """``path`` as a POSIX path inside ``root``, or None when it is outside."""
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(root)
+    except ValueError:
+        return None
+    return rel.as_posix()
+
+
+def _checked_key(key: str) -> str:
+    """Refuse what cannot be a listed relative path before any lookup: absolute paths, ``..``,
+    backslashes, NUL (the key arrives URL-decoded once, by the framework)."""
+    if not key or "\x00" in key or "\\" in key or key.startswith("/") or ":" in key:
+        raise ReviewError("invalid path", 400)
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ReviewError("invalid path", 400)
+    return key
+
+
+class Journal:
+    """``.graft-journal.jsonl``: one JSON object per line; an action line, then its done line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, entry: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        entries = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut short by a crash: its action never started
+        return entries
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Move without ever overwriting: hard link, then unlink (plain rename where links are not
+    supported, after checking the target is free). ``FileExistsError`` when ``dst`` is taken."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def free_name(target: Path) -> Path:
+    """``target``, or ``name-1.ext``, ``name-2.ext``... when taken."""
+    candidate, n = target, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
+    return candidate
+
+
+def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
+    """The data root to list and move files in, and why files cannot be moved ("" if they can)."""
+    from graftkit import defaults
+    from graftkit.data.sources import is_tfds
+
+    if not source:
+        return None, "this run records no data folder: start graft serve with --data DATA_DIR"
+    if is_tfds(source):
+        return None, ("the data comes from TensorFlow Datasets (tfds:): its images live in "
+                      "graftkit's cache, so the review lists nothing to move")
+    path = Path(os.path.abspath(os.path.expanduser(source)))
+    if not path.exists():
+        hint = "" if source != recorded else " (the run was made elsewhere?)"
+        return None, (f"the data folder {path} is not here{hint}: start graft serve with "
+                      "--data DATA_DIR")
+    if path.is_file():
+        return path.parent, ("the data is a CSV/TSV table: relabel by editing its rows; the "
+                             "review lists the findings only")
+    cache = Path(os.path.abspath(defaults.cache_dir()))
+    if path == cache or cache in path.parents:
+        return path, "the data lives in graftkit's cache (tfds:): findings only"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return path, f"{path} is read-only for this user: the review lists the findings only"
+    return path, ""
+
+
+class Review:
+    """Suspect images of a run's data and the moves made on them (thread-safe)."""
+
+    def __init__(self, run_dir: str | os.PathLike, classes: list[str], metrics: dict,
+                 data: str | None = None):
+        self.run_dir, self.classes, self.metrics = Path(run_dir), list(classes), metrics
+        self.recorded = metrics.get("data")  # where predictions.csv's paths point
+        self.source = str(data) if data else self.recorded
+        self.root, self.read_only = _where(self.source, self.recorded)
+        self.state = "checking" if self.root is not None else "unavailable"
+        self.message = "" if self.root is not None else self.read_only
+        self.items: dict[str, Item] = {}
+        self.groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+        self.split_dirs: tuple[str, ...] = ()
+        self.lock = threading.RLock()
+        self.journal = Journal(self.root / JOURNAL) if self.root and not self.read_only else None
+        if self.journal is not None:
+            self._recover()
+
+    @property
+    def can_move(self) -> bool:
+        return self.journal is not None and self.state == "ready"
+
+    def start(self) -> threading.Thread:
+        """Run the data check in the background: the server answers while it runs."""
+        thread = threading.Thread(target=self.load, name="graft-review", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> None:
+        if self.root is None:
+            return
+        try:
+            self._list()
+            self.state, self.message = "ready", ""
+        except Exception as exc:  # noqa: BLE001 - shown on the page instead of killing the server
+            from graftkit.errors import GraftError
+
+            self.state = "failed"
+            self.message = str(exc) if isinstance(exc, GraftError) else \
+                f"the data check failed: {type(exc).__name__}: {exc}"
+
+    # --- listing -------------------------------------------------------------------------------
+
+    def _list(self) -> None:
+        from graftkit.data.checks import find_problems
+        from graftkit.data.folder import find_split_dirs, scan
+
+        options = self.metrics.get("options", {})
+        val = options.get("val") if self.source == self.recorded else None
+        folder = scan(self.source, options.get("val_split", 0.2), options.get("seed", 1337),
+                      strict=False, val=val)
+        report = find_problems(folder)
+        dirs = find_split_dirs(self.root) if self.root.is_dir() else None
+        with self.lock:
+            self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
+            split = {p: "train" for p in folder.train.paths}
+            split.update({p: "val" for p in folder.val.paths})
+            labels = {p: folder.classes[y] for s in (folder.train, folder.val)
+                      for p, y in zip(s.paths, s.labels)}
+            self._add_predictions()
+            by_location = {self.current(k): k for k in self._latest()}
+            for finding in report.findings:
+                group = FINDING_GROUP.get(finding.kind)
+                if group is None:
+                    continue
+                for path in finding.paths:
+                    others = [self._shown(p) for p in finding.paths if p != path]
+                    why = finding.message + (f" (with {', '.join(others)})" if others else "")
+                    self._add(group, path, split.get(path, "?"), labels.get(path), why, by_location)
+
+    def _shown(self, path: str) -> str:
+        rel = _rel(path, self.root)
+        return rel if rel is not None else str(path)
+
+    def _add(self, group: str, path: str, split: str, label: str | None, why: str,
+             by_location: dict[str, str] | None = None) -> Item:
+        rel = _rel(path, self.root)
+        key = rel if rel is not None else f"outside/{len(self.items)}"
+        key = (by_location or {}).get(key, key)
+        item = self.items.get(key)
+        if item is None:
+            label = label or (self._parts(rel)[1] if rel else "?")
+            item = self.items[key] = Item(key, split, label)
+        if key not in self.groups[group]:
+            self.groups[group].append(key)
+        item.reasons.setdefault(group, []).append(why)
+        return item
+
+    def _add_predictions(self) -> None:
+        from graftkit.errors import RunError
+        from graftkit.outputs.run import read_predictions
+
+        try:
+            rows = read_predictions(self.run_dir)
+        except (RunError, OSError, ValueError):
+            return
+        rows.sort(key=lambda r: -float(r["loss"]))
+        wrong = [r for r in rows if r["label"] != r["predicted"]]
+        shown = wrong + [r for r in rows[:TOP_LOSSES] if r["label"] == r["predicted"]]
+        shown.sort(key=lambda r: -float(r["loss"]))
+        recorded = Path(os.path.abspath(self.recorded)) if self.recorded else None
+        if recorded is not None and recorded.is_file():
+            recorded = recorded.parent
+        for r in shown:
+            rel = _rel(r["path"], recorded) if recorded is not None else None
+            path = str(self.root / rel) if rel is not None else r["path"]  # listed where it was
+            p, loss = float(r["probability"]), float(r["loss"])
+            why = (f"predicted {r['predicted']} ({p:.2f}) for {r['label']}"
+                   if r["label"] != r["predicted"] else
+                   f"right, but unsure: {r['label']} at {float(r['true_probability']):.2f}")
+            item = self._add("top_losses", path, "val", r["label"], f"{why}; loss {loss:.2f}")
+            item.predicted, item.probability, item.loss = r["predicted"], p, loss
+
+    # --- where listed files are now ------------------------------------------------------------
+
+    def _latest(self) -> dict[str, dict]:
+        """The last finished action of each listed key, from the journal."""
+        if self.journal is None:
+            return {}
+        entries = self.journal.read()
+        done = {e["id"] for e in entries if e.get("done")}
+        latest = {}
+        for e in entries:
+            if "action" in e and e["id"] in done:
+                latest[e["key"]] = e
+        return latest
+
+    def current(self, key: str | None) -> str | None:
+        """Where the file listed as ``key`` is now (relative to the root)."""
+        if key is None:
+            return None
+        last = self._latest().get(key)
+        return last["to"] if last else key
+
+    def _parts(self, rel: str) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+        """``(split folder, class, rest)`` of a path relative to the root."""
+        parts = PurePosixPath(rel).parts
+        if parts and parts[0] == SET_ASIDE:
+            parts = parts[1:]
+        n = 1 if self.split_dirs and parts and parts[0] in self.split_dirs else 0
+        if len(parts) < n + 2:
+            return parts[:n], "?", parts[n:]
+        return parts[:n], parts[n], parts[n + 1:]
+
+    def file(self, key: str) -> Path:
+        """The listed file ``key`` as it is now; refused unless it is a file inside the root."""
+        key = _checked_key(key)
+        if key not in self.items or self.root is None or key.startswith("outside/"):
+            raise ReviewError("not an image this review lists", 404)
+        path = self.root / self.current(key)
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise ReviewError("refused: the file leads outside the data folder (symbolic link)", 403)
+        if not path.is_file():
+            raise ReviewError(f"{self.current(key)} is no longer in the data folder", 404)
+        return path
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.journal is None:
+            raise ReviewError(f"files cannot be moved here: {self.read_only}", 409)
+        if self.state != "ready":
+            raise ReviewError("the data check is still running: try again in a moment", 409)
+
+    def relabel(self, key: str, to: str) -> dict:
+        """Move a listed image to class ``to``'s folder of the same split."""
+        self._writable()
+        if to not in self.classes:
+            raise ReviewError(f"unknown class {to!r}: choose one of {', '.join(self.classes)}")
+        with self.lock:
+            self.file(key)
+            split, label, rest = self._parts(self.current(key))
+            if label == to and not self.current(key).startswith(SET_ASIDE + "/"):
+                raise ReviewError(f"the image is already labelled {to}")
+            target = free_name(self.root.joinpath(*split, to, *rest))
+            return self._move(key, "relabel", self.current(key), target)
+
+    def set_aside(self, key: str) -> dict:
+        """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
+        self._writable()
+        with self.lock:
+            self.file(key)
+            now = self.current(key)
+            if now.startswith(SET_ASIDE + "/"):
+                raise ReviewError("the image is already set aside")
+            return self._move(key, "set_aside", now, free_name(self.root / SET_ASIDE / now))
+
+    def undo(self, action_id: str) -> dict:
+        """Put the file of a finished action back where it was (a free name if that is taken)."""
+        self._writable()
+        with self.lock:
+            last = next((a for a in self._latest().values() if a["id"] == action_id), None)
+            if last is None or last["action"] == "undo":
+                raise ReviewError("nothing to undo: that action is not the last one on its image",
+                                  409)
+            if not (self.root / last["to"]).is_file():
+                raise ReviewError(f"{last['to']} is no longer there: move it back by hand", 409)
+            back = free_name(self.root / last["from"])
+            return self._move(last["key"], "undo", last["to"], back, undoes=action_id)
+
+    def _move(self, key: str, action: str, src_rel: str, target: Path, **extra) -> dict:
+        """Journal, move, mark done: a crash between the steps is settled by ``_recover``."""
+        entry = {"id": uuid.uuid4().hex[:12], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "action": action, "key": key, "from": src_rel,
+                 "to": target.relative_to(self.root).as_posix(), **extra}
+        self.journal.append(entry)
+        try:
+            move_file(self.root / src_rel, target)
+        except FileExistsError:
+            self.journal.append({"id": entry["id"], "failed": "target taken"})
+            raise ReviewError(f"{entry['to']} appeared meanwhile: try again", 409) from None
+        except OSError as exc:
+            self.journal.append({"id": entry["id"], "failed": str(exc)})
+            raise ReviewError(f"cannot move {src_rel}: {exc.strerror or exc}", 409) from None
+        self.journal.append({"id": entry["id"], "done": True})
+        return entry
+
+    def _recover(self) -> None:
+        """Finish or drop actions a crash cut short (journalled, never marked done or failed)."""
+        entries = self.journal.read()
+        settled = {e["id"] for e in entries if e.get("done") or e.get("failed")}
+        for e in entries:
+            if "action" not in e or e["id"] in settled:
+                continue
+            src, dst = self.root / e["from"], self.root / e["to"]
+            if dst.is_file() and src.is_file() and os.path.samefile(src, dst):
+                os.unlink(src)  # linked but not yet unlinked: finish the move
+            if dst.is_file() and not src.exists():
+                self.journal.append({"id": e["id"], "done": True})
+            else:
+                self.journal.append({"id": e["id"], "failed": "interrupted before the move"})
+
+    # --- what the page shows -------------------------------------------------------------------
+
+    def item_dict(self, key: str, group: str, last: dict | None) -> dict:
+        item = self.items[key]
+        now = self.current(key) if not key.startswith("outside/") else None
+        aside = bool(now and now.startswith(SET_ASIDE + "/"))
+        label = self._parts(now)[1] if now else item.label
+        status = "set aside" if aside else (f"relabelled {item.label} -> {label}"
+                                            if label != item.label else "")
+        undo = last["id"] if last and last["action"] != "undo" else None
+        return {"key": key, "path": now or key, "split": item.split, "label": item.label,
+                "now": label, "status": status, "predicted": item.predicted,
+                "probability": item.probability, "loss": item.loss,
+                "why": item.reasons.get(group, []), "image": now is not None, "undo": undo}
+
+    def summary(self) -> dict:
+        """Everything the review page renders, as JSON."""
+        with self.lock:
+            latest = self._latest()
+            groups = [{"id": g, "title": title,
+                       "items": [self.item_dict(k, g, latest.get(k)) for k in self.groups[g]]}
+                      for g, title in GROUPS.items()]
+            actions = [a for a in latest.values() if a["action"] != "undo"]
+        data = self.source or ""
+        return {"state": self.state, "message": self.message, "data": data,
+                "root": str(self.root or ""), "can_move": self.can_move,
+                "read_only": self.read_only, "classes": self.classes, "groups": groups,
+                "actions": actions[::-1],
+                "next": f"graft fit {data} --out {self.run_dir}-reviewed" if data else "",
+                "journal": str(self.root / JOURNAL) if self.journal else ""}

@@ -1,0 +1,144 @@
+"""``graft serve``: load a run once, then answer HTTP on uvicorn until Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from graftkit import defaults
+from graftkit.errors import UsageError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_WAIT = 0.005  # s a request may wait for others to share its model call
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything slow, so a taken port is a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: {exc.strerror or exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":  # on Windows this option lets two servers share a port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pass another "
+                         "--port (or --port 0 for any free one)") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Service:
+    """A loaded run, its batching thread and its review: what the routes of ``app`` use."""
+
+    def __init__(self, run_dir: str | os.PathLike, data: str | None = None,
+                 max_upload_mb: float = defaults.SERVE_MAX_UPLOAD_MB, unsafe: bool = False,
+                 max_batch: int = defaults.BATCH_SIZE, max_wait: float = MAX_WAIT):
+        from graftkit.classifier import load
+        from graftkit.serve.app import UploadLimit, create_app
+        from graftkit.serve.batching import Batcher
+        from graftkit.serve.review import Review
+
+        self.run_dir = Path(run_dir)
+        self.classifier = load(run_dir, unsafe)
+        size = self.classifier.image_size
+        self.classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))  # traced once, now
+        self.token = secrets.token_urlsafe(18)
+        self.batcher = Batcher(self.classifier.scored_pixels, max_batch, max_wait)
+        self.review = Review(self.run_dir, self.classifier.classes, self.classifier.metrics, data)
+        self.review.start()
+        self.max_upload_mb = max_upload_mb
+        self.app = UploadLimit(create_app(self), int(max_upload_mb * 2**20))
+        self.server = None
+
+    def info(self) -> dict:
+        m = self.classifier.metrics
+        open_set = self.classifier.open_set
+        return {"run": str(self.run_dir.resolve()), "classes": self.classifier.classes,
+                "backbone": m.get("backbone"), "image_size": self.classifier.image_size,
+                "val_accuracy": m.get("val_accuracy"),
+                "balanced_accuracy": m.get("balanced_accuracy"),
+                "open_set": None if open_set is None else
+                {"method": open_set.method, "threshold": open_set.threshold},
+                "max_upload_mb": self.max_upload_mb,
+                "batching": {"max_batch": self.batcher.max_batch,
+                             "max_wait_ms": self.batcher.max_wait * 1000,
+                             "model_calls": self.batcher.batches, "images": self.batcher.images}}
+
+    def run(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` until Ctrl-C (uvicorn's own signal handling ends it cleanly)."""
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        try:
+            self.server.run(sockets=[sock])
+        finally:
+            self.batcher.close()
+            sock.close()
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve from a background thread (tests, benchmarks); returns the base URL."""
+        sock = bind(host, port)
+        thread = threading.Thread(target=self.run, args=(sock,), daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not (self.server and self.server.started) and time.time() < deadline:
+            time.sleep(0.02)
+        return f"http://{host}:{sock.getsockname()[1]}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+def url_host(host: str) -> str:
+    """The host to print in a URL: a local address when listening on every interface."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.0.0.1",
+          port: int = defaults.SERVE_PORT, max_upload_mb: float = defaults.SERVE_MAX_UPLOAD_MB,
+          unsafe: bool = False, log: Callable[[str], None] = print,
+          sock: socket.socket | None = None) -> int:
+    """``graft serve``: the try page, the API and the review page of a run, until Ctrl-C.
+
+    ``sock``: a socket already bound (the CLI binds before TensorFlow loads, so a taken port
+    is told at once).
+    """
+    sock = sock or bind(host, port)
+    start = time.perf_counter()
+    service = Service(run_dir, data, max_upload_mb, unsafe)
+    base = f"http://{url_host(host)}:{sock.getsockname()[1]}"
+    info = service.info()
+    accuracy = info["val_accuracy"]
+    log(f"graft serve: {run_dir} ({info['backbone']}, {len(info['classes'])} classes"
+        + (f", val accuracy {accuracy:.4f}" if isinstance(accuracy, float) else "")
+        + f"), ready in {time.perf_counter() - start:.1f} s")
+    log(f"  try page     {base}/")
+    review = service.review
+    where = review.read_only or f"data {review.root}"
+    log(f"  review page  {base}/review?token={service.token}   ({where})")
+    log(f"  API          POST {base}/predict (multipart field 'file'); GET /info, /healthz; "
+        "schema at /openapi.json")
+    if host not in LOCAL_HOSTS:
+        log(f"warning: listening on {host}: anyone who can reach this machine can use the try "
+            "page and the API; the review page still needs the token in its URL")
+    log("Ctrl-C stops the server.")
+    service.run(sock)
+    log("graft serve: stopped")
+    return 0

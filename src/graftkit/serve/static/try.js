@@ -1,0 +1,107 @@
+// The try page: every dropped/picked image (or webcam frame) is sent to POST /predict on its
+// own, so one unreadable file only fails its own card; the server batches them together.
+"use strict";
+const results = document.getElementById("results");
+const token = new URLSearchParams(location.search).get("token");
+if (token) document.getElementById("review-link").href = "/review?token=" + encodeURIComponent(token);
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+fetch("/info").then(r => r.json()).then(info => {
+  const acc = typeof info.val_accuracy === "number" ? `, validation accuracy ${(100 * info.val_accuracy).toFixed(1)}%` : "";
+  document.getElementById("run").textContent =
+    `${info.backbone}, ${info.classes.length} classes (${info.classes.join(", ")})${acc}`;
+});
+
+function bars(card, topK) {
+  for (const [label, p] of topK) {
+    const row = el("div", "bar");
+    row.append(el("span", "", label));
+    const track = el("div", "track"), fill = el("div", "fill");
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.append(fill);
+    row.append(track, el("span", "", (100 * p).toFixed(1) + "%"));
+    card.append(row);
+  }
+}
+
+async function classify(blob, name) {
+  const card = el("div", "card");
+  card.dataset.name = name;
+  const img = el("img");
+  img.src = URL.createObjectURL(blob);
+  img.alt = name;
+  card.append(img, el("div", "name", name));
+  results.prepend(card);
+  const status = el("div", "label muted", "classifying...");
+  card.append(status);
+  const form = new FormData();
+  form.append("file", blob, name);
+  try {
+    const response = await fetch("/predict?top_k=3", {method: "POST", body: form});
+    const body = await response.json();
+    if (!response.ok) {
+      status.className = "label error";
+      status.textContent = body.detail || `error ${response.status}`;
+      return;
+    }
+    const p = body.predictions[0];
+    status.className = p.known ? "label" : "label unknown";
+    status.textContent = p.known ? p.label : `unknown (closest: ${p.label})`;
+    card.dataset.label = p.label;
+    card.dataset.known = String(p.known);
+    bars(card, p.top_k);
+    if (p.ood_score !== null) card.append(el("div", "name", `open-set score ${p.ood_score.toFixed(3)}`));
+  } catch (err) {
+    status.className = "label error";
+    status.textContent = "the server did not answer: " + err;
+  }
+}
+
+function send(files) {
+  for (const f of files) classify(f, f.name);
+}
+
+const drop = document.getElementById("drop");
+document.getElementById("files").addEventListener("change", e => send(e.target.files));
+drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  send(e.dataTransfer.files);
+});
+
+// The webcam, where the browser allows it (a secure context: localhost or https).
+const camera = document.getElementById("camera"), video = document.getElementById("video");
+let stream = null, frames = 0;
+if (navigator.mediaDevices && navigator.mediaDevices.getUserMedia) {
+  const button = document.getElementById("webcam");
+  button.hidden = false;
+  button.addEventListener("click", async () => {
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({video: true});
+      video.srcObject = stream;
+      camera.style.display = "flex";
+    } catch (err) {
+      button.textContent = "webcam not available: " + err.name;
+      button.disabled = true;
+    }
+  });
+}
+document.getElementById("snap").addEventListener("click", () => {
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.toBlob(blob => classify(blob, `webcam-${++frames}.jpg`), "image/jpeg", 0.92);
+});
+document.getElementById("stop").addEventListener("click", () => {
+  if (stream) stream.getTracks().forEach(t => t.stop());
+  camera.style.display = "none";
+});
