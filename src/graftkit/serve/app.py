@@ -32,10 +32,6 @@ class BadUpload(Exception):
     """An upload that is not an image graftkit can read: a 400 that names the file."""
 
 
-class TooLarge(Exception):
-    pass
-
-
 class UploadLimit:
     """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is read
     whole (declared length or counted while streaming)."""
@@ -59,27 +55,32 @@ class UploadLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def counted():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise TooLarge
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}  # the app stops reading the body
             return message
 
         async def watched(message):
             nonlocal started
+            if refused:  # the 413 went out: whatever the app answers to the cut body is dropped
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, watched)
-        except TooLarge:
-            if not started:
-                await self._refuse(send)
+        except Exception:
+            if not refused:
+                raise
 
 
 def decode_upload(name: str, data: bytes, size: int) -> np.ndarray:

@@ -179,13 +179,18 @@ class Review:
     def can_move(self) -> bool:
         return self.journal is not None and self.state == "ready"
 
-    def start(self) -> threading.Thread:
+    def start(self) -> None:
         """Run the data check in the background: the server answers while it runs."""
-        thread = threading.Thread(target=self.load, name="graft-review", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.load, name="graft-review", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the background check has finished (tests, scripts)."""
+        if getattr(self, "_thread", None) is not None:
+            self._thread.join(timeout)
 
     def load(self) -> None:
+        """Run the data check and list what it and the run's predictions point at (again)."""
         if self.root is None:
             return
         try:
@@ -210,7 +215,8 @@ class Review:
                       strict=False, val=val)
         report = find_problems(folder)
         dirs = find_split_dirs(self.root) if self.root.is_dir() else None
-        with self.lock:
+        with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
+            self.items, self.groups = {}, {g: [] for g in GROUPS}
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
             split = {p: "train" for p in folder.train.paths}
             split.update({p: "val" for p in folder.val.paths})

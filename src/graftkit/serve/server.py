@@ -139,6 +139,9 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
         log(f"warning: listening on {host}: anyone who can reach this machine can use the try "
             "page and the API; the review page still needs the token in its URL")
     log("Ctrl-C stops the server.")
-    service.run(sock)
+    try:
+        service.run(sock)
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on
+        pass
     log("graft serve: stopped")
     return 0
