@@ -56,5 +56,6 @@ def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbo
         + ", ".join(f"{lab} {p:.3f}" for lab, p in pred.top_k))
     log(f"\nopen {run_dir / 'report.html'} in a browser, then try:\n"
         f"      graft predict {run_dir} {sample}\n      graft evaluate {run_dir} {data}\n"
+        f"      graft serve {run_dir}      # try page, HTTP API and data review in a browser\n"
         f"      graft inspect {run_dir}\n      graft export {run_dir} --format tflite")
     return result.metrics
