@@ -122,7 +122,7 @@ def main() -> None:
     data = SHARED / args.data if (SHARED / args.data).is_dir() else Path(args.data)
     run = Path(args.run or f"/tmp/graftkit-bench/{data.name}")
     ensure_run(data, run)
-    paths = json.loads((run / "split.json").read_text())["val"]
+    paths = [row[0] for row in json.loads((run / "split.json").read_text())["val"]]  # [path, label]
     batch = batch_throughput(run, paths)
     print(f"batch: graftkit.load(run).predict on {len(paths)} images: {batch:.1f} images/s")
     bodies = [multipart(p) for p in paths]
