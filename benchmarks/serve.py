@@ -20,6 +20,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -87,6 +88,8 @@ def load_test(port: int, bodies: list, clients: int, requests: int) -> dict:
 
     def client(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.connect()  # with TCP_NODELAY, as curl and urllib3 (requests) set it
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mine = []
         for n in range(share[i]):
             body, ctype = bodies[(i * 7919 + n) % len(bodies)]
