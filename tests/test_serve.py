@@ -430,8 +430,9 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
     photo = sorted((data / "class_2").glob("*.png"))[0]
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM,
-                                        args=["--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream"])  # a synthetic camera, permission granted
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(base + "/")
             page.wait_for_function("document.getElementById('run').textContent.includes('classes')")
@@ -442,6 +443,11 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             assert card.get_attribute("data-label") == want.label
             assert card.locator(".label").inner_text() == str(want)
             assert card.locator(".bar").count() == 3
+            page.click("#webcam")
+            page.wait_for_function("document.getElementById('video').videoWidth > 0")
+            page.click("#snap")
+            page.wait_for_selector(".card[data-name='webcam-1.jpg'][data-label]", timeout=60_000)
+            assert page.locator(".card").count() == 2
             page.screenshot(path=str(tmp_path / "try.png"))
 
             page.goto(f"{base}/review?token={service.token}")
