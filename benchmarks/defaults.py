@@ -87,6 +87,7 @@ SETTINGS: dict[str, dict] = {
     "head-epochs-10": {"head_epochs": 10},
     "head-epochs-40": {"head_epochs": 40},
     "views-1": {"views": 1},
+    "views-3": {"views": 3},
     "views-10": {"views": 10},
     "dropout-0.5": {"dropout": 0.5},
     "gradual": {"unfreeze_schedule": "gradual"},
