@@ -223,7 +223,8 @@ class Review:
             labels = {p: folder.classes[y] for s in (folder.train, folder.val)
                       for p, y in zip(s.paths, s.labels)}
             self._add_predictions()
-            by_location = {self.current(k): k for k in self._latest()}
+            latest = self._latest()
+            by_location = {self.current(k, latest): k for k in latest}
             for finding in report.findings:
                 group = FINDING_GROUP.get(finding.kind)
                 if group is None:
@@ -290,11 +291,12 @@ class Review:
                 latest[e["key"]] = e
         return latest
 
-    def current(self, key: str | None) -> str | None:
-        """Where the file listed as ``key`` is now (relative to the root)."""
+    def current(self, key: str | None, latest: dict | None = None) -> str | None:
+        """Where the file listed as ``key`` is now (relative to the root); ``latest``: the
+        journal's ``_latest()`` when the caller has read it already."""
         if key is None:
             return None
-        last = self._latest().get(key)
+        last = (self._latest() if latest is None else latest).get(key)
         return last["to"] if last else key
 
     def _parts(self, rel: str) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
@@ -398,9 +400,10 @@ class Review:
 
     # --- what the page shows -------------------------------------------------------------------
 
-    def item_dict(self, key: str, group: str, last: dict | None) -> dict:
+    def item_dict(self, key: str, group: str, latest: dict) -> dict:
         item = self.items[key]
-        now = self.current(key) if not key.startswith("outside/") else None
+        last = latest.get(key)
+        now = self.current(key, latest) if not key.startswith("outside/") else None
         aside = bool(now and now.startswith(SET_ASIDE + "/"))
         label = self._parts(now)[1] if now else item.label
         status = "set aside" if aside else (f"relabelled {item.label} -> {label}"
@@ -416,7 +419,7 @@ class Review:
         with self.lock:
             latest = self._latest()
             groups = [{"id": g, "title": title,
-                       "items": [self.item_dict(k, g, latest.get(k)) for k in self.groups[g]]}
+                       "items": [self.item_dict(k, g, latest) for k in self.groups[g]]}
                       for g, title in GROUPS.items()]
             actions = [a for a in latest.values() if a["action"] != "undo"]
         data = self.source or ""
