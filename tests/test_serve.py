@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from graftkit.serve.batching import Batcher  # noqa: E402
 from graftkit.serve.review import JOURNAL, SET_ASIDE, Review  # noqa: E402
+from tests.test_report import CHROMIUM  # noqa: E402
 
 
 def png_bytes(color=(200, 30, 30), size=40) -> bytes:
@@ -397,10 +398,6 @@ def test_graft_serve_runs_and_stops_on_ctrl_c(trained_run, review_data, tmp_path
 
 
 # --- both pages in a real browser ----------------------------------------------------------
-
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
-
 
 def browser_or_skip():
     """Playwright driving the system Chromium (never a browser download); under CI=true a

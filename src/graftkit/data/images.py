@@ -56,6 +56,17 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 
+def jpeg_thumbnail(path: str | os.PathLike, size: int) -> bytes:
+    """A ``size`` px JPEG of an image as the model sees it (``load_image``: same orientation,
+    colours, squashing, pixel limit), for report.html and graft serve's review page."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(load_image(path, size)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)

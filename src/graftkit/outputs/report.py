@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
@@ -41,17 +40,13 @@ def _png_data_uri(path: Path) -> str | None:
 
 
 def _thumbnail(path: str) -> str | None:
-    from PIL import Image
-
-    from graftkit.data.images import load_image
+    from graftkit.data.images import jpeg_thumbnail
 
     try:
-        img = Image.fromarray(load_image(path, THUMBNAIL))
+        data = jpeg_thumbnail(path, THUMBNAIL)
     except Exception:  # noqa: BLE001 - moved or changed since the run: shown as missing
         return None
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def _e(value) -> str:

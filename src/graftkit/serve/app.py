@@ -25,7 +25,7 @@ from graftkit.serve.review import ReviewError
 
 TOKEN_HEADER = "X-Graft-Token"
 ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript"}
-THUMBNAIL = 320  # px, longest side of a review thumbnail
+THUMBNAIL = 256  # px, side of a review thumbnail
 
 
 class BadUpload(Exception):
@@ -99,22 +99,6 @@ def decode_upload(name: str, data: bytes, size: int) -> np.ndarray:
         reason = "not an image graftkit can read" if isinstance(exc, Image.UnidentifiedImageError) \
             else f"unreadable image ({type(exc).__name__}: {exc})"
         raise BadUpload(f"{name}: {reason}") from None
-
-
-def thumbnail(path) -> bytes:
-    """A small JPEG of a listed image: the page never gets the file itself."""
-    from PIL import Image, ImageOps
-
-    from graftkit import defaults
-
-    with Image.open(path) as img:
-        if img.width * img.height > defaults.MAX_PIXELS:
-            raise ReviewError("too many pixels to show", 415)
-        img = ImageOps.exif_transpose(img)
-        img.thumbnail((THUMBNAIL, THUMBNAIL))
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 def page(name: str) -> str:
@@ -234,13 +218,13 @@ def _review_routes(app: FastAPI, service) -> None:
 
     @app.get("/review/api/image")
     async def image(request: Request, key: str):
-        """A thumbnail of a listed image (nothing else can be shown)."""
+        """A thumbnail of a listed image as the model sees it (nothing else can be shown)."""
+        from graftkit.data.images import jpeg_thumbnail
+
         allowed(request)
         path = service.review.file(key)
         try:
-            data = await run_in_threadpool(thumbnail, path)
-        except ReviewError:
-            raise
+            data = await run_in_threadpool(jpeg_thumbnail, path, THUMBNAIL)
         except Exception:  # noqa: BLE001 - an unreadable file is listed, not shown
             raise ReviewError("this file cannot be shown as an image", 415) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
