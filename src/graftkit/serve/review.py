@@ -206,13 +206,14 @@ class Review:
     # --- listing -------------------------------------------------------------------------------
 
     def _list(self) -> None:
+        from graftkit import defaults
         from graftkit.data.checks import find_problems
         from graftkit.data.folder import find_split_dirs, scan
 
         options = self.metrics.get("options", {})
         val = options.get("val") if self.source == self.recorded else None
-        folder = scan(self.source, options.get("val_split", 0.2), options.get("seed", 1337),
-                      strict=False, val=val)
+        folder = scan(self.source, options.get("val_split", defaults.VAL_SPLIT),
+                      options.get("seed", defaults.SEED), strict=False, val=val)
         report = find_problems(folder)
         dirs = find_split_dirs(self.root) if self.root.is_dir() else None
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
