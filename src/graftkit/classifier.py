@@ -141,24 +141,25 @@ class Classifier:
         image's, the score is the image's own."""
         from graftkit.outputs.evaluation import model_outputs
 
-        paths = [str(p) for p in paths]
-        two = self._features_model()
-        if two is None or self.open_set is None:
-            return model_outputs(self.model, paths, batch_size, tta, progress,
-                                 fast=self._fast_path(self.model))[-1], None
-        features, probs = model_outputs(two, paths, batch_size, tta, progress,
-                                        fast=self._fast_path(two))
-        return probs, self._ood(features, probs)
+        model, scores = self._scoring_model()
+        outs = model_outputs(model, [str(p) for p in paths], batch_size, tta, progress,
+                             fast=self._fast_path(model))
+        return outs[-1], self._ood(*outs) if scores else None
 
     def scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``scored`` for images already decoded by ``load_image`` (uint8, stacked): what
         ``graft serve`` calls on the uploads of one batch."""
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        model, scores = self._scoring_model()
+        outs = self._run_pixels(model, np.ascontiguousarray(pixels, dtype=np.float32))
+        return outs[-1], self._ood(*outs) if scores else None
+
+    def _scoring_model(self):
+        """``(model, True)``: the model with features for the open-set score, when the run has
+        one; else ``(model, False)``: the plain classifier."""
         two = self._features_model()
         if two is None or self.open_set is None:
-            return self._run_pixels(self.model, x)[-1], None
-        features, probs = self._run_pixels(two, x)
-        return probs, self._ood(features, probs)
+            return self.model, False
+        return two, True
 
     def _run_pixels(self, model, x: np.ndarray) -> list[np.ndarray]:
         fast = self._fast_path(model)

@@ -315,13 +315,18 @@ class Review:
         key = _checked_key(key)
         if key not in self.items or self.root is None or key.startswith("outside/"):
             raise ReviewError("not an image this review lists", 404)
-        path = self.root / self.current(key)
+        now = self.current(key)
+        path = self.root / now
         real, root = os.path.realpath(path), os.path.realpath(self.root)
         if os.path.commonpath([real, root]) != root:
             raise ReviewError("refused: the file leads outside the data folder (symbolic link)", 403)
         if not path.is_file():
-            raise ReviewError(f"{self.current(key)} is no longer in the data folder", 404)
+            raise ReviewError(f"{now} is no longer in the data folder", 404)
         return path
+
+    def _now(self, key: str) -> str:
+        """Where the listed file ``key`` is now, checked by ``file`` (the journal read once)."""
+        return self.file(key).relative_to(self.root).as_posix()
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -337,19 +342,18 @@ class Review:
         if to not in self.classes:
             raise ReviewError(f"unknown class {to!r}: choose one of {', '.join(self.classes)}")
         with self.lock:
-            self.file(key)
-            split, label, rest = self._parts(self.current(key))
-            if label == to and not self.current(key).startswith(SET_ASIDE + "/"):
+            now = self._now(key)
+            split, label, rest = self._parts(now)
+            if label == to and not now.startswith(SET_ASIDE + "/"):
                 raise ReviewError(f"the image is already labelled {to}")
             target = free_name(self.root.joinpath(*split, to, *rest))
-            return self._move(key, "relabel", self.current(key), target)
+            return self._move(key, "relabel", now, target)
 
     def set_aside(self, key: str) -> dict:
         """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
         self._writable()
         with self.lock:
-            self.file(key)
-            now = self.current(key)
+            now = self._now(key)
             if now.startswith(SET_ASIDE + "/"):
                 raise ReviewError("the image is already set aside")
             return self._move(key, "set_aside", now, free_name(self.root / SET_ASIDE / now))

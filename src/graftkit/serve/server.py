@@ -38,7 +38,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pass another "
                          "--port (or --port 0 for any free one)") from None
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
