@@ -99,6 +99,7 @@ SETTINGS: dict[str, dict] = {
     "colour": {"augment": "basic,saturation,hue,grayscale"},  # style less brightness
     "grayscale": {"augment": "basic,grayscale"},
     "style-views-10": {"augment": "style", "views": 10},
+    "style-views-1": {"augment": "style", "views": 1},
     # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
     "lite1": {"base": "efficientnet_lite1"},
     "lite2": {"base": "efficientnet_lite2"},
