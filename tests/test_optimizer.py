@@ -134,12 +134,23 @@ def _fit(tmp_path, name, *extra):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys):
+def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch):
+    import graftkit
+    from graftkit.frozen.engine import ENGINE_ENV
+
+    monkeypatch.setenv(ENGINE_ENV, "tflite")  # converted, as a large set's would be
     m = _fit(tmp_path, "head", "--mode", "head")
     assert [p["name"] for p in m["phases"]] == ["head"]
     assert m["mode"]["chosen"] == "head" and m["mode"]["reason"] == "--mode head"
     assert "chose head: --mode head" in capsys.readouterr().out
     assert m["options"]["label_smoothing"] == 0.0  # auto: no whole-base fine-tuning here
+    # Predicting cuts the model where the fit did (above the base), so the fit's engine fits.
+    run = graftkit.load(tmp_path / "head")
+    images = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))[:4]
+    fast = run.predict_proba(images)
+    monkeypatch.setenv(ENGINE_ENV, "keras")
+    np.testing.assert_allclose(fast, graftkit.load(tmp_path / "head").predict_proba(images),
+                               atol=1e-4)
 
 
 def test_label_smoothing_auto_smooths_runs_that_fine_tune_the_whole_base(trained_run):

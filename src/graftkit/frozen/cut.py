@@ -194,7 +194,9 @@ def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | Non
     from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
 
     options = metrics.get("options", {})
-    top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0))
+    fine_tuned = options.get("mode") != "head"  # --mode head: the fit cut above the base
+    top_n = cut_blocks(options.get("unfreeze", 0),
+                       options.get("fine_tune_epochs", 0) if fine_tuned else 0)
     entry = REGISTRY.get(metrics.get("backbone", ""))
     try:
         return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,
