@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/throughput.py [--image-size 224] [--batch-size 32] [--images 128]
         [--folder ../shared/datasets/hymenoptera] [--predict-only]
+    .venv/bin/python benchmarks/throughput.py --engines --image-size 288 --images 400 \
+        --folder ../shared/datasets/flowers5
 
 First ``graft predict``'s path (the frozen part through TFLite/XNNPACK) against Keras' own
 ``predict``, on pixels and end to end on files.
@@ -142,6 +144,82 @@ def predict_rates(size: int, folder: str | None, n: int) -> dict:
     return out
 
 
+def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
+    """Each engine side by side on the default fit's frozen part (Lite0 below its top 2 blocks).
+
+    Per engine: pure inference on random pixels, the frozen pass of ``graft fit`` on the
+    folder's files (decoding on all cores, as fit runs it), and whole-model ``predict_proba`` on
+    the files. Conversion and choice are done before the clocks start (both are cached).
+    Returns the rows and the frozen part's forward GFLOPs per image.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from graftkit.backbones import load_base
+    from graftkit.classifier import Classifier
+    from graftkit.data.folder import scan
+    from graftkit.frozen import runtimes
+    from graftkit.frozen.cut import part_key, split_base
+    from graftkit.frozen.engine import ENGINE_ENV, PRECISION_ENV, FrozenPart
+    from graftkit.frozen.extract import extract
+    from graftkit.graft import build_classifier
+
+    base, info = load_base("efficientnet_lite0", size)
+    bottom = split_base(base, info.block_pattern, 2).frozen_model()
+    model = build_classifier(base, 5)
+    data = scan(Path(folder))
+    paths, digests = data.val.paths[:n], data.digests(data.val)[:n]
+    x = np.random.default_rng(0).uniform(0, 255, (64, size, size, 3)).astype("float32")
+    engines = [("keras", "f32"), ("tflite", "f32")]
+    if runtimes.openvino_available():
+        engines.append(("openvino", "f32"))
+        if runtimes.openvino_bf16():
+            engines.append(("openvino", "bf16"))
+    rows = []
+    for name, precision in engines:
+        os.environ[ENGINE_ENV], os.environ[PRECISION_ENV] = name, precision
+        part = FrozenPart(bottom, part_key(bottom, size, "bench"))
+        part(x[:8])  # convert (once, cached), load, parity check
+        row = {"engine": part.label, "fallbacks": part.reasons}
+        t = time.perf_counter()
+        part(x)
+        row["pixels"] = len(x) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        extract(part, paths, digests, size)
+        row["frozen pass, files"] = len(paths) / (time.perf_counter() - t)
+        clf = Classifier(model, [str(i) for i in range(5)],
+                         {"backbone": "efficientnet_lite0",
+                          "options": {"unfreeze": 2, "fine_tune_epochs": 5}})
+        clf.predict_proba(paths[:8])
+        t = time.perf_counter()
+        clf.predict_proba(paths)
+        row["predict, files"] = len(paths) / (time.perf_counter() - t)
+        rows.append(row)
+    os.environ.pop(ENGINE_ENV)
+    os.environ.pop(PRECISION_ENV)
+    return rows, forward_gflops(bottom)
+
+
+def print_engines(args) -> None:
+    rows, gflops = engine_rates(args.image_size, args.folder, args.images)
+    ceilings = {"f32": matmul_gflops("float32"), "bf16": matmul_gflops("bfloat16")}
+    print(f"\nengines on the default fit's frozen part (Lite0 below its top 2 blocks) at "
+          f"{args.image_size} px, {gflops:.2f} GFLOPs per image; {args.images} files of "
+          f"{args.folder}; matmul ceilings: float32 {ceilings['f32']:.0f}, bfloat16 "
+          f"{ceilings['bf16']:.0f} GFLOP/s")
+    print(f"{'engine':16}{'pixels':>9}{'frozen pass':>13}{'predict':>9}{'x tflite':>10}"
+          f"{'of f32 ceiling':>16}{'of bf16 ceiling':>17}")
+    tflite = next(r for r in rows if r["engine"] == "tflite")
+    for r in rows:
+        print(f"{r['engine']:16}{r['pixels']:>9.1f}{r['frozen pass, files']:>13.1f}"
+              f"{r['predict, files']:>9.1f}{r['frozen pass, files'] / tflite['frozen pass, files']:>9.2f}x"
+              f"{r['pixels'] * gflops / ceilings['f32']:>16.1%}"
+              f"{r['pixels'] * gflops / ceilings['bf16']:>17.1%}"
+              + (f"  (fell back: {'; '.join(r['fallbacks'])})" if r["fallbacks"] else ""))
+    print("images/s; 'x tflite' compares the frozen pass on files")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
@@ -150,7 +228,15 @@ def main() -> int:
     parser.add_argument("--folder", help="image files for the end-to-end predict rates "
                                          "(e.g. ../shared/datasets/hymenoptera)")
     parser.add_argument("--predict-only", action="store_true", help="only the predict rates")
+    parser.add_argument("--engines", action="store_true",
+                        help="only the engines side by side (Keras, TFLite, OpenVINO float32 "
+                             "and bfloat16 where the CPU has it) on --folder's files")
     args = parser.parse_args()
+    if args.engines:
+        if not args.folder:
+            parser.error("--engines needs --folder")
+        print_engines(args)
+        return 0
     pr = predict_rates(args.image_size, args.folder, args.images * 2)
     print(f"\ninference at {args.image_size} px, float32 (images/s):")
     for name, value in pr.items():

@@ -50,6 +50,12 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     import graftkit
 
     assert metrics["engine"] and "cached activations" in metrics["phases"][1]["note"]
+    record = metrics["frozen_outputs"]  # which engine and precision computed them
+    views = metrics["options"]["views"] if metrics["options"]["augment"] else 1
+    assert record["computed"] + record["from_cache"] == (metrics["num_train"] * views
+                                                         + metrics["num_val"])
+    assert record["engine"] in ("keras", "tflite", "openvino") and record["precision"] == "f32"
+    assert record["fallbacks"] == []
     preds = list(csv.DictReader((run / "predictions.csv").read_text().splitlines()))
     from graftkit.classifier import Classifier
 
@@ -60,6 +66,13 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
 
     code, _out, err = run_cli(capsys, "fit", data, "--out", run, "--image-size", "32")
     assert code == 5 and "--overwrite" in err
+
+
+def test_engine_settings_with_a_typo_stop_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRAFTKIT_ENGINE", "tflte")
+    assert main(["fit", str(tmp_path / "data"), "--out", str(tmp_path / "run")]) == 2
+    assert "GRAFTKIT_ENGINE='tflte' is not an engine" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_saved_model_loads_in_plain_keras_and_takes_raw_pixels(trained_run):

@@ -1,6 +1,9 @@
-"""The frozen part of the base: the cut, the TFLite engine, the on-disk cache, the views."""
+"""The frozen part of the base: the cut, the engines (TFLite, OpenVINO, Keras), the on-disk
+cache, the views."""
 
 from __future__ import annotations
+
+import os
 
 import keras
 import numpy as np
@@ -11,7 +14,9 @@ from graftkit.backbones import load_base
 from graftkit.backbones.registry import block_groups
 from graftkit.data.augment import augment_image, view_seed
 from graftkit.data.images import load_image
+from graftkit.errors import UsageError
 from graftkit.frozen import engine as engine_module
+from graftkit.frozen import runtimes
 from graftkit.frozen.cut import part_key, split_base
 from graftkit.frozen.engine import FrozenPart
 from graftkit.frozen.extract import extract
@@ -103,7 +108,7 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     x = _pixels(5)
     fast = FrozenPart(net, key)
     out = fast(x)
-    assert fast.engine == "tflite" and len(out) == 2
+    assert fast.engine in ("tflite", "openvino") and len(out) == 2 and not fast.reasons
     for got, ref in zip(out, net.predict(x, verbose=0)):
         assert np.abs(ref).max() > 0.1
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
@@ -112,7 +117,7 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     engine_file.write_bytes(engine_file.read_bytes())  # a second part reads the file back
     again = FrozenPart(net, key)
     np.testing.assert_allclose(again(x)[1], out[1], atol=1e-6)
-    assert FrozenPart(net, key, use_tflite=False).engine == "keras"
+    assert FrozenPart(net, key, converted=False).engine == "keras"
 
 
 def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkeypatch):
@@ -127,11 +132,11 @@ def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkey
     small(_pixels(2))
     assert small.engine == "keras" and not (private_cache / "engines" / f"{key}.tflite").exists()
     large = FrozenPart(net, key)
-    assert large.plan(100) == "tflite"
+    assert large.plan(100) in ("tflite", "openvino")
     large(_pixels(2))
     assert (private_cache / "engines" / f"{key}.tflite").is_file()
     cached = FrozenPart(net, key)  # once converted, even a small job uses it
-    assert cached.plan(1) == "tflite"
+    assert cached.plan(1) in ("tflite", "openvino")
     monkeypatch.setenv(engine_module.ENGINE_ENV, "tflite")
     assert FrozenPart(net, part_key(net, SIZE, "forced")).plan(1) == "tflite"
     monkeypatch.setenv(engine_module.ENGINE_ENV, "keras")
@@ -142,9 +147,127 @@ def test_engine_that_disagrees_with_keras_falls_back(private_cache):
     FrozenPart(_small_net(1), "wrong-engine")(_pixels(1))  # another network's engine, same key
     net = _small_net(2)
     part = FrozenPart(net, "wrong-engine")
+    said = []
+    part.notify = said.append
     out = part(_pixels(4))
-    assert part.engine == "keras"
+    assert part.engine == "keras" and part.reasons  # every converted engine was refused
+    assert all("differs from Keras" in r for r in part.reasons)
+    assert said[-1].endswith("using keras")
     np.testing.assert_allclose(out[1], net.predict(_pixels(4), verbose=0)[1], atol=1e-5)
+
+
+def _needs_openvino():
+    if not runtimes.openvino_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the OpenVINO engine must be tested in CI: install graftkit[openvino]")
+        pytest.skip("openvino is not installed")
+
+
+def test_openvino_engine_matches_keras(private_cache, monkeypatch):
+    _needs_openvino()
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "openvino")
+    net = _small_net(5)
+    part = FrozenPart(net, part_key(net, SIZE, "openvino"))
+    x = _pixels(5)
+    out = part(x)
+    assert (part.engine, part.label, part.reasons) == ("openvino", "openvino", [])
+    for got, ref in zip(out, net.predict(x, verbose=0)):
+        assert got.shape == ref.shape and np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_is_chosen_by_a_measurement_cached_per_machine(private_cache, monkeypatch):
+    _needs_openvino()
+    monkeypatch.delenv(engine_module.ENGINE_ENV, raising=False)
+    net = _small_net(6)
+    key = part_key(net, SIZE, "choice")
+    speeds = {"tflite": 10.0, "openvino": 20.0}
+    monkeypatch.setattr(engine_module, "measure", lambda runners, shape: dict(speeds))
+    said = []
+    part = FrozenPart(net, key)
+    part.notify = said.append
+    assert part.plan(10**6) == "openvino"
+    assert any("tflite 10.0, openvino 20.0: openvino" in line for line in said)
+    choice = private_cache / "engines" / f"{key}.json"
+    assert '"order": ["openvino", "tflite"]' in choice.read_text()
+    np.testing.assert_allclose(part(_pixels(2))[1], net.predict(_pixels(2), verbose=0)[1],
+                               atol=1e-4)
+
+    def never(*_):
+        raise AssertionError("measured again on the same machine")
+
+    monkeypatch.setattr(engine_module, "measure", never)
+    assert FrozenPart(net, key).plan(1) == "openvino"  # the cached choice
+    # Another machine (or OpenVINO version) measures again; within the margin, TFLite stays.
+    monkeypatch.setattr(engine_module, "machine", lambda: "another machine")
+    monkeypatch.setattr(engine_module, "measure",
+                        lambda runners, shape: {"tflite": 10.0, "openvino": 10.4})
+    assert FrozenPart(net, key).plan(1) == "tflite"
+    assert '"order": ["tflite", "openvino"]' in choice.read_text()
+
+
+def test_a_failing_engine_falls_back_to_the_next_then_keras_and_says_why(private_cache,
+                                                                          monkeypatch):
+    _needs_openvino()
+    monkeypatch.delenv(engine_module.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(engine_module, "measure",
+                        lambda runners, shape: {"tflite": 1.0, "openvino": 2.0})
+
+    def boom(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runtimes.OpenVINORunner, "__call__", boom)
+    net = _small_net(7)
+    x = _pixels(3)
+    ref = net.predict(x, verbose=0)
+    part = FrozenPart(net, part_key(net, SIZE, "failing"))
+    said = []
+    part.notify = said.append
+    np.testing.assert_allclose(part(x)[1], ref[1], atol=1e-4)
+    assert part.engine == "tflite"
+    assert part.reasons == ["openvino failed (RuntimeError: boom)"]
+    assert said[-1] == "  openvino failed (RuntimeError: boom): using tflite"
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", boom)
+    part = FrozenPart(net, part_key(net, SIZE, "failing"))
+    np.testing.assert_allclose(part(x)[1], ref[1], atol=1e-5)
+    assert part.engine == "keras" and len(part.reasons) == 2
+    # An engine that cannot load at all is skipped with its reason too.
+    monkeypatch.setattr(runtimes, "OpenVINORunner", lambda *a, **k: boom(None, None))
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", runtimes.TFLiteRunner.__call__)
+    part = FrozenPart(net, part_key(net, SIZE, "unloadable"))
+    part(x)
+    assert part.reasons[0].startswith("openvino could not load the engine (RuntimeError: boom)")
+
+
+def test_engine_settings_with_a_typo_are_one_clear_error(monkeypatch):
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "openvno")
+    with pytest.raises(UsageError, match="GRAFTKIT_ENGINE='openvno' is not an engine"):
+        FrozenPart(_small_net(0), "typo")
+    monkeypatch.setenv(engine_module.PRECISION_ENV, "fp8")
+    monkeypatch.setattr(runtimes, "openvino_bf16", lambda: True)
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "openvino")
+    with pytest.raises(UsageError, match="use f32 or bf16"):
+        FrozenPart(_small_net(0), "typo")
+
+
+def test_bf16_is_asked_for_and_taken_only_where_the_cpu_has_it(private_cache, monkeypatch):
+    _needs_openvino()
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "openvino")
+    monkeypatch.setenv(engine_module.PRECISION_ENV, "bf16")
+    net = _small_net(8)
+    key = part_key(net, SIZE, "bf16")
+    monkeypatch.setattr(runtimes, "openvino_bf16", lambda: False)
+    part = FrozenPart(net, key)  # no bf16 units: float32, cached with float32 outputs
+    part(_pixels(2))
+    assert (part.precision, part.store_key) == ("f32", key)
+    monkeypatch.setattr(runtimes, "openvino_bf16", lambda: True)
+    part = FrozenPart(net, key)
+    x = _pixels(4)
+    out = part(x)
+    assert (part.precision, part.label, part.store_key) == ("bf16", "openvino bf16", key + "-bf16")
+    tolerance = engine_module.PARITY_TOLERANCE["bf16"]
+    for got, ref in zip(out, net.predict(x, verbose=0)):
+        assert np.abs(got - ref).max() <= tolerance * max(np.abs(ref).max(), 1.0)
 
 
 def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path):
@@ -153,7 +276,7 @@ def test_views_are_cached_per_file_and_decided_by_content(image_folder, tmp_path
     net = _small_net(3)
     folder = scan(image_folder)
     paths, digests = folder.train.paths[:6], folder.digests(folder.train)[:6]
-    part = FrozenPart(net, part_key(net, SIZE, "views"), use_tflite=False)
+    part = FrozenPart(net, part_key(net, SIZE, "views"), converted=False)
     aug = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
     first = extract(part, paths, digests, SIZE, views=3, augment=aug, store_key="k")
     assert first.computed == 18
@@ -185,7 +308,7 @@ def test_outputs_past_the_memory_budget_stay_on_disk_and_read_back_the_same(imag
     net = _small_net(3)
     folder = scan(image_folder)
     paths, digests = folder.train.paths[:7], folder.digests(folder.train)[:7]
-    part = FrozenPart(net, part_key(net, SIZE, "disk"), use_tflite=False)
+    part = FrozenPart(net, part_key(net, SIZE, "disk"), converted=False)
     aug = {"flip": True, "rotation": 0.1}
     held = extract(part, paths, digests, SIZE, views=2, augment=aug)
     spilled = extract(part, paths, digests, SIZE, views=2, augment=aug, memory_budget=0)

@@ -575,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         name = f"graft {args.command}"
+        from graftkit.frozen import runtimes
+
+        runtimes.forced_engine()  # a typo in the engine settings stops before any work
+        runtimes.wanted_precision()
         return _run(args)
     except GraftError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)

@@ -1,10 +1,12 @@
-"""The engine that runs the frozen part: TensorFlow Lite's XNNPACK kernels when they agree with
-Keras (twice Keras' speed on a CPU), else a compiled Keras function.
+"""The engine that runs the frozen part, chosen per machine: OpenVINO or TensorFlow Lite on the
+one converted file when they agree with Keras (about twice Keras' speed on a CPU), else Keras.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,15 +18,18 @@ from graftkit import defaults
 from graftkit.backbones.registry import layers_within
 from graftkit.errors import DiskFullError
 from graftkit.files import atomic_write
+from graftkit.frozen import runtimes
 from graftkit.frozen.store import cache_full, writable
 from graftkit.quiet import silenced
 
-ENGINE_ENV = "GRAFTKIT_ENGINE"  # "keras" or "tflite" forces that engine (for comparisons)
-
-
-
-PARITY_TOLERANCE = 1e-3  # max |TFLite - Keras|, relative to the output's scale
-
+ENGINE_ENV, PRECISION_ENV = runtimes.ENGINE_ENV, runtimes.PRECISION_ENV
+forced_engine, wanted_precision = runtimes.forced_engine, runtimes.wanted_precision
+# Max |engine - Keras| on the first batch, relative to the output's scale, per precision.
+PARITY_TOLERANCE = {"f32": 1e-3, "bf16": 5e-2}
+# OpenVINO is chosen over TFLite only when it measured at least this much faster here: TFLite
+# ran 4% ahead of it on an AVX-512 CPU in float32 and 10% behind on an AVX2 one.
+CHOICE_MARGIN = 1.05
+MEASURE_ROUNDS = 10  # single images per engine, interleaved, for the choice
 
 
 def release_memory() -> None:
@@ -39,29 +44,11 @@ def release_memory() -> None:
         pass  # not glibc: nothing to trim
 
 
-
 def _float32(model: keras.Model) -> bool:
-    """Whether every layer computes in float32 (TFLite runs no bfloat16 graph)."""
+    """Whether every layer computes in float32 (the converted engines run no bfloat16 graph)."""
 
     return all(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
                == "float32" for layer in layers_within(model, leaves_only=True))
-
-
-
-def _interpreter(content: bytes):
-    threads = os.cpu_count() or 1
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import warnings
-
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tf.lite.Interpreter(model_content=content, num_threads=threads)
-    return Interpreter(model_content=content, num_threads=threads)
-
 
 
 def engine_path(key: str) -> Path:
@@ -69,30 +56,68 @@ def engine_path(key: str) -> Path:
     return defaults.cache_dir() / "engines" / f"{key}.tflite"
 
 
+def machine() -> str:
+    """What the engine choice depends on: CPU model, cores and OpenVINO's version."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    version = ""
+    if runtimes.openvino_available():
+        import openvino
+
+        version = openvino.__version__
+    return f"{platform.machine()} | {cpu} | {os.cpu_count()} cores | openvino {version or '-'}"
+
 
 class FrozenPart:
-    """Runs a frozen model on float32 pixels, through TFLite/XNNPACK when it matches Keras.
+    """Runs a frozen model on float32 pixels through the fastest engine that matches Keras.
 
-    Returns a list with one array per model output. The converted model is cached under
-    ``cache_dir()/engines`` by ``key``; its outputs are compared with Keras' on the first
-    batch, and any disagreement beyond ``PARITY_TOLERANCE`` falls back to Keras for good.
+    Returns a list with one array per model output. The model is converted to TFLite once and
+    cached under ``cache_dir()/engines`` by ``key``; TFLite and OpenVINO (when installed) both
+    run that file, and which is faster on this machine is measured once and cached next to it.
+    The engine's outputs are compared with Keras' on the first batch; a disagreement beyond
+    ``PARITY_TOLERANCE`` or a failure moves on to the other engine, then to Keras, and says why
+    (``reasons``; ``notify`` is told as it happens).
     """
 
-    def __init__(self, model: keras.Model, key: str, use_tflite: bool | None = None):
+    def __init__(self, model: keras.Model, key: str, converted: bool | None = None):
         self.model, self.key = model, key
-        self.notify: Callable[[str], None] | None = None  # told of a conversion (seconds long)
-        forced = os.environ.get(ENGINE_ENV, "")
-        if use_tflite is None:  # TFLite is a CPU engine: with a GPU, Keras runs on it
+        self.notify: Callable[[str], None] | None = None  # conversions, choices, fallbacks
+        self.reasons: list[str] = []
+        self._forced = forced_engine()
+        if converted is None:  # converted engines are CPU engines: with a GPU, Keras runs on it
             from graftkit.devices import gpus
 
-            use_tflite = (forced != "keras" and _float32(model)
-                          and (forced == "tflite" or not gpus()))
-        self._may_plan = use_tflite and forced != "tflite"  # the env var decides for good
-        self.engine = "tflite" if use_tflite else "keras"
-        self._interp = None
+            converted = (self._forced != "keras" and _float32(model)
+                         and (self._forced in ("tflite", "openvino") or not gpus()))
+        self._may_plan = converted and not self._forced  # a forced engine decides for good
+        self.engine = "tflite" if converted else "keras"  # until the engines are loaded
+        self._runners: list | None = None if converted else []
         self._call = None
-        self._checked = not use_tflite
+        self._checked = not converted
+        self._bf16 = (converted and self._forced != "tflite" and wanted_precision() == "bf16"
+                      and runtimes.openvino_bf16())
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
+
+    @property
+    def precision(self) -> str:
+        if self._runners:
+            return self._runners[0].precision
+        return "f32" if _float32(self.model) else "bf16"
+
+    @property
+    def label(self) -> str:
+        """The engine and, when not float32, its precision: "openvino bf16", "tflite"."""
+        return self.engine + (f" {self.precision}" if self.precision != "f32" else "")
+
+    @property
+    def store_key(self) -> str:
+        """The cache folder of this part's outputs: bfloat16 ones are kept apart."""
+        return self.key + ("-bf16" if self._bf16 else "")
 
     @property
     def _path(self) -> Path:
@@ -104,91 +129,158 @@ class FrozenPart:
         Converting takes ~9.5 s here and saves ~5 ms an image, so below
         ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first, unless the engine is cached.
         """
-        if self._may_plan and self._interp is None:
+        if self._may_plan and self._runners is None:
             convert = images >= defaults.ENGINE_MIN_IMAGES or self._path.is_file()
-            self.engine = "tflite" if convert else "keras"
-            self._checked = not convert
+            if convert:
+                self._load()
+            else:
+                self.engine, self._runners, self._checked = "keras", [], True
         return self.engine
 
-    def _load(self):
+    def _say(self, text: str) -> None:
+        if self.notify:
+            self.notify(text)
+
+    def _fall_back(self, reason: str) -> None:
+        """Drop the current engine for the next one (Keras last), saying why."""
+        self.reasons.append(reason)
+        if self._runners:
+            self._runners.pop(0)
+        self.engine = self._runners[0].name if self._runners else "keras"
+        self._checked = self.engine == "keras"
+        self._say(f"  {reason}: using {self.label}")
+
+    def _content(self) -> bytes:
+        """The converted TFLite model: from the cache, else converted now (and cached)."""
         path = self._path
         if path.is_file():
             content = path.read_bytes()
             os.utime(path)
-        else:
-            import tensorflow as tf
+            return content
+        import tensorflow as tf
 
-            start = time.perf_counter()
-            if self.notify:
-                self.notify("converting the frozen base to a TFLite engine (once; cached for "
-                            "later runs)...")
+        start = time.perf_counter()
+        self._say("converting the frozen base to a TFLite engine (once; cached for later runs)...")
+        with silenced():
+            content = tf.lite.TFLiteConverter.from_keras_model(self.model).convert()
+        self._say(f"  converted in {time.perf_counter() - start:.1f} s")
+        if writable():
             try:
-                with silenced():
-                    content = tf.lite.TFLiteConverter.from_keras_model(self.model).convert()
-            except Exception:
-                return None
-            if self.notify:
-                self.notify(f"  converted in {time.perf_counter() - start:.1f} s")
-            if writable():
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
-                except DiskFullError:  # the engine runs from memory; the next run converts
-                    cache_full(path.parent)
-            release_memory()  # the converter's garbage, before the outputs fill memory
-        with silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on stderr otherwise
-            interp = _interpreter(content)
-            interp.allocate_tensors()
-        # The engine's outputs in the model's order, matched by shape (refused if ambiguous).
-        details = interp.get_output_details()
-        order = []
-        for shape in self.output_shapes:
-            match = [d["index"] for d in details if tuple(d["shape"][1:]) == shape]
-            if len(match) != 1 and len(self.output_shapes) > 1:
-                return None
-            order.append(match[0] if match else details[0]["index"])
-        self._outputs = order
-        return interp
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+            except DiskFullError:  # the engine runs from memory; the next run converts
+                cache_full(path.parent)
+        release_memory()  # the converter's garbage, before the outputs fill memory
+        return content
 
-    def _run_tflite(self, x: np.ndarray) -> list[np.ndarray]:
-        interp = self._interp
-        inp = interp.get_input_details()[0]["index"]
-        if tuple(interp.get_input_details()[0]["shape"]) != (1, *x.shape[1:]):
-            interp.resize_tensor_input(inp, (1, *x.shape[1:]))
-            interp.allocate_tensors()
-        results = [np.empty((len(x), *shape), dtype=np.float32) for shape in self.output_shapes]
-        for i in range(len(x)):  # batch 1 measured fastest with XNNPACK here
-            interp.set_tensor(inp, x[i: i + 1])
-            interp.invoke()
-            for result, index in zip(results, self._outputs):
-                result[i] = interp.get_tensor(index)[0]
-        return results
+    def _load(self) -> None:
+        """Load the converted engines, fastest here first; Keras if none loads."""
+        self._runners = []
+        try:
+            content = self._content()
+        except Exception as e:  # noqa: BLE001 - any converter failure means: run on Keras
+            self._fall_back(f"converting the frozen base to TFLite failed ({type(e).__name__})")
+            return
+        names = [self._forced] if self._forced else ["tflite"] + (
+            ["openvino"] if runtimes.openvino_available() else [])
+        for name in names:
+            try:
+                self._runners.append(self._runner(name, content))
+            except Exception as e:  # noqa: BLE001 - an engine that cannot load is skipped
+                self.reasons.append(f"{name} could not load the engine ({type(e).__name__}: {e})")
+                self._say(f"  {self.reasons[-1]}")
+        if len(self._runners) > 1:
+            self._runners = self._ranked(self._runners)
+        self.engine = self._runners[0].name if self._runners else "keras"
+        self._checked = not self._runners
+
+    def _runner(self, name: str, content: bytes):
+        if name == "tflite":
+            return runtimes.TFLiteRunner(content, self.output_shapes)
+        source = self._path if self._path.is_file() else content
+        return runtimes.OpenVINORunner(source, self.output_shapes,
+                                       tuple(self.model.inputs[0].shape[1:]),
+                                       "bf16" if self._bf16 else "f32")
+
+    def _ranked(self, runners: list) -> list:
+        """Runners fastest first, by a short measurement made once per machine and cached."""
+        choice_file = self._path.with_suffix(".json")  # evicted with the engine it is about
+        here = f"{machine()} | {self._bf16 and 'bf16' or 'f32'}"
+        names = sorted(r.name for r in runners)
+        try:
+            saved = json.loads(choice_file.read_text(encoding="utf-8"))
+            if saved["machine"] == here and sorted(saved["order"]) == names:
+                return sorted(runners, key=lambda r: saved["order"].index(r.name))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        speed = measure(runners, tuple(self.model.inputs[0].shape[1:]))
+        first = max(runners, key=lambda r: speed[r.name] * (1 if r.name == "tflite"
+                                                             else 1 / CHOICE_MARGIN))
+        ranked = [first] + [r for r in runners if r is not first]
+        self._say("  engines measured on this machine (images/s, once): "
+                  + ", ".join(f"{r.name} {speed[r.name]:.1f}" for r in runners)
+                  + f": {first.name}")
+        if writable():
+            text = json.dumps({"machine": here, "order": [r.name for r in ranked],
+                               "images_per_second": {k: round(v, 1) for k, v in speed.items()}})
+            try:
+                atomic_write(choice_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            except (DiskFullError, OSError):
+                pass  # measured again next time
+        return ranked
 
     def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
         if self._call is None:
             self._call = compiled(self.model)
         return self._call(x)
 
+    def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
+        """Why the engine's first outputs cannot stand for Keras', or None when they can."""
+        tolerance = PARITY_TOLERANCE[self.precision]
+        for got, ref in zip(out, self._run_keras(x[:4])):
+            scale = max(float(np.abs(ref).max()), 1.0)
+            diff = float(np.abs(got[:4] - ref).max())
+            if not diff <= tolerance * scale:  # NaN included
+                return (f"{self.label} differs from Keras by {diff:.3g} (tolerance "
+                        f"{tolerance * scale:.3g})")
+        return None
+
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.engine == "keras":
-            return self._run_keras(x)
-        if self._interp is None:
-            self._interp = self._load()
-            if self._interp is None:
-                self.engine = "keras"
-                return self._run_keras(x)
-        out = self._run_tflite(x)
-        if not self._checked:
-            refs = self._run_keras(x[:4])
-            for got, ref in zip(out, refs):
-                scale = max(float(np.abs(ref).max()), 1.0)
-                if float(np.abs(got[:4] - ref).max()) > PARITY_TOLERANCE * scale:
-                    self.engine = "keras"
-                    return self._run_keras(x)
-            self._checked = True
-        return out
+        while self.engine != "keras":
+            if self._runners is None:
+                self._load()
+                continue
+            try:
+                out = self._runners[0](x)
+            except Exception as e:  # noqa: BLE001 - a failing engine hands over to the next
+                self._fall_back(f"{self.label} failed ({type(e).__name__}: {e})")
+                continue
+            if not self._checked:
+                reason = self._disagreement(out, x)
+                if reason:
+                    self._fall_back(reason)
+                    continue
+                self._checked = True
+                del self._runners[1:]  # the fallbacks are not needed any more
+            return out
+        return self._run_keras(x)
 
+
+def measure(runners: list, image_shape: tuple) -> dict[str, float]:
+    """Images/s of each runner on one random image at a time, interleaved so that every runner
+    sees the same background load (decoding threads, other processes)."""
+    x = np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype(np.float32)
+    for runner in runners:  # warm-up: the first calls allocate
+        runner(x)
+        runner(x)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(MEASURE_ROUNDS):
+        for runner in runners:
+            start = time.perf_counter()
+            runner(x)
+            times[runner.name].append(time.perf_counter() - start)
+    return {name: 1.0 / float(np.median(t)) for name, t in times.items()}
 
 
 KERAS_BATCH = 16  # rows per call of a compiled model: measured fastest here (113 images/s)

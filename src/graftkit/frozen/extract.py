@@ -175,7 +175,7 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             if (i, v) not in have:
                 todo.setdefault(i, []).append(v)
     frozen.plan(sum(len(v) for v in todo.values()))
-    bar = progress(f"frozen base ({frozen.engine}, {views} view{'s' if views > 1 else ''})",
+    bar = progress(f"frozen base ({frozen.label}, {views} view{'s' if views > 1 else ''})",
                    len(todo)) if progress and todo else None
 
     def prepare(i: int) -> list[np.ndarray]:

@@ -75,6 +75,7 @@ class FitState:
     train_ex: Any = None  # graftkit.frozen.extract.Extracted
     val_ex: Any = None
     extract_seconds: float = 0.0
+    frozen_computed: int = 0  # frozen outputs computed (not read from the cache) by this run
     # choose_mode
     mode: dict | None = None
 
@@ -297,9 +298,9 @@ def compute_frozen(s: FitState) -> None:
     opt, dist, folder, size, views = s.opt, s.dist, s.folder, s.size, s.views
     # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
     s.frozen = FrozenPart(s.frozen_model, s.engine_key,
-                          use_tflite=False if dist.name != "default" else None)
+                          converted=False if dist.name != "default" else None)
     s.frozen.notify = s.log
-    store_key = s.frozen.key if opt.cache else None
+    store_key = s.frozen.store_key if opt.cache else None
     start = time.perf_counter()
     shared = 0  # outputs this worker computed into the cache for all of them
     if dist.workers > 1 and store_key:  # each worker computes its share into the cache
@@ -314,10 +315,10 @@ def compute_frozen(s: FitState) -> None:
     s.val_ex = extract(s.frozen, folder.val.paths, folder.digests(folder.val), size, 1, None,
                        store_key, progress=s.progress)
     s.extract_seconds = time.perf_counter() - start
-    computed = shared + s.train_ex.computed + s.val_ex.computed
+    computed = s.frozen_computed = shared + s.train_ex.computed + s.val_ex.computed
     total = len(folder.train) * views + len(folder.val)
     s.log(f"frozen base: {total - computed} of {total} outputs from the cache, {computed} "
-          f"computed{' here' if shared else ''} ({s.frozen.engine}, {s.extract_seconds:.1f} s)"
+          f"computed{' here' if shared else ''} ({s.frozen.label}, {s.extract_seconds:.1f} s)"
           + (f"; {views} views per training image" if views > 1 else ""))
     if s.train_ex.on_disk or s.val_ex.on_disk:
         s.log(f"  more than {defaults.FEATURE_MEMORY_BUDGET >> 20} MB of frozen outputs: kept "
@@ -603,6 +604,21 @@ def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.n
     return probs, cal, (scorer, info), scores
 
 
+def frozen_record(s: FitState) -> dict | None:
+    """Which engine and precision computed the frozen outputs this run trained on.
+
+    Rows read from the cache were computed by an engine that passed the same parity check, in
+    the same precision (bfloat16 rows are cached apart).
+    """
+    if s.frozen is None:
+        return None
+    computed = s.frozen_computed
+    total = len(s.folder.train) * s.views + len(s.folder.val)
+    return {"engine": s.frozen.engine if computed else None, "precision": s.frozen.precision,
+            "computed": computed, "from_cache": total - computed,
+            "fallbacks": list(s.frozen.reasons)}
+
+
 def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -> dict:
     """``metrics.json``: the scores, what was run and why, in one dictionary."""
     import keras
@@ -630,6 +646,7 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
         ],
         "total_seconds": round(time.perf_counter() - s.started, 2),
         "engine": engine_key,
+        "frozen_outputs": frozen_record(s),
         "precision": opt.precision,
         "distribution": {"strategy": dist.name, "replicas": dist.replicas,
                          "workers": dist.workers, "weights_sha256": digest},
