@@ -27,9 +27,12 @@ forced_engine, wanted_precision = runtimes.forced_engine, runtimes.wanted_precis
 # Max |engine - Keras| on the first batch, relative to the output's scale, per precision.
 PARITY_TOLERANCE = {"f32": 1e-3, "bf16": 5e-2}
 # OpenVINO is chosen over TFLite only when it measured at least this much faster here: TFLite
-# ran 4% ahead of it on an AVX-512 CPU in float32 and 10% behind on an AVX2 one.
+# ran 4% ahead of it on an AVX-512 CPU in float32, and here (AVX2) it is ahead on idle cores
+# and 9% behind while decoding threads share them, as in graft fit's frozen pass.
 CHOICE_MARGIN = 1.05
-MEASURE_ROUNDS = 10  # single images per engine, interleaved, for the choice
+# Timed batches per engine before choosing (after each one's first, which allocates and is
+# checked against Keras): the choice is made on the job itself, decoding and all.
+TRIAL_BATCHES = 2
 
 
 def release_memory() -> None:
@@ -78,10 +81,11 @@ class FrozenPart:
 
     Returns a list with one array per model output. The model is converted to TFLite once and
     cached under ``cache_dir()/engines`` by ``key``; TFLite and OpenVINO (when installed) both
-    run that file, and which is faster on this machine is measured once and cached next to it.
-    The engine's outputs are compared with Keras' on the first batch; a disagreement beyond
-    ``PARITY_TOLERANCE`` or a failure moves on to the other engine, then to Keras, and says why
-    (``reasons``; ``notify`` is told as it happens).
+    run that file. Which is faster on this machine is measured on the first job's own batches
+    (the engines take turns) and cached next to the file. Each engine's outputs are compared
+    with Keras' on its first batch; a disagreement beyond ``PARITY_TOLERANCE`` or a failure
+    moves on to the other engine, then to Keras, and says why (``reasons``; ``notify`` is told
+    as it happens).
     """
 
     def __init__(self, model: keras.Model, key: str, converted: bool | None = None):
@@ -98,21 +102,33 @@ class FrozenPart:
         self.engine = "tflite" if converted else "keras"  # until the engines are loaded
         self._runners: list | None = None if converted else []
         self._call = None
-        self._checked = not converted
+        self._checked: set[str] = set()  # runners whose first outputs matched Keras'
+        self._trial: dict[str, list[float]] | None = None  # seconds an image, while choosing
         self._bf16 = (converted and self._forced != "tflite" and wanted_precision() == "bf16"
                       and runtimes.openvino_bf16())
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
 
     @property
     def precision(self) -> str:
+        """"f32" or "bf16" ("f32+bf16" while engines of both take turns)."""
         if self._runners:
-            return self._runners[0].precision
+            runners = self._runners if self._trial is not None else self._runners[:1]
+            return "+".join(sorted({r.precision for r in runners}, reverse=True))
         return "f32" if _float32(self.model) else "bf16"
 
     @property
     def label(self) -> str:
-        """The engine and, when not float32, its precision: "openvino bf16", "tflite"."""
+        """The engine and, when not float32, its precision: "openvino bf16", "tflite"; while
+        the engines take turns to be measured, all of them: "tflite+openvino"."""
         return self.engine + (f" {self.precision}" if self.precision != "f32" else "")
+
+    def _set_engine(self) -> None:
+        if not self._runners:
+            self.engine = "keras"
+        elif self._trial is not None:
+            self.engine = "+".join(r.name for r in self._runners)
+        else:
+            self.engine = self._runners[0].name
 
     @property
     def store_key(self) -> str:
@@ -134,20 +150,21 @@ class FrozenPart:
             if convert:
                 self._load()
             else:
-                self.engine, self._runners, self._checked = "keras", [], True
+                self.engine, self._runners = "keras", []
         return self.engine
 
     def _say(self, text: str) -> None:
         if self.notify:
             self.notify(text)
 
-    def _fall_back(self, reason: str) -> None:
-        """Drop the current engine for the next one (Keras last), saying why."""
+    def _fall_back(self, reason: str, runner=None) -> None:
+        """Drop ``runner`` (the current engine) for the next one (Keras last), saying why."""
         self.reasons.append(reason)
         if self._runners:
-            self._runners.pop(0)
-        self.engine = self._runners[0].name if self._runners else "keras"
-        self._checked = self.engine == "keras"
+            self._runners.remove(runner or self._runners[0])
+        if self._trial is not None and len(self._runners) < 2:
+            self._trial = None
+        self._set_engine()
         self._say(f"  {reason}: using {self.label}")
 
     def _content(self) -> bytes:
@@ -190,9 +207,8 @@ class FrozenPart:
                 self.reasons.append(f"{name} could not load the engine ({type(e).__name__}: {e})")
                 self._say(f"  {self.reasons[-1]}")
         if len(self._runners) > 1:
-            self._runners = self._ranked(self._runners)
-        self.engine = self._runners[0].name if self._runners else "keras"
-        self._checked = not self._runners
+            self._runners, self._trial = self._saved_choice(self._runners)
+        self._set_engine()
 
     def _runner(self, name: str, content: bytes):
         if name == "tflite":
@@ -202,46 +218,67 @@ class FrozenPart:
                                        tuple(self.model.inputs[0].shape[1:]),
                                        "bf16" if self._bf16 else "f32")
 
-    def _ranked(self, runners: list) -> list:
-        """Runners fastest first, by a short measurement made once per machine and cached."""
-        choice_file = self._path.with_suffix(".json")  # evicted with the engine it is about
-        here = f"{machine()} | {self._bf16 and 'bf16' or 'f32'}"
-        names = sorted(r.name for r in runners)
+    @property
+    def _choice_file(self) -> Path:
+        return self._path.with_suffix(".json")  # evicted with the engine it is about
+
+    def _here(self) -> str:
+        return f"{machine()} | {'bf16' if self._bf16 else 'f32'}"
+
+    def _saved_choice(self, runners: list) -> tuple[list, dict | None]:
+        """Runners in the order chosen before on this machine, or a trial to choose it."""
         try:
-            saved = json.loads(choice_file.read_text(encoding="utf-8"))
-            if saved["machine"] == here and sorted(saved["order"]) == names:
-                return sorted(runners, key=lambda r: saved["order"].index(r.name))
+            saved = json.loads(self._choice_file.read_text(encoding="utf-8"))
+            if (saved["machine"] == self._here()
+                    and sorted(saved["order"]) == sorted(r.name for r in runners)):
+                return sorted(runners, key=lambda r: saved["order"].index(r.name)), None
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        speed = measure(runners, tuple(self.model.inputs[0].shape[1:]))
-        first = max(runners, key=lambda r: speed[r.name] * (1 if r.name == "tflite"
-                                                             else 1 / CHOICE_MARGIN))
-        ranked = [first] + [r for r in runners if r is not first]
-        self._say("  engines measured on this machine (images/s, once): "
-                  + ", ".join(f"{r.name} {speed[r.name]:.1f}" for r in runners)
-                  + f": {first.name}")
+        return runners, {r.name: [] for r in runners}
+
+    def _next_runner(self):
+        """The engine for this batch: the chosen one, or while choosing, each in turn."""
+        if self._trial is None:
+            return self._runners[0]
+        return min(self._runners, key=lambda r: len(self._trial[r.name])
+                   + (r.name in self._checked))
+
+    def _timed(self, runner, seconds_per_image: float) -> None:
+        """Record a trial batch; once every engine has its batches, choose and cache."""
+        self._trial[runner.name].append(seconds_per_image)
+        if min(len(t) for t in self._trial.values()) < TRIAL_BATCHES:
+            return
+        speed = {name: 1.0 / float(np.median(t)) for name, t in self._trial.items()}
+        order = choose(speed)
+        self._runners = sorted(self._runners, key=lambda r: order.index(r.name))[:1]
+        self._trial = None
+        self._set_engine()
+        self._say("  engines measured on this job (images/s, once on this machine): "
+                  + ", ".join(f"{name} {v:.1f}" for name, v in speed.items())
+                  + f": {self.engine}")
         if writable():
-            text = json.dumps({"machine": here, "order": [r.name for r in ranked],
+            text = json.dumps({"machine": self._here(), "order": order,
                                "images_per_second": {k: round(v, 1) for k, v in speed.items()}})
             try:
-                atomic_write(choice_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+                atomic_write(self._choice_file,
+                             lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
             except (DiskFullError, OSError):
                 pass  # measured again next time
-        return ranked
 
     def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
         if self._call is None:
             self._call = compiled(self.model)
         return self._call(x)
 
-    def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
+    def _disagreement(self, runner, out: list[np.ndarray], x: np.ndarray) -> str | None:
         """Why the engine's first outputs cannot stand for Keras', or None when they can."""
-        tolerance = PARITY_TOLERANCE[self.precision]
+        tolerance = PARITY_TOLERANCE[runner.precision]
         for got, ref in zip(out, self._run_keras(x[:4])):
             scale = max(float(np.abs(ref).max()), 1.0)
             diff = float(np.abs(got[:4] - ref).max())
             if not diff <= tolerance * scale:  # NaN included
-                return (f"{self.label} differs from Keras by {diff:.3g} (tolerance "
+                name = runner.name + (f" {runner.precision}" if runner.precision != "f32" else "")
+                return (f"{name} differs from Keras by {diff:.3g} (tolerance "
                         f"{tolerance * scale:.3g})")
         return None
 
@@ -251,36 +288,31 @@ class FrozenPart:
             if self._runners is None:
                 self._load()
                 continue
+            runner = self._next_runner()
+            start = time.perf_counter()
             try:
-                out = self._runners[0](x)
+                out = runner(x)
             except Exception as e:  # noqa: BLE001 - a failing engine hands over to the next
-                self._fall_back(f"{self.label} failed ({type(e).__name__}: {e})")
+                self._fall_back(f"{runner.name} failed ({type(e).__name__}: {e})", runner)
                 continue
-            if not self._checked:
-                reason = self._disagreement(out, x)
+            seconds = time.perf_counter() - start
+            if runner.name not in self._checked:  # its first batch: checked, not timed
+                reason = self._disagreement(runner, out, x)
                 if reason:
-                    self._fall_back(reason)
+                    self._fall_back(reason, runner)
                     continue
-                self._checked = True
-                del self._runners[1:]  # the fallbacks are not needed any more
+                self._checked.add(runner.name)
+            elif self._trial is not None:
+                self._timed(runner, seconds / len(x))
             return out
         return self._run_keras(x)
 
 
-def measure(runners: list, image_shape: tuple) -> dict[str, float]:
-    """Images/s of each runner on one random image at a time, interleaved so that every runner
-    sees the same background load (decoding threads, other processes)."""
-    x = np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype(np.float32)
-    for runner in runners:  # warm-up: the first calls allocate
-        runner(x)
-        runner(x)
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(MEASURE_ROUNDS):
-        for runner in runners:
-            start = time.perf_counter()
-            runner(x)
-            times[runner.name].append(time.perf_counter() - start)
-    return {name: 1.0 / float(np.median(t)) for name, t in times.items()}
+def choose(speed: dict[str, float]) -> list[str]:
+    """Engine names fastest first from measured images/s; OpenVINO must beat TFLite by
+    ``CHOICE_MARGIN`` to go first (TFLite is the engine with the longer record here)."""
+    return sorted(speed, key=lambda name: -speed[name] / (CHOICE_MARGIN if name != "tflite"
+                                                          else 1.0))
 
 
 KERAS_BATCH = 16  # rows per call of a compiled model: measured fastest here (113 images/s)
