@@ -205,3 +205,10 @@ def test_heads_are_averaged_into_one_and_every_epoch_is_logged(tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(1, 10))
     # The saved model scores what phase 1 reported for the averaged head.
     assert abs(m["val_accuracy"] - head["best_val_accuracy"]) < 1e-6
+
+
+def test_one_view_says_the_augmentation_is_never_applied(tmp_path, capsys):
+    _fit(tmp_path, "one-view", "--views", "1", "--mode", "head")
+    assert "--views 1 caches each training image as it is" in capsys.readouterr().out
+    _fit(tmp_path, "two-views", "--views", "2", "--mode", "head")
+    assert "never applied" not in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Which devices compute: GPUs when TensorFlow sees any, else the CPU.
 
 On a GPU, training and the frozen pass run through Keras on the GPU; on a CPU, the frozen pass
-runs through the TFLite engine (XNNPACK) where it pays (``graftkit.frozen.engine.FrozenPart``).
+runs through a converted engine (TFLite or OpenVINO) where it pays
+(``graftkit.frozen.engine.FrozenPart``).
 """
 
 from __future__ import annotations
@@ -20,5 +21,8 @@ def describe() -> str:
     if found:
         return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
                 f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
+    from graftkit.frozen.runtimes import openvino_available
+
+    engines = "TFLite or OpenVINO, the faster here," if openvino_available() else "TFLite"
     return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
-            "through the TFLite engine where converting it pays, else compiled Keras")
+            f"through {engines} where converting it pays, else compiled Keras")

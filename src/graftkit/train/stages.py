@@ -283,6 +283,10 @@ def cut_base(s: FitState) -> None:
     s.views = opt.views if opt.augment else 1
     s.need_cache = ((not s.phases and not opt.augment_head)
                     or (s.cached_phase2 and len(s.phases) < 2))
+    if (opt.augment and s.views == 1 and not opt.augment_head
+            and (s.cached_phase2 or not s.ft_epochs)):
+        s.log("  note: --views 1 caches each training image as it is and both phases train on "
+              "that, so --augment is never applied (--views 2 or more to use it)")
     s.frozen_model = s.split.frozen_model()
     s.engine_key = part_key(s.frozen_model, s.size,
                             f"{s.split.cut}:{opt.precision}")  # before any training
