@@ -4,6 +4,7 @@ one converted file when they agree with Keras (about twice Keras' speed on a CPU
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -59,6 +60,7 @@ def engine_path(key: str) -> Path:
     return defaults.cache_dir() / "engines" / f"{key}.tflite"
 
 
+@functools.cache
 def machine() -> str:
     """What the engine choice depends on: CPU model, cores and OpenVINO's version."""
     cpu = platform.processor()
@@ -120,7 +122,7 @@ class FrozenPart:
     def label(self) -> str:
         """The engine and, when not float32, its precision: "openvino bf16", "tflite"; while
         the engines take turns to be measured, all of them: "tflite+openvino"."""
-        return self.engine + (f" {self.precision}" if self.precision != "f32" else "")
+        return _named(self.engine, self.precision)
 
     def _set_engine(self) -> None:
         if not self._runners:
@@ -277,8 +279,8 @@ class FrozenPart:
             scale = max(float(np.abs(ref).max()), 1.0)
             diff = float(np.abs(got[:4] - ref).max())
             if not diff <= tolerance * scale:  # NaN included
-                name = runner.name + (f" {runner.precision}" if runner.precision != "f32" else "")
-                return (f"{name} differs from Keras by {diff:.3g} (tolerance "
+                return (f"{_named(runner.name, runner.precision)} differs from Keras by "
+                        f"{diff:.3g} (tolerance "
                         f"{tolerance * scale:.3g})")
         return None
 
@@ -306,6 +308,10 @@ class FrozenPart:
                 self._timed(runner, seconds / len(x))
             return out
         return self._run_keras(x)
+
+
+def _named(engine: str, precision: str) -> str:
+    return engine + (f" {precision}" if precision != "f32" else "")
 
 
 def choose(speed: dict[str, float]) -> list[str]:

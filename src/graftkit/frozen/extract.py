@@ -100,7 +100,8 @@ def _read_stored(out, store, digests: Sequence[str], views: int,
 
 
 
-def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar) -> None:
+def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
+             label=None) -> None:
     """Run the frozen part on every view in ``todo``, decoding two chunks ahead on all cores."""
     outputs = len(frozen.output_shapes)
     done = 0
@@ -128,6 +129,7 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar) 
                     r += 1
             done += len(chunk)
             if bar is not None:
+                bar.label = label() if label else bar.label  # the engine, once chosen
                 bar.update(done)
     if bar is not None:
         bar.close()
@@ -175,14 +177,16 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
             if (i, v) not in have:
                 todo.setdefault(i, []).append(v)
     frozen.plan(sum(len(v) for v in todo.values()))
-    bar = progress(f"frozen base ({frozen.label}, {views} view{'s' if views > 1 else ''})",
-                   len(todo)) if progress and todo else None
+    def label() -> str:
+        return f"frozen base ({frozen.label}, {views} view{'s' if views > 1 else ''})"
+
+    bar = progress(label(), len(todo)) if progress and todo else None
 
     def prepare(i: int) -> list[np.ndarray]:
         img = load_image(paths[i], image_size)
         return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
                 for v in todo[i]]
 
-    _compute(frozen, out, todo, prepare, bar)
+    _compute(frozen, out, todo, prepare, bar, label)
     computed = _store_new(out, store, todo, digests, views, outputs, bool(store_key))
     return Extracted(out, computed, time.perf_counter() - start)
