@@ -151,6 +151,18 @@ def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv(ENGINE_ENV, "keras")
     np.testing.assert_allclose(fast, graftkit.load(tmp_path / "head").predict_proba(images),
                                atol=1e-4)
+    # An engine that fails while predicting hands over to Keras and says why on stderr.
+    from graftkit.frozen import runtimes
+
+    def boom(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", boom)
+    monkeypatch.setenv(ENGINE_ENV, "tflite")
+    capsys.readouterr()
+    np.testing.assert_allclose(graftkit.load(tmp_path / "head").predict_proba(images), fast,
+                               atol=1e-4)
+    assert "tflite failed (RuntimeError: boom): using keras" in capsys.readouterr().err
 
 
 def test_label_smoothing_auto_smooths_runs_that_fine_tune_the_whole_base(trained_run):

@@ -8,6 +8,7 @@ model holds its backbone's preprocessing), so a raw photo gets the answer traini
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ class Classifier:
             from graftkit.frozen.cut import split_classifier
 
             self._split = split_classifier(model, self.metrics) or False
+            if self._split:  # a conversion, the engine choice or a fallback: said on stderr
+                self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._split or None
 
     @property
