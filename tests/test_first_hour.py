@@ -450,5 +450,5 @@ def test_with_a_gpu_visible_the_frozen_pass_runs_through_keras(monkeypatch):
     assert on_gpu.plan(100_000) == "keras" and on_gpu.engine == "keras"
     assert "1 GPU (/device:GPU:0)" in devices.describe() and "through Keras" in devices.describe()
     monkeypatch.setattr(devices, "gpus", lambda: [])
-    assert engine.FrozenPart(model, "k").plan(100_000) == "tflite"
+    assert "tflite" in engine.FrozenPart(model, "k").plan(100_000)  # and openvino, installed
     assert "CPU" in devices.describe() and "TFLite" in devices.describe()
