@@ -129,7 +129,8 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
                     r += 1
             done += len(chunk)
             if bar is not None:
-                bar.label = label() if label else bar.label  # the engine, once chosen
+                if label:
+                    bar.label = label()  # names the engine once it is chosen
                 bar.update(done)
     if bar is not None:
         bar.close()
