@@ -195,9 +195,13 @@ def test_engines_take_turns_on_the_first_job_then_the_choice_is_cached(private_c
     part = FrozenPart(net, key)
     part.notify = said.append
     assert part.plan(10**6) == "tflite+openvino"  # no choice yet: they take turns
-    x = _pixels(3)
+    few = _pixels(engine_module.TRIAL_MIN_IMAGES - 1)
+    for _ in range(4):  # too small to time: the first engine, and the trial does not advance
+        part(few)
+    assert part.engine == "tflite+openvino" and not seen
+    x = _pixels(engine_module.TRIAL_MIN_IMAGES)
     ref = net.predict(x, verbose=0)[1]
-    for _ in range(2 * (1 + engine_module.TRIAL_BATCHES)):  # a checked batch + timed ones each
+    for _ in range(2 * engine_module.TRIAL_BATCHES + 1):  # openvino's checked batch + timed ones
         np.testing.assert_allclose(part(x)[1], ref, atol=1e-4)
     assert part.engine == "openvino" and sorted(seen[0]) == ["openvino", "tflite"]
     assert said[-1].startswith("  engines measured on this job (images/s, once on this machine)")
@@ -222,7 +226,7 @@ def test_a_failing_engine_falls_back_to_the_next_then_keras_and_says_why(private
 
     monkeypatch.setattr(runtimes.OpenVINORunner, "__call__", boom)
     net = _small_net(7)
-    x = _pixels(3)
+    x = _pixels(engine_module.TRIAL_MIN_IMAGES)  # large enough for the engines' turns
     ref = net.predict(x, verbose=0)
     part = FrozenPart(net, part_key(net, SIZE, "failing"))
     said = []
