@@ -67,7 +67,7 @@ class TFLiteRunner:
     def __init__(self, content: bytes, output_shapes: Sequence[tuple]):
         self.output_shapes = list(output_shapes)
         with silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on stderr otherwise
-            self._interp = _interpreter(content)
+            self._interp = interpreter(model_content=content, num_threads=threads())
             self._interp.allocate_tensors()
         details = self._interp.get_output_details()
         order = _order(self.output_shapes, [d["shape"][1:] for d in details])
@@ -90,7 +90,9 @@ class TFLiteRunner:
         return results
 
 
-def _interpreter(content: bytes):
+def interpreter(**kwargs):
+    """A TFLite interpreter: LiteRT's when installed, else TensorFlow's (deprecated, still
+    shipped; its deprecation warning is silenced)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -100,8 +102,8 @@ def _interpreter(content: bytes):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tf.lite.Interpreter(model_content=content, num_threads=threads())
-    return Interpreter(model_content=content, num_threads=threads())
+            return tf.lite.Interpreter(**kwargs)
+    return Interpreter(**kwargs)
 
 
 def openvino_available() -> bool:

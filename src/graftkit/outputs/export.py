@@ -59,19 +59,6 @@ def _batches(x: np.ndarray, size: int = 32):
         yield x[i: i + size]
 
 
-def _tflite_interpreter(path: Path):
-    try:  # the interpreter's new home; tf.lite.Interpreter is deprecated but still shipped
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import warnings
-
-        import tensorflow as tf
-
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    return Interpreter(model_path=str(path))
-
-
 def _named(outputs: dict) -> dict[str, np.ndarray]:
     """An export's outputs by name: ``probabilities`` (and ``ood_score``); a single unnamed
     output (a run without open-set statistics) is the probabilities."""
@@ -86,7 +73,9 @@ def _stack(parts: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _run_tflite(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    interp = _tflite_interpreter(path)
+    from graftkit.frozen.runtimes import interpreter
+
+    interp = interpreter(model_path=str(path))
     runner = interp.get_signature_runner()  # outputs by name, whatever their tensor order
     name = interp.get_signature_list()["serving_default"]["inputs"][0]
     return _stack([_named(runner(**{name: b.astype(np.float32)})) for b in _batches(x)])
