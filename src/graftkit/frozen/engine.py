@@ -106,8 +106,7 @@ class FrozenPart:
             converted = (self._forced != "keras" and _float32(model)
                          and (self._forced in ("tflite", "openvino") or not gpus()))
         self._may_plan = converted and not self._forced  # a forced engine decides for good
-        self.engine = "tflite" if converted else "keras"  # until the engines are loaded
-        self._runners: list | None = None if converted else []
+        self._runners: list | None = None if converted else []  # None: not loaded yet
         self._call = None
         self._checked: set[str] = set()  # runners whose first outputs matched Keras'
         self._trial: dict[str, list[float]] | None = None  # seconds an image, while choosing
@@ -129,13 +128,17 @@ class FrozenPart:
         the engines take turns to be measured, all of them: "tflite+openvino"."""
         return _named(self.engine, self.precision)
 
-    def _set_engine(self) -> None:
+    @property
+    def engine(self) -> str:
+        """"keras", "tflite" or "openvino"; "tflite+openvino" while they take turns; "tflite"
+        for a converted engine not loaded yet."""
+        if self._runners is None:
+            return "tflite"
         if not self._runners:
-            self.engine = "keras"
-        elif self._trial is not None:
-            self.engine = "+".join(r.name for r in self._runners)
-        else:
-            self.engine = self._runners[0].name
+            return "keras"
+        if self._trial is not None:
+            return "+".join(r.name for r in self._runners)
+        return self._runners[0].name
 
     @property
     def store_key(self) -> str:
@@ -157,7 +160,7 @@ class FrozenPart:
             if convert:
                 self._load()
             else:
-                self.engine, self._runners = "keras", []
+                self._runners = []
         return self.engine
 
     def _say(self, text: str) -> None:
@@ -171,7 +174,6 @@ class FrozenPart:
             self._runners.remove(runner or self._runners[0])
         if self._trial is not None and len(self._runners) < 2:
             self._trial = None
-        self._set_engine()
         self._say(f"  {reason}: using {self.label}")
 
     def _content(self) -> bytes:
@@ -215,7 +217,6 @@ class FrozenPart:
                 self._say(f"  {self.reasons[-1]}")
         if len(self._runners) > 1:
             self._runners, self._trial = self._saved_choice(self._runners)
-        self._set_engine()
 
     def _runner(self, name: str, content: bytes):
         if name == "tflite":
@@ -259,7 +260,6 @@ class FrozenPart:
         order = choose(speed)
         self._runners = sorted(self._runners, key=lambda r: order.index(r.name))[:1]
         self._trial = None
-        self._set_engine()
         self._say("  engines measured on this job (images/s, once on this machine): "
                   + ", ".join(f"{name} {v:.1f}" for name, v in speed.items())
                   + f": {self.engine}")
