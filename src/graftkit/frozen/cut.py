@@ -98,12 +98,14 @@ def _first_above(groups: list, top_n: int):
 
 
 
-def cut_blocks(unfreeze: int | str, fine_tune_epochs: int) -> int:
+def cut_blocks(unfreeze: int | str, fine_tune_epochs: int, mode: str | None = None) -> int:
     """Blocks above the cut for a run's options: the top blocks it fine-tuned, else none.
 
-    Fine-tuning "all" changes every layer, so only the head sits above a frozen bottom then.
+    Fine-tuning "all" changes every layer, so only the head sits above a frozen bottom then;
+    ``--mode head`` fine-tunes nothing, so the cut is above the whole base.
     """
-    return unfreeze if isinstance(unfreeze, int) and fine_tune_epochs else 0
+    fine_tunes = fine_tune_epochs and mode != "head"
+    return unfreeze if isinstance(unfreeze, int) and fine_tunes else 0
 
 
 
@@ -194,9 +196,8 @@ def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | Non
     from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
 
     options = metrics.get("options", {})
-    fine_tuned = options.get("mode") != "head"  # --mode head: the fit cut above the base
-    top_n = cut_blocks(options.get("unfreeze", 0),
-                       options.get("fine_tune_epochs", 0) if fine_tuned else 0)
+    top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
+                       options.get("mode"))
     entry = REGISTRY.get(metrics.get("backbone", ""))
     try:
         return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,

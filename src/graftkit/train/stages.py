@@ -269,7 +269,7 @@ def cut_base(s: FitState) -> None:
 
     opt, info = s.opt, s.info
     s.ft_epochs = opt.fine_tune_epochs if opt.fine_tunes else 0
-    fine_tune_top = cut_blocks(opt.unfreeze, s.ft_epochs) > 0
+    fine_tune_top = cut_blocks(opt.unfreeze, opt.fine_tune_epochs, opt.mode) > 0
     split = split_base(s.base_model, info.block_pattern, opt.unfreeze) if fine_tune_top else None
     if fine_tune_top and split is None:
         s.log(f"  note: {info.name} cannot be cut below its top {opt.unfreeze} blocks (a skip "
@@ -543,7 +543,7 @@ def _fast_scorer(s: FitState, model):
     bottom_unchanged = s.cached_phase2 or s.ft_epochs == 0
     if not bottom_unchanged:  # the whole base was fine-tuned: the engine no longer matches
         return None, None
-    top_n = cut_blocks(s.opt.unfreeze, s.opt.fine_tune_epochs if s.opt.fine_tunes else 0)
+    top_n = cut_blocks(s.opt.unfreeze, s.opt.fine_tune_epochs, s.opt.mode)
     frozen = s.frozen if s.need_cache else None
     try:
         return SplitClassifier(model, s.info.block_pattern, top_n, s.engine_key,
