@@ -100,6 +100,11 @@ SETTINGS: dict[str, dict] = {
     "grayscale": {"augment": "basic,grayscale"},
     "style-views-10": {"augment": "style", "views": 10},
     "style-views-1": {"augment": "style", "views": 1},
+    # AugMix (mixed chains of autocontrast, equalize, posterize, solarize, rotate, shear,
+    # translate): made for robustness to renditions.
+    "augmix": {"augment": "basic,augmix"},
+    "augmix-1": {"augment": "basic,augmix=1"},
+    "style-augmix": {"augment": "style,augmix"},
     # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
     "lite1": {"base": "efficientnet_lite1"},
     "lite2": {"base": "efficientnet_lite2"},

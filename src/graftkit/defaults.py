@@ -69,9 +69,9 @@ VIEWS = 5  # cached views per training image: the image and 4 augmented ones
 DROPOUT = 0.2
 # Every augmentation and its strength when named without a value, as fractions the Keras layers
 # take (rotation and hue: of a full turn; crop: of the area a random crop may lose; grayscale: a
-# probability). AUGMENT is the default set.
+# probability; augmix: AugMix's severity, 0-10). AUGMENT is the default set.
 AUGMENTATIONS = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1, "crop": 0.3,
-                 "brightness": 0.2, "saturation": 0.3, "hue": 0.05, "grayscale": 0.2}
+                 "brightness": 0.2, "saturation": 0.3, "hue": 0.05, "grayscale": 0.2, "augmix": 3}
 AUGMENT = {k: AUGMENTATIONS[k] for k in ("flip", "rotation", "zoom", "contrast")}
 # Named sets for --augment. "style": for data whose deployment images may differ in style (paint,
 # print, lighting) but whose classes do not hinge on colour: on pacs_art -> pacs_cartoon it lifted

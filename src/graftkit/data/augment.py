@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from graftkit.defaults import AUGMENT, AUGMENT_PRESETS, AUGMENTATIONS
 from graftkit.errors import UsageError
@@ -81,6 +81,8 @@ def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool
         out = _random_resized_crop(out, rng, float(settings["crop"]))
     if any(settings.get(k) for k in ("brightness", "saturation", "hue", "grayscale")):
         out = _colour(out, rng, settings)
+    if settings.get("augmix"):
+        out = _augmix(out, rng, float(settings["augmix"]))
     return np.ascontiguousarray(out)
 
 
@@ -124,6 +126,54 @@ def _colour(image: np.ndarray, rng: np.random.Generator, settings: dict) -> np.n
 
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L"
+
+
+def _augmix(image: np.ndarray, rng: np.random.Generator, severity: float) -> np.ndarray:
+    """AugMix (Hendrycks et al., 2020): three chains of 1-3 random operations, mixed.
+
+    The chains' images are blended with Dirichlet weights, and the blend with the original by a
+    Beta draw, so the view keeps the image's content while its texture, contrast and tones change:
+    made for robustness to renditions (paintings, cartoons, sketches). ``severity`` is the
+    reference implementation's (0-10 scale, 3 by default) and so are the operations (its
+    ``augmentations`` list: none of colour, contrast, brightness or sharpness). Pillow is used
+    rather than ``keras.layers.AugMix``: that layer takes about 0.2 s per image outside a graph
+    and gives another view for the same seed on a second call, and cached views must be
+    reproducible."""
+    weights = rng.dirichlet([1.0] * 3)
+    keep = rng.beta(1.0, 1.0)
+    start = Image.fromarray(image)
+    mix = np.zeros(image.shape, np.float32)
+    for weight in weights:
+        chain = start
+        for _ in range(int(rng.integers(1, 4))):
+            op = _AUGMIX_OPS[int(rng.integers(len(_AUGMIX_OPS)))]
+            chain = op(chain, float(rng.uniform(0.1, severity)) / 10.0, rng)
+        mix += weight * np.asarray(chain, np.float32)
+    out = (1.0 - keep) * image.astype(np.float32) + keep * mix
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _signed(level: float, rng: np.random.Generator) -> float:
+    return level if rng.random() < 0.5 else -level
+
+
+def _affine(img: Image.Image, matrix: tuple) -> Image.Image:
+    return img.transform(img.size, Image.AFFINE, matrix, Image.BILINEAR)
+
+
+# Each takes a level in [0, 1] (the reference's level / 10) and the maximum strengths of the
+# reference: posterize to 4-1 bits, rotate 30 degrees, shear 0.3, translate a third of the side.
+_AUGMIX_OPS = (
+    lambda img, level, rng: ImageOps.autocontrast(img),
+    lambda img, level, rng: ImageOps.equalize(img),
+    lambda img, level, rng: ImageOps.posterize(img, max(1, 4 - int(level * 4))),
+    lambda img, level, rng: img.rotate(_signed(level * 30, rng), Image.BILINEAR),
+    lambda img, level, rng: ImageOps.solarize(img, 256 - int(level * 256)),
+    lambda img, level, rng: _affine(img, (1, _signed(level * 0.3, rng), 0, 0, 1, 0)),
+    lambda img, level, rng: _affine(img, (1, 0, 0, _signed(level * 0.3, rng), 1, 0)),
+    lambda img, level, rng: _affine(img, (1, 0, _signed(level * img.size[0] / 3, rng), 0, 1, 0)),
+    lambda img, level, rng: _affine(img, (1, 0, 0, 0, 1, _signed(level * img.size[1] / 3, rng))),
+)
 
 
 
