@@ -148,6 +148,9 @@ def test_augment_spec():
         parse_augment("blur")
     with pytest.raises(UsageError, match="not a number"):
         parse_augment("zoom=big")
+    assert parse_augment("basic,augmix") == {**parse_augment(None), "augmix": 3.0}
+    with pytest.raises(UsageError, match="augmix"):
+        parse_augment("augmix=11")
 
 
 def test_pipeline_streams_batches(tmp_path):

@@ -412,6 +412,26 @@ def test_colour_and_crop_augmentations():
         np.testing.assert_array_equal(augment_image(gray_img, s, colour), gray_img)
 
 
+def test_augmix_views():
+    from graftkit.data.augment import _AUGMIX_OPS
+
+    y, x = np.mgrid[0:36, 0:48]  # smooth and of low contrast: every operation shows
+    img = np.stack([60 + 2 * x, 60 + 3 * y, 180 - 2 * x], -1).astype(np.uint8)
+    views = [augment_image(img, s, {"augmix": 3.0}) for s in range(12)]
+    assert all(v.shape == img.shape and v.dtype == np.uint8 for v in views)
+    np.testing.assert_array_equal(augment_image(img, 4, {"augmix": 3.0}), views[4])
+    assert len({v.tobytes() for v in views}) == 12
+    # A blend with the original: the content stays (each view correlates with the image).
+    flat = img.astype(float).ravel()
+    assert min(np.corrcoef(flat, v.astype(float).ravel())[0, 1] for v in views) > 0.5
+    from PIL import Image
+
+    pil = Image.fromarray(img)
+    for op in _AUGMIX_OPS:  # at full strength each operation changes the image, keeps its size
+        out = np.asarray(op(pil, 1.0, np.random.default_rng(0)))
+        assert out.shape == img.shape and not np.array_equal(out, img), op
+
+
 def test_rotation_keeps_the_image_centre_and_fills_corners():
     img = np.zeros((33, 33, 3), np.uint8)
     img[16, 16] = 255

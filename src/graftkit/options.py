@@ -158,7 +158,7 @@ FIT_OPTIONS: tuple[Option, ...] = (
            "strategy)", "optimizer", int),
     Option("augment", None, "augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' "
            "(the default, also named 'basic'), 'style' (basic plus brightness, saturation, "
-           "hue, grayscale), or none; also crop (docs/guide.md)", "augmentation"),
+           "hue, grayscale), or none; also crop and augmix (docs/guide.md)", "augmentation"),
     Option("views", defaults.VIEWS, "views per training image run once through the frozen "
            "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int),
     Option("augment_head", False, "phase 1 the guide's way: through the frozen base every "

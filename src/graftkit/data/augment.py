@@ -40,6 +40,9 @@ def parse_augment(spec: str | None) -> dict[str, float | bool]:
             settings[key] = float(value) if value else float(AUGMENTATIONS[key])
         except ValueError:
             raise UsageError(f"--augment {key}={value!r} is not a number") from None
+        if key == "augmix" and not 0 < settings[key] <= 10:
+            raise UsageError(f"--augment augmix={value} is out of range; AugMix's severity is "
+                             "above 0 and at most 10 (3 when not given)")
     return settings
 
 
