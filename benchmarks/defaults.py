@@ -90,6 +90,8 @@ SETTINGS: dict[str, dict] = {
     "views-3": {"views": 3},
     "views-10": {"views": 10},
     "dropout-0.5": {"dropout": 0.5},
+    "dropout-0.7": {"dropout": 0.7},
+    "dropout-0.5-style": {"dropout": 0.5, "augment": "style"},
     "gradual": {"unfreeze_schedule": "gradual"},
     "discriminative-0.5": {"lr_decay": 0.5},
     # Style robustness: colour changes a change of style brings (and random resized crops).
@@ -105,6 +107,8 @@ SETTINGS: dict[str, dict] = {
     "augmix": {"augment": "basic,augmix"},
     "augmix-1": {"augment": "basic,augmix=1"},
     "style-augmix": {"augment": "style,augmix"},
+    # Objects at more scales (a view scaled by up to 1 +- 0.3 instead of 0.1).
+    "zoom-0.3": {"augment": "basic,zoom=0.3"},
     # Stronger offline backbones at their own size rule (1.3x pretraining: 320 / 352 px) and at 288.
     "lite1": {"base": "efficientnet_lite1"},
     "lite2": {"base": "efficientnet_lite2"},
