@@ -136,7 +136,7 @@ def _augmix(image: np.ndarray, rng: np.random.Generator, severity: float) -> np.
 
     The chains' images are blended with Dirichlet weights, and the blend with the original by a
     Beta draw, so the view keeps the image's content while its texture, contrast and tones change:
-    made for robustness to renditions (paintings, cartoons, sketches). ``severity`` is the
+    made for robustness to corruptions (noise, blur, weather, compression). ``severity`` is the
     reference implementation's (0-10 scale, 3 by default) and so are the operations (its
     ``augmentations`` list: none of colour, contrast, brightness or sharpness). Pillow is used
     rather than ``keras.layers.AugMix``: that layer takes about 0.2 s per image outside a graph
