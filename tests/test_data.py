@@ -149,8 +149,36 @@ def test_augment_spec():
     with pytest.raises(UsageError, match="not a number"):
         parse_augment("zoom=big")
     assert parse_augment("basic,augmix") == {**parse_augment(None), "augmix": 3.0}
-    with pytest.raises(UsageError, match="augmix"):
-        parse_augment("augmix=11")
+    assert parse_augment("rotation=0.5,hue=0,crop=0.95,augmix=10") == {
+        "rotation": 0.5, "hue": 0.0, "crop": 0.95, "augmix": 10.0}
+
+
+@pytest.mark.parametrize("spec", ["augmix=11", "augmix=0", "grayscale=5", "zoom=1",
+                                  "rotation=-0.1", "hue=0.6", "crop=0.99", "contrast=1.5",
+                                  "saturation=nan", "brightness=inf", "style,hue=2"])
+def test_augment_strength_out_of_range(spec):
+    """A strength past its range would silently give repeated or broken views: refused."""
+    key = spec.split(",")[-1].partition("=")[0]
+    with pytest.raises(UsageError, match=rf"--augment {key}=\S+ is out of range: {key} takes"):
+        parse_augment(spec)
+
+
+@pytest.mark.parametrize("spec", ["flip=0.3", "basic=0.2", "style=1"])
+def test_augment_names_without_value(spec):
+    with pytest.raises(UsageError, match="takes no value"):
+        parse_augment(spec)
+
+
+def test_augment_dict_from_the_api_is_checked():
+    from graftkit.train.workflow import make_options
+
+    assert make_options(augment={"flip": True, "zoom": 0.2}).augment == {"flip": True, "zoom": 0.2}
+    with pytest.raises(UsageError, match="grayscale=5 is out of range"):
+        make_options(augment={"grayscale": 5})
+    with pytest.raises(UsageError, match="not a number"):
+        make_options(augment={"zoom": "big"})
+    with pytest.raises(UsageError, match="unknown augmentation 'blur'"):
+        make_options(augment={"blur": 1})
 
 
 def test_pipeline_streams_batches(tmp_path):

@@ -73,6 +73,13 @@ DROPOUT = 0.2
 AUGMENTATIONS = {"flip": True, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1, "crop": 0.3,
                  "brightness": 0.2, "saturation": 0.3, "hue": 0.05, "grayscale": 0.2, "augmix": 3}
 AUGMENT = {k: AUGMENTATIONS[k] for k in ("flip", "rotation", "zoom", "contrast")}
+# The strengths each augmentation may take, both ends included. Past them a view either repeats
+# itself (rotation and hue past half a turn either way, a probability past 1) or breaks (a zoom,
+# contrast or saturation factor of 1 +- F below 0 mirrors the image or inverts its tones; a crop
+# keeps at least 5% of the area); AugMix's severity is its reference's 0.1-10 scale.
+AUGMENT_RANGES = {"rotation": (0.0, 0.5), "zoom": (0.0, 0.9), "contrast": (0.0, 1.0),
+                  "crop": (0.0, 0.95), "brightness": (0.0, 1.0), "saturation": (0.0, 1.0),
+                  "hue": (0.0, 0.5), "grayscale": (0.0, 1.0), "augmix": (0.1, 10.0)}
 # Named sets for --augment. "style": for data whose deployment images may differ in style (paint,
 # print, lighting) but whose classes do not hinge on colour: on pacs_art -> pacs_cartoon it lifted
 # the cartoons 0.528 -> 0.567, and cost flowers5 (classes told apart by colour) 0.9542 -> 0.950

@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 from PIL import Image, ImageOps
 
-from graftkit.defaults import AUGMENT, AUGMENT_PRESETS, AUGMENTATIONS
+from graftkit.defaults import AUGMENT, AUGMENT_PRESETS, AUGMENT_RANGES, AUGMENTATIONS
 from graftkit.errors import UsageError
 
 
@@ -27,24 +27,39 @@ def parse_augment(spec: str | None) -> dict[str, float | bool]:
         if part == "none":
             return {}
         key, _, value = part.partition("=")
-        if key in AUGMENT_PRESETS and not value:
-            settings.update(AUGMENT_PRESETS[key])
+        if key in AUGMENT_PRESETS or key == "flip":
+            if value:
+                raise UsageError(f"--augment {part}: {key!r} takes no value; write {key}")
+            settings.update(AUGMENT_PRESETS.get(key, {"flip": True}))
             continue
         if key not in AUGMENTATIONS:
             raise UsageError(f"unknown augmentation {key!r} in --augment; use "
                              f"{', '.join(AUGMENTATIONS)} or a set: {', '.join(AUGMENT_PRESETS)}")
-        if key == "flip":
-            settings[key] = True
-            continue
         try:
             settings[key] = float(value) if value else float(AUGMENTATIONS[key])
         except ValueError:
             raise UsageError(f"--augment {key}={value!r} is not a number") from None
-        if key == "augmix" and not 0 < settings[key] <= 10:
-            raise UsageError(f"--augment augmix={value} is out of range; AugMix's severity is "
-                             "above 0 and at most 10 (3 when not given)")
-    return settings
+    return check_augment(settings)
 
+
+def check_augment(settings: dict[str, float | bool]) -> dict[str, float | bool]:
+    """``settings`` unchanged if every strength is in its range, else one message that says which.
+
+    A strength out of range would not fail: it would silently give repeated or broken views."""
+    for key, value in settings.items():
+        if key not in AUGMENTATIONS:
+            raise UsageError(f"unknown augmentation {key!r}; use {', '.join(AUGMENTATIONS)}")
+        if key == "flip":
+            continue
+        low, high = AUGMENT_RANGES[key]
+        try:
+            strength = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--augment {key}={value!r} is not a number") from None
+        if not low <= strength <= high:
+            raise UsageError(f"--augment {key}={strength:g} is out of range: {key} takes {low:g} "
+                             f"to {high:g} ({AUGMENTATIONS[key]:g} when given without a value)")
+    return settings
 
 
 def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool]) -> np.ndarray:

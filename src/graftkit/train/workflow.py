@@ -121,7 +121,7 @@ def make_options(**given) -> FitOptions:
 
     Options not given take their declared defaults; an unknown name is a ``TypeError``.
     """
-    from graftkit.data.augment import parse_augment
+    from graftkit.data.augment import check_augment, parse_augment
 
     unknown = sorted(set(given) - set(_OPTION_NAMES))
     if unknown:
@@ -136,7 +136,8 @@ def make_options(**given) -> FitOptions:
         "unfreeze": parse_unfreeze(v["unfreeze"]),
         "lr": number_or_auto(v["lr"], "--lr"),
         "fine_tune_lr": number_or_auto(v["fine_tune_lr"], "--fine-tune-lr"),
-        "augment": v["augment"] if isinstance(v["augment"], dict) else parse_augment(v["augment"]),
+        "augment": (check_augment(dict(v["augment"])) if isinstance(v["augment"], dict)
+                    else parse_augment(v["augment"])),
         "val": None if val is None else (str(val) if str(val).startswith("tfds:")
                                          else str(Path(val).resolve())),
         "time_budget": None if v["time_budget"] is None else float(v["time_budget"]),
