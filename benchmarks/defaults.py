@@ -91,6 +91,7 @@ SETTINGS: dict[str, dict] = {
     "views-10": {"views": 10},
     "dropout-0.5": {"dropout": 0.5},
     "dropout-0.7": {"dropout": 0.7},
+    "dropout-0.2": {"dropout": 0.2},  # the head's rate everywhere (the Keras guide's)
     "dropout-0.5-style": {"dropout": 0.5, "augment": "style"},
     "gradual": {"unfreeze_schedule": "gradual"},
     "discriminative-0.5": {"lr_decay": 0.5},

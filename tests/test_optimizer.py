@@ -144,6 +144,7 @@ def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch)
     assert m["mode"]["chosen"] == "head" and m["mode"]["reason"] == "--mode head"
     assert "chose head: --mode head" in capsys.readouterr().out
     assert m["options"]["label_smoothing"] == 0.0  # auto: no whole-base fine-tuning here
+    assert m["options"]["dropout"] == 0.7
     # Predicting cuts the model where the fit did (above the base), so the fit's engine fits.
     run = graftkit.load(tmp_path / "head")
     images = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))[:4]
@@ -168,6 +169,7 @@ def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch)
 def test_label_smoothing_auto_smooths_runs_that_fine_tune_the_whole_base(trained_run):
     m = json.loads((trained_run / "run" / "metrics.json").read_text())
     assert m["options"]["unfreeze"] == "all" and m["options"]["label_smoothing"] == 0.1
+    assert m["options"]["dropout"] == 0.2  # auto: the guide's rate where the whole base trains
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
     stages.resolve_auto(s)
     assert s.opt.unfreeze == "all" and s.unfreeze_reason.startswith("10 training images")
     assert s.opt.label_smoothing == 0.1  # the whole base is fine-tuned
+    assert s.opt.dropout == 0.2 and s.model.get_layer("head_dropout").rate == 0.2
     stages.plan_phases(s, tensorboard=False)
     assert s.plan.head_epochs == 2 and s.phases == [] and (s.run_dir / "history.csv").is_file()
     stages.cut_base(s)
@@ -56,6 +57,23 @@ def test_a_number_of_blocks_cuts_the_base_and_caches_phase_2(tmp_path):
         stage()
     assert s.cached_phase2 and s.split.top is not None and s.views == 1
     assert s.opt.label_smoothing == 0.0
+    # The head trains on cached features of the top blocks' outputs: the stronger dropout,
+    # in the model itself (the cached-feature head copies its rate from there).
+    assert s.opt.dropout == 0.7 and s.model.get_layer("head_dropout").rate == 0.7
+    from graftkit.train.phases import _head_like
+
+    assert _head_like(s.model, 8).get_layer("head_dropout").rate == 0.7
+
+
+@pytest.mark.parametrize("given,whole,rate", [("auto", False, 0.7), (0.3, False, 0.3),
+                                              (0, True, 0.0), ("auto", True, 0.2)])
+def test_dropout_auto_and_given(tmp_path, given, whole, rate):
+    data = make_folder(tmp_path / "data", classes=2, per_class=6)
+    s = _state(tmp_path, dropout=given, unfreeze="all" if whole else 1, augment="none")
+    stages.scan_data(s, data)
+    stages.build_model(s, deterministic=True, unsafe=False)
+    stages.resolve_auto(s)
+    assert s.opt.dropout == rate and s.model.get_layer("head_dropout").rate == rate
 
 
 def _with_phases(tmp_path, head: float, ft: float | None, improved: bool = True,

@@ -46,7 +46,8 @@ def counts(model: keras.Model, unfrozen_blocks: int | None = None) -> TrainableC
     )
 
 
-def build_classifier(base: keras.Model, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
+def build_classifier(base: keras.Model, num_classes: int,
+                     dropout: float = defaults.DROPOUT_WHOLE_BASE) -> keras.Model:
     """Raw pixels -> base (inference mode) -> dropout -> softmax, as one functional model."""
     inputs = keras.Input(base.inputs[0].shape[1:], name="image")
     x = base(inputs, training=False)
@@ -72,7 +73,8 @@ def head_logits(model: keras.Model, features):
     return np.asarray(features, dtype=np.float64) @ kernel + bias
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float = defaults.DROPOUT) -> keras.Model:
+def build_head(feature_dim: int, num_classes: int,
+               dropout: float = defaults.DROPOUT_WHOLE_BASE) -> keras.Model:
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(inputs)

@@ -111,8 +111,9 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("image_size", None, "square input side (default: chosen from the backbone's "
            f"pretraining size, {defaults.NATIVE_SIZE_SCALE:g}x, and the images' size)", "model",
            int),
-    Option("dropout", defaults.DROPOUT, "dropout rate before the new Dense layer", "model",
-           float),
+    Option("dropout", defaults.DROPOUT, "dropout rate before the new Dense layer, or auto: "
+           f"{defaults.DROPOUT_WHOLE_BASE:g} in runs that fine-tune the whole base, "
+           f"{defaults.DROPOUT_CACHED:g} otherwise", "model"),
     Option("head_epochs", defaults.HEAD_EPOCHS, "phase 1 epochs (the head)", "phases", int),
     Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
            "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int),

@@ -171,7 +171,10 @@ def build_model(s: FitState, deterministic: bool, unsafe: bool) -> None:
         image_size, s.size_reason = auto_image_size(s.folder, REGISTRY[opt.base].input_size)
     with s.dist.scope():  # variables made here are mirrored over the replicas
         s.base_model, s.info = load_base(opt.base, image_size, opt.weights, unsafe)
-        s.model = build_classifier(s.base_model, len(s.folder.classes), opt.dropout)
+        # "auto" is resolved with --unfreeze (resolve_auto), which needs the size built here;
+        # the rate is only read when the model first runs.
+        dropout = defaults.DROPOUT_WHOLE_BASE if opt.dropout == "auto" else opt.dropout
+        s.model = build_classifier(s.base_model, len(s.folder.classes), dropout)
     if s.dist.chief:
         _check_free_space(s.run_dir, s.model)
     s.size = s.info.image_size
@@ -204,7 +207,7 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
 
 
 def resolve_auto(s: FitState) -> None:
-    """``--unfreeze auto`` and ``--label-smoothing auto`` become values; class weights."""
+    """``--unfreeze``, ``--label-smoothing`` and ``--dropout`` "auto" become values; class weights."""
     opt, folder = s.opt, s.folder
     if opt.unfreeze == "auto":
         resolved, s.unfreeze_reason = auto_unfreeze(len(folder.train), s.size)
@@ -213,10 +216,16 @@ def resolve_auto(s: FitState) -> None:
             s.log(f"unfreeze auto: {resolved} ({s.unfreeze_reason})")
         if opt.fine_tune_lr == "auto" and resolved == "all":
             raise UsageError(f"--fine-tune-lr auto needs --unfreeze N: {s.unfreeze_reason}")
+    whole = opt.unfreeze == "all" and opt.fine_tunes
     if opt.label_smoothing == "auto":
-        whole = opt.unfreeze == "all" and opt.fine_tunes
         opt = dataclasses.replace(
             opt, label_smoothing=defaults.LABEL_SMOOTHING_WHOLE_BASE if whole else 0.0)
+    if opt.dropout == "auto":
+        from graftkit.graft import HEAD_DROPOUT
+
+        opt = dataclasses.replace(
+            opt, dropout=defaults.DROPOUT_WHOLE_BASE if whole else defaults.DROPOUT_CACHED)
+        s.model.get_layer(HEAD_DROPOUT).rate = opt.dropout
     s.opt = opt
     s.class_weight = class_weights(folder.train.labels, len(folder.classes), opt.class_weight)
     if s.class_weight:

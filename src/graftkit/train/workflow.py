@@ -67,7 +67,7 @@ class FitOptions(_Fields):
                 continue
             if not 0 < value < 1:
                 raise UsageError(f"{name} must be between 0 and 1 (got {value})")
-        if not 0 <= self.dropout < 1:
+        if self.dropout != "auto" and not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.precision not in defaults.PRECISIONS:
             raise UsageError(f"--precision must be {' or '.join(defaults.PRECISIONS)} "
@@ -143,6 +143,7 @@ def make_options(**given) -> FitOptions:
         "time_budget": None if v["time_budget"] is None else float(v["time_budget"]),
         "weight_decay": float(v["weight_decay"]),
         "label_smoothing": number_or_auto(v["label_smoothing"], "--label-smoothing"),
+        "dropout": number_or_auto(v["dropout"], "--dropout"),
         "lr_decay": float(v["lr_decay"]),
         "unfreeze_schedule": str(v["unfreeze_schedule"]),
         "heads": int(v["heads"]),
