@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from graftkit.cli import main
@@ -44,6 +45,35 @@ def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, 
     fp32 = export(trained_run / "run", fmt, out=tmp_path / "fp32")
     assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
     assert "accuracy" in out and "Keras model" in out
+
+
+@pytest.mark.slow
+def test_int8_tflite_keeps_the_open_set_score_in_float32(trained_run, tmp_path):
+    """In 8 bits the squares of most pooled features round to 0, so an image's norm can too, and
+    TFLite's int8 division then stops the model (seen on a real run): the score's ops stay
+    float32 (the pooled features it reads are still 8-bit, so it is close to graft predict's,
+    not equal)."""
+    import tensorflow as tf
+
+    result = export(trained_run / "run", "tflite", quantize="int8", out=tmp_path / "q")
+    tensors = tf.lite.Interpreter(model_path=result.path).get_tensor_details()
+    division = [t for t in tensors if "/ood_score" in t["name"] and "truediv" in t["name"]]
+    assert division and all(t["dtype"] == np.float32 for t in division)
+    assert any(t["dtype"] == np.int8 for t in tensors)  # the network itself is quantized
+    assert 0 < result.ood_max_abs_diff < 0.5 and result.known_agreement > 0.5
+
+
+def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, tmp_path, monkeypatch):
+    from graftkit.errors import ExportError
+    from graftkit.outputs import export as export_module
+
+    def refuses(path, x):
+        raise RuntimeError("tensorflow/lite/kernels/div.cc:242 data[i] != 0 was not true.")
+
+    monkeypatch.setattr(export_module, "_run_tflite", refuses)
+    with pytest.raises(ExportError, match="does not run in its own runtime .*nothing was written"):
+        export(trained_run / "run", "tflite", out=tmp_path / "t")
+    assert not list((tmp_path / "t").glob("*.tflite")) and not (tmp_path / "t" / "export.json").exists()
 
 
 def test_unsupported_quantization_is_a_usage_error(trained_run):

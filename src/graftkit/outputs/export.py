@@ -153,10 +153,12 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     run_dir = Path(run_dir)
     clf = load(run_dir)
     model, classes, size = clf.model, clf.classes, clf.image_size
+    float_part = None
     if clf.open_set is not None and clf._features_model() is not None:
-        from graftkit.outputs.open_set import open_set_model
+        from graftkit.outputs.open_set import OOD_SCORE, open_set_model
 
         model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
+        float_part = OOD_SCORE
     split = read_split(run_dir)
     name = fmt if quantize == "none" else f"{fmt}-{quantize}"
     target_dir = Path(out) if out else run_dir / "export" / name
@@ -164,11 +166,16 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
     try:
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
-            built, run = _build(model, fmt, quantize, work, split["train"], size)
+            built, run = _build(model, fmt, quantize, work, split["train"], size, float_part)
         x, labels, paths = _images(split["val"], size, MAX_CHECK_IMAGES)
         ref = clf.model.predict(x, verbose=0)
-        with silenced():
-            outputs = run(built, x)
+        try:
+            with silenced():
+                outputs = run(built, x)
+        except (RuntimeError, ValueError) as exc:  # the runtime's own refusal, e.g. a kernel's check
+            raise ExportError(f"the {name} export does not run in its own runtime "
+                              f"({type(exc).__name__}: {str(exc).strip()}); nothing was "
+                              "written") from None
         got = outputs["probabilities"]
         y = np.array([classes.index(label) for label in labels])
         result = ExportResult(
@@ -243,15 +250,17 @@ def _check_request(fmt: str, quantize: str) -> None:
             raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'") from None
 
 
-def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: int):
-    """``(path, runner)``: the export written in ``work`` and the function that runs it."""
+def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: int,
+           float_part: str | None = None):
+    """``(path, runner)``: the export written in ``work`` and the function that runs it;
+    ``float_part`` names a layer that an int8 TFLite export keeps in float32."""
     saved = work / "savedmodel"
     model.export(str(saved), format="tf_saved_model", verbose=False)
     if fmt == "savedmodel":
         return saved, _run_savedmodel
     if fmt == "tflite":
         built = work / "model.tflite"
-        built.write_bytes(_convert_tflite(saved, quantize, train_items, size))
+        built.write_bytes(_convert_tflite(saved, quantize, train_items, size, float_part))
         return built, _run_tflite
     built = work / "model.onnx"
     model.export(str(built), format="onnx", verbose=False)
@@ -264,7 +273,8 @@ def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: 
     return built, _run_onnx
 
 
-def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int) -> bytes:
+def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int,
+                    float_part: str | None = None) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
@@ -277,7 +287,29 @@ def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int) ->
         x, _, _ = _images(train_items, size, CALIBRATION_IMAGES)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([img[None]] for img in x)
+        if float_part:
+            return _quantize_except(converter, saved, float_part, x)
     return converter.convert()
+
+
+def _quantize_except(converter, saved: Path, float_part: str, x: np.ndarray) -> bytes:
+    """The int8 model with the ops of layer ``float_part`` left in float32.
+
+    The open-set score divides pooled features by their norm: in 8 bits the squares of most
+    features round to 0, an image's norm can too, and TFLite's int8 division then stops the
+    model (and where it does not, the cosine similarities are too coarse to rank neighbours).
+    TensorFlow's selective quantization keeps those few ops in float32."""
+    import tensorflow as tf
+
+    names = [t["name"] for t in
+             tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(
+                 str(saved)).convert()).get_tensor_details()
+             if f"/{float_part}" in t["name"]]
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([img[None]] for img in x[:1]),
+        debug_options=options)
+    return debugger.get_nondebug_quantized_model()
 
 
 def summary(result: ExportResult) -> str:

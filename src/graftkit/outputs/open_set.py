@@ -30,6 +30,7 @@ from graftkit.outputs.run import OPEN_SET_FILE as FILE
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 DEFAULT_KEEP = defaults.OPEN_SET_KEEP
 DEFAULT_K = defaults.OPEN_SET_K
+OOD_SCORE = "ood_score"  # the score's layer and output name in exports
 # The formula a deployment applies, with the arrays of the file (documented in docs/export.md).
 FORMULAS = {
     "msp": "ood_score = 1 - max(probabilities)",
@@ -215,7 +216,7 @@ def open_set_model(model, open_set: OpenSet):
 
     dense = model.get_layer(HEAD_DENSE)
     features, probs = with_features(model).outputs
-    score = OpenSetScore(name="ood_score", dtype="float32")(features, probs)
+    score = OpenSetScore(name=OOD_SCORE, dtype="float32")(features, probs)
     return keras.Model(model.inputs[0], {"probabilities": probs, "ood_score": score},
                        name=f"{model.name}_open_set")
 
