@@ -155,12 +155,12 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {ds} vs {un} ({kind}) | " + " | ".join(cells) + " |")
     lines += ["", "| dataset | val accuracy | T | ECE before | ECE after | NLL before | NLL after "
               "| applied (auto) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["kind"] == "calibration":
-            lines.append(f"| {r['dataset']} | {r['val_accuracy']:.4f} | "
-                         f"{r['fitted_temperature']:.3f} | {r['ece_before']:.4f} | "
-                         f"{r['ece_after']:.4f} | {r['nll_before']:.4f} | {r['nll_after']:.4f} | "
-                         f"{'yes' if r['applied'] else 'no'} |")
+    latest = {r["dataset"]: r for r in rows if r["kind"] == "calibration"}  # as hit[-1] above
+    for r in latest.values():
+        lines.append(f"| {r['dataset']} | {r['val_accuracy']:.4f} | "
+                     f"{r['fitted_temperature']:.3f} | {r['ece_before']:.4f} | "
+                     f"{r['ece_after']:.4f} | {r['nll_before']:.4f} | {r['nll_after']:.4f} | "
+                     f"{'yes' if r['applied'] else 'no'} |")
     return "\n".join(lines)
 
 
