@@ -169,13 +169,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             built, run = _build(model, fmt, quantize, work, split["train"], size, float_part)
         x, labels, paths = _images(split["val"], size, MAX_CHECK_IMAGES)
         ref = clf.model.predict(x, verbose=0)
-        try:
-            with silenced():
-                outputs = run(built, x)
-        except (RuntimeError, ValueError) as exc:  # the runtime's own refusal, e.g. a kernel's check
-            raise ExportError(f"the {name} export does not run in its own runtime "
-                              f"({type(exc).__name__}: {str(exc).strip()}); nothing was "
-                              "written") from None
+        outputs = _run_checked(run, built, x, name)
         got = outputs["probabilities"]
         y = np.array([classes.index(label) for label in labels])
         result = ExportResult(
@@ -205,6 +199,17 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_checked(run, built: Path, x: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """The export's outputs on ``x``; a runtime's own refusal (a kernel's check) is one error."""
+    try:
+        with silenced():
+            return run(built, x)
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(f"the {name} export does not run in its own runtime "
+                          f"({type(exc).__name__}: {str(exc).strip()}); nothing was "
+                          "written") from None
 
 
 def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.ndarray,
