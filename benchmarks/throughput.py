@@ -149,7 +149,7 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
 
     Per engine: pure inference on random pixels, the frozen pass of ``graft fit`` on the
     folder's files (decoding on all cores, as fit runs it), and whole-model ``predict_proba`` on
-    the files. Conversion and choice are done before the clocks start (both are cached).
+    the files. Conversion is done before the clocks start (it is cached).
     Returns the rows and the frozen part's forward GFLOPs per image.
     """
     from pathlib import Path

@@ -108,7 +108,7 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     x = _pixels(5)
     fast = FrozenPart(net, key)
     out = fast(x)
-    assert "tflite" in fast.engine and len(out) == 2 and not fast.reasons  # + openvino: trial
+    assert fast.engine == "tflite" and len(out) == 2 and not fast.reasons
     for got, ref in zip(out, net.predict(x, verbose=0)):
         assert np.abs(ref).max() > 0.1
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
@@ -132,15 +132,30 @@ def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkey
     small(_pixels(2))
     assert small.engine == "keras" and not (private_cache / "engines" / f"{key}.tflite").exists()
     large = FrozenPart(net, key)
-    assert large.plan(100) != "keras"
+    assert large.plan(100) == "tflite" and large.store_key == f"{key}-tflite-f32"
     large(_pixels(2))
     assert (private_cache / "engines" / f"{key}.tflite").is_file()
-    cached = FrozenPart(net, key)  # once converted, even a small job uses it
-    assert cached.plan(1) != "keras"
+    cached = FrozenPart(net, key)  # once converted, a small prediction uses it...
+    assert cached.plan(1) == "tflite"
+    # ...but outputs that are cached are computed by the job's own rule, whatever ran before.
+    assert FrozenPart(net, key).plan(1, reuse_engine=False) == "keras"
+    assert FrozenPart(net, key).store_key == f"{key}-tflite-f32"
     monkeypatch.setenv(engine_module.ENGINE_ENV, "tflite")
     assert FrozenPart(net, part_key(net, SIZE, "forced")).plan(1) == "tflite"
     monkeypatch.setenv(engine_module.ENGINE_ENV, "keras")
-    assert FrozenPart(net, key).plan(10**6) == "keras"
+    keras_part = FrozenPart(net, key)
+    assert keras_part.plan(10**6) == "keras" and keras_part.store_key == f"{key}-keras-f32"
+
+
+def test_fixed_batches_make_keras_rows_independent_of_their_neighbours():
+    net = _small_net(9)
+    x = _pixels(37)
+    part = FrozenPart(net, "fixed", converted=False, fixed_batch=True)
+    whole = part(x)[1]
+    for rows in (x[5:], x[:1], x[30:33]):  # other neighbours, other batch sizes
+        got = part(rows)[1]
+        start = next(i for i in range(len(x)) if np.array_equal(x[i], rows[0]))
+        np.testing.assert_array_equal(got, whole[start: start + len(rows)])
 
 
 def test_engine_that_disagrees_with_keras_falls_back(private_cache):
@@ -176,44 +191,23 @@ def test_openvino_engine_matches_keras(private_cache, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_openvino_must_beat_tflite_by_the_margin_to_be_chosen():
-    assert engine_module.choose({"tflite": 10.0, "openvino": 10.4}) == ["tflite", "openvino"]
-    assert engine_module.choose({"tflite": 10.0, "openvino": 11.0}) == ["openvino", "tflite"]
-    assert engine_module.choose({"openvino": 5.0, "tflite": 10.0}) == ["tflite", "openvino"]
-
-
-def test_engines_take_turns_on_the_first_job_then_the_choice_is_cached(private_cache,
-                                                                         monkeypatch):
+def test_the_engine_is_a_rule_not_a_measurement(private_cache, monkeypatch):
+    """TFLite for float32 whatever the timings, so a job's rows never depend on the load."""
     _needs_openvino()
     monkeypatch.delenv(engine_module.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(engine_module.PRECISION_ENV, raising=False)
     net = _small_net(6)
-    key = part_key(net, SIZE, "choice")
-    seen = []
-    monkeypatch.setattr(engine_module, "choose", lambda speed: seen.append(speed) or
-                        ["openvino", "tflite"])
-    said = []
+    key = part_key(net, SIZE, "rule")
+    x = _pixels(engine_module.KERAS_BATCH)
     part = FrozenPart(net, key)
-    part.notify = said.append
-    assert part.plan(10**6) == "tflite+openvino"  # no choice yet: they take turns
-    few = _pixels(engine_module.TRIAL_MIN_IMAGES - 1)
-    for _ in range(4):  # too small to time: the first engine, and the trial does not advance
-        part(few)
-    assert part.engine == "tflite+openvino" and not seen
-    x = _pixels(engine_module.TRIAL_MIN_IMAGES)
-    ref = net.predict(x, verbose=0)[1]
-    for _ in range(2 * engine_module.TRIAL_BATCHES + 1):  # openvino's checked batch + timed ones
-        np.testing.assert_allclose(part(x)[1], ref, atol=1e-4)
-    assert part.engine == "openvino" and sorted(seen[0]) == ["openvino", "tflite"]
-    assert said[-1].startswith("  engines measured on this job (images/s, once on this machine)")
-    choice = private_cache / "engines" / f"{key}.json"
-    assert '"order": ["openvino", "tflite"]' in choice.read_text()
-    np.testing.assert_allclose(part(x)[1], ref, atol=1e-4)
-
-    monkeypatch.setattr(engine_module, "choose", lambda speed: pytest.fail("measured again"))
-    assert FrozenPart(net, key).plan(1) == "openvino"  # the cached choice
-    # Another machine (or OpenVINO version) measures again.
-    monkeypatch.setattr(engine_module, "machine", lambda: "another machine")
-    assert FrozenPart(net, key).plan(1) == "tflite+openvino"
+    assert part.plan(10**6) == "tflite"
+    first = [part(x)[1] for _ in range(3)]
+    assert part.engine == "tflite" and not part.reasons
+    again = FrozenPart(net, key)
+    again.plan(10**6)
+    for out in first:
+        np.testing.assert_array_equal(again(x)[1], out)
+    assert not (private_cache / "engines" / f"{key}.json").exists()  # no choice to remember
 
 
 def test_a_failing_engine_falls_back_to_the_next_then_keras_and_says_why(private_cache,
@@ -224,30 +218,55 @@ def test_a_failing_engine_falls_back_to_the_next_then_keras_and_says_why(private
     def boom(self, x):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runtimes.OpenVINORunner, "__call__", boom)
     net = _small_net(7)
-    x = _pixels(engine_module.TRIAL_MIN_IMAGES)  # large enough for the engines' turns
+    x = _pixels(4)
     ref = net.predict(x, verbose=0)
+    openvino_call = runtimes.OpenVINORunner.__call__
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", boom)
     part = FrozenPart(net, part_key(net, SIZE, "failing"))
     said = []
     part.notify = said.append
-    for _ in range(2):  # tflite's turn, then openvino's
-        np.testing.assert_allclose(part(x)[1], ref[1], atol=1e-4)
-    assert part.engine == "tflite"
-    assert part.reasons == ["openvino failed (RuntimeError: boom)"]
-    assert said[-1] == "  openvino failed (RuntimeError: boom): using tflite"
-    tflite_call = runtimes.TFLiteRunner.__call__
-    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", boom)
+    np.testing.assert_allclose(part(x)[1], ref[1], atol=1e-4)
+    assert part.engine == "openvino"
+    assert part.reasons == ["tflite failed (RuntimeError: boom)"]
+    assert said[-1] == "  tflite failed (RuntimeError: boom): using openvino"
+    monkeypatch.setattr(runtimes.OpenVINORunner, "__call__", boom)
     part = FrozenPart(net, part_key(net, SIZE, "failing"))
     np.testing.assert_allclose(part(x)[1], ref[1], atol=1e-5)
     assert part.engine == "keras" and len(part.reasons) == 2
     # An engine that cannot load at all is skipped with its reason too.
-    monkeypatch.setattr(runtimes, "OpenVINORunner", lambda *a, **k: boom(None, None))
-    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", tflite_call)
+    monkeypatch.setattr(runtimes, "TFLiteRunner", lambda *a, **k: boom(None, None))
     part = FrozenPart(net, part_key(net, SIZE, "unloadable"))
     part(x)
-    assert part.reasons[0].startswith("openvino could not load the engine (RuntimeError: boom)")
-    assert part.engine == "tflite"
+    assert part.reasons[0].startswith("tflite could not load the engine (RuntimeError: boom)")
+    assert part.engine == "keras"  # openvino's __call__ still fails
+    monkeypatch.setattr(runtimes.OpenVINORunner, "__call__", openvino_call)
+    part = FrozenPart(net, part_key(net, SIZE, "unloadable"))
+    part(x)
+    assert part.engine == "openvino" and len(part.reasons) == 1
+
+
+def test_rows_of_a_fallback_engine_are_not_cached_under_the_planned_one(image_folder,
+                                                                          private_cache,
+                                                                          monkeypatch):
+    from graftkit.data.folder import scan
+
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "tflite")
+    net = _small_net(10)
+    folder = scan(image_folder)
+    paths, digests = folder.train.paths[:4], folder.digests(folder.train)[:4]
+
+    def boom(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", boom)
+    part = FrozenPart(net, part_key(net, SIZE, "fallback"))
+    part.plan(4, reuse_engine=False)
+    planned = part.store_key
+    first = extract(part, paths, digests, SIZE, store_key=planned)
+    assert first.computed == 4 and part.engine == "keras"
+    again = FrozenPart(net, part_key(net, SIZE, "fallback"))
+    assert extract(again, paths, digests, SIZE, store_key=planned).computed == 4  # not cached
 
 
 def test_engine_settings_with_a_typo_are_one_clear_error(monkeypatch):
@@ -270,12 +289,13 @@ def test_bf16_is_asked_for_and_taken_only_where_the_cpu_has_it(private_cache, mo
     monkeypatch.setattr(runtimes, "openvino_bf16", lambda: False)
     part = FrozenPart(net, key)  # no bf16 units: float32, cached with float32 outputs
     part(_pixels(2))
-    assert (part.precision, part.store_key) == ("f32", key)
+    assert (part.precision, part.store_key) == ("f32", key + "-openvino-f32")
     monkeypatch.setattr(runtimes, "openvino_bf16", lambda: True)
     part = FrozenPart(net, key)
     x = _pixels(4)
     out = part(x)
-    assert (part.precision, part.label, part.store_key) == ("bf16", "openvino bf16", key + "-bf16")
+    assert (part.precision, part.label, part.store_key) == ("bf16", "openvino bf16",
+                                                         key + "-openvino-bf16")
     tolerance = engine_module.PARITY_TOLERANCE["bf16"]
     for got, ref in zip(out, net.predict(x, verbose=0)):
         assert np.abs(got - ref).max() <= tolerance * max(np.abs(ref).max(), 1.0)

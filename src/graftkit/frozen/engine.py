@@ -1,13 +1,15 @@
-"""The engine that runs the frozen part, chosen per machine: OpenVINO or TensorFlow Lite on the
-one converted file when they agree with Keras (about twice Keras' speed on a CPU), else Keras.
+"""The engine that runs the frozen part, chosen by a fixed rule: the converted TFLite file on
+TensorFlow Lite (float32) or OpenVINO (bfloat16, where asked for and the CPU has it) when it
+agrees with Keras (about twice Keras' speed on a CPU), else Keras.
+
+A rule, not a measurement: cached frozen outputs are training inputs, and two engines round
+differently (1% of float16 rows differ by a step between TFLite and OpenVINO), so the engine must
+not depend on timings or on what ran before, or the same command could train on other inputs.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,18 +29,6 @@ ENGINE_ENV, PRECISION_ENV = runtimes.ENGINE_ENV, runtimes.PRECISION_ENV
 forced_engine, wanted_precision = runtimes.forced_engine, runtimes.wanted_precision
 # Max |engine - Keras| on the first batch, relative to the output's scale, per precision.
 PARITY_TOLERANCE = {"f32": 1e-3, "bf16": 5e-2}
-# OpenVINO is chosen over TFLite only when it measured at least this much faster here: TFLite
-# ran 4% ahead of it on an AVX-512 CPU in float32, and here (AVX2) it is ahead on idle cores
-# and 9% behind while decoding threads share them, as in graft fit's frozen pass.
-CHOICE_MARGIN = 1.05
-# Timed batches per engine before choosing (after each one's first, which allocates and is
-# checked against Keras): the choice is made on the job itself, decoding and all.
-TRIAL_BATCHES = 2
-# Batches smaller than this are not timed (and go to the first engine): one image takes ~15 ms,
-# and right after another engine's call its worker threads still spin on the same cores, which
-# measured single images interleaved at TFLite 52 / ONNX Runtime 102 images/s against 91 / 81
-# run alone.
-TRIAL_MIN_IMAGES = 16
 
 
 def release_memory() -> None:
@@ -65,39 +55,27 @@ def engine_path(key: str) -> Path:
     return defaults.cache_dir() / "engines" / f"{key}.tflite"
 
 
-@functools.cache
-def machine() -> str:
-    """What the engine choice depends on: CPU model, cores and OpenVINO's version."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    version = ""
-    if runtimes.openvino_available():
-        import openvino
-
-        version = openvino.__version__
-    return f"{platform.machine()} | {cpu} | {os.cpu_count()} cores | openvino {version or '-'}"
-
-
 class FrozenPart:
-    """Runs a frozen model on float32 pixels through the fastest engine that matches Keras.
+    """Runs a frozen model on float32 pixels through the engine the rule picks, checked against
+    Keras; returns one array per model output.
 
-    Returns a list with one array per model output. The model is converted to TFLite once and
-    cached under ``cache_dir()/engines`` by ``key``; TFLite and OpenVINO (when installed) both
-    run that file. Which is faster on this machine is measured on the first job's own batches
-    (the engines take turns) and cached next to the file. Each engine's outputs are compared
-    with Keras' on its first batch; a disagreement beyond ``PARITY_TOLERANCE`` or a failure
-    moves on to the other engine, then to Keras, and says why (``reasons``; ``notify`` is told
-    as it happens).
+    The rule: ``$GRAFTKIT_ENGINE`` when set; else OpenVINO in bfloat16 where
+    ``$GRAFTKIT_ENGINE_PRECISION=bf16`` and the CPU has bfloat16 units; else TensorFlow Lite, with
+    OpenVINO float32 next if TFLite fails; Keras last, and for jobs too small to pay for a
+    conversion (``plan``) and on GPUs. The model is converted to TFLite once and cached under
+    ``cache_dir()/engines`` by ``key``; both runtimes read that file. Each engine's first outputs
+    are compared with Keras'; a disagreement beyond ``PARITY_TOLERANCE`` or a failure moves on to
+    the next engine and says why (``reasons``; ``notify`` is told as it happens).
+
+    ``fixed_batch``: Keras runs every call in batches of exactly ``KERAS_BATCH`` rows (the last
+    one padded), so a row's output does not depend on the rows that share its call; for outputs
+    that are cached and trained on. The converted engines run one image per call anyway.
     """
 
-    def __init__(self, model: keras.Model, key: str, converted: bool | None = None):
-        self.model, self.key = model, key
-        self.notify: Callable[[str], None] | None = None  # conversions, choices, fallbacks
+    def __init__(self, model: keras.Model, key: str, converted: bool | None = None,
+                 fixed_batch: bool = False):
+        self.model, self.key, self.fixed_batch = model, key, fixed_batch
+        self.notify: Callable[[str], None] | None = None  # conversions, fallbacks
         self.reasons: list[str] = []
         self._forced = forced_engine()
         if converted is None:  # converted engines are CPU engines: with a GPU, Keras runs on it
@@ -106,82 +84,106 @@ class FrozenPart:
             converted = (self._forced != "keras" and _float32(model)
                          and (self._forced in ("tflite", "openvino") or not gpus()))
         self._may_plan = converted and not self._forced  # a forced engine decides for good
-        self._runners: list | None = None if converted else []  # None: not loaded yet
-        self._call = None
-        self._checked: set[str] = set()  # runners whose first outputs matched Keras'
-        self._trial: dict[str, list[float]] | None = None  # seconds an image, while choosing
         self._bf16 = (converted and self._forced != "tflite" and wanted_precision() == "bf16"
                       and runtimes.openvino_bf16())
+        # Engines still to try, in the rule's order (Keras after them); the first is the one
+        # running, loaded on first use (``_runner``).
+        self._names: list[str] = ([self._forced] if self._forced in ("tflite", "openvino")
+                                  else ["openvino", "tflite"] if self._bf16
+                                  else ["tflite", "openvino"]
+                                  ) if converted else []
+        self._runner = None
+        self._content_bytes: bytes | None = None
+        self._call = None
+        self._checked = False  # the running engine's first outputs matched Keras'
+        self._gpu: bool | None = None  # whether Keras runs on a GPU (asked once)
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
 
     @property
+    def engine(self) -> str:
+        """"keras", "tflite" or "openvino": the engine that runs (or will run) the next batch."""
+        return self._names[0] if self._names else "keras"
+
+    @property
     def precision(self) -> str:
-        """"f32" or "bf16" ("f32+bf16" while engines of both take turns)."""
-        if self._runners:
-            runners = self._runners if self._trial is not None else self._runners[:1]
-            return "+".join(sorted({r.precision for r in runners}, reverse=True))
+        """"f32" or "bf16"."""
+        if self._names:
+            return "bf16" if self._bf16 and self.engine == "openvino" else "f32"
         return "f32" if _float32(self.model) else "bf16"
 
     @property
     def label(self) -> str:
-        """The engine and, when not float32, its precision: "openvino bf16", "tflite"; while
-        the engines take turns to be measured, all of them: "tflite+openvino"."""
+        """The engine and, when not float32, its precision: "openvino bf16", "tflite"."""
         return _named(self.engine, self.precision)
 
     @property
-    def engine(self) -> str:
-        """"keras", "tflite" or "openvino"; "tflite+openvino" while they take turns; "tflite"
-        for a converted engine not loaded yet."""
-        if self._runners is None:
-            return "tflite"
-        if not self._runners:
-            return "keras"
-        if self._trial is not None:
-            return "+".join(r.name for r in self._runners)
-        return self._runners[0].name
-
-    @property
     def store_key(self) -> str:
-        """The cache folder of this part's outputs: bfloat16 ones are kept apart."""
-        return self.key + ("-bf16" if self._bf16 else "")
+        """The cache folder of the outputs this engine computes: engines round differently, so
+        each keeps its own rows (Keras on a GPU apart from Keras on the CPU)."""
+        tag = f"{self.engine}-{self.precision}"
+        if self.engine == "keras":
+            if self._gpu is None:
+                from graftkit.devices import gpus
+
+                self._gpu = bool(gpus())
+            tag += "-gpu" if self._gpu else ""
+        return f"{self.key}-{tag}"
 
     @property
     def _path(self) -> Path:
         return engine_path(self.key)
 
-    def plan(self, images: int) -> str:
+    def plan(self, images: int, reuse_engine: bool = True) -> str:
         """Choose the engine for a job of ``images``: converting only pays for a large one.
 
         Converting takes ~9.5 s here and saves ~5 ms an image, so below
-        ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first, unless the engine is cached.
+        ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first; with ``reuse_engine`` a converted
+        engine already cached is used whatever the size (not for outputs that are cached:
+        which engine computes them must not depend on what ran before). Decides, loads nothing.
         """
-        if self._may_plan and self._runners is None:
-            convert = images >= defaults.ENGINE_MIN_IMAGES or self._path.is_file()
-            if convert:
-                self._load()
-            else:
-                self._runners = []
+        if self._may_plan:
+            self._may_plan = False
+            if not (images >= defaults.ENGINE_MIN_IMAGES
+                    or (reuse_engine and self._path.is_file())):
+                self._names = []
         return self.engine
+
+    def ready(self) -> None:
+        """Load the engine now (converting it if needed) rather than on the first batch."""
+        while self._names and self._runner is None:
+            name = self._names[0]
+            try:
+                content = self._content()
+            except Exception as e:  # noqa: BLE001 - any converter failure means: run on Keras
+                self._names = []
+                self._fall_back(f"converting the frozen base to TFLite failed ({type(e).__name__})")
+                return
+            try:
+                self._runner = self._load(name, content)
+            except Exception as e:  # noqa: BLE001 - an engine that cannot load is skipped
+                self._fall_back(f"{name} could not load the engine ({type(e).__name__}: {e})")
 
     def _say(self, text: str) -> None:
         if self.notify:
             self.notify(text)
 
-    def _fall_back(self, reason: str, runner=None) -> None:
-        """Drop ``runner`` (the current engine) for the next one (Keras last), saying why."""
+    def _fall_back(self, reason: str) -> None:
+        """Drop the running engine for the next one (Keras last), saying why."""
         self.reasons.append(reason)
-        if self._runners:
-            self._runners.remove(runner or self._runners[0])
-        if self._trial is not None and len(self._runners) < 2:
-            self._trial = None
+        self._names, self._runner, self._checked = self._names[1:], None, False
+        if self._names == ["openvino"] and not runtimes.openvino_available():
+            self._names = []
         self._say(f"  {reason}: using {self.label}")
 
     def _content(self) -> bytes:
         """The converted TFLite model: from the cache, else converted now (and cached)."""
+        if self._content_bytes is not None:
+            return self._content_bytes
         path = self._path
         if path.is_file():
             content = path.read_bytes()
             os.utime(path)
+            self._content_bytes = content
             return content
         import tensorflow as tf
 
@@ -197,28 +199,10 @@ class FrozenPart:
             except DiskFullError:  # the engine runs from memory; the next run converts
                 cache_full(path.parent)
         release_memory()  # the converter's garbage, before the outputs fill memory
+        self._content_bytes = content
         return content
 
-    def _load(self) -> None:
-        """Load the converted engines, fastest here first; Keras if none loads."""
-        self._runners = []
-        try:
-            content = self._content()
-        except Exception as e:  # noqa: BLE001 - any converter failure means: run on Keras
-            self._fall_back(f"converting the frozen base to TFLite failed ({type(e).__name__})")
-            return
-        names = [self._forced] if self._forced else ["tflite"] + (
-            ["openvino"] if runtimes.openvino_available() else [])
-        for name in names:
-            try:
-                self._runners.append(self._runner(name, content))
-            except Exception as e:  # noqa: BLE001 - an engine that cannot load is skipped
-                self.reasons.append(f"{name} could not load the engine ({type(e).__name__}: {e})")
-                self._say(f"  {self.reasons[-1]}")
-        if len(self._runners) > 1:
-            self._runners, self._trial = self._saved_choice(self._runners)
-
-    def _runner(self, name: str, content: bytes):
+    def _load(self, name: str, content: bytes):
         if name == "tflite":
             return runtimes.TFLiteRunner(content, self.output_shapes)
         source = self._path if self._path.is_file() else content
@@ -226,91 +210,39 @@ class FrozenPart:
                                        tuple(self.model.inputs[0].shape[1:]),
                                        "bf16" if self._bf16 else "f32")
 
-    @property
-    def _choice_file(self) -> Path:
-        return self._path.with_suffix(".json")  # evicted with the engine it is about
-
-    def _here(self) -> str:
-        return f"{machine()} | {'bf16' if self._bf16 else 'f32'}"
-
-    def _saved_choice(self, runners: list) -> tuple[list, dict | None]:
-        """Runners in the order chosen before on this machine, or a trial to choose it."""
-        try:
-            saved = json.loads(self._choice_file.read_text(encoding="utf-8"))
-            if (saved["machine"] == self._here()
-                    and sorted(saved["order"]) == sorted(r.name for r in runners)):
-                return sorted(runners, key=lambda r: saved["order"].index(r.name)), None
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return runners, {r.name: [] for r in runners}
-
-    def _next_runner(self, images: int):
-        """The engine for this batch: the chosen one, or while choosing, each in turn."""
-        if self._trial is None or images < TRIAL_MIN_IMAGES:
-            return self._runners[0]
-        return min(self._runners, key=lambda r: len(self._trial[r.name])
-                   + (r.name in self._checked))
-
-    def _timed(self, runner, seconds_per_image: float) -> None:
-        """Record a trial batch; once every engine has its batches, choose and cache."""
-        self._trial[runner.name].append(seconds_per_image)
-        if min(len(t) for t in self._trial.values()) < TRIAL_BATCHES:
-            return
-        speed = {name: 1.0 / float(np.median(t)) for name, t in self._trial.items()}
-        order = choose(speed)
-        self._runners = sorted(self._runners, key=lambda r: order.index(r.name))[:1]
-        self._trial = None
-        self._say("  engines measured on this job (images/s, once on this machine): "
-                  + ", ".join(f"{name} {v:.1f}" for name, v in speed.items())
-                  + f": {self.engine}")
-        if writable():
-            text = json.dumps({"machine": self._here(), "order": order,
-                               "images_per_second": {k: round(v, 1) for k, v in speed.items()}})
-            try:
-                atomic_write(self._choice_file,
-                             lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-            except (DiskFullError, OSError):
-                pass  # measured again next time
-
     def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
         if self._call is None:
-            self._call = compiled(self.model)
+            self._call = compiled(self.model, fixed_batch=self.fixed_batch)
         return self._call(x)
 
-    def _disagreement(self, runner, out: list[np.ndarray], x: np.ndarray) -> str | None:
+    def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
         """Why the engine's first outputs cannot stand for Keras', or None when they can."""
-        tolerance = PARITY_TOLERANCE[runner.precision]
+        tolerance = PARITY_TOLERANCE[self.precision]
         for got, ref in zip(out, self._run_keras(x[:4])):
             scale = max(float(np.abs(ref).max()), 1.0)
             diff = float(np.abs(got[:4] - ref).max())
             if not diff <= tolerance * scale:  # NaN included
-                return (f"{_named(runner.name, runner.precision)} differs from Keras by "
-                        f"{diff:.3g} (tolerance "
+                return (f"{self.label} differs from Keras by {diff:.3g} (tolerance "
                         f"{tolerance * scale:.3g})")
         return None
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        while self.engine != "keras":
-            if self._runners is None:
-                self._load()
-                continue
-            runner = self._next_runner(len(x))
-            start = time.perf_counter()
+        while self._names:
+            self.ready()
+            if self._runner is None:
+                continue  # nothing loaded: Keras
             try:
-                out = runner(x)
+                out = self._runner(x)
             except Exception as e:  # noqa: BLE001 - a failing engine hands over to the next
-                self._fall_back(f"{runner.name} failed ({type(e).__name__}: {e})", runner)
+                self._fall_back(f"{self.engine} failed ({type(e).__name__}: {e})")
                 continue
-            seconds = time.perf_counter() - start
-            if runner.name not in self._checked:  # its first batch: checked, not timed
-                reason = self._disagreement(runner, out, x)
+            if not self._checked:  # its first batch: checked against Keras
+                reason = self._disagreement(out, x)
                 if reason:
-                    self._fall_back(reason, runner)
+                    self._fall_back(reason)
                     continue
-                self._checked.add(runner.name)
-            elif self._trial is not None and len(x) >= TRIAL_MIN_IMAGES:
-                self._timed(runner, seconds / len(x))
+                self._checked = True
             return out
         return self._run_keras(x)
 
@@ -319,23 +251,18 @@ def _named(engine: str, precision: str) -> str:
     return engine + (f" {precision}" if precision != "f32" else "")
 
 
-def choose(speed: dict[str, float]) -> list[str]:
-    """Engine names fastest first from measured images/s; OpenVINO must beat TFLite by
-    ``CHOICE_MARGIN`` to go first (TFLite is the engine with the longer record here)."""
-    return sorted(speed, key=lambda name: -speed[name] / (CHOICE_MARGIN if name != "tflite"
-                                                          else 1.0))
-
-
 KERAS_BATCH = 16  # rows per call of a compiled model: measured fastest here (113 images/s)
 
 
 
-def compiled(model: keras.Model):
+def compiled(model: keras.Model, fixed_batch: bool = False):
     """``model`` in inference mode as a function of a numpy batch, run in small batches.
 
     A traced ``tf.function`` of the model is 1.3x ``predict``'s speed on a large batch here and
     2x on the 64-row chunks ``extract`` hands over (``predict`` pays ~0.4 s a call to set up).
-    Small batches also keep the allocator from holding hundreds of MB.
+    Small batches also keep the allocator from holding hundreds of MB. ``fixed_batch`` pads the
+    last batch to ``KERAS_BATCH`` rows: oneDNN picks kernels by shape, so a row's outputs then do
+    not depend on how many rows share its call (measured: 0.03% of float16 values moved).
     """
     import tensorflow as tf
 
@@ -344,9 +271,14 @@ def compiled(model: keras.Model):
     def run(x: np.ndarray) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = []
         for i in range(0, len(x), KERAS_BATCH):
-            out = fn(x[i: i + KERAS_BATCH])
-            parts.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple))
-                                                  else [out])])
+            batch = x[i: i + KERAS_BATCH]
+            rows = len(batch)
+            if fixed_batch and rows < KERAS_BATCH:
+                batch = np.concatenate([batch, np.zeros((KERAS_BATCH - rows, *batch.shape[1:]),
+                                                        dtype=batch.dtype)])
+            out = fn(batch)
+            parts.append([np.asarray(o)[:rows] for o in (out if isinstance(out, (list, tuple))
+                                                         else [out])])
         return [np.concatenate(col) for col in zip(*parts)]
 
     return run

@@ -1,8 +1,10 @@
 """Frozen outputs for every image and view: read from the cache, or computed and cached.
 
-The cache (``graftkit.frozen.store``) is keyed by the frozen part's weights, input size and
-each file's content digest, so a second ``graft fit`` on the same images skips the base. Views
-of an image are decided by its digest, not by the run's seed, so they are reusable too.
+The cache (``graftkit.frozen.store``) is keyed by the frozen part's weights, input size, the
+engine that computes it and each file's content digest, so a second ``graft fit`` on the same
+images skips the base. Views of an image are decided by its digest, not by the run's seed, so
+they are reusable too. A row's value depends only on the image, the view and the engine (never on
+which rows were computed with it), so a run trains on the same inputs whatever ran before it.
 """
 
 from __future__ import annotations
@@ -101,9 +103,12 @@ def _read_stored(out, store, digests: Sequence[str], views: int,
 
 
 def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
-             label=None) -> None:
-    """Run the frozen part on every view in ``todo``, decoding two chunks ahead on all cores."""
+             label=None, planned: str | None = None) -> set[int]:
+    """Run the frozen part on every view in ``todo``, decoding two chunks ahead on all cores;
+    the images whose rows another engine computed (after a fallback): not to be cached under
+    the planned engine's name."""
     outputs = len(frozen.output_shapes)
+    others: set[int] = set()
     done = 0
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         ahead: deque = deque()
@@ -121,6 +126,8 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
             prepared = [(i, f.result()) for i, f in chunk]
             batch = np.stack([view for _, views_of in prepared for view in views_of])
             results = frozen(batch.astype(np.float32))
+            if planned is not None and frozen.store_key != planned:
+                others.update(i for i, _ in prepared)
             r = 0
             for i, _ in prepared:
                 for v in todo[i]:
@@ -134,17 +141,19 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
                 bar.update(done)
     if bar is not None:
         bar.close()
+    return others
 
 
 
 def _store_new(out, store, todo: dict[int, list[int]], digests: Sequence[str], views: int,
-               outputs: int, caching: bool) -> int:
-    """New rows to the cache view by view, copied out of the filled arrays; rows computed."""
+               outputs: int, caching: bool, others: set[int]) -> int:
+    """New rows to the cache view by view, copied out of the filled arrays (not those of
+    ``others``); rows computed."""
     images = sorted(todo)
     computed = 0
     for v in range(views):
-        rows = np.array([i for i in images if v in todo[i]], dtype=np.int64)
-        computed += len(rows)
+        computed += sum(v in todo[i] for i in images)
+        rows = np.array([i for i in images if v in todo[i] and i not in others], dtype=np.int64)
         for first in range(0, len(rows) if caching else 0, SHARD_ROWS):
             part = rows[first: first + SHARD_ROWS]  # bounded copies, bounded shards
             keys = [f"{digests[i]}:{v}" for i in part]
@@ -167,6 +176,8 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
     """
     start = time.perf_counter()
     n, outputs = len(paths), len(frozen.output_shapes)
+    frozen.plan(n * views, reuse_engine=not store_key)  # a no-op when planned for the whole fit
+    planned = frozen.store_key  # rows of another engine (after a fallback) are not cached
     augment = augment if views > 1 else None
     store = _stores(store_key, augment)
     budget = defaults.FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
@@ -177,7 +188,9 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
         for v in range(views):
             if (i, v) not in have:
                 todo.setdefault(i, []).append(v)
-    frozen.plan(sum(len(v) for v in todo.values()))
+    if todo:
+        frozen.ready()  # converts (and says so) before the progress bar starts
+
     def label() -> str:
         return f"frozen base ({frozen.label}, {views} view{'s' if views > 1 else ''})"
 
@@ -188,6 +201,6 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
         return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
                 for v in todo[i]]
 
-    _compute(frozen, out, todo, prepare, bar, label)
-    computed = _store_new(out, store, todo, digests, views, outputs, bool(store_key))
+    others = _compute(frozen, out, todo, prepare, bar, label, planned)
+    computed = _store_new(out, store, todo, digests, views, outputs, bool(store_key), others)
     return Extracted(out, computed, time.perf_counter() - start)

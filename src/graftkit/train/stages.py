@@ -311,8 +311,11 @@ def compute_frozen(s: FitState) -> None:
     opt, dist, folder, size, views = s.opt, s.dist, s.folder, s.size, s.views
     # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
     s.frozen = FrozenPart(s.frozen_model, s.engine_key,
-                          converted=False if dist.name != "default" else None)
+                          converted=False if dist.name != "default" else None, fixed_batch=True)
     s.frozen.notify = s.log
+    # The engine by the size of the whole job, never by what is cached: the same command
+    # computes (or reads) the same rows whatever ran before.
+    s.frozen.plan(len(folder.train) * views + len(folder.val), reuse_engine=False)
     store_key = s.frozen.store_key if opt.cache else None
     start = time.perf_counter()
     shared = 0  # outputs this worker computed into the cache for all of them
