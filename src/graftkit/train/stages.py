@@ -623,8 +623,8 @@ def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.n
 def frozen_record(s: FitState) -> dict | None:
     """Which engine and precision computed the frozen outputs this run trained on.
 
-    Rows read from the cache were computed by an engine that passed the same parity check, in
-    the same precision (bfloat16 rows are cached apart).
+    Rows read from the cache were computed by the same engine in the same precision: each
+    engine's rows are cached apart.
     """
     if s.frozen is None:
         return None
