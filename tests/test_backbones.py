@@ -42,6 +42,21 @@ def test_conversion_is_cached(private_cache):
     assert cached[0].stat().st_mtime_ns == mtime
 
 
+def test_converting_the_weights_leaves_the_random_streams_as_loading_them(tmp_path,
+                                                                           monkeypatch):
+    """A first run (converting) and a rerun (cached weights) initialise the same head."""
+    import random
+
+    monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path))
+    draws = []
+    for _ in range(2):  # converts, then reads the cached file
+        random.seed(3)
+        np.random.seed(3)
+        load_efficientnet_lite(32)
+        draws.append((random.random(), np.random.rand()))
+    assert len(list(tmp_path.glob("*.weights.h5"))) == 1 and draws[0] == draws[1]
+
+
 def test_base_takes_raw_pixels_and_applies_its_preprocessing():
     base, info = load_base("efficientnet_lite0")
     assert info.image_size == 224 and base.output.shape[-1] == 1280

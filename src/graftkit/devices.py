@@ -21,8 +21,9 @@ def describe() -> str:
     if found:
         return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
                 f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
-    from graftkit.frozen.runtimes import openvino_available
+    from graftkit.frozen.runtimes import openvino_bf16, wanted_precision
 
-    engines = "TFLite or OpenVINO, the faster here," if openvino_available() else "TFLite"
+    engines = ("OpenVINO in bfloat16" if wanted_precision() == "bf16" and openvino_bf16()
+               else "TFLite")
     return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
             f"through {engines} where converting it pays, else compiled Keras")

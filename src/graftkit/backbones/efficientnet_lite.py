@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,7 +245,15 @@ def converted_weights(variant: str = "efficientnet_lite0", source: Path | None =
             f"cannot read {v.title} weights from {source}: {exc}; pass a lukemelas-style "
             f"{v.title} .pth file"
         ) from exc
-    model = build_efficientnet_lite(v.name, include_top=True)
+    # Keras draws initializer seeds from Python's random module: building this extra model
+    # only on the first run would shift the stream the run's head is initialised from, so a
+    # first run and a rerun with the same --seed would train different heads.
+    streams = random.getstate(), np.random.get_state()
+    try:
+        model = build_efficientnet_lite(v.name, include_top=True)
+    finally:
+        random.setstate(streams[0])
+        np.random.set_state(streams[1])
     try:
         for name, weights in by_layer.items():
             model.get_layer(name).set_weights(weights)
