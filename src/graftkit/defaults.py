@@ -118,7 +118,8 @@ DISK_MARGIN = 50_000_000
 DECODED_MEMORY_BUDGET = 1 << 30
 # Converting the frozen part to TFLite takes ~9.5 s; extracting hymenoptera's views (decoding and
 # augmenting included) ran at 95 images/s on it and 64 on compiled Keras, so it pays from ~1,900
-# images on: smaller jobs run on Keras unless an engine is cached.
+# images on: smaller jobs run on Keras (predictions reuse an engine already cached; graft fit
+# decides by the job's size alone, so its training inputs never depend on earlier runs).
 ENGINE_MIN_IMAGES = 2000
 # Frozen outputs of one split beyond this many bytes are kept in a scratch file and read back a
 # batch at a time (20,000 images x 5 views of cut activations: 1.9 GB).
