@@ -68,6 +68,32 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     assert code == 5 and "--overwrite" in err
 
 
+def test_a_rerun_on_a_warm_cache_repeats_the_first_run_exactly(tmp_path, capsys, monkeypatch):
+    """The first run converts the weights and computes every frozen output; the rerun reads
+    them all from the cache, so its engine first runs after phase 2 has trained the top blocks
+    (only the cut activations it still computes can match Keras then). Same figures."""
+    monkeypatch.setenv("GRAFTKIT_ENGINE", "tflite")
+    monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_folder(tmp_path / "data", per_class=10)
+    runs = []
+    for name in ("first", "again"):
+        code, out, err = run_cli(capsys, "fit", data, "--out", tmp_path / name, "--image-size",
+                                 "32", "--head-epochs", "2", "--fine-tune-epochs", "2",
+                                 "--batch-size", "8", "--unfreeze", "2", "--fine-tune-lr", "1e-3",
+                                 "--mode", "fine-tune")
+        assert code == 0, err
+        assert "differs from Keras" not in out + err
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in
+                csv.DictReader((tmp_path / name / "history.csv").read_text().splitlines())]
+        runs.append((metrics, rows))
+    (first, first_rows), (again, again_rows) = runs
+    assert first["frozen_outputs"]["from_cache"] == 0 and again["frozen_outputs"]["computed"] == 0
+    assert again["frozen_outputs"]["fallbacks"] == [] and first["frozen_outputs"]["fallbacks"] == []
+    assert again_rows == first_rows and again["val_accuracy"] == first["val_accuracy"]
+    assert again["confusion_matrix"] == first["confusion_matrix"]
+
+
 def test_engine_settings_with_a_typo_stop_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GRAFTKIT_ENGINE", "tflte")
     assert main(["fit", str(tmp_path / "data"), "--out", str(tmp_path / "run")]) == 2

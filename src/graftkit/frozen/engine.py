@@ -96,6 +96,9 @@ class FrozenPart:
         self._content_bytes: bytes | None = None
         self._call = None
         self._checked = False  # the running engine's first outputs matched Keras'
+        # How many leading outputs the check compares (None: all). Fit's part keeps running
+        # after phase 2 has trained the top blocks its last output passes through.
+        self.checked_outputs: int | None = None
         self._gpu: bool | None = None  # whether Keras runs on a GPU (asked once)
         self.output_shapes = [tuple(t.shape[1:]) for t in model.outputs]
 
@@ -218,7 +221,7 @@ class FrozenPart:
     def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
         """Why the engine's first outputs cannot stand for Keras', or None when they can."""
         tolerance = PARITY_TOLERANCE[self.precision]
-        for got, ref in zip(out, self._run_keras(x[:4])):
+        for got, ref in list(zip(out, self._run_keras(x[:4])))[:self.checked_outputs]:
             scale = max(float(np.abs(ref).max()), 1.0)
             diff = float(np.abs(got[:4] - ref).max())
             if not diff <= tolerance * scale:  # NaN included
