@@ -170,6 +170,10 @@ class SplitClassifier:
         if not key or not engine_path(key).is_file():
             key = part_key(self.bottom, size, first.name)
         # ``frozen``: a part already running whose first output is this bottom's (fit's own).
+        # Only that output is used, and only it is checked against Keras: the others may pass
+        # through layers trained since (fit's pooled features, through the fine-tuned top).
+        if frozen is not None:
+            frozen.checked_outputs = 1
         self.frozen = frozen or FrozenPart(self.bottom, key)
 
     def plan(self, images: int) -> str:

@@ -557,8 +557,6 @@ def _fast_scorer(s: FitState, model):
         return None, None
     top_n = cut_blocks(s.opt.unfreeze, s.opt.fine_tune_epochs, s.opt.mode)
     frozen = s.frozen if s.need_cache else None
-    if frozen is not None:  # the top blocks were trained: only the cut still matches Keras
-        frozen.checked_outputs = 1
     try:
         return SplitClassifier(model, s.info.block_pattern, top_n, s.engine_key,
                                frozen), s.engine_key
