@@ -1,17 +1,21 @@
-"""The protocol that chose ``graft fit``'s defaults: every setting, 3 datasets, 3+ seeds.
+"""The protocol that chose ``graft fit``'s defaults: every setting, 4 datasets, 3+ seeds.
 
     .venv/bin/python benchmarks/defaults.py --settings defaults,no-smoothing,... [--seeds 1,2,3]
     .venv/bin/python benchmarks/defaults.py --table   # the table of everything recorded so far
+    .venv/bin/python benchmarks/defaults.py --probe   # the logistic-probe reference rows
 
-Datasets: ``../shared/datasets/hymenoptera`` and ``../shared/datasets/flowers5`` (their own
-train/val folders) and scikit-learn's digits (written out as a class folder; the seed also
-draws its 20% validation split). Each run is ``graftkit.fit`` in this process with the defaults
-plus the setting's overrides, and one JSON line per run is appended to ``--results``
-(``benchmarks/defaults-runs.jsonl``): the graftkit commit, validation accuracy of the final
-model, phase 1's best (head only), the mode chosen and the seconds of the run. Frozen outputs
-are cached, so only the first run of a dataset at a given cut pays for the frozen base: the table's seconds are the
-median over seeds, and the first (cold) run's seconds are recorded in the JSON lines.
-A measurement script, not a test: it takes about 2-3 minutes per setting once caches are warm.
+Datasets: ``../shared/datasets/hymenoptera``, ``flowers5`` and ``pacs_art`` (their own
+train/val folders; a pacs_art run is also scored on ``pacs_cartoon``, the same classes as
+cartoons, never trained or chosen on), scikit-learn's digits (written out as a class folder;
+the seed also draws its 20% validation split) and, for rules that depend on the data's size,
+``union14`` (the three photo sets side by side, linked, never copied). Each run is
+``graftkit.fit`` in this process with the defaults plus the setting's overrides, and one JSON
+line per run is appended to ``--results`` (``benchmarks/defaults-runs.jsonl``): the graftkit
+commit, validation accuracy of the final model, phase 1's best (head only), the mode chosen and
+the seconds of the run. Frozen outputs are cached, so only the first run of a dataset at a
+given cut pays for the frozen base: the table's seconds are the median over seeds, and the
+first (cold) run's seconds are recorded in the JSON lines.
+A measurement script, not a test: 2-8 minutes a run on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -286,7 +290,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=HERE / "defaults-runs.jsonl")
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "graftkit-bench")
     p.add_argument("--shared", type=Path, default=SHARED,
-                   help="the folder holding hymenoptera/ and flowers5/")
+                   help="the folder holding the datasets (hymenoptera/, flowers5/, pacs_art/, ...)")
     p.add_argument("--table", action="store_true", help="print the table and stop")
     p.add_argument("--probe", action="store_true",
                    help="record the logistic-probe reference rows instead of graft fit runs")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from graftkit.errors import ExportError, UsageError
+from graftkit.outputs.open_set import OOD_SCORE
 from graftkit.quiet import silenced
 
 FORMATS = ("savedmodel", "tflite", "onnx")
@@ -155,7 +156,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
     if clf.open_set is not None and clf._features_model() is not None:
-        from graftkit.outputs.open_set import OOD_SCORE, open_set_model
+        from graftkit.outputs.open_set import open_set_model
 
         model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
         float_part = OOD_SCORE
@@ -187,8 +188,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
                 f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
                 "nothing was written"
             )
-        if "ood_score" in outputs:
-            _check_rejection(result, clf, paths, outputs["ood_score"], fmt, quantize)
+        if OOD_SCORE in outputs:
+            _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize)
         final = target_dir / ("saved_model" if fmt == "savedmodel" else built.name)
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -226,7 +227,7 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
     result.ood_max_abs_diff = float(diff.max())
     result.known_agreement = float(agree.mean())
     result.known_agreement_clear = float(agree[clear].mean()) if clear.any() else 1.0
-    result.rejection = {**open_set.describe(), "output": "ood_score",
+    result.rejection = {**open_set.describe(), "output": OOD_SCORE,
                         "tolerance": f"{OOD_TOLERANCE:g} x max(1, |score|)",
                         "how": "the model's second output ood_score: an image is unknown when "
                                "ood_score > threshold (the run's threshold keeps "

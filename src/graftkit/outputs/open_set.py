@@ -217,7 +217,7 @@ def open_set_model(model, open_set: OpenSet):
     dense = model.get_layer(HEAD_DENSE)
     features, probs = with_features(model).outputs
     score = OpenSetScore(name=OOD_SCORE, dtype="float32")(features, probs)
-    return keras.Model(model.inputs[0], {"probabilities": probs, "ood_score": score},
+    return keras.Model(model.inputs[0], {"probabilities": probs, OOD_SCORE: score},
                        name=f"{model.name}_open_set")
 
 
