@@ -65,7 +65,11 @@ SCHEDULES = ("constant", "cosine", "one-cycle")
 PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on a 2-core CPU (README)
 PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.train.distribute
-VIEWS = 5  # cached views per training image: the image and 4 augmented ones
+# Cached views per training image: the image and 4 augmented ones. Measured, 3 seeds each
+# (benchmarks/RESULTS.md): 3 views tie or beat 5 on hymenoptera, pacs_art, the digits and
+# flowers5 but cost union14 (3,033 images) 0.4 points, so no "fewer views for more data" rule
+# passes; 1 view costs pacs_art's cartoons 2.7 points.
+VIEWS = 5
 # Dropout before the new Dense layer. "auto": DROPOUT_WHOLE_BASE (the guide's 0.2) in runs that
 # fine-tune the whole base, where label smoothing already regularises the head; DROPOUT_CACHED
 # elsewhere, where the head trains on cached features of 5 views of each image. Measured, 3 seeds
