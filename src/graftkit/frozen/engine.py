@@ -221,7 +221,7 @@ class FrozenPart:
     def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
         """Why the engine's first outputs cannot stand for Keras', or None when they can."""
         tolerance = PARITY_TOLERANCE[self.precision]
-        for got, ref in list(zip(out, self._run_keras(x[:4])))[:self.checked_outputs]:
+        for got, ref in zip(out[:self.checked_outputs], self._run_keras(x[:4])):
             scale = max(float(np.abs(ref).max()), 1.0)
             diff = float(np.abs(got[:4] - ref).max())
             if not diff <= tolerance * scale:  # NaN included
