@@ -82,6 +82,7 @@ SETTINGS: dict[str, dict] = {
     "unfreeze-3": {"unfreeze": 3},
     "unfreeze-4": {"unfreeze": 4},
     "unfreeze-all": {"unfreeze": "all"},
+    "unfreeze-all-colour": {"unfreeze": "all", "augment": "basic,saturation,hue,grayscale"},
     "all-1e-4": {"unfreeze": "all", "fine_tune_lr": 1e-4},
     "all-1e-4-64px": {"unfreeze": "all", "fine_tune_lr": 1e-4, "image_size": 64,
                       "fine_tune_epochs": 8},
