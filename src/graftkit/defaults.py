@@ -28,7 +28,7 @@ FINE_TUNE_LR = 1e-4
 # Phase 2's depth. "auto": the whole base when fine-tuning all of it is cheap (training images
 # x (side / 224)^2 at most FULL_FINE_TUNE_MAX_IMAGES: about 12 s an epoch on 2 CPU cores),
 # else the top UNFREEZE_TOP blocks on cached activations. Measured (benchmarks/RESULTS.md): on
-# hymenoptera (244 images) "all" never beat the head and cost ~45 s, the top 2 blocks ~4 s;
+# hymenoptera (244 images at 224 px) "all" never beat the head and cost ~45 s, the top 2 ~4 s;
 # scikit-learn's digits at 64 px (117 224-px images' worth) gain 0.93 -> 0.975 from "all".
 # Past the threshold "all" can pay, at 10-20x the time (3 seeds): pacs_art (1,189 images at
 # 288 px) 0.9707 against 0.9572 and its cartoons 0.658 against 0.560, in 20-40 minutes a run;
