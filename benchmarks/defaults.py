@@ -178,14 +178,16 @@ def source_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SHARED) -> dict:
+def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SHARED,
+            keep: Path | None = None) -> dict:
     from graftkit.train.workflow import fit
 
     data = dataset_path(name, scratch, shared)
     with tempfile.TemporaryDirectory() as tmp:
+        out = (keep / f"{name}-{setting}-{seed}") if keep else Path(tmp) / "run"
         start = time.perf_counter()
-        result = fit(data, Path(tmp) / "run", seed=seed, verbose=0, log=lambda _: None,
-                     **SETTINGS[setting])
+        result = fit(data, out, seed=seed, verbose=0, log=lambda _: None,
+                     overwrite=keep is not None, **SETTINGS[setting])
         seconds = time.perf_counter() - start
         shift = ({"shift_accuracy": result.evaluate(shared / STYLE_SHIFT[name])["accuracy"]}
                  if name in STYLE_SHIFT else {})
@@ -295,6 +297,8 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the table and stop")
     p.add_argument("--probe", action="store_true",
                    help="record the logistic-probe reference rows instead of graft fit runs")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="keep each run folder as KEEP/<dataset>-<setting>-<seed> (else deleted)")
     args = p.parse_args()
     if not args.table:
         args.scratch.mkdir(parents=True, exist_ok=True)
@@ -304,7 +308,7 @@ def main() -> None:
             for name in args.datasets.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     row = (probe_one(name, seed, args.scratch, args.shared) if args.probe
-                           else run_one(name, setting, seed, args.scratch, args.shared))
+                           else run_one(name, setting, seed, args.scratch, args.shared, args.keep))
                     print(json.dumps(row), flush=True)
                     with args.results.open("a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
