@@ -256,9 +256,15 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
 
 
+# Commits that changed nothing graftkit computes (comments, benchmark settings, this script):
+# their runs are grouped with the commit named here (`git diff A B -- src` shows comments only).
+SAME_AS = {"c6dab59": "464514c", "1f5e391": "464514c"}
+
+
 def table(rows: list[dict], datasets=DATASETS) -> str:
     """One line per (code, setting): mean (spread, n) and median seconds on each dataset."""
-    groups = list(dict.fromkeys((r.get("code", "?"), r["setting"]) for r in rows))
+    rows = [{**r, "code": SAME_AS.get(r.get("code", "?"), r.get("code", "?"))} for r in rows]
+    groups = list(dict.fromkeys((r["code"], r["setting"]) for r in rows))
     shifts = [STYLE_SHIFT[d] for d in datasets if d in STYLE_SHIFT]
     head = ("| code | setting | " + " | ".join(f"{d} | s" for d in datasets)
             + "".join(f" | {s}" for s in shifts) + " | phase 1 (head) means |")
@@ -266,7 +272,7 @@ def table(rows: list[dict], datasets=DATASETS) -> str:
     for code, setting in groups:
         cells, p1, shift_cells = [], [], []
         for d in datasets:
-            runs = [r for r in rows if (r.get("code", "?"), r["setting"]) == (code, setting)
+            runs = [r for r in rows if (r["code"], r["setting"]) == (code, setting)
                     and r["dataset"] == d]
             if not runs:
                 cells += ["", ""]
