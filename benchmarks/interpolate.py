@@ -1,7 +1,7 @@
 """Weight interpolation (WiSE-FT) between a head-only run and a fine-tuned run of the same data.
 
     .venv/bin/python benchmarks/defaults.py --settings unfreeze-all --datasets pacs_art --seeds 2 --keep runs/keep
-    .venv/bin/graft fit ../shared/datasets/pacs_art --out runs/head-2 --seed 2 --mode head \
+    .venv/bin/graft fit ../shared/datasets/pacs_art --out runs/head-2 --seed 2 --mode head \\
         --dropout 0.2 --label-smoothing 0.1
     .venv/bin/python benchmarks/interpolate.py runs/head-2 runs/keep/pacs_art-unfreeze-all-2 \\
         --score ../shared/datasets/pacs_art/val ../shared/datasets/pacs_cartoon --alphas 0,0.5,0.75,1
