@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import defaults as protocol  # benchmarks/defaults.py, next to this file
@@ -68,8 +67,7 @@ def main() -> None:
 
     epochs: list = []
     _record_phase_two(epochs)
-    row = protocol.run_one(args.dataset, args.setting, args.seed, Path(tempfile.gettempdir()) / "graftkit-bench",
-                           keep=args.keep)
+    row = protocol.run_one(args.dataset, args.setting, args.seed, protocol.SCRATCH, keep=args.keep)
     print(json.dumps(row), flush=True)
     if len(epochs) < 2:
         sys.exit("phase 2 did not run: nothing to average")

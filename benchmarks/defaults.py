@@ -33,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "datasets"
+SCRATCH = Path(tempfile.gettempdir()) / "graftkit-bench"  # the digits folder and union links
 DATASETS = ("hymenoptera", "flowers5", "digits", "pacs_art")
 TARGETS = {"hymenoptera": 0.9608, "flowers5": 0.9542, "digits": 0.9805, "pacs_art": 0.955}
 # A style-shift test set per dataset: the run is scored on it after training, never trained on
@@ -297,7 +298,7 @@ def main() -> None:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--results", type=Path, default=HERE / "defaults-runs.jsonl")
-    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "graftkit-bench")
+    p.add_argument("--scratch", type=Path, default=SCRATCH)
     p.add_argument("--shared", type=Path, default=SHARED,
                    help="the folder holding the datasets (hymenoptera/, flowers5/, pacs_art/, ...)")
     p.add_argument("--table", action="store_true", help="print the table and stop")
