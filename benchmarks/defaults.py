@@ -82,6 +82,8 @@ SETTINGS: dict[str, dict] = {
     "unfreeze-1": {"unfreeze": 1},
     "unfreeze-3": {"unfreeze": 3},
     "unfreeze-4": {"unfreeze": 4},
+    "unfreeze-6": {"unfreeze": 6},  # Lite0: stages 6-7 and the final conv (cut at 18x18 for 288 px)
+    "unfreeze-9": {"unfreeze": 9},  # Lite0: stages 5-7 and the final conv
     "unfreeze-all": {"unfreeze": "all"},
     "unfreeze-all-colour": {"unfreeze": "all", "augment": "basic,saturation,hue,grayscale"},
     "all-1e-4": {"unfreeze": "all", "fine_tune_lr": 1e-4},
@@ -259,7 +261,7 @@ def _cell(values: list[float]) -> str:
 
 # Commits that changed nothing graftkit computes (comments, benchmark settings, this script):
 # their runs are grouped with the commit named here (`git diff A B -- src` shows comments only).
-SAME_AS = {"c6dab59": "464514c", "1f5e391": "464514c"}
+SAME_AS = {"c6dab59": "464514c", "1f5e391": "464514c", "b82cbde": "464514c"}
 
 
 def table(rows: list[dict], datasets=DATASETS) -> str:
