@@ -584,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        hint = (" (every finished epoch is saved: run the same command again to resume)"
+        hint = (" (run the same command again to resume: fine-tuning goes on from its last"
+                " finished epoch; phase 1 on cached features reruns in seconds)"
                 if name in ("graft fit", "graft demo") else "")
         print(f"{name}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
