@@ -259,9 +259,9 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
 
 
-# Commits that changed nothing graftkit computes (comments, benchmark settings, this script):
-# their runs are grouped with the commit named here (`git diff A B -- src` shows comments only).
-SAME_AS = {"c6dab59": "464514c", "1f5e391": "464514c", "b82cbde": "464514c"}
+# Commits that changed nothing graftkit computes (comments, messages, benchmark settings, this script):
+# their runs are grouped with the commit named here (`git diff A B -- src` shows no other change).
+SAME_AS = {"c6dab59": "464514c", "1f5e391": "464514c", "b82cbde": "464514c", "1b14f06": "464514c"}
 
 
 def table(rows: list[dict], datasets=DATASETS) -> str:
