@@ -160,8 +160,9 @@ def test_predict_says_unknown_above_the_threshold_and_reject_none_never(trained_
     assert main(["predict", str(run), str(image), "--reject", "none", "--format", "json"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["known"] is True and line["ood_score"] == pytest.approx(auto.ood_score, rel=1e-5)
-    assert main(["predict", str(run), str(image), "--reject", "maybe"]) == 2
-    assert "--reject must be auto, none or a threshold" in capsys.readouterr().err
+    for bad in ("maybe", "nan", "inf", "-inf"):  # nan would call every image unknown
+        assert main(["predict", str(run), str(image), "--reject", bad]) == 2
+        assert "--reject must be auto, none or a finite threshold" in capsys.readouterr().err
 
 
 def test_evaluate_reports_the_share_it_would_reject(trained_run, capsys):

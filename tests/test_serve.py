@@ -65,7 +65,7 @@ def service(trained_run, review_data):
 
 @pytest.fixture(scope="module")
 def client(service):
-    return TestClient(service.app)
+    return TestClient(service.app, base_url="http://127.0.0.1")
 
 
 def auth(service) -> dict:
@@ -98,7 +98,7 @@ def test_predict_matches_graft_predict(service, client, trained_run):
 
 
 def test_info_health_schema_and_pages(client, service):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/info").json()
     assert info["classes"] == service.classifier.classes
     assert info["image_size"] == 32 and info["backbone"] == "efficientnet_lite0"
@@ -142,9 +142,10 @@ def test_bad_requests_are_400(client):
 
 
 def test_upload_limit_is_413(service):
-    from graftkit.serve.app import UploadLimit, create_app
+    from graftkit.serve.app import create_app
+    from graftkit.serve.guard import BodyLimit
 
-    small = TestClient(UploadLimit(create_app(service), 4096))
+    small = TestClient(BodyLimit(create_app(service), 4096), base_url="http://127.0.0.1")
     big = np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, "PNG")
@@ -197,7 +198,7 @@ def test_review_lists_the_findings(service, client):
     assert {"class_0/img_000.png", "class_1/copy_of_0.png"} <= disagree
     assert all(i["why"] for g in groups.values() for i in g)
     key = groups["top_losses"][0]["key"]
-    r = client.get("/review/api/image", params={"key": key, "token": service.token})
+    r = client.get("/review/api/image", params={"key": key}, headers=auth(service))
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert "graft fit" in client.get("/review/api/items", headers=auth(service)).json()["next"]
 
@@ -225,12 +226,12 @@ def test_review_refuses_unlisted_paths(service, client, key, status):
     listed_keys = set(service.review.items)
     if key in listed_keys:
         pytest.skip("this file happens to be listed in this split")
-    params = {"key": key, "token": service.token}
-    assert client.get("/review/api/image", params=params).status_code == status
+    assert client.get("/review/api/image", params={"key": key}, headers=auth(service)) \
+        .status_code == status
     r = client.post("/review/api/relabel", json={"key": key, "to": "class_2"}, headers=auth(service))
     assert r.status_code == status
     # URL-encoded by hand, then once more by the client: still no way out
-    r = client.get(f"/review/api/image?token={service.token}&key=..%2F..%2Fetc%2Fpasswd")
+    r = client.get("/review/api/image?key=..%2F..%2Fetc%2Fpasswd", headers=auth(service))
     assert r.status_code == 400
 
 
@@ -243,7 +244,7 @@ def test_review_refuses_symlinks_out_of_the_data(service, client, review_data, t
     shutil.move(path, backup)
     try:
         os.symlink(secret, path)
-        r = client.get("/review/api/image", params={"key": item["key"], "token": service.token})
+        r = client.get("/review/api/image", params={"key": item["key"]}, headers=auth(service))
         assert r.status_code == 403
         r = client.post("/review/api/set-aside", json={"key": item["key"]}, headers=auth(service))
         assert r.status_code == 403 and path.is_symlink() and secret.is_file()
@@ -304,7 +305,7 @@ def test_relabel_set_aside_undo_with_journal(service, client, review_data):
 def test_interrupted_moves_are_settled_on_start(service, review_data):
     from graftkit.serve.review import Journal
 
-    j = Journal(review_data / JOURNAL)
+    j = Journal(review_data)
     src = review_data / "class_2" / "img_005.png"
     dst = review_data / "class_0" / "moved_005.png"
     os.link(src, dst)  # a crash between the link and the unlink
@@ -385,9 +386,10 @@ def test_graft_serve_runs_and_stops_on_ctrl_c(trained_run, review_data, tmp_path
         review_url = next(w for w in text.split() if "/review?token=" in w)
         base = review_url.split("/review")[0]
         with urllib.request.urlopen(base + "/healthz", timeout=30) as r:
-            assert json.load(r) == {"status": "ok"}
+            assert json.load(r)["status"] == "ok"
         token = review_url.split("token=")[1]
-        with urllib.request.urlopen(f"{base}/review/api/items?token={token}", timeout=30) as r:
+        ask = urllib.request.Request(f"{base}/review/api/items", headers={"X-Graft-Token": token})
+        with urllib.request.urlopen(ask, timeout=30) as r:
             assert json.load(r)["data"] == str(review_data)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -415,6 +417,16 @@ def browser_or_skip():
     return sync_playwright
 
 
+def until(page, script: str, timeout: float = 60) -> None:
+    """Poll ``script`` in the page until it is true: the pages' Content-Security-Policy forbids
+    the eval that Playwright's wait_for_function needs."""
+    deadline = time.time() + timeout
+    while not page.evaluate(script):
+        if time.time() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {script}")
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_both_pages_in_headless_chromium(trained_run, tmp_path):
     sync_playwright = browser_or_skip()
@@ -431,8 +443,11 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
                 "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream"])  # a synthetic camera, permission granted
             page = browser.new_page(viewport={"width": 1200, "height": 900})
+            console: list[str] = []
+            page.on("console", lambda m: console.append(m.text))
+            page.on("dialog", lambda d: d.accept())
             page.goto(base + "/")
-            page.wait_for_function("document.getElementById('run').textContent.includes('classes')")
+            until(page, "() => document.getElementById('run').textContent.includes('classes')")
             page.set_input_files("#files", str(photo))
             page.wait_for_selector(".card[data-label]", timeout=60_000)
             card = page.locator(".card").first
@@ -441,19 +456,26 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             assert card.locator(".label").inner_text() == str(want)
             assert card.locator(".bar").count() == 3
             page.click("#webcam")
-            page.wait_for_function("document.getElementById('video').videoWidth > 0")
+            until(page, "() => document.getElementById('video').videoWidth > 0")
             page.click("#snap")
             page.wait_for_selector(".card[data-name='webcam-1.jpg'][data-label]", timeout=60_000)
             assert page.locator(".card").count() == 2
             page.screenshot(path=str(tmp_path / "try.png"))
 
+            page.click("#review-link")  # no token in this tab yet: the page says where it is
+            page.wait_for_selector("#state.error")
+            assert "review URL that graft serve printed" in page.inner_text("#state")
+
             page.goto(f"{base}/review?token={service.token}")
             page.wait_for_selector("#top_losses .card .relabel", timeout=120_000)
+            assert page.url == f"{base}/review"  # the token left the address bar and history
             first = page.locator("#top_losses .card").first
             path = first.get_attribute("data-path")
             label = path.split("/")[0]
             target = first.locator("select option").first.get_attribute("value")
-            assert first.locator("img").evaluate("i => i.complete && i.naturalWidth > 0")
+            until(page, "() => { const i = document.querySelector('#top_losses .card img');"
+                        " return i.complete && i.naturalWidth > 0; }")
+            assert first.locator("img").get_attribute("src").startswith("blob:")
             first.locator(".relabel").click()
             page.wait_for_selector("#message:not([hidden])")
             message = page.inner_text("#message")  # "relabelled: FROM → TO (journal: ID)"
@@ -462,9 +484,47 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             assert moved.is_file() and not (data / path).exists()
             assert label != target and moved.parent.name == target
             page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
-            page.locator("#top_losses .card").first.locator(".undo").click()
-            page.wait_for_function("document.getElementById('message').textContent.startsWith('undone')")
+
+            # relabel -> set aside -> undo -> undo: back home (undo went one level deep)
+            page.locator("#top_losses .card").first.locator(".set-aside").click()
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('set aside')")
+            assert not moved.exists()
+            for _ in range(2):
+                page.locator("#top_losses .card").first.locator(".undo").click()
+                until(page, "() => document.getElementById('message').textContent"
+                            ".startsWith('undone')")
+                page.wait_for_timeout(300)
             assert (data / path).is_file() and not moved.exists()
+
+            # two moves, then "Restore" on the card takes both back at once
+            page.locator("#top_losses .card").first.locator(".relabel").click()
+            until(page, "() => document.querySelector('#top_losses .card .set-aside') !== null")
+            page.wait_for_timeout(300)
+            page.locator("#top_losses .card").first.locator(".set-aside").click()
+            page.wait_for_selector("#top_losses .card .restore")
+            page.locator("#top_losses .card").first.locator(".restore").click()
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('undone')")
+            assert (data / path).is_file()
+
+            # "Restore every image" after moves of two images
+            cards = page.locator("#top_losses .card")
+            cards.nth(0).locator(".relabel").click()
+            page.wait_for_timeout(500)
+            cards.nth(1).locator(".set-aside").click()
+            page.wait_for_timeout(500)
+            page.click("#restore-all")
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('restored 2 image(s)')")
+            assert (data / path).is_file()
+            assert not list((data / SET_ASIDE).rglob("*.png"))
+
+            page.goto(base + "/")  # the same tab keeps its token: the link now works
+            page.click("#review-link")
+            page.wait_for_selector("#top_losses .card .relabel", timeout=60_000)
+            csp = [m for m in console if "Content Security Policy" in m]
+            assert csp == [], csp
             browser.close()
     finally:
         service.stop()

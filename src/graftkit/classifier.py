@@ -7,6 +7,7 @@ model holds its backbone's preprocessing), so a raw photo gets the answer traini
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -49,10 +50,13 @@ def parse_reject(value) -> str | float:
     if str(value) in ("auto", "none"):
         return str(value)
     try:
-        return float(value)
+        threshold = float(value)
     except (TypeError, ValueError):
-        raise UsageError(f"--reject must be auto, none or a threshold in the run's score units "
-                         f"(got {value!r})") from None
+        threshold = math.nan
+    if not math.isfinite(threshold):  # nan would call every image unknown, inf none
+        raise UsageError(f"--reject must be auto, none or a finite threshold in the run's score "
+                         f"units (got {value!r})") from None
+    return threshold
 
 
 class Classifier:

@@ -324,6 +324,8 @@ def preflight_serve(args) -> None:
         raise UsageError(f"--port must be between 0 and 65535 (got {args.port})")
     if not args.max_upload_mb > 0:
         raise UsageError(f"--max-upload-mb must be above 0 (got {args.max_upload_mb})")
+    if args.max_pixels < 1 or args.max_files < 1:
+        raise UsageError("--max-pixels and --max-files must be at least 1")
     read_run(args.run_dir)
     if args.data:
         check_data_path(args.data)
@@ -336,7 +338,67 @@ def cmd_serve(args) -> int:
     from graftkit.serve.server import serve
 
     return serve(args.run_dir, args.data, args.host, args.port, args.max_upload_mb, args.unsafe,
-                 sock=args.sock)
+                 log=lambda line: print(line, flush=True), sock=args.sock,
+                 max_pixels=args.max_pixels, max_files=args.max_files,
+                 allow_hosts=args.allow_host or (), quiet=args.quiet)
+
+
+def cmd_review(args) -> int:
+    """``graft review log|undo DATA``: the review page's journal, without a server or a model."""
+    from graftkit.serve.journal import JOURNAL, Journal, JournalError, parse_time
+
+    data = Path(args.data_dir)
+    if not data.is_dir():
+        raise DataError(f"no such data folder: {data}")
+    journal = Journal(data)
+    if not journal.path.is_file():
+        raise DataError(f"{data} has no {JOURNAL}: graft serve's review page never moved a file "
+                        "there, so there is nothing to undo")
+    chosen = sum(bool(x) for x in (args.ids, args.all, args.since, args.image))
+    if args.action == "log" and chosen:
+        raise UsageError("graft review log takes only the data folder")
+    if args.action == "undo" and chosen != 1:
+        raise UsageError("graft review undo needs one of: action IDs (graft review log lists "
+                         "them), --image PATH, --since TIME or --all")
+    try:
+        if args.action == "log":
+            return _review_log(journal)
+        with journal.locked():  # a read-only folder fails here, before anything moves
+            pass
+        if args.all or args.since:
+            done, problems = journal.restore_since(parse_time(args.since) if args.since else None)
+        elif args.image:
+            done, problems = [journal.restore(args.image.replace(os.sep, "/"))], []
+        else:
+            done, problems = [], []
+            for action_id in args.ids:
+                try:
+                    done.append(journal.undo(action_id))
+                except JournalError as exc:
+                    problems.append(f"{action_id}: {exc}")
+    except JournalError as exc:
+        raise DataError(str(exc)) from None
+    except PermissionError as exc:
+        raise DataError(f"cannot change {data}: {exc.strerror}: run as a user who can write "
+                        "there") from None
+    for entry in done:
+        print(f"put back: {entry['from']} -> {entry['to']}  (undoes {', '.join(entry['undoes'])})")
+    print(f"{len(done)} image(s) put back" + (f", {len(problems)} could not be" if problems else ""))
+    if problems:
+        raise DataError("not put back: " + "; ".join(problems))
+    return 0
+
+
+def _review_log(journal) -> int:
+    history = journal.history()
+    rows = [[a["time"], a["id"], a["action"].replace("_", " "), f"{a['from']} -> {a['to']}"]
+            for a in history.standing()]
+    print(_fmt_table(rows, ["time", "id", "action", "move"]) if rows else
+          "every image is where it was: no move to undo")
+    if history.bad_lines:
+        print(f"warning: line(s) {', '.join(map(str, history.bad_lines))} of {journal.path} could "
+              "not be read and were skipped", file=sys.stderr)
+    return 0
 
 
 def preflight_demo(args) -> None:
@@ -519,7 +581,32 @@ curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'
     p.add_argument("--port", type=int, default=defaults.SERVE_PORT, help="0: any free port")
     p.add_argument("--max-upload-mb", type=float, default=defaults.SERVE_MAX_UPLOAD_MB,
                    help="largest request body accepted (larger: HTTP 413)")
+    p.add_argument("--max-pixels", type=int, default=defaults.SERVE_MAX_PIXELS,
+                   help="largest image decoded, in pixels (larger: HTTP 400); bounds memory")
+    p.add_argument("--max-files", type=int, default=defaults.SERVE_MAX_FILES,
+                   help="most images in one POST /predict (more: HTTP 413)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="another host name requests may use (e.g. behind a reverse proxy); "
+                        "repeatable")
+    p.add_argument("--quiet", action="store_true", help="no access-log line per request")
     _unsafe(p)
+
+    p = _sub(subs, "review", cmd_review,
+             "list or undo the moves graft serve's review page made in a data folder", """
+graft review log photos/                         # the moves that can be undone, newest first
+graft review undo photos/ --all                  # every image back where it was
+graft review undo photos/ --since 2h             # every move of the last two hours (or --since 2026-12-04T14:30)
+graft review undo photos/ --image val/ants/x.jpg # one image back where it was listed
+graft review undo photos/ 3f9c2a1b7d04           # one move (and later moves of the same image)
+""")
+    p.add_argument("action", choices=("log", "undo"))
+    p.add_argument("data_dir", help="the data folder the review page changed")
+    p.add_argument("ids", nargs="*", help="action IDs to undo (graft review log lists them)")
+    p.add_argument("--all", action="store_true", help="undo every move")
+    p.add_argument("--since", metavar="TIME", help="undo the moves since TIME (ISO time, or 30m, "
+                                                   "2h, 1d back from now)")
+    p.add_argument("--image", metavar="PATH", help="put this image back where it was listed "
+                                                   "(its path inside the data folder)")
 
 
 def _other_commands(subs) -> None:
@@ -555,6 +642,11 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 
 
 
 def _run(args) -> int:
+    import warnings
+
+    # graftkit refuses images over its pixel limits itself, with a message naming the file;
+    # Pillow's warning about the same images would reach the console (a server's log) as noise.
+    warnings.filterwarnings("ignore", message="Image size .* could be decompression bomb")
     preflight = PREFLIGHT.get(args.command)
     if preflight is not None:
         preflight(args)

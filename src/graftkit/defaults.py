@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The decoders Pillow may use: those of the extensions above (Pillow's JPEG decoder also opens
+# the MPO files of many phone cameras). A TIFF, PSD or any other format renamed to .jpg is
+# refused, never parsed.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 VAL_DIR_NAMES = ("val", "validation")
 TRAIN_DIR_NAME = "train"
 
@@ -161,3 +165,7 @@ OPEN_SET_KEEP = 0.95  # the threshold keeps this share of the validation images
 # graft serve
 SERVE_PORT = 8000
 SERVE_MAX_UPLOAD_MB = 20.0  # a request body above this is refused with 413
+# An image decodes to 3-4 bytes a pixel, plus a copy or two while it is converted: 25 MP (a
+# 6000x4000 photo) costs ~200 MB at most, and the server decodes one image per core at a time.
+SERVE_MAX_PIXELS = 25_000_000
+SERVE_MAX_FILES = 64  # images in one POST /predict; more: 413 (the batcher slices the rest)

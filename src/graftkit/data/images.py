@@ -12,13 +12,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from graftkit import defaults
-from graftkit.defaults import IMAGE_EXTENSIONS
+from graftkit.defaults import IMAGE_EXTENSIONS, IMAGE_FORMATS
 from graftkit.errors import DataError
+
+ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 
 
 class ImageTooLarge(ValueError):
@@ -38,18 +41,24 @@ class ImageProbe:
 
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike | IO[bytes], size: int,
+               max_pixels: int = defaults.MAX_PIXELS) -> np.ndarray:
     """Decode any supported image to a ``(size, size, 3)`` uint8 RGB array.
 
     EXIF orientation is applied; alpha is composited on white; 16-bit images are scaled, not
     clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
+    Only ``defaults.IMAGE_FORMATS`` are parsed; an image of more than ``max_pixels`` pixels is
+    refused before decoding (``ImageTooLarge``). No step copies the full-size image needlessly:
+    a large upload costs one decoded image, not three.
     """
-    with Image.open(path) as img:
-        if img.width * img.height > defaults.MAX_PIXELS:
+    with Image.open(path, formats=IMAGE_FORMATS) as img:
+        if img.width * img.height > max_pixels:
             raise ImageTooLarge(f"{img.width}x{img.height} pixels")
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img)
+        img.load()
+        if img.getexif().get(ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
         img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
@@ -68,6 +77,8 @@ def jpeg_thumbnail(path: str | os.PathLike, size: int) -> bytes:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

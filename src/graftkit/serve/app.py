@@ -2,88 +2,45 @@
 
 FastAPI for the routes and the OpenAPI schema (its ``/docs`` page is off: it loads its script
 from a CDN, and the server must work offline). Every page asset is a file of this package,
-served from a fixed list. Review routes need the server's token; uploads are bounded in size
-and decoded by graftkit's own decoder (with its decompression-bomb guard).
+served from a fixed list. The schema tells the truth: every status a route answers with is
+declared with its body, no 422 (validation errors are 400s with one readable sentence), the
+review routes declare their token. The token, Host and Origin checks happen before any route in
+``graftkit.serve.guard``; uploads are bounded in count, bytes and pixels, and decoded by
+graftkit's own decoder one image per core at a time, so a burst of large images cannot take the
+machine's memory.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations at run time,
+# and some name models made inside ``create_app`` (the class names of this run).
 import asyncio
 import io
-import secrets
+import os
+from datetime import datetime
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Body, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
+from graftkit.serve.guard import TOKEN_HEADER
+from graftkit.serve.journal import KEY_PATTERN, SPAN_PATTERN
 from graftkit.serve.review import ReviewError
 
-TOKEN_HEADER = "X-Graft-Token"
 ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript"}
 THUMBNAIL = 256  # px, side of a review thumbnail
+ACTION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class BadUpload(Exception):
     """An upload that is not an image graftkit can read: a 400 that names the file."""
 
 
-class UploadLimit:
-    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is read
-    whole (declared length or counted while streaming)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _refuse(self, send) -> None:
-        mb = self.max_bytes / 2**20
-        body = (f'{{"detail": "upload larger than {mb:g} MB: send smaller images or start '
-                f'graft serve with a larger --max-upload-mb"}}').encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        received, started, refused = 0, False, False
-
-        async def counted():
-            nonlocal received, refused
-            message = await receive()
-            if message["type"] == "http.request" and not refused:
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    refused = True
-                    if not started:
-                        await self._refuse(send)
-                    return {"type": "http.disconnect"}  # the app stops reading the body
-            return message
-
-        async def watched(message):
-            nonlocal started
-            if refused:  # the 413 went out: whatever the app answers to the cut body is dropped
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except Exception:
-            if not refused:
-                raise
-
-
-def decode_upload(name: str, data: bytes, size: int) -> np.ndarray:
+def decode_upload(name: str, data: bytes, size: int, max_pixels: int) -> np.ndarray:
     """One upload through ``load_image``, or ``BadUpload`` with the reason."""
     from PIL import Image
 
@@ -92,11 +49,13 @@ def decode_upload(name: str, data: bytes, size: int) -> np.ndarray:
     if not data:
         raise BadUpload(f"{name}: empty file")
     try:
-        return load_image(io.BytesIO(data), size)
+        return load_image(io.BytesIO(data), size, max_pixels)
     except (ImageTooLarge, Image.DecompressionBombError) as exc:
-        raise BadUpload(f"{name}: too many pixels ({exc}): possible decompression bomb") from None
+        raise BadUpload(f"{name}: too many pixels ({exc}; this server decodes at most "
+                        f"{max_pixels:,}, see graft serve --max-pixels)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile input
-        reason = "not an image graftkit can read" if isinstance(exc, Image.UnidentifiedImageError) \
+        reason = "not an image graftkit can read (JPEG, PNG, BMP, GIF or WebP)" \
+            if isinstance(exc, Image.UnidentifiedImageError) \
             else f"unreadable image ({type(exc).__name__}: {exc})"
         raise BadUpload(f"{name}: {reason}") from None
 
@@ -105,28 +64,175 @@ def page(name: str) -> str:
     return resources.files("graftkit.serve").joinpath("static", name).read_text(encoding="utf-8")
 
 
-class RelabelBody(BaseModel):
+# --- what the API answers, as the schema declares it ---------------------------------------
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what went wrong and what to do")
+
+
+class PredictionOut(BaseModel):
+    path: str
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+    known: bool
+    ood_score: float | None
+
+
+class Predictions(BaseModel):
+    predictions: list[PredictionOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "stuck"]
+    waiting_images: int
+    waiting_requests: int
+    oldest_wait_s: float
+    model_call_s: float
+
+
+class OpenSetInfo(BaseModel):
+    method: str
+    threshold: float
+
+
+class BatchingInfo(BaseModel):
+    max_batch: int
+    max_wait_ms: float
+    model_calls: int
+    images: int
+
+
+class Info(BaseModel):
+    run: str
+    classes: list[str]
+    backbone: str | None
+    image_size: int
+    val_accuracy: float | None
+    balanced_accuracy: float | None
+    open_set: OpenSetInfo | None
+    max_upload_mb: float
+    max_files: int
+    max_pixels: int
+    batching: BatchingInfo
+
+
+class Action(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    time: str
+    action: Literal["relabel", "set_aside", "undo"]
     key: str
+    from_: str = Field(alias="from")
     to: str
+    undoes: list[str] | str | None = None
+
+
+class ReviewItem(BaseModel):
+    key: str
+    path: str
+    split: str
+    label: str
+    now: str
+    status: str
+    predicted: str | None
+    probability: float | None
+    loss: float | None
+    why: list[str]
+    image: bool
+    undo: str | None = Field(description="the image's last move, to undo it")
+    moves: int = Field(description="moves that stand between the image and where it was listed")
+
+
+class ReviewGroup(BaseModel):
+    id: str
+    title: str
+    items: list[ReviewItem]
+
+
+class ReviewSummary(BaseModel):
+    state: Literal["checking", "ready", "failed", "unavailable"]
+    message: str
+    data: str
+    root: str
+    can_move: bool
+    read_only: str
+    classes: list[str]
+    groups: list[ReviewGroup]
+    actions: list[Action]
+    journal_problem: str
+    next: str
+    journal: str
+
+
+class Restored(BaseModel):
+    restored: int
+    actions: list[Action]
+    problems: list[str]
+
+
+Key = Annotated[str, Field(pattern=KEY_PATTERN, max_length=4096,
+                           description="the image's path inside the data folder, as listed")]
 
 
 class KeyBody(BaseModel):
-    key: str
+    key: Key
 
 
 class UndoBody(BaseModel):
-    id: str
+    id: Annotated[str, Field(pattern=ACTION_ID, description="a journal action's id")]
+
+
+def _text_only(value):
+    """A time arrives as text: pydantic would read a number as seconds since 1970."""
+    if not isinstance(value, str):
+        raise ValueError("give the time as text, e.g. 2026-12-04T14:30")
+    return value
+
+
+class SinceBody(BaseModel):
+    since: Annotated[datetime, BeforeValidator(_text_only)] \
+        | Annotated[str, Field(pattern=SPAN_PATTERN)] | None = Field(
+        None, description="an ISO time (2026-12-04T14:30, local time without an offset) or a "
+                          "span back from now (30m, 2h, 1d); none: every move")
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": Error} for code in codes}
 
 
 def _validation_message(exc: RequestValidationError) -> str:
-    """FastAPI's 422 details as one sentence a person can act on."""
+    """FastAPI's validation details as one sentence a person can act on."""
     for error in exc.errors():
         where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query")]
         if where[:1] == ["file"] and error.get("type") == "missing":
             return "send the image(s) as multipart form field 'file'"
         if where:
             return f"{'.'.join(where)}: {error.get('msg', 'invalid')}"
+        if error.get("type") in ("missing", "model_attributes_type", "json_invalid"):
+            return "send a JSON object as the request body"
     return "invalid request"
+
+
+def _schema(app: FastAPI) -> dict:
+    """FastAPI's schema, with the validation errors it documents as 422 declared as the 400s
+    they are, and the review token as a security scheme."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components["securitySchemes"] = {"token": {
+            "type": "apiKey", "in": "header", "name": TOKEN_HEADER,
+            "description": "the token in the review URL graft serve prints"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(service) -> FastAPI:
@@ -135,6 +241,7 @@ def create_app(service) -> FastAPI:
 
     app = FastAPI(title="graftkit", version=__version__, docs_url=None, redoc_url=None,
                   description="Predictions of one graftkit run, and the review of its data.")
+    app.openapi = lambda: _schema(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -144,13 +251,13 @@ def create_app(service) -> FastAPI:
     async def refused(request: Request, exc: ReviewError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    _pages(app, service)
+    _pages(app)
     _prediction_routes(app, service)
     _review_routes(app, service)
     return app
 
 
-def _pages(app: FastAPI, service) -> None:
+def _pages(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def try_page():
         return page("try.html")
@@ -166,83 +273,120 @@ def _pages(app: FastAPI, service) -> None:
         return Response(page(name), media_type=ASSETS[name])
 
 
+class DecodeSlots:
+    """At most ``n`` uploads decoded at once (one per core): a decode's memory is bounded by the
+    pixel limit, so the server's is bounded by both. FIFO, so a large request's files take turns
+    with other requests' files."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._by_loop: dict[int, asyncio.Semaphore] = {}
+
+    def __call__(self) -> asyncio.Semaphore:
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._by_loop:
+            self._by_loop[loop] = asyncio.Semaphore(self.n)
+        return self._by_loop[loop]
+
+
 def _prediction_routes(app: FastAPI, service) -> None:
     from graftkit.classifier import parse_reject
     from graftkit.errors import UsageError
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        """Liveness: the model is loaded and the batching thread runs."""
-        return {"status": "ok"}
+    slots = DecodeSlots(max(1, os.cpu_count() or 1))
 
-    @app.get("/info")
-    def info() -> dict:
-        """The run being served: classes, backbone, image size, validation accuracy."""
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz():
+        """The model is loaded and the batching thread answers; 503 ``stuck`` when one model
+        call has run far longer than it should, or the thread is gone."""
+        health = service.batcher.health()
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @app.get("/info", response_model=Info)
+    async def info():
+        """The run being served: classes, backbone, image size, validation accuracy, limits."""
         return service.info()
 
-    @app.post("/predict")
-    async def predict(file: Annotated[list[UploadFile], File(description="one or more images")],
-                      top_k: Annotated[int, Query(ge=1, description="labels per image")] = 3,
-                      reject: Annotated[str, Query(description="auto, none or a threshold")]
-                      = "auto"):
+    @app.post("/predict", response_model=Predictions, responses=_errors(400, 413))
+    async def predict(
+            file: Annotated[list[UploadFile], File(
+                min_length=1, max_length=service.max_files,
+                description=f"one to {service.max_files} images (JPEG, PNG, BMP, GIF or WebP)")],
+            top_k: Annotated[int, Query(ge=1, le=1000, description="labels per image")] = 3,
+            reject: Annotated[str, Query(description="auto, none or a finite threshold")]
+            = "auto"):
         """Labels of uploaded images: one object per file, in order, with the fields of a
         ``graft predict --format json`` line (``path`` is the uploaded file's name)."""
         try:
             parse_reject(reject)
         except UsageError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
+        size, limit = service.classifier.image_size, service.max_pixels
+        rows = []
+        for i, f in enumerate(file):
+            name = f.filename or f"upload-{i + 1}"
+            async with slots():  # read each file just before its decode: one in memory per slot
+                data = await f.read()
+                try:
+                    rows.append(await run_in_threadpool(decode_upload, name, data, size, limit))
+                except BadUpload as exc:
+                    return JSONResponse({"detail": str(exc)}, status_code=400)
+            del data
+        probs, ood = await asyncio.wrap_future(service.batcher.submit(np.stack(rows)))
         names = [f.filename or f"upload-{i + 1}" for i, f in enumerate(file)]
-        datas = [await f.read() for f in file]
-        size = service.classifier.image_size
-        try:
-            pixels = await run_in_threadpool(
-                lambda: np.stack([decode_upload(n, d, size) for n, d in zip(names, datas)]))
-        except BadUpload as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=400)
-        probs, ood = await asyncio.wrap_future(service.batcher.submit(pixels))
         answers = service.classifier.answers(names, probs, ood, top_k, reject)
         return {"predictions": [a.as_dict() for a in answers]}
 
 
 def _review_routes(app: FastAPI, service) -> None:
-    def allowed(request: Request) -> None:
-        given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
-        if not secrets.compare_digest(given.encode(), service.token.encode()):
-            raise ReviewError("missing or wrong token: open the review URL graft serve printed", 403)
+    token = {"openapi_extra": {"security": [{"token": []}]}}
+    review = service.review
+    Relabel = create_model(  # noqa: N806 - a model class, made here because it names the classes
+        "RelabelBody", key=(Key, ...),
+        to=(Literal[tuple(service.classifier.classes)], Field(description="the new class")))
 
-    @app.get("/review/api/items")
-    def items(request: Request) -> dict:
-        """The suspect images in groups, the actions that can be undone, what to run next."""
-        allowed(request)
-        return service.review.summary()
+    @app.get("/review/api/items", response_model=ReviewSummary, responses=_errors(403), **token)
+    def items():
+        """The suspect images in groups, the moves that can be undone, what to run next."""
+        return review.summary()
 
-    @app.get("/review/api/image")
-    async def image(request: Request, key: str):
+    @app.get("/review/api/image", response_class=Response, **token,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
+                        **_errors(400, 403, 404, 415)})
+    async def image(key: Annotated[str, Query(pattern=KEY_PATTERN, max_length=4096)]):
         """A thumbnail of a listed image as the model sees it (nothing else can be shown)."""
         from graftkit.data.images import jpeg_thumbnail
 
-        allowed(request)
-        path = service.review.file(key)
+        path = review.file(key)
         try:
             data = await run_in_threadpool(jpeg_thumbnail, path, THUMBNAIL)
         except Exception:  # noqa: BLE001 - an unreadable file is listed, not shown
             raise ReviewError("this file cannot be shown as an image", 415) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-    @app.post("/review/api/relabel")
-    def relabel(body: RelabelBody, request: Request) -> dict:
+    moves = _errors(400, 403, 404, 409)
+
+    @app.post("/review/api/relabel", response_model=Action, responses=moves, **token)
+    def relabel(body: Annotated[Relabel, Body()]):  # type: ignore[valid-type]
         """Move a listed image to another class folder of its split."""
-        allowed(request)
-        return service.review.relabel(body.key, body.to)
+        return review.relabel(body.key, body.to)
 
-    @app.post("/review/api/set-aside")
-    def set_aside(body: KeyBody, request: Request) -> dict:
+    @app.post("/review/api/set-aside", response_model=Action, responses=moves, **token)
+    def set_aside(body: KeyBody):
         """Move a listed image into the data folder's hidden .graft-set-aside/ folder."""
-        allowed(request)
-        return service.review.set_aside(body.key)
+        return review.set_aside(body.key)
 
-    @app.post("/review/api/undo")
-    def undo(body: UndoBody, request: Request) -> dict:
-        """Put the file of an action back."""
-        allowed(request)
-        return service.review.undo(body.id)
+    @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
+    def undo(body: UndoBody):
+        """Undo a move, and every later move of the same image with it."""
+        return review.undo(body.id)
+
+    @app.post("/review/api/restore", response_model=Action, responses=moves, **token)
+    def restore(body: KeyBody):
+        """Put one image back where it was listed, whatever was done to it since."""
+        return review.restore(body.key)
+
+    @app.post("/review/api/restore-all", response_model=Restored, responses=moves, **token)
+    def restore_all(body: SinceBody):
+        """Undo every move since a time (every move without one), image by image."""
+        return review.restore_since(body.since)

@@ -8,23 +8,29 @@ list, never joined to a path blindly.
 
 Moves (relabel: to another class folder of the same split; set aside: into the hidden
 ``.graft-set-aside`` folder, which scans skip) never delete and never overwrite: the target gets
-a free name, and the file is hard-linked there before the old name is removed. Each move is
-appended to ``.graft-journal.jsonl`` in the data root before it happens and marked done after,
-so undo works after a restart and a move cut short is finished or ignored on the next start.
+a free name, and the file is hard-linked there before the old name is removed. Every move goes
+through the data folder's journal (``graftkit.serve.journal``), which is the one record of where
+each listed image is now and how to put it back.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
-import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-SET_ASIDE = ".graft-set-aside"
-JOURNAL = ".graft-journal.jsonl"
+from graftkit.serve.journal import (
+    JOURNAL,
+    SET_ASIDE,
+    History,
+    Journal,
+    JournalError,
+    checked_path,
+    free_name,
+)
+
 TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
 
 # Page groups: which check findings go where, with the group's title.
@@ -40,12 +46,7 @@ FINDING_GROUP = {"conflicting_labels": "label_disagreement", "near_duplicate_lab
                  "unreadable": "unreadable"}
 
 
-class ReviewError(Exception):
-    """A request the review cannot carry out; ``status`` is the HTTP code to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+ReviewError = JournalError  # what the routes answer with its status
 
 
 @dataclass
@@ -68,66 +69,6 @@ def _rel(path: str | os.PathLike, root: Path) -> str | None:
     except ValueError:
         return None
     return rel.as_posix()
-
-
-def _checked_key(key: str) -> str:
-    """Refuse what cannot be a listed relative path before any lookup: absolute paths, ``..``,
-    backslashes, NUL (the key arrives URL-decoded once, by the framework)."""
-    if not key or "\x00" in key or "\\" in key or key.startswith("/") or ":" in key:
-        raise ReviewError("invalid path", 400)
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        raise ReviewError("invalid path", 400)
-    return key
-
-
-class Journal:
-    """``.graft-journal.jsonl``: one JSON object per line; an action line, then its done line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def append(self, entry: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        entries = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by a crash: its action never started
-        return entries
-
-
-def move_file(src: Path, dst: Path) -> None:
-    """Move without ever overwriting: hard link, then unlink (plain rename where links are not
-    supported, after checking the target is free). ``FileExistsError`` when ``dst`` is taken."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:
-        if os.path.lexists(dst):
-            raise FileExistsError(dst) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
-
-
-def free_name(target: Path) -> Path:
-    """``target``, or ``name-1.ext``, ``name-2.ext``... when taken."""
-    candidate, n = target, 0
-    while os.path.lexists(candidate):
-        n += 1
-        candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
-    return candidate
 
 
 def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
@@ -171,9 +112,8 @@ class Review:
         self.groups: dict[str, list[str]] = {g: [] for g in GROUPS}
         self.split_dirs: tuple[str, ...] = ()
         self.lock = threading.RLock()
-        self.journal = Journal(self.root / JOURNAL) if self.root and not self.read_only else None
-        if self.journal is not None:
-            self._recover()
+        self.journal = Journal(self.root) if self.root and not self.read_only else None
+        self.recovered = self.journal.recover() if self.journal is not None else 0
 
     @property
     def can_move(self) -> bool:
@@ -224,8 +164,7 @@ class Review:
             labels = {p: folder.classes[y] for s in (folder.train, folder.val)
                       for p, y in zip(s.paths, s.labels)}
             self._add_predictions()
-            latest = self._latest()
-            by_location = {self.current(k, latest): k for k in latest}
+            by_location = self.history().locations()
             for finding in report.findings:
                 group = FINDING_GROUP.get(finding.kind)
                 if group is None:
@@ -280,25 +219,9 @@ class Review:
 
     # --- where listed files are now ------------------------------------------------------------
 
-    def _latest(self) -> dict[str, dict]:
-        """The last finished action of each listed key, from the journal."""
-        if self.journal is None:
-            return {}
-        entries = self.journal.read()
-        done = {e["id"] for e in entries if e.get("done")}
-        latest = {}
-        for e in entries:
-            if "action" in e and e["id"] in done:
-                latest[e["key"]] = e
-        return latest
-
-    def current(self, key: str | None, latest: dict | None = None) -> str | None:
-        """Where the file listed as ``key`` is now (relative to the root); ``latest``: the
-        journal's ``_latest()`` when the caller has read it already."""
-        if key is None:
-            return None
-        last = (self._latest() if latest is None else latest).get(key)
-        return last["to"] if last else key
+    def history(self) -> History:
+        """The journal replayed (empty where files cannot be moved)."""
+        return self.journal.history() if self.journal is not None else History()
 
     def _parts(self, rel: str) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
         """``(split folder, class, rest)`` of a path relative to the root."""
@@ -310,12 +233,13 @@ class Review:
             return parts[:n], "?", parts[n:]
         return parts[:n], parts[n], parts[n + 1:]
 
-    def file(self, key: str) -> Path:
-        """The listed file ``key`` as it is now; refused unless it is a file inside the root."""
-        key = _checked_key(key)
+    def file(self, key: str, history: History | None = None) -> Path:
+        """The listed file ``key`` as it is now; refused unless it is a file inside the root.
+        ``history``: the journal replayed, when the caller has it already."""
+        key = checked_path(key)
         if key not in self.items or self.root is None or key.startswith("outside/"):
             raise ReviewError("not an image this review lists", 404)
-        now = self.current(key)
+        now = (history or self.history()).where(key)
         path = self.root / now
         real, root = os.path.realpath(path), os.path.realpath(self.root)
         if os.path.commonpath([real, root]) != root:
@@ -324,113 +248,95 @@ class Review:
             raise ReviewError(f"{now} is no longer in the data folder", 404)
         return path
 
-    def _now(self, key: str) -> str:
-        """Where the listed file ``key`` is now, checked by ``file`` (the journal read once)."""
-        return self.file(key).relative_to(self.root).as_posix()
-
     # --- actions -------------------------------------------------------------------------------
 
-    def _writable(self) -> None:
+    def _writable(self) -> Journal:
         if self.journal is None:
             raise ReviewError(f"files cannot be moved here: {self.read_only}", 409)
         if self.state != "ready":
             raise ReviewError("the data check is still running: try again in a moment", 409)
+        return self.journal
 
     def relabel(self, key: str, to: str) -> dict:
         """Move a listed image to class ``to``'s folder of the same split."""
-        self._writable()
+        journal = self._writable()
         if to not in self.classes:
             raise ReviewError(f"unknown class {to!r}: choose one of {', '.join(self.classes)}")
-        with self.lock:
-            now = self._now(key)
+        with self.lock, journal.locked():
+            now = self.file(key, journal.history()).relative_to(self.root).as_posix()
             split, label, rest = self._parts(now)
             if label == to and not now.startswith(SET_ASIDE + "/"):
-                raise ReviewError(f"the image is already labelled {to}")
+                raise ReviewError(f"the image is already labelled {to}", 409)
             target = free_name(self.root.joinpath(*split, to, *rest))
-            return self._move(key, "relabel", now, target)
+            return journal.move(key, "relabel", now, target)
 
     def set_aside(self, key: str) -> dict:
         """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
-        self._writable()
-        with self.lock:
-            now = self._now(key)
+        journal = self._writable()
+        with self.lock, journal.locked():
+            now = self.file(key, journal.history()).relative_to(self.root).as_posix()
             if now.startswith(SET_ASIDE + "/"):
-                raise ReviewError("the image is already set aside")
-            return self._move(key, "set_aside", now, free_name(self.root / SET_ASIDE / now))
+                raise ReviewError("the image is already set aside", 409)
+            return journal.move(key, "set_aside", now, free_name(self.root / SET_ASIDE / now))
 
     def undo(self, action_id: str) -> dict:
-        """Put the file of a finished action back where it was (a free name if that is taken)."""
-        self._writable()
+        """Undo a move and every later move of the same image."""
         with self.lock:
-            last = next((a for a in self._latest().values() if a["id"] == action_id), None)
-            if last is None or last["action"] == "undo":
-                raise ReviewError("nothing to undo: that action is not the last one on its image",
-                                  409)
-            if not (self.root / last["to"]).is_file():
-                raise ReviewError(f"{last['to']} is no longer there: move it back by hand", 409)
-            back = free_name(self.root / last["from"])
-            return self._move(last["key"], "undo", last["to"], back, undoes=action_id)
+            return self._writable().undo(action_id)
 
-    def _move(self, key: str, action: str, src_rel: str, target: Path, **extra) -> dict:
-        """Journal, move, mark done: a crash between the steps is settled by ``_recover``."""
-        entry = {"id": uuid.uuid4().hex[:12], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "action": action, "key": key, "from": src_rel,
-                 "to": target.relative_to(self.root).as_posix(), **extra}
-        self.journal.append(entry)
-        try:
-            move_file(self.root / src_rel, target)
-        except FileExistsError:
-            self.journal.append({"id": entry["id"], "failed": "target taken"})
-            raise ReviewError(f"{entry['to']} appeared meanwhile: try again", 409) from None
-        except OSError as exc:
-            self.journal.append({"id": entry["id"], "failed": str(exc)})
-            raise ReviewError(f"cannot move {src_rel}: {exc.strerror or exc}", 409) from None
-        self.journal.append({"id": entry["id"], "done": True})
-        return entry
+    def restore(self, key: str) -> dict:
+        """Put one image back where it was listed, whatever was done to it since."""
+        with self.lock:
+            return self._writable().restore(checked_path(key))
 
-    def _recover(self) -> None:
-        """Finish or drop actions a crash cut short (journalled, never marked done or failed)."""
-        entries = self.journal.read()
-        settled = {e["id"] for e in entries if e.get("done") or e.get("failed")}
-        for e in entries:
-            if "action" not in e or e["id"] in settled:
-                continue
-            src, dst = self.root / e["from"], self.root / e["to"]
-            if dst.is_file() and src.is_file() and os.path.samefile(src, dst):
-                os.unlink(src)  # linked but not yet unlinked: finish the move
-            if dst.is_file() and not src.exists():
-                self.journal.append({"id": e["id"], "done": True})
-            else:
-                self.journal.append({"id": e["id"], "failed": "interrupted before the move"})
+    def restore_since(self, since: str | datetime | None = None) -> dict:
+        """Undo every move since ``since`` (a time or span, ``parse_time``); all when None."""
+        from graftkit.serve.journal import parse_time
+
+        journal = self._writable()
+        when = parse_time(since) if since else None
+        with self.lock:
+            done, problems = journal.restore_since(when)
+        return {"restored": len({a["key"] for a in done}), "actions": [_public(a) for a in done],
+                "problems": problems}
 
     # --- what the page shows -------------------------------------------------------------------
 
-    def item_dict(self, key: str, group: str, latest: dict) -> dict:
+    def item_dict(self, key: str, group: str, history: History) -> dict:
         item = self.items[key]
-        last = latest.get(key)
-        now = self.current(key, latest) if not key.startswith("outside/") else None
+        stack = history.stacks.get(key, [])
+        now = history.where(key) if not key.startswith("outside/") else None
         aside = bool(now and now.startswith(SET_ASIDE + "/"))
         label = self._parts(now)[1] if now else item.label
         status = "set aside" if aside else (f"relabelled {item.label} -> {label}"
                                             if label != item.label else "")
-        undo = last["id"] if last and last["action"] != "undo" else None
         return {"key": key, "path": now or key, "split": item.split, "label": item.label,
                 "now": label, "status": status, "predicted": item.predicted,
                 "probability": item.probability, "loss": item.loss,
-                "why": item.reasons.get(group, []), "image": now is not None, "undo": undo}
+                "why": item.reasons.get(group, []), "image": now is not None,
+                "undo": stack[-1]["id"] if stack else None, "moves": len(stack)}
 
     def summary(self) -> dict:
         """Everything the review page renders, as JSON."""
         with self.lock:
-            latest = self._latest()
+            history = self.history()
             groups = [{"id": g, "title": title,
-                       "items": [self.item_dict(k, g, latest) for k in self.groups[g]]}
+                       "items": [self.item_dict(k, g, history) for k in self.groups[g]]}
                       for g, title in GROUPS.items()]
-            actions = [a for a in latest.values() if a["action"] != "undo"]
         data = self.source or ""
+        bad = history.bad_lines
+        problem = (f"{len(bad)} line(s) of {JOURNAL} could not be read and were skipped "
+                   f"(line {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}): "
+                   "the moves they recorded cannot be undone from here") if bad else ""
         return {"state": self.state, "message": self.message, "data": data,
                 "root": str(self.root or ""), "can_move": self.can_move,
                 "read_only": self.read_only, "classes": self.classes, "groups": groups,
-                "actions": actions[::-1],
+                "actions": [_public(a) for a in history.standing()],
+                "journal_problem": problem,
                 "next": f"graft fit {data} --out {self.run_dir}-reviewed" if data else "",
                 "journal": str(self.root / JOURNAL) if self.journal else ""}
+
+
+def _public(action: dict) -> dict:
+    """A journal entry as the API shows it (without the reader's line number)."""
+    return {k: v for k, v in action.items() if not k.startswith("_")}

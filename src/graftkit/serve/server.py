@@ -7,7 +7,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,9 @@ from graftkit.errors import UsageError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_WAIT = 0.005  # s a request may wait for others to share its model call
+HEADER_TIMEOUT = 10.0  # s a connection has to send a request's headers
+BODY_TIMEOUT = 15.0  # s a request body may pause (408 after); 120 s for a whole body
+MAX_CONNECTIONS = 256  # open at once; beyond, new connections are closed unanswered
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -42,14 +45,43 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class Service:
-    """A loaded run, its batching thread and its review: what the routes of ``app`` use."""
+    """A loaded run, its batching thread and its review: what the routes of ``app`` use.
+
+    Args:
+        run_dir: the run folder to serve.
+        data: the data folder to review. Defaults to None (the run's own).
+        max_upload_mb: the largest request body. Defaults to ``defaults.SERVE_MAX_UPLOAD_MB``.
+        unsafe: allow a model file with code. Defaults to False.
+        max_batch: the most images in one model call. Defaults to ``defaults.BATCH_SIZE``.
+        max_wait: seconds a request waits for others to share its call. Defaults to
+            ``MAX_WAIT``.
+        max_pixels: the largest upload decoded, in pixels. Defaults to
+            ``defaults.SERVE_MAX_PIXELS``.
+        max_files: the most images in one request. Defaults to ``defaults.SERVE_MAX_FILES``.
+        hosts: host names the server answers to besides the local ones (``--host``,
+            ``--allow-host``). Defaults to none.
+        log: where the access log goes; None for none. Defaults to None.
+        port: the port listened on, for the Host check; None until known. Defaults to None.
+        header_timeout: seconds a connection has to send a request's headers. Defaults to
+            ``HEADER_TIMEOUT``.
+        max_connections: connections open at once; more are closed at once. Defaults to
+            ``MAX_CONNECTIONS``.
+        body_timeout: seconds a request body may pause before a 408. Defaults to
+            ``BODY_TIMEOUT``.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, data: str | None = None,
                  max_upload_mb: float = defaults.SERVE_MAX_UPLOAD_MB, unsafe: bool = False,
-                 max_batch: int = defaults.BATCH_SIZE, max_wait: float = MAX_WAIT):
+                 max_batch: int = defaults.BATCH_SIZE, max_wait: float = MAX_WAIT,
+                 max_pixels: int = defaults.SERVE_MAX_PIXELS,
+                 max_files: int = defaults.SERVE_MAX_FILES, hosts: Iterable[str] = (),
+                 log: Callable[[str], None] | None = None, port: int | None = None,
+                 header_timeout: float = HEADER_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, body_timeout: float = BODY_TIMEOUT):
         from graftkit.classifier import load
-        from graftkit.serve.app import UploadLimit, create_app
+        from graftkit.serve.app import create_app
         from graftkit.serve.batching import Batcher
+        from graftkit.serve.guard import BodyLimit, Guard
         from graftkit.serve.review import Review
 
         self.run_dir = Path(run_dir)
@@ -60,8 +92,11 @@ class Service:
         self.batcher = Batcher(self.classifier.scored_pixels, max_batch, max_wait)
         self.review = Review(self.run_dir, self.classifier.classes, self.classifier.metrics, data)
         self.review.start()
-        self.max_upload_mb = max_upload_mb
-        self.app = UploadLimit(create_app(self), int(max_upload_mb * 2**20))
+        self.max_upload_mb, self.max_pixels, self.max_files = max_upload_mb, max_pixels, max_files
+        self.header_timeout, self.max_connections = header_timeout, max_connections
+        body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
+        self.guard = Guard(body, self.token, port, hosts, log)
+        self.app = self.guard
         self.server = None
 
     def info(self) -> dict:
@@ -73,7 +108,8 @@ class Service:
                 "balanced_accuracy": m.get("balanced_accuracy"),
                 "open_set": None if open_set is None else
                 {"method": open_set.method, "threshold": open_set.threshold},
-                "max_upload_mb": self.max_upload_mb,
+                "max_upload_mb": self.max_upload_mb, "max_files": self.max_files,
+                "max_pixels": self.max_pixels,
                 "batching": {"max_batch": self.batcher.max_batch,
                              "max_wait_ms": self.batcher.max_wait * 1000,
                              "model_calls": self.batcher.batches, "images": self.batcher.images}}
@@ -82,7 +118,12 @@ class Service:
         """Serve on ``sock`` until Ctrl-C (uvicorn's own signal handling ends it cleanly)."""
         import uvicorn
 
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        from graftkit.serve.protocol import guarded_protocol
+
+        self.guard.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                http=guarded_protocol(self.max_connections, self.header_timeout),
+                                limit_concurrency=self.max_connections)
         self.server = uvicorn.Server(config)
         try:
             self.server.run(sockets=[sock])
@@ -112,19 +153,35 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def served_hosts(host: str, allow_hosts: Iterable[str] = ()) -> list[str]:
+    """The host names requests may use besides the local ones: ``--host`` and ``--allow-host``,
+    and this machine's name when listening on every interface."""
+    names = [*allow_hosts]
+    if host in ("0.0.0.0", "", "::"):
+        names.append(socket.gethostname())
+    else:
+        names.append(host)
+    return names
+
+
 def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.0.0.1",
           port: int = defaults.SERVE_PORT, max_upload_mb: float = defaults.SERVE_MAX_UPLOAD_MB,
           unsafe: bool = False, log: Callable[[str], None] = print,
-          sock: socket.socket | None = None) -> int:
+          sock: socket.socket | None = None, max_pixels: int = defaults.SERVE_MAX_PIXELS,
+          max_files: int = defaults.SERVE_MAX_FILES, allow_hosts: Iterable[str] = (),
+          quiet: bool = False) -> int:
     """``graft serve``: the try page, the API and the review page of a run, until Ctrl-C.
 
     ``sock``: a socket already bound (the CLI binds before TensorFlow loads, so a taken port
-    is told at once).
+    is told at once). ``quiet``: no access-log line per request.
     """
     sock = sock or bind(host, port)
     start = time.perf_counter()
-    service = Service(run_dir, data, max_upload_mb, unsafe)
-    base = f"http://{url_host(host)}:{sock.getsockname()[1]}"
+    port = sock.getsockname()[1]
+    service = Service(run_dir, data, max_upload_mb, unsafe, max_pixels=max_pixels,
+                      max_files=max_files, hosts=served_hosts(host, allow_hosts),
+                      log=None if quiet else lambda line: log(line), port=port)
+    base = f"http://{url_host(host)}:{port}"
     info = service.info()
     accuracy = info["val_accuracy"]
     log(f"graft serve: {run_dir} ({info['backbone']}, {len(info['classes'])} classes"
@@ -136,10 +193,16 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
     log(f"  review page  {base}/review?token={service.token}   ({where})")
     log(f"  API          POST {base}/predict (multipart field 'file'); GET /info, /healthz; "
         "schema at /openapi.json")
+    if review.recovered:
+        log(f"  journal      {review.recovered} move(s) cut short by an earlier stop were settled")
+    problem = review.summary()["journal_problem"]
+    if problem:
+        log(f"warning: {problem}")
     if host not in LOCAL_HOSTS:
         log(f"warning: listening on {host}: anyone who can reach this machine can use the try "
             "page and the API; the review page still needs the token in its URL")
-    log("Ctrl-C stops the server.")
+    log("Ctrl-C stops the server." + ("" if quiet else " One line per request follows "
+                                      "(--quiet for none)."))
     try:
         service.run(sock)
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on

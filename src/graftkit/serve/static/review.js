@@ -1,9 +1,16 @@
-// The review page: suspect images in groups, with relabel / set aside / undo. Every call sends
-// the server's token (from this page's URL); the server moves only files it listed.
+// The review page: suspect images in groups, with relabel / set aside / undo / restore. Every
+// call sends the server's token as a header, never in a URL: it is taken from the printed URL
+// once, kept for this tab only (sessionStorage), and removed from the address bar and history.
+// Thumbnails are fetched with the header too and shown as blob: URLs.
 "use strict";
-const token = new URLSearchParams(location.search).get("token") || "";
+const params = new URLSearchParams(location.search);
+const token = params.get("token") || sessionStorage.getItem("graft-token") || "";
+if (params.has("token")) {
+  sessionStorage.setItem("graft-token", token);
+  history.replaceState(null, "", "/review");
+}
 const stateBox = document.getElementById("state"), messageBox = document.getElementById("message");
-document.getElementById("try-link").href = "/?token=" + encodeURIComponent(token);
+const thumbnails = new Map();  // "key|path" -> blob: URL, kept across re-renders
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -25,11 +32,30 @@ async function call(path, body) {
   return data;
 }
 
+async function thumbnail(img, item) {
+  const id = `${item.key}|${item.path}`;
+  if (!thumbnails.has(id)) {
+    const response = await fetch(`/review/api/image?key=${encodeURIComponent(item.key)}`,
+                                 {headers: {"X-Graft-Token": token}});
+    if (!response.ok) {
+      img.alt = `${item.path}: cannot be shown`;
+      return;
+    }
+    thumbnails.set(id, URL.createObjectURL(await response.blob()));
+  }
+  img.src = thumbnails.get(id);
+}
+
 async function act(path, body) {
   try {
     const done = await call(path, body);
-    const verb = {relabel: "relabelled", set_aside: "set aside", undo: "undone"}[done.action];
-    messageBox.textContent = `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
+    if (done.restored !== undefined) {
+      messageBox.textContent = `restored ${done.restored} image(s)` +
+        (done.problems.length ? `; not restored: ${done.problems.join("; ")}` : "");
+    } else {
+      const verb = {relabel: "relabelled", set_aside: "set aside", undo: "undone"}[done.action];
+      messageBox.textContent = `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
+    }
     messageBox.className = "notice done";
   } catch (err) {
     messageBox.textContent = err.message;
@@ -45,9 +71,8 @@ function card(item, summary) {
   c.dataset.path = item.path;
   if (item.image) {
     const img = el("img");
-    img.loading = "lazy";
     img.alt = item.path;
-    img.src = `/review/api/image?key=${encodeURIComponent(item.key)}&token=${encodeURIComponent(token)}&v=${encodeURIComponent(item.path)}`;
+    thumbnail(img, item);
     c.append(img);
   }
   c.append(el("div", "name", `${item.path} (${item.split})`));
@@ -76,8 +101,15 @@ function card(item, summary) {
   actions.append(select, relabel, aside);
   if (item.undo) {
     const undo = el("button", "undo", "Undo");
+    undo.title = "undo the last move of this image";
     undo.addEventListener("click", () => act("/review/api/undo", {id: item.undo}));
     actions.append(undo);
+  }
+  if (item.moves > 1) {
+    const restore = el("button", "restore", "Restore");
+    restore.title = `undo all ${item.moves} moves: back to ${item.key}`;
+    restore.addEventListener("click", () => act("/review/api/restore", {key: item.key}));
+    actions.append(restore);
   }
   c.append(actions);
   return c;
@@ -95,6 +127,10 @@ function render(summary) {
     stateBox.textContent = summary.message;
     stateBox.className = "notice error";
   }
+  if (summary.journal_problem) {
+    stateBox.textContent += " " + summary.journal_problem;
+    stateBox.className = "notice error";
+  }
   if (summary.next) {
     document.getElementById("next").hidden = false;
     document.getElementById("next-command").textContent = summary.next;
@@ -107,8 +143,14 @@ function render(summary) {
     row.append(el("td", "muted", a.time), el("td", "", a.action.replace("_", " ")),
                el("td", "", `${a.from} \u2192 ${a.to}`));
     const cell = el("td"), undo = el("button", "undo", "Undo");
+    undo.title = "undo this move (and later moves of the same image)";
     undo.addEventListener("click", () => act("/review/api/undo", {id: a.id}));
-    cell.append(undo);
+    const since = el("button", "since", "Restore all since");
+    since.title = `undo every move since ${a.time}, on every image`;
+    since.addEventListener("click", () => {
+      if (confirm(`Undo every move since ${a.time}?`)) act("/review/api/restore-all", {since: a.time});
+    });
+    cell.append(undo, since);
     row.append(cell);
     log.append(row);
   }
@@ -126,7 +168,19 @@ function render(summary) {
   }
 }
 
+document.getElementById("restore-all").addEventListener("click", () => {
+  if (confirm("Put every image back where it was before the review moved it?")) {
+    act("/review/api/restore-all", {since: null});
+  }
+});
+
 async function load() {
+  if (!token) {
+    stateBox.textContent = "This page needs the review URL that graft serve printed when it " +
+      "started (it ends in /review?token=...): open that URL once in this tab.";
+    stateBox.className = "notice error";
+    return;
+  }
   try {
     const summary = await call("/review/api/items");
     render(summary);

@@ -2,8 +2,8 @@
 // own, so one unreadable file only fails its own card; the server batches them together.
 "use strict";
 const results = document.getElementById("results");
-const token = new URLSearchParams(location.search).get("token");
-if (token) document.getElementById("review-link").href = "/review?token=" + encodeURIComponent(token);
+// "Review data" opens /review: it works in a tab that opened the printed review URL once (the
+// token stays in that tab's sessionStorage); elsewhere the review page says which URL to open.
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
