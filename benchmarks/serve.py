@@ -9,7 +9,8 @@ holds one, then:
 2. server: ``graft serve RUN --port 0`` in a subprocess on 127.0.0.1; for each client count,
    that many threads each post one image per request (multipart field ``file``, keep-alive
    connections) until every client has sent its share of 2 passes over the images, after 32
-   warm-up requests: images/s, and p50/p99 latency per request.
+   warm-up requests: images/s, and p50/p99 latency per request. The server runs with its
+   defaults, access log included (read by this script as a terminal would).
 The line "ratio" is the server's images/s over the batch images/s. One JSON line per run is
 appended to ``benchmarks/serve-runs.jsonl``.
 """
@@ -36,6 +37,18 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "datasets"
 RESULTS = HERE / "serve-runs.jsonl"
+
+
+def cpu_flags() -> str:
+    """The vector instructions of this CPU, recorded beside every speed figure."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def ensure_run(data: Path, run: Path) -> None:
@@ -76,6 +89,8 @@ def start_server(run: Path) -> tuple[subprocess.Popen, int]:
         if "try page" in line:
             port = int(line.rsplit(":", 1)[1].strip("/\n "))
         if line.startswith("Ctrl-C"):
+            # the access log (on by default, as a user runs it) goes on: keep reading it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, port
     raise RuntimeError(f"graft serve did not start: {proc.stderr.read()}")
 
@@ -144,7 +159,8 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": data.name, "images": len(paths),
-            "batch_images_per_s": batch, "server": rows, "cpus": os.cpu_count()}
+            "batch_images_per_s": batch, "server": rows, "cpus": os.cpu_count(),
+            "cpu_flags": cpu_flags()}
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 

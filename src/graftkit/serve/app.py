@@ -209,6 +209,10 @@ def _validation_message(exc: RequestValidationError) -> str:
         where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query")]
         if where[:1] == ["file"] and error.get("type") == "missing":
             return "send the image(s) as multipart form field 'file'"
+        if where[:1] == ["file"] and error.get("type") == "too_long":
+            limit = (error.get("ctx") or {}).get("max_length")
+            return (f"file: at most {limit} images in one request: send the rest in another "
+                    "(or start graft serve with a larger --max-files)")
         if where:
             return f"{'.'.join(where)}: {error.get('msg', 'invalid')}"
         if error.get("type") in ("missing", "model_attributes_type", "json_invalid"):
