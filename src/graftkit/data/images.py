@@ -42,17 +42,17 @@ class ImageProbe:
 
 
 def load_image(path: str | os.PathLike | IO[bytes], size: int,
-               max_pixels: int = defaults.MAX_PIXELS) -> np.ndarray:
+               max_pixels: int | None = None) -> np.ndarray:
     """Decode any supported image to a ``(size, size, 3)`` uint8 RGB array.
 
     EXIF orientation is applied; alpha is composited on white; 16-bit images are scaled, not
     clipped; JPEGs are decoded at reduced scale when much larger than ``size`` (draft mode).
-    Only ``defaults.IMAGE_FORMATS`` are parsed; an image of more than ``max_pixels`` pixels is
-    refused before decoding (``ImageTooLarge``). No step copies the full-size image needlessly:
-    a large upload costs one decoded image, not three.
+    Only ``defaults.IMAGE_FORMATS`` are parsed; an image of more than ``max_pixels`` pixels
+    (default ``defaults.MAX_PIXELS``) is refused before decoding (``ImageTooLarge``). No step
+    copies the full-size image needlessly: a large upload costs one decoded image, not three.
     """
     with Image.open(path, formats=IMAGE_FORMATS) as img:
-        if img.width * img.height > max_pixels:
+        if img.width * img.height > (max_pixels or defaults.MAX_PIXELS):
             raise ImageTooLarge(f"{img.width}x{img.height} pixels")
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
