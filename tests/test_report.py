@@ -48,3 +48,45 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     assert pixels.shape == (1800, 1200)
     assert pixels.std() > 20  # text, tables and images, not a blank page
     assert (pixels < 100).mean() > 0.01  # dark pixels: text and photos were drawn
+
+
+@pytest.mark.slow
+def test_report_charts_render_with_their_axes(trained_run, tmp_path):
+    """The SVG charts as a browser builds them: every attribute quoted (an unquoted
+    ``stroke-dasharray=4/>`` swallowed the axis labels into the line), axis labels and ticks
+    visible, dashed lines dashed, settings as a table, tile numbers on one line."""
+    import os
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the report's browser test must run in CI: playwright or Chromium missing")
+        pytest.skip("playwright or Chromium is missing")
+    run = trained_run / "run"
+    assert main(["report", str(run)]) == 0
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((run / "report.html").resolve().as_uri())
+        charts = page.locator("svg.chart")
+        assert charts.count() == 3  # reliability before/after, open-set scores
+        for i in range(charts.count()):
+            chart = charts.nth(i)
+            assert chart.locator("line text").count() == 0
+            axis = chart.locator("text.axis")
+            assert axis.count() == 2
+            for j in range(2):
+                box = axis.nth(j).bounding_box()
+                assert axis.nth(j).is_visible() and box and box["width"] > 10
+            assert chart.locator("text.tick").count() == 10
+            dashed = chart.locator("line[stroke-dasharray='4']")
+            assert dashed.count() == 1
+        assert "confidence" in charts.nth(0).locator("text.axis").first.text_content()
+        assert page.locator("#settings tr").count() >= 10
+        assert "{" not in page.locator("table.card").first.inner_text()  # no raw JSON
+        for n in page.locator(".tile .n").all():
+            assert n.bounding_box()["height"] < 20, n.inner_text()  # one line: never mid-digit
+        browser.close()

@@ -20,14 +20,16 @@ THUMBNAIL = 160
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
 max-width:1200px}
-.charts{display:flex;gap:16px;flex-wrap:wrap}figure.chart{margin:4px 0}figcaption{font-size:12px;color:#555}
+.charts{display:flex;gap:16px;flex-wrap:wrap}figure.chart{margin:4px 0;max-width:380px}
+figcaption{font-size:12px;color:#555}
 h3{font-size:14px;margin:14px 0 6px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .card td{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:12px}
-.tile{width:170px;font-size:12px;word-break:break-all}.tile img{width:160px;height:160px;
-object-fit:cover;border:3px solid #bbb}.tile.wrong img{border-color:#c33}.bad{color:#c33}
+.tile{width:170px;font-size:12px}.tile .n{white-space:nowrap}.tile .f{overflow-wrap:anywhere}
+.tile img{width:160px;height:160px;object-fit:cover;border:3px solid #bbb}
+.tile.wrong img{border-color:#c33}.bad{color:#c33}
 .muted{color:#777}
 .cm td.d{background:#dbeafe;font-weight:600}
 """
@@ -76,7 +78,6 @@ def _run_card(m: dict) -> str:
         if mode.get("image_size_reason") and mode["image_size_reason"] != "given":
             rows.append(("image size", f"{mode['image_size']} px: {mode['image_size_reason']}"))
     rows.append(("total time", f"{m.get('total_seconds', 0):.1f} s"))
-    rows.append(("settings", json.dumps(m.get("options", {}), ensure_ascii=False)))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())))
     check = m.get("check", {})
     if check:
@@ -84,7 +85,17 @@ def _run_card(m: dict) -> str:
         rows.append(("data check", f"{check.get('status')}"
                      + (": " + "; ".join(f.get("message", "") for f in found) if found else "")))
     body = "".join(f"<tr><th class=l>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
-    return f"<table class=card>{body}</table>"
+    return f"<table class=card>{body}</table>" + _settings(m.get("options", {}))
+
+
+def _settings(options: dict) -> str:
+    """The options the run was made with, one row each (``graftkit.fit``'s keywords)."""
+    if not options:
+        return ""
+    rows = "".join(f"<tr><th class=l>{_e(k)}</th><td class=l>"
+                   f"{_e(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))}</td></tr>"
+                   for k, v in sorted(options.items()))
+    return f"<h3>Settings</h3><table class=card id=settings>{rows}</table>"
 
 
 def _per_class(m: dict) -> str:
@@ -130,9 +141,10 @@ def _tile(r: dict) -> str:
     wrong = r["label"] != r["predicted"]
     return (f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
             f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
-            f"({float(r['probability']):.3f})</div>"
-            f"<div class=muted>true-class p {float(r['true_probability']):.3f} &middot; loss "
-            f"{float(r['loss']):.3f} &middot; {_e(Path(r['path']).name)}</div></div>")
+            f"<span class=n>({float(r['probability']):.3f})</span></div>"
+            f"<div class=muted><span class=n>true-class p {float(r['true_probability']):.3f}"
+            f"</span> &middot; <span class=n>loss {float(r['loss']):.3f}</span> &middot; "
+            f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
 
 
 def _top_losses(predictions: list[dict]) -> str:
@@ -155,36 +167,61 @@ def _top_losses(predictions: list[dict]) -> str:
     return f"<div id=top-losses>{''.join(parts)}</div>"
 
 
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
 def _svg_bars(bars: list[tuple[float, float, float, str]], lines: list[tuple], x_label: str,
-              y_label: str, width: int = 360, height: int = 220) -> str:
+              y_label: str, x_range: tuple[float, float] = (0.0, 1.0),
+              y_range: tuple[float, float] = (0.0, 1.0), width: int = 380,
+              height: int = 240) -> str:
     """A small inline SVG chart: ``bars`` are (x0, x1, height, colour) in [0, 1] units and
-    ``lines`` ((x0, y0, x1, y1, colour, dash)); no image file, no script."""
-    pad = 32
-    w, h = width - pad - 8, height - pad - 8
+    ``lines`` ((x0, y0, x1, y1, colour, dash)); ticks labelled in ``x_range``/``y_range``
+    units. Every attribute is quoted: an unquoted ``stroke-dasharray=4/>`` is no self-closing
+    tag in HTML, and the axis labels after it vanished into the line."""
+    left, bottom = 44, 40
+    w, h = width - left - 10, height - bottom - 10
 
     def px(x, y):
-        return pad + x * w, 8 + (1 - y) * h
+        return left + x * w, 10 + (1 - y) * h
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width={width} height={height} "
-             f"role=img><rect x={pad} y=8 width={w} height={h} fill='#fafafa' stroke='#ccc'/>"]
+    def num(v: float) -> str:
+        return f"{v:.3g}"
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+             f"role='img' aria-label='{_e(y_label)} by {_e(x_label)}' class='chart'>"
+             f"<rect x='{left}' y='10' width='{w}' height='{h}' fill='#fafafa' stroke='#ccc'/>"]
     for x0, x1, y, colour in bars:
         (a, top), (b, _) = px(x0, y), px(x1, 0)
-        parts.append(f"<rect x={a:.1f} y={top:.1f} width={max(b - a - 1, 1):.1f} "
-                     f"height={8 + h - top:.1f} fill='{colour}'/>")
+        parts.append(f"<rect x='{a:.1f}' y='{top:.1f}' width='{max(b - a - 1, 1):.1f}' "
+                     f"height='{10 + h - top:.1f}' fill='{colour}'/>")
     for x0, y0, x1, y1, colour, dash in lines:
         (a, b), (c, d) = px(x0, y0), px(x1, y1)
-        parts.append(f"<line x1={a:.1f} y1={b:.1f} x2={c:.1f} y2={d:.1f} stroke='{colour}' "
-                     f"stroke-width=2{' stroke-dasharray=4' if dash else ''}/>")
-    parts.append(f"<text x={pad + w / 2} y={height - 4} font-size=11 text-anchor=middle>"
-                 f"{_e(x_label)}</text><text x=10 y={8 + h / 2} font-size=11 "
-                 f"transform='rotate(-90 10 {8 + h / 2})' text-anchor=middle>{_e(y_label)}</text>"
-                 "</svg>")
+        dashed = " stroke-dasharray='4'" if dash else ""
+        parts.append(f"<line x1='{a:.1f}' y1='{b:.1f}' x2='{c:.1f}' y2='{d:.1f}' "
+                     f"stroke='{colour}' stroke-width='2'{dashed}/>")
+    for i, v in enumerate(_ticks(*x_range)):
+        x, y = px(i / 4, 0)
+        parts.append(f"<line x1='{x:.1f}' y1='{y:.1f}' x2='{x:.1f}' y2='{y + 4:.1f}' "
+                     f"stroke='#555'/><text class='tick' x='{x:.1f}' y='{y + 15:.1f}' "
+                     f"font-size='10' text-anchor='middle'>{num(v)}</text>")
+    for i, v in enumerate(_ticks(*y_range)):
+        x, y = px(0, i / 4)
+        parts.append(f"<line x1='{x - 4:.1f}' y1='{y:.1f}' x2='{x:.1f}' y2='{y:.1f}' "
+                     f"stroke='#555'/><text class='tick' x='{x - 6:.1f}' y='{y + 3:.1f}' "
+                     f"font-size='10' text-anchor='end'>{num(v)}</text>")
+    parts.append(f"<text class='axis' x='{left + w / 2:.1f}' y='{height - 6}' font-size='11' "
+                 f"text-anchor='middle'>{_e(x_label)}</text>"
+                 f"<text class='axis' x='12' y='{10 + h / 2:.1f}' font-size='11' "
+                 f"transform='rotate(-90 12 {10 + h / 2:.1f})' text-anchor='middle'>"
+                 f"{_e(y_label)}</text></svg>")
     return "".join(parts)
 
 
 def _reliability(bins: list[dict], title: str) -> str:
     bars = [(b["low"], b["high"], b["accuracy"], "#4a7ab5") for b in bins]
-    chart = _svg_bars(bars, [(0, 0, 1, 1, "#999", True)], "confidence", "accuracy")
+    chart = _svg_bars(bars, [(0, 0, 1, 1, "#999", True)], "confidence (top-1 probability)",
+                      "accuracy")
     return f"<figure class=chart><figcaption>{_e(title)}</figcaption>{chart}</figure>"
 
 
@@ -199,8 +236,17 @@ def _calibration(m: dict) -> str:
             "half's temperature). Bars below the dashed line: over-confident.</p>")
     return (f"<div id=calibration>{text}<div class=charts>"
             + _reliability(c["reliability_before"], "before")
-            + _reliability(c["reliability_after"], f"after (T = {c['temperature']:.3f})")
+            + _reliability(c["reliability_after"], _after_title(c))
             + "</div></div>")
+
+
+def _after_title(c: dict) -> str:
+    if c.get("applied", True):
+        return f"after (T = {c['temperature']:.3f})"
+    fitted = c.get("fitted_temperature")
+    return ("after: no temperature applied, the same probabilities as before ("
+            + (f"the fitted T = {fitted:.3f} did not help on held-out images)" if fitted
+               else "too few images to fit one)"))
 
 
 def _open_set(m: dict, predictions: list[dict]) -> str:
@@ -216,8 +262,8 @@ def _open_set(m: dict, predictions: list[dict]) -> str:
     bars = [(i / 30, (i + 1) / 30, n / peak, "#4a7ab5" if (i + 0.5) / 30 * top <= o["threshold"]
              else "#c0504d") for i, n in enumerate(counts) if n]
     x = o["threshold"] / top
-    chart = _svg_bars(bars, [(x, 0, x, 1, "#333", True)], f"{o['method']} score (0 to {top:.3g})",
-                      "validation images")
+    chart = _svg_bars(bars, [(x, 0, x, 1, "#333", True)], f"{o['method']} score",
+                      "validation images", x_range=(0.0, top), y_range=(0.0, float(peak)))
     held = o.get("val_rejected_held_out")
     text = (f"<p>Score: <b>{_e(o['method'])}</b> ({_e(o['formula'])}); higher = less like the "
             f"training images. Threshold <b>{o['threshold']:.4g}</b> (dashed) keeps "
