@@ -36,8 +36,13 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
                 "skipped_files", "phases"):
         assert key in metrics
     assert [p["name"] for p in metrics["phases"]] == ["head", "fine_tune"]
-    # Phase times (phase 1 includes computing the frozen outputs) fit inside the whole run.
-    assert 0 < sum(p["seconds"] for p in metrics["phases"]) <= metrics["total_seconds"]
+    # The frozen pass is told apart from phase 1's training; together they fit in the run.
+    frozen = metrics["frozen_outputs"]
+    assert frozen["seconds"] > 0 and frozen["computed"] > 0
+    assert 0 < sum(p["seconds"] for p in metrics["phases"]) + frozen["seconds"] \
+        <= metrics["total_seconds"]
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("frozen pass"))
+    assert f"{frozen['computed']:,} outputs computed" in line and f"{frozen['seconds']:.1f} s" in line
     assert metrics["image_size"] == 32 and metrics["num_train"] + metrics["num_val"] == 30
     assert metrics["val_accuracy"] >= metrics["phases"][0]["best_val_accuracy"] - 1e-6
     rows = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
@@ -49,7 +54,8 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     # The scores came through the frozen part's engine: the saved model in plain Keras agrees.
     import graftkit
 
-    assert metrics["engine"] and "cached activations" in metrics["phases"][1]["note"]
+    assert metrics["engine"] in ("keras", "tflite", "openvino", "openvino bf16")
+    assert "cached activations" in metrics["phases"][1]["note"]
     record = metrics["frozen_outputs"]  # which engine and precision computed them
     views = metrics["options"]["views"] if metrics["options"]["augment"] else 1
     assert record["computed"] + record["from_cache"] == (metrics["num_train"] * views
@@ -89,6 +95,10 @@ def test_a_rerun_on_a_warm_cache_repeats_the_first_run_exactly(tmp_path, capsys,
         runs.append((metrics, rows))
     (first, first_rows), (again, again_rows) = runs
     assert first["frozen_outputs"]["from_cache"] == 0 and again["frozen_outputs"]["computed"] == 0
+    # a fully cached run still says which engine computed the rows it read, by name
+    assert again["frozen_outputs"]["engine"] == first["frozen_outputs"]["engine"] == "tflite"
+    assert again["engine"] == first["engine"] == "tflite"
+    assert again["engine_key"] == first["engine_key"] and len(first["engine_key"]) == 16
     assert again["frozen_outputs"]["fallbacks"] == [] and first["frozen_outputs"]["fallbacks"] == []
     assert again_rows == first_rows and again["val_accuracy"] == first["val_accuracy"]
     assert again["confusion_matrix"] == first["confusion_matrix"]
@@ -199,6 +209,12 @@ def test_inspect_and_backbones(trained_run, capsys):
     head = next(r for r in info["layers"] if r["layer"] == "head_dense")
     assert (head["weights"], head["trainable_weights"], head["non_trainable_weights"]) == (2, 2, 0)
     assert info["totals"]["trainable_weights"] == 2  # saved frozen: only the head trains
+    # ... and it says what the run fine-tuned, with the count the run's own log gave
+    metrics = json.loads((trained_run / "run" / "metrics.json").read_text())
+    fine = next(p for p in metrics["phases"] if p["name"] == "fine_tune")
+    assert fine["note"] in info["totals"]["trained"] and "frozen again" in info["totals"]["trained"]
+    code, out, _ = run_cli(capsys, "inspect", trained_run / "run")
+    assert code == 0 and "fine-tuned the base: unfroze" in out
     code, out, _ = run_cli(capsys, "inspect", "efficientnet_lite0", "--all")
     assert code == 0 and "stem_bn" in out and "total:" in out
     code, out, _ = run_cli(capsys, "backbones", "--format", "json")

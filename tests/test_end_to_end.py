@@ -25,7 +25,7 @@ def test_default_fit_on_hymenoptera(tmp_path, capsys):
     head, fine = metrics["phases"]
     assert metrics["val_accuracy"] >= head["best_val_accuracy"] - 1e-6  # never worse than phase 1
     assert "cached views" in head["note"] and "cached activations" in fine["note"]
-    assert metrics["engine"]  # predict and evaluate reuse the frozen part's engine
+    assert metrics["engine"] and metrics["engine_key"]  # predict and evaluate reuse the engine
 
 
 @pytest.mark.slow

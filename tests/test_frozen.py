@@ -475,3 +475,11 @@ def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tm
     assert model.get_layer("head_dense").compute_dtype == "float32"
     inner = [layer for layer in layers_within(model) if isinstance(layer, layers.Conv2D)]
     assert inner and all(layer.compute_dtype == "bfloat16" for layer in inner)
+
+
+def test_a_run_names_its_engine_and_the_cached_file_apart():
+    from graftkit.frozen.cut import engine_key
+
+    assert engine_key({"engine": "tflite", "engine_key": "0123456789abcdef"}) == "0123456789abcdef"
+    assert engine_key({"engine": "0123456789abcdef"}) == "0123456789abcdef"  # older run folders
+    assert engine_key({"engine": "tflite"}) is None and engine_key({}) is None

@@ -242,6 +242,8 @@ def cmd_inspect(args) -> int:
     print(f"\ntotal: {totals['weights']} weights ({totals['trainable_weights']} trainable, "
           f"{totals['non_trainable_weights']} non-trainable); {totals['params']:,} parameters "
           f"({totals['trainable_params']:,} trainable)")
+    if "trained" in totals:
+        print(totals["trained"])
     return 0
 
 

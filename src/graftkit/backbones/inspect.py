@@ -58,7 +58,26 @@ def inspect_target(target: str, flatten: bool = False,
         "params": count_params(model.weights),
         "trainable_params": count_params(model.trainable_weights),
     }
+    if Path(target).is_dir():
+        totals["trained"] = run_training(target)
     return title, weight_table(model, flatten=flatten), totals
+
+
+def run_training(run_dir: str) -> str:
+    """What a run trained, in words: a saved run's base is frozen again (it is ready to
+    predict), so its trainable counts alone would hide what fine-tuning changed."""
+    from graftkit.outputs.run import read_run
+
+    metrics = read_run(run_dir)[2]
+    phases = {p["name"]: p for p in metrics.get("phases", [])}
+    chosen = (metrics.get("mode") or {}).get("chosen")
+    fine = phases.get("fine_tune")
+    if fine is None or chosen == "head":
+        why = f" ({metrics['mode']['reason']}: the head-only weights were kept)" \
+            if fine is not None else ""
+        return f"this run trained the head only; the base kept its pretrained weights{why}"
+    return (f"this run trained the head, then fine-tuned the base: {fine['note']}; the saved "
+            "model has its base frozen again, ready for predictions")
 
 
 def backbone_rows() -> list[dict]:

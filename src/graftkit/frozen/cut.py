@@ -9,6 +9,7 @@ for prediction, through the engine training converted.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import keras
@@ -195,6 +196,15 @@ class SplitClassifier:
 
 
 
+def engine_key(metrics: dict) -> str | None:
+    """The cached engine file a run names: ``engine_key``, or ``engine`` in run folders written
+    before the engine's name took that field."""
+    key = metrics.get("engine_key")
+    if key is None and re.fullmatch(r"[0-9a-f]{16}", str(metrics.get("engine"))):
+        key = metrics["engine"]
+    return key
+
+
 def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | None:
     """The fast path for a run's model, from what its metrics say of the cut; None if none."""
     from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
@@ -205,6 +215,6 @@ def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | Non
     entry = REGISTRY.get(metrics.get("backbone", ""))
     try:
         return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,
-                               top_n, metrics.get("engine"))
+                               top_n, engine_key(metrics))
     except (ValueError, KeyError):
         return None

@@ -66,6 +66,11 @@ def _run_card(m: dict) -> str:
         ("final val accuracy", f"{m['val_accuracy']:.4f} (balanced "
                                f"{m.get('balanced_accuracy', float('nan')):.4f})"),
     ]
+    frozen = m.get("frozen_outputs")
+    if frozen and "seconds" in frozen:
+        rows.append(("frozen pass", f"{frozen['computed']:,} outputs computed by "
+                                    f"{frozen['engine']}, {frozen['from_cache']:,} read from the "
+                                    f"cache, {frozen['seconds']:.1f} s"))
     for p in m["phases"]:
         rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "
                                           f"accuracy {p['best_val_accuracy']:.4f}. {p['note']}"))

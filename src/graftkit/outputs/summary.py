@@ -11,6 +11,11 @@ def _plural(n: int, word: str) -> str:
 
 def print_summary(m: dict, run_dir) -> None:
     print("\nsummary")
+    frozen = m.get("frozen_outputs")
+    if frozen and "seconds" in frozen:  # the one pass of the frozen base, not head training
+        print(f"  {'frozen pass':<20} {frozen['computed']:,} outputs computed, "
+              f"{frozen['from_cache']:,} from the cache  {frozen['seconds']:7.1f} s  "
+              f"[{frozen['engine']}]")
     for p in m["phases"]:
         label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
         print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "

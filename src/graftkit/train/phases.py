@@ -327,18 +327,19 @@ def _rows(x, y, batch_size: int):
 
 def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_features, y_val,
                            plan: PhasePlan, best: Best, batch_size: int, seed: int,
-                           extract_seconds: float = 0.0, note: str = "") -> PhaseResult:
+                           note: str = "") -> PhaseResult:
     """Phase 1 on features computed once: the frozen base runs once per image and view.
 
     Its epochs take a fraction of a second, so an interrupted phase 1 simply runs again
-    (and finds its features in the cache). With ``plan.heads`` > 1, that many heads train
+    (and finds its features in the cache). Its time is the head's training alone: the pass of
+    the frozen base that made the features is reported on its own (``frozen_outputs``).
+    With ``plan.heads`` > 1, that many heads train
     from different seeds and their weights are averaged: for linear heads on the same features
     that is exactly the average of their logits, an ensemble at the cost of one Dense layer.
     """
-    start = time.perf_counter() - extract_seconds
+    start = time.perf_counter()
     per_epoch = steps(len(y_train), batch_size, plan.whole_batches)
     val = _rows(val_features, y_val, plan.val_batch_size or batch_size)
-    rows_before = len(plan.history)
     kept, epochs = [], 0
     for k in range(plan.heads):
         if k:
@@ -359,10 +360,6 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
         head.get_layer(HEAD_DENSE).set_weights([np.mean(w, axis=0) for w in zip(*kept)])
         scores = head.evaluate(val, verbose=0, return_dict=True)
         head_best = Best(float(scores["accuracy"]), float(scores["loss"]))
-    # The first epoch's row carries the one-off cost of computing the features.
-    if len(plan.history) > rows_before:
-        plan.history[rows_before]["seconds"] = round(
-            plan.history[rows_before]["seconds"] + extract_seconds, 3)
     model.get_layer(HEAD_DENSE).set_weights(head.get_layer(HEAD_DENSE).get_weights())
     best.val_accuracy, best.val_loss = head_best.val_accuracy, head_best.val_loss
     best.weights = model.get_weights()

@@ -409,7 +409,7 @@ def train_head_phase(s: FitState) -> None:
         s.log(f"phase 1: head on {what}")
         s.phases.append(train_head_on_features(
             s.model, pooled, y_train, pooled_val, y_val, plan, s.best, s.batch_size,
-            opt.seed, s.extract_seconds, f"on {what}"))
+            opt.seed, f"on {what}"))
     else:
         s.log(f"phase 1: head on the frozen base, augmentation {opt.augment} every epoch")
         train_ds = make_dataset(folder.train.paths, y_train, s.size, s.batch_size,
@@ -630,8 +630,10 @@ def frozen_record(s: FitState) -> dict | None:
         return None
     computed = s.frozen_computed
     total = len(s.folder.train) * s.views + len(s.folder.val)
-    return {"engine": s.frozen.engine if computed else None, "precision": s.frozen.precision,
+    # a fully cached run read the rows of the engine it planned: each engine caches apart
+    return {"engine": s.frozen.engine, "precision": s.frozen.precision,
             "computed": computed, "from_cache": total - computed,
+            "seconds": round(s.extract_seconds, 2),
             "fallbacks": list(s.frozen.reasons)}
 
 
@@ -661,7 +663,8 @@ def metrics_of(s: FitState, result: dict, engine_key: str | None, digest: str) -
             for p in s.phases
         ],
         "total_seconds": round(time.perf_counter() - s.started, 2),
-        "engine": engine_key,
+        "engine": s.frozen.label if s.frozen is not None else None,
+        "engine_key": engine_key,  # the cached engine file predict and serve reuse
         "frozen_outputs": frozen_record(s),
         "precision": opt.precision,
         "distribution": {"strategy": dist.name, "replicas": dist.replicas,
