@@ -269,11 +269,16 @@ def test_summary_names_the_data_folder_of_its_check():
     ["backbones"],
     ["cache", "info"],
     ["check", "{data}"],
+    ["export", "{fake}", "--format", "onnx", "--quantize", "float16"],
 ])
 def test_typos_and_tf_free_commands_never_import_tensorflow(tmp_path, argv):
     """Answered before TensorFlow's start-up (seconds and ~0.8 GB): checked in a fresh process."""
     data = make_folder(tmp_path / "data", classes=2, per_class=3)
-    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    fake = tmp_path / "fake-run"  # passes the run folder's preflight, never loaded
+    fake.mkdir()
+    (fake / "model.keras").write_bytes(b"")
+    (fake / "labels.json").write_text('["a", "b"]')
+    argv = [a.format(tmp=tmp_path, data=data, fake=fake) for a in argv]
     script = ("import sys\nfrom graftkit.cli import main\ncode = main(sys.argv[1:])\n"
               "print('TF' if 'tensorflow' in sys.modules else 'no TF', code)")
     env = {**os.environ, "GRAFTKIT_CACHE_DIR": str(tmp_path / "cache")}
@@ -452,3 +457,16 @@ def test_with_a_gpu_visible_the_frozen_pass_runs_through_keras(monkeypatch):
     monkeypatch.setattr(devices, "gpus", lambda: [])
     assert engine.FrozenPart(model, "k").plan(100_000) == "tflite"
     assert "CPU" in devices.describe() and "TFLite" in devices.describe()
+
+
+def test_abbreviated_options_are_typos_not_options(tmp_path, capsys):
+    """argparse would take --head-epoch for --head-epochs and train a full run meanwhile."""
+    from graftkit.cli import main
+
+    for argv in (["fit", str(tmp_path), "--out", str(tmp_path / "r"), "--head-epoch", "5"],
+                 ["predict", str(tmp_path), "x.jpg", "--top", "2"],
+                 ["serve", str(tmp_path), "--max-file", "3"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "unrecognized arguments: " + argv[-2] in capsys.readouterr().err

@@ -58,6 +58,7 @@ def test_lr_find_and_fit_lr_auto(tmp_path, capsys):
     assert main(["lr-find", str(data), "--out", str(out), "--phase", "fine-tune", *common]) == 0
     printed = capsys.readouterr().out
     assert "suggested --fine-tune-lr" in printed
+    assert printed.count("suggest") == 1, printed  # the answer, once
     assert not (out / "lr_find_head.png").exists()  # phase 1 ran at the given --lr
     assert (out / "lr_find_fine_tune.png").stat().st_size > 0
     assert not (out / "model.keras").exists() and not (out / ".checkpoint").exists()
@@ -65,6 +66,7 @@ def test_lr_find_and_fit_lr_auto(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", str(data), "--out", str(run), "--lr", "auto", "--fine-tune-epochs", "1",
                  *common]) == 0
+    assert capsys.readouterr().out.count("lr auto (head): range test over") == 1
     metrics = json.loads((run / "metrics.json").read_text())
     rates = metrics["learning_rates"]
     assert rates["head"] == rates["range_tests"]["head"]["suggestion"]  # the rate fit used

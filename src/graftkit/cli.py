@@ -297,8 +297,10 @@ def cmd_report(args) -> int:
 
 
 def preflight_export(args) -> None:
+    from graftkit.outputs.export import check_request
     from graftkit.outputs.run import read_run
 
+    check_request(args.format, args.quantize)  # a combination that cannot be: before TensorFlow
     read_run(args.run_dir)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file: pass a folder for the export")
@@ -423,7 +425,7 @@ def cmd_demo(args) -> int:
 
 def _sub(subs, name: str, func, help_text: str, examples: str):
     p = subs.add_parser(
-        name, help=help_text, description=help_text,
+        name, help=help_text, description=help_text, allow_abbrev=False,  # --head-epoch: a typo
         epilog="examples:\n" + textwrap.indent(examples.strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -444,7 +446,7 @@ def _training_options(p, out_help: str = "run folder to write") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="graft",
+        prog="graft", allow_abbrev=False,
         description="Transfer learning and fine-tuning of pretrained image models, done right.",
         epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -150,7 +150,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     from graftkit.files import write_json, write_text
     from graftkit.outputs.run import MODEL_FILE, read_split
 
-    _check_request(fmt, quantize)
+    check_request(fmt, quantize)
     run_dir = Path(run_dir)
     clf = load(run_dir)
     model, classes, size = clf.model, clf.classes, clf.image_size
@@ -241,19 +241,19 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
             f"{result.known_agreement:.4f} of the images); nothing was written")
 
 
-def _check_request(fmt: str, quantize: str) -> None:
-    """A format and quantization that exist, and the extra ONNX needs, before any work."""
+def check_request(fmt: str, quantize: str) -> None:
+    """A format and quantization that exist, and the extra ONNX needs, before any work (and
+    without importing anything: tf2onnx alone loads TensorFlow)."""
+    import importlib.util
+
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     if quantize not in QUANTIZE[fmt]:
         raise UsageError(f"--quantize {quantize} is not available for {fmt}; use "
                          f"{' or '.join(QUANTIZE[fmt])}")
-    if fmt == "onnx":
-        try:
-            import onnxruntime  # noqa: F401
-            import tf2onnx  # noqa: F401
-        except ImportError:
-            raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'") from None
+    if fmt == "onnx" and any(importlib.util.find_spec(m) is None
+                             for m in ("onnxruntime", "tf2onnx", "onnx")):
+        raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'")
 
 
 def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: int,

@@ -349,9 +349,10 @@ def _lr_test_done(s: FitState, test, phase: str) -> dict:
     write = s.dist.chief
     if write:
         test.plot(s.run_dir / name, f"learning-rate range test, {phase.replace('_', '-')} phase")
-    s.log(f"lr auto ({phase.replace('_', '-')}): range test over {len(test.lrs)} steps suggests "
-          f"{test.suggestion:.3g} (steepest fall of the loss; its minimum at {test.minimum:.3g})"
-          + (f"; plot: {s.run_dir / name}" if write else ""))
+    if s.writes:  # graft lr-find prints its suggestion once, as its answer
+        s.log(f"lr auto ({phase.replace('_', '-')}): range test over {len(test.lrs)} steps "
+              f"suggests {test.suggestion:.3g} (steepest fall of the loss; its minimum at "
+              f"{test.minimum:.3g})" + (f"; plot: {s.run_dir / name}" if write else ""))
     return {**test.as_dict(), "plot": name if write else None}
 
 

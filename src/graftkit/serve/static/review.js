@@ -86,14 +86,22 @@ function card(item, summary) {
   c.append(why);
   if (!summary.can_move) return c;
   const actions = el("div", "actions");
+  // The menu starts on the model's prediction when it differs from the label, else on
+  // "move to..." with Relabel disabled: a careless click must not mislabel an image.
   const select = el("select");
+  const none = el("option", "", "move to\u2026");
+  none.value = "";
+  select.append(none);
   for (const name of summary.classes) {
     if (name === item.now) continue;
-    const option = el("option", "", name);
+    const option = el("option", "", name === item.predicted ? `${name} (predicted)` : name);
     option.value = name;
     select.append(option);
   }
+  select.value = item.predicted && item.predicted !== item.now ? item.predicted : "";
   const relabel = el("button", "relabel", "Relabel");
+  relabel.disabled = !select.value;
+  select.addEventListener("change", () => { relabel.disabled = !select.value; });
   relabel.addEventListener("click", () => act("/review/api/relabel", {key: item.key, to: select.value}));
   const aside = el("button", "set-aside", "Set aside");
   aside.disabled = item.status === "set aside";
