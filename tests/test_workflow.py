@@ -151,3 +151,55 @@ def test_the_public_names_resolve_and_none_shadows_a_module():
     for name in graftkit.__all__:
         assert getattr(graftkit, name) is not None
     assert callable(graftkit.check) and callable(graftkit.export) and callable(graftkit.lr_find)
+
+
+def test_predict_takes_what_users_pass(trained_run, tmp_path):
+    """A path, a Path, a folder, a PIL image, an array, a batch, a mix; bad files skipped with
+    the CLI's reason and listed in the result, never a traceback from PIL."""
+    import numpy as np
+    from PIL import Image
+
+    import graftkit
+    from graftkit.errors import DataError, UsageError
+
+    clf = graftkit.load(trained_run / "run")
+    files = sorted((trained_run / "data" / "class_2").glob("*.png"))[:3]
+    want = clf.predict([str(f) for f in files], top_k=2)
+    one = clf.predict(str(files[0]), top_k=2)  # a string is a file, not its characters
+    assert [(p.path, p.label) for p in one] == [(str(files[0]), want[0].label)]
+    assert clf.predict(files[0])[0].label == want[0].label  # a Path
+    folder = clf.predict(trained_run / "data" / "class_2")
+    assert len(folder) == 10 and folder.skipped == []
+    picture = clf.predict(Image.open(files[0]), top_k=2)[0]  # the picture in the file
+    assert picture.label == want[0].label
+    np.testing.assert_allclose([p for _, p in picture.top_k], [p for _, p in want[0].top_k],
+                               atol=1e-5)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    assert clf.predict(pixels[1])[0].label == want[1].label  # one array
+    batch = clf.predict(pixels)
+    assert [p.label for p in batch] == [p.label for p in want]
+    assert [p.path for p in batch] == ["<image>[0]", "<image>[1]", "<image>[2]"]
+    np.testing.assert_allclose(clf.predict_proba(pixels), clf.predict_proba(files), atol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(pixels.astype(np.float32)),
+                               clf.predict_proba(files), atol=1e-5)  # 0-255 floats
+    mixed = clf.predict([str(files[0]), Image.open(files[1]), pixels[2]])
+    assert [p.label for p in mixed] == [p.label for p in want]
+    assert len(clf.predict(pixels[0][:, :, 0])) == 1  # grayscale
+    assert clf.predict([]) == []
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    result = clf.predict([str(files[0]), str(empty), str(text)])
+    assert [p.path for p in result] == [str(files[0])]
+    assert [s["path"] for s in result.skipped] == [str(empty), str(text)]
+    assert result.skipped[0]["reason"] == "empty file (0 bytes)"
+    with pytest.raises(DataError, match="cannot be read.*predict\\(\\) skips them"):
+        clf.predict_proba([str(files[0]), str(empty)])  # rows must match the images
+    with pytest.raises(DataError, match="no such file or folder"):
+        clf.predict(str(tmp_path / "nope.jpg"))
+    with pytest.raises(UsageError, match="cannot read an image from a int"):
+        clf.predict(42)
+    with pytest.raises(UsageError, match="shape"):
+        clf.predict(np.zeros((4, 4, 5), np.uint8))

@@ -45,6 +45,17 @@ class Prediction:
         return f"unknown (closest: {self.label} {self.probability:.2f})"
 
 
+class Predictions(list):
+    """``predict``'s answers, a list of ``Prediction``; ``skipped``: the files that could not be
+    read (``{"path", "reason"}``), left out of the list."""
+
+    skipped: list[dict[str, str]]
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped = []
+
+
 def parse_reject(value) -> str | float:
     """``--reject``: auto (the run's threshold), none (every image known) or a threshold."""
     if str(value) in ("auto", "none"):
@@ -141,17 +152,47 @@ class Classifier:
         return ("this run has no open-set statistics (made by an older graftkit): every image "
                 "counts as known and ood_score is null; run graft fit again to get them")
 
-    def scored(self, paths: Sequence[str | os.PathLike], batch_size: int = defaults.BATCH_SIZE,
-               tta: bool = False, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(probabilities, ood_scores)`` of image files; the scores are None when the run has
-        no open-set statistics. With ``tta`` the probabilities are averaged with the mirror
-        image's, the score is the image's own."""
+    def scored(self, images, batch_size: int = defaults.BATCH_SIZE, tta: bool = False,
+               progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(probabilities, ood_scores)`` of images (anything ``predict`` takes); the scores
+        are None when the run has no open-set statistics. With ``tta`` the probabilities are
+        averaged with the mirror image's, the score is the image's own. Unreadable files are
+        an error here (rows must match the images): ``predict`` skips them."""
+        inputs = self._gathered(images)
+        if inputs.skipped:
+            raise DataError(f"{len(inputs.skipped)} of the images cannot be read ("
+                            + "; ".join(f"{s['path']}: {s['reason']}" for s in inputs.skipped[:3])
+                            + "): predict() skips them and lists them in its result's .skipped")
+        return self._scored(inputs, batch_size, tta, progress)
+
+    def _gathered(self, images):
+        from graftkit.data.inputs import gather
+
+        return gather(images, self.image_size)
+
+    def _scored(self, inputs, batch_size: int, tta: bool, progress):
         from graftkit.outputs.evaluation import model_outputs
 
         model, scores = self._scoring_model()
-        outs = model_outputs(model, [str(p) for p in paths], batch_size, tta, progress,
-                             fast=self._fast_path(model))
-        return outs[-1], self._ood(*outs) if scores else None
+        files = [i for i, p in enumerate(inputs.paths) if p is not None]
+        held = [i for i, p in enumerate(inputs.paths) if p is None]
+        parts = []
+        if files or not held:
+            parts.append((files, model_outputs(model, [inputs.paths[i] for i in files], batch_size,
+                                               tta, progress, fast=self._fast_path(model))))
+        if held:
+            x = np.stack([inputs.pixels[i] for i in held]).astype(np.float32)
+            outs = self._run_pixels(model, x)
+            if tta:  # as model_outputs does for files: the mirror image's probabilities too
+                mirrored = self._run_pixels(model, np.ascontiguousarray(x[:, :, ::-1]))
+                outs = [*outs[:-1], (outs[-1] + mirrored[-1]) / 2]
+            parts.append((held, outs))
+        n = len(inputs.names)
+        merged = [np.zeros((n, *o.shape[1:]), o.dtype) for o in parts[0][1]]
+        for rows, outs in parts:
+            for whole, part in zip(merged, outs):
+                whole[rows] = part
+        return merged[-1], self._ood(*merged) if scores else None
 
     def scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``scored`` for images already decoded by ``load_image`` (uint8, stacked): what
@@ -194,27 +235,32 @@ class Classifier:
             return float("inf")
         return self.open_set.threshold if reject == "auto" else float(reject)
 
-    def predict_proba(self, paths: Sequence[str | os.PathLike], batch_size: int = defaults.BATCH_SIZE,
-                      tta: bool = False, progress=None) -> np.ndarray:
-        """Class probabilities of image files.
+    def predict_proba(self, images, batch_size: int = defaults.BATCH_SIZE, tta: bool = False,
+                      progress=None) -> np.ndarray:
+        """Class probabilities of images.
 
         Args:
-            paths: image files.
+            images: what ``predict`` takes. An unreadable file is an error here, since the
+                rows must match the images (``predict`` skips it instead).
             batch_size: images per model call. Defaults to 32.
             tta: average each image with its mirror image. Defaults to False.
             progress: ``progress(done, total)`` called as batches finish. Defaults to None.
 
         Returns:
-            A float array of shape ``(len(paths), len(classes))``; rows sum to 1.
+            A float array of shape ``(images, len(classes))``; rows sum to 1.
         """
-        return self.scored(paths, batch_size, tta, progress)[0]
+        return self.scored(images, batch_size, tta, progress)[0]
 
-    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 1, batch_size: int = defaults.BATCH_SIZE,
-                tta: bool = False, progress=None, reject: str | float = "auto") -> list[Prediction]:
-        """The most likely labels of image files, and whether each is like the training images.
+    def predict(self, images, top_k: int = 1, batch_size: int = defaults.BATCH_SIZE,
+                tta: bool = False, progress=None, reject: str | float = "auto") -> Predictions:
+        """The most likely labels of images, and whether each is like the training images.
 
         Args:
-            paths: image files.
+            images: an image file or a folder of them (walked as ``graft predict`` does), a PIL
+                image, a numpy array of raw 0-255 RGB (``(H, W, 3)``, grayscale, RGBA, or a
+                batch ``(N, H, W, 3)``), or a list of any of these. Images in memory are
+                converted as files are (orientation, alpha, bilinear resize); only a large JPEG
+                file differs a little, as it is decoded at reduced scale first.
             top_k: labels per image, most likely first (capped at the number of classes).
                 Defaults to 1.
             batch_size, tta, progress: as in ``predict_proba``.
@@ -223,11 +269,22 @@ class Classifier:
                 threshold in the score's units. Defaults to "auto".
 
         Returns:
-            One ``Prediction`` per path, in order.
+            A list of ``Prediction``, one per readable image in order (``path`` is the file,
+            or ``<image N>`` for an image in memory); its ``skipped`` attribute lists the
+            files that could not be read, with the reason, as ``graft predict`` reports them.
+
+        Example:
+            >>> clf.predict("photo.jpg")[0].label  # doctest: +SKIP
+            >>> clf.predict(PIL.Image.open("photo.jpg"), top_k=3)  # doctest: +SKIP
         """
         parse_reject(reject)  # a bad value fails before the images are scored
-        probs, ood = self.scored(paths, batch_size, tta, progress)
-        return self.answers([str(p) for p in paths], probs, ood, top_k, reject)
+        inputs = self._gathered(images)
+        out = Predictions()
+        out.skipped = inputs.skipped
+        if inputs.names:
+            probs, ood = self._scored(inputs, batch_size, tta, progress)
+            out.extend(self.answers(inputs.names, probs, ood, top_k, reject))
+        return out
 
     def answers(self, names: Sequence[str], probs: np.ndarray, ood: np.ndarray | None,
                 top_k: int = 1, reject: str | float = "auto") -> list[Prediction]:
@@ -260,14 +317,16 @@ class Classifier:
             ``classes``, ``data``, ``skipped_files``, ``overlap`` (evaluation images that are
             training images of this run) and, with ``tta``, ``tta``.
         """
+        from graftkit.data.inputs import Inputs
         from graftkit.outputs.evaluation import scores
 
         paths, labels, folder, skipped, digests = self._labelled(data_dir)
-        probs, ood = self.scored(paths, batch_size)
+        probs, ood = self.scored(Inputs.of_files(paths), batch_size)
         result = scores(labels, probs, self.classes)
         result["rejected"] = self._rejected(ood)
         if tta:
-            augmented = scores(labels, self.predict_proba(paths, batch_size, tta=True),
+            augmented = scores(labels, self.predict_proba(Inputs.of_files(paths), batch_size,
+                                                          tta=True),
                                self.classes)
             result["tta"] = {
                 "method": "mean of the image's and its mirror image's probabilities",

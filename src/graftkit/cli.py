@@ -127,16 +127,16 @@ def preflight_predict(args) -> None:
 
 def cmd_predict(args) -> int:
     from graftkit.classifier import load
-    from graftkit.data.images import expand_paths
+    from graftkit.data.inputs import gather
 
     clf = load(args.run_dir, args.unsafe)
-    paths, skipped = expand_paths(args.paths)
-    for item in skipped:
+    images = gather(args.paths, clf.image_size)  # each file probed once, here
+    for item in images.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
-    if not paths:
+    if not images.names:
         raise UsageError("no readable image among the given paths")
     top_k = min(args.top_k, len(clf.classes))
-    preds = clf.predict(paths, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
+    preds = clf.predict(images, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
                         progress=_progress, reject=args.reject)
     if clf.open_set_note:
         print(f"note: {clf.open_set_note}", file=sys.stderr)

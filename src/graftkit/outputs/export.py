@@ -219,7 +219,9 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
     export must agree within the tolerance and give the same known/unknown decisions (images
     closer to the threshold than the tolerance excepted)."""
     open_set = clf.open_set
-    _, expected = clf.scored(paths)
+    from graftkit.data.inputs import Inputs
+
+    _, expected = clf.scored(Inputs.of_files(paths))
     tolerance = OOD_TOLERANCE * np.maximum(1.0, np.abs(expected))
     diff = np.abs(scores.astype(np.float64) - expected)
     clear = np.abs(expected - open_set.threshold) > tolerance

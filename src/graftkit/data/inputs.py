@@ -1,0 +1,111 @@
+"""What a user may hand to ``predict``: a path, a folder, a PIL image, an array, a batch, or a
+list of any of these. Files are decoded later by ``load_image`` (and unreadable ones skipped
+with a reason, as the CLI does); images already in memory go through the same conversion here
+(orientation, alpha, bilinear resize), so a picture gives the answer its file would (a large
+JPEG file aside: ``load_image`` decodes it at reduced scale).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graftkit.errors import UsageError
+
+
+@dataclass
+class Inputs:
+    """The images to score, in order: each a file (``paths[i]``) or pixels (``pixels[i]``)."""
+
+    names: list[str] = field(default_factory=list)
+    paths: list[str | None] = field(default_factory=list)
+    pixels: list[np.ndarray | None] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # files that cannot be read
+
+    @classmethod
+    def of_files(cls, paths: Iterable[str | os.PathLike]) -> Inputs:
+        """Files already found readable (a scan, or ``gather`` itself): not probed again."""
+        out = cls()
+        for p in paths:
+            out.add_file(str(p))
+        return out
+
+    def add_file(self, path: str) -> None:
+        self.names.append(path)
+        self.paths.append(path)
+        self.pixels.append(None)
+
+    def add_pixels(self, name: str, pixels: np.ndarray) -> None:
+        self.names.append(name)
+        self.paths.append(None)
+        self.pixels.append(pixels)
+
+
+def _pil_pixels(image, size: int) -> np.ndarray:
+    """A PIL image as ``load_image`` makes a file: EXIF orientation, alpha on white, 16-bit
+    scaled, resized bilinearly to ``size``."""
+    from PIL import Image, ImageOps
+
+    from graftkit.data.images import ORIENTATION, _to_rgb
+
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return np.asarray(_to_rgb(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _array_image(a: np.ndarray):
+    """One image array, ``(H, W)``, ``(H, W, 1|3|4)``, raw 0-255 values (the model's input)."""
+    from PIL import Image
+
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise UsageError("an image array must hold finite numbers, raw 0-255 RGB values")
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    mode = {2: "L"}.get(a.ndim) or {3: "RGB", 4: "RGBA"}.get(a.shape[2] if a.ndim == 3 else 0)
+    if mode is None:
+        raise UsageError(f"an image array must be (height, width), (height, width, 3) or "
+                         f"(height, width, 4), or a batch of them (got shape {a.shape})")
+    return Image.fromarray(np.ascontiguousarray(a), mode)
+
+
+def gather(images: Any, size: int) -> Inputs:
+    """``images`` as an ``Inputs`` list, in-memory images converted to ``size`` pixels; files
+    probed once (unreadable ones go to ``skipped``). An ``Inputs`` is returned as it is."""
+    from PIL import Image
+
+    from graftkit.data.images import expand_paths
+
+    if isinstance(images, Inputs):
+        return images
+    out = Inputs()
+
+    def add(item: Any, name: str) -> None:
+        if isinstance(item, (str, os.PathLike)):
+            found, skipped = expand_paths([item])
+            for f in found:
+                out.add_file(f)
+            out.skipped += skipped
+        elif isinstance(item, Image.Image):
+            label = getattr(item, "filename", "") or name
+            out.add_pixels(str(label), _pil_pixels(item, size))
+        elif isinstance(item, np.ndarray) and item.ndim == 4:
+            for i, one in enumerate(item):
+                add(one, f"{name}[{i}]")
+        elif isinstance(item, np.ndarray):
+            out.add_pixels(name, _pil_pixels(_array_image(item), size))
+        elif isinstance(item, Iterable) and not isinstance(item, (bytes, dict)):
+            for i, one in enumerate(item):
+                add(one, f"<image {i}>" if name == "<image>" else f"{name}[{i}]")
+        else:
+            raise UsageError(f"cannot read an image from a {type(item).__name__}: pass a file or "
+                             "folder path, a PIL image, a numpy array (or a batch of them), or a "
+                             "list of these")
+
+    add(images, "<image>")
+    return out
