@@ -413,6 +413,63 @@ def test_near_duplicates_with_other_labels_are_likely_label_errors(tmp_path, cap
     assert len([f for f in full["findings"] if f["kind"] == "near_duplicate_labels"]) == 2
 
 
+def test_near_copies_are_counted_by_validation_image_not_by_pair(tmp_path):
+    from graftkit.data.checks import check
+
+    root = tmp_path / "d"
+    make_folder(root / "train", classes=2, per_class=3, size=64)
+    make_folder(root / "val", classes=2, per_class=2, size=64, seed=9)
+    src = np.asarray(Image.open(root / "train" / "class_0" / "img_000.png")).astype(int)
+    for i in range(3):  # three training copies of one photo, and the photo in val
+        Image.fromarray(np.clip(src + i + 1, 0, 255).astype(np.uint8)).save(
+            root / "train" / "class_0" / f"copy_{i}.png")
+    Image.fromarray(np.clip(src + 5, 0, 255).astype(np.uint8)).save(
+        root / "val" / "class_0" / "photo.png")
+    rep = check(root)
+    near = [f for f in rep.findings if f.kind == "near_duplicate"]
+    assert len(near) == 1  # one validation image, not 4 pairs
+    assert near[0].paths[0].endswith("photo.png") and len(near[0].paths) == 5
+    assert "and 3 more" in near[0].message
+    assert {g["kind"]: g["count"] for g in rep.groups()}["near_duplicate"] == 1
+
+
+def _drawing(path: Path, seed: int) -> None:
+    """A line drawing: a few thin strokes, small, in the middle of a white page."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("L", (227, 227), 255)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.integers(70, 157, 2)
+        draw.line([(int(x), int(y)), (int(x + rng.integers(-30, 30)),
+                                      int(y + rng.integers(-30, 30)))], fill=0, width=1)
+    img.save(path)
+
+
+def test_line_drawings_are_not_near_copies_of_each_other(tmp_path):
+    """Sparse strokes on white paper hash alike (the paper's bits are all equal): the hash
+    alone flagged such drawings in bulk; the thumbnails' correlation tells them apart, and a
+    real copy of a drawing is still found."""
+    from graftkit.data import checks
+
+    root = tmp_path / "sketches"
+    for split, n, offset in (("train", 30, 0), ("val", 10, 1000)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                _drawing(root / split / c / f"{i:03d}.png", offset + 7 * i + (c == "dog"))
+    copy = np.asarray(Image.open(root / "train" / "dog" / "004.png")).astype(int)
+    Image.fromarray(np.clip(copy - 3, 0, 255).astype(np.uint8)).save(
+        root / "val" / "dog" / "copy.png")
+    with pytest.MonkeyPatch.context() as mp:  # the hash alone: a flood of false alarms
+        mp.setattr(checks, "near_copy_rule", checks.hash_only)
+        alone = [f for f in checks.check(root).findings if f.kind.startswith("near_duplicate")]
+    assert len({f.paths[0] for f in alone}) >= 5
+    found = [f for f in checks.check(root).findings if f.kind.startswith("near_duplicate")]
+    assert [(Path(f.paths[0]).name, f.kind) for f in found] == [("copy.png", "near_duplicate")]
+
+
 # --- the report -----------------------------------------------------------------------------------------
 
 def test_top_losses_show_wrong_predictions_first_then_the_least_confident_right_ones():

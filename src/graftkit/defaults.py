@@ -121,6 +121,9 @@ TINY_SIDE = 32
 MAX_ASPECT = 4.0
 IMBALANCE_RATIO = 1.5
 NEAR_DUPLICATE_BITS = 16  # of 256 in the difference hash (measured on flowers5)
+# ... and the two images' 16x16 grayscale thumbnails correlate at least this much
+# (benchmarks/near_copies.py: photos, paintings, cartoons and line drawings)
+NEAR_DUPLICATE_CORRELATION = 0.9
 
 CACHE_ENV = "GRAFTKIT_CACHE_DIR"
 CACHE_LIMIT_ENV = "GRAFTKIT_CACHE_LIMIT_GB"

@@ -81,8 +81,8 @@ GROUP_TITLES = {
     "duplicate": "exact duplicates inside a split",
     "near_duplicate": "validation images nearly identical to a training image: validation "
                       "overstates accuracy",
-    "near_duplicate_labels": "nearly identical train/val pairs with different labels: likely "
-                             "label errors",
+    "near_duplicate_labels": "validation images nearly identical to a training image with "
+                             "another label: likely label errors",
     "fatal": "fatal problems",
 }
 
@@ -136,34 +136,73 @@ def _hashable(folder: ImageFolder, paths: list[str]) -> list[str]:
             if min(folder.probes[p].width, folder.probes[p].height) >= defaults.TINY_SIDE]
 
 
+def _correlations(thumbs: np.ndarray, one: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``thumbs`` with ``one`` (grayscale thumbnails); two
+    flat images correlate 1 when their levels are close, else 0."""
+    a = thumbs.astype(np.float32)
+    b = one.astype(np.float32)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean()
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b)
+    flat = (na < 1e-3) | (nb < 1e-3)
+    corr = (a @ b) / np.maximum(na * nb, 1e-6)
+    level = np.abs(thumbs.astype(np.float32).mean(axis=1) - one.astype(np.float32).mean()) < 8
+    return np.where(flat, (flat & (nb < 1e-3) & (na < 1e-3) & level).astype(np.float32), corr)
+
+
+def hash_only(distance: np.ndarray, correlation: np.ndarray) -> np.ndarray:
+    """The difference hash alone (benchmarks/near_copies.py compares it)."""
+    return distance <= defaults.NEAR_DUPLICATE_BITS
+
+
+def near_copy_rule(distance: np.ndarray, correlation: np.ndarray) -> np.ndarray:
+    """A hash match confirmed by the thumbnails' correlation: line drawings on white hash
+    alike (flat paper gives the same bits), their thumbnails do not correlate."""
+    return (distance <= defaults.NEAR_DUPLICATE_BITS) & \
+        (correlation >= defaults.NEAR_DUPLICATE_CORRELATION)
+
+
 def _near_duplicates(folder: ImageFolder) -> list[Finding]:
+    """One finding per validation image that nearly copies training images (one per kind:
+    copies with its label, and copies with another label, a likely label error)."""
     train, val = _hashable(folder, folder.train.paths), _hashable(folder, folder.val.paths)
     if not train or not val:
         return []
     label_of = _label_of(folder)
     t = np.frombuffer(b"".join(folder.probes[p].dhash for p in train), np.uint8)
     t = t.reshape(len(train), -1)
+    thumbs = np.frombuffer(b"".join(folder.probes[p].thumb for p in train), np.uint8)
+    thumbs = thumbs.reshape(len(train), -1)
     bits = t.shape[1] * 8
     t_sha = [folder.probes[p].sha256 for p in train]
     findings = []
     for v_path in val:
         probe = folder.probes[v_path]
-        v = np.frombuffer(probe.dhash, np.uint8)
-        distance = _POPCOUNT[t ^ v].sum(axis=1)
-        for i in np.flatnonzero(distance <= defaults.NEAR_DUPLICATE_BITS):
-            if t_sha[i] == probe.sha256:  # exact copies are reported as leaks already
+        distance = _POPCOUNT[t ^ np.frombuffer(probe.dhash, np.uint8)].sum(axis=1)
+        candidates = np.flatnonzero(distance <= defaults.NEAR_DUPLICATE_BITS)
+        if not len(candidates):
+            continue
+        v_thumb = np.frombuffer(probe.thumb, np.uint8)
+        correlation = _correlations(thumbs[candidates], v_thumb)
+        near = candidates[near_copy_rule(distance[candidates], correlation)]
+        near = [i for i in near if t_sha[i] != probe.sha256]  # exact copies: reported as leaks
+        for same in (False, True):
+            matches = sorted((i for i in near if (label_of[train[i]] == label_of[v_path]) == same),
+                             key=lambda i: distance[i])
+            if not matches:
                 continue
-            differ = f"({int(distance[i])}/{bits} bits differ)"
-            if label_of[train[i]] != label_of[v_path]:
+            closest = f"closest {int(distance[matches[0]])}/{bits} bits differ"
+            more = f" and {len(matches) - 1} more" if len(matches) > 1 else ""
+            if same:
+                findings.append(Finding(WARNING, "near_duplicate",
+                                        f"val image nearly identical to a train image{more} "
+                                        f"({closest})", [v_path, *(train[i] for i in matches)]))
+            else:
                 findings.append(Finding(
                     WARNING, "near_duplicate_labels",
-                    f"nearly identical images labelled {label_of[train[i]]} (train) and "
-                    f"{label_of[v_path]} (val) {differ}: a likely label error",
-                    [train[i], v_path]))
-            else:
-                findings.append(Finding(WARNING, "near_duplicate",
-                                        f"val image nearly identical to a train image {differ}",
-                                        [train[i], v_path]))
+                    f"val image labelled {label_of[v_path]} nearly identical to a train image "
+                    f"labelled {label_of[train[matches[0]]]}{more} ({closest}): a likely label "
+                    "error", [v_path, *(train[i] for i in matches)]))
     return findings
 
 

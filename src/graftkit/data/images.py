@@ -38,6 +38,7 @@ class ImageProbe:
     height: int = 0
     sha256: str = ""
     dhash: bytes = b""  # difference hash of the decoded image, for near-duplicates
+    thumb: bytes = b""  # its 16x16 grayscale thumbnail: confirms a hash match by correlation
 
 
 
@@ -101,6 +102,11 @@ def _difference_hash(pixels: np.ndarray) -> bytes:
     return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
 
 
+def _thumbnail(pixels: np.ndarray) -> bytes:
+    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE, HASH_SIDE), Image.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8).tobytes()
+
+
 
 def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
@@ -136,7 +142,7 @@ def probe_image(path: str) -> ImageProbe:
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
         return ImageProbe(f"unreadable image: {type(exc).__name__}: {exc}")
     return ImageProbe(None, width, height, hashlib.sha256(data).hexdigest(),
-                      _difference_hash(pixels))
+                      _difference_hash(pixels), _thumbnail(pixels))
 
 
 
