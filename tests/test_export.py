@@ -22,6 +22,9 @@ def test_float32_exports_match_keras(trained_run, tmp_path, fmt):
     assert (tmp_path / fmt / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
     written = json.loads((tmp_path / fmt / "export.json").read_text())
     assert written["format"] == fmt
+    assert written["check_sample"] == "all 6 validation images"
+    assert written["input"]["size"] == [32, 32] and "bilinear" in written["input"]["how"]
+    assert written["calibration_images"] is None
     # the "unknown" answer travels with the export: its ood_score gives graft predict's decisions
     # (an image at the threshold itself, here the highest of 6 scores, may fall either side)
     assert result.known_agreement_clear == 1.0 and result.ood_max_abs_diff <= 1e-3
@@ -42,6 +45,10 @@ def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, 
     assert not [line for line in (out + err).splitlines() if any(n in line for n in noise)], out + err
     result = json.loads((tmp_path / "q" / "export.json").read_text())
     assert result["quantize"] == quantize and 0 <= result["accuracy"] <= 1
+    if (fmt, quantize) == ("tflite", "int8"):  # every training image: fewer than 100
+        assert result["calibration_images"] == 24
+        assert result["calibration_sample"] == "all 24 training images"
+        assert "int8 calibrated on all 24 training images" in out
     fp32 = export(trained_run / "run", fmt, out=tmp_path / "fp32")
     assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
     assert "accuracy" in out and "Keras model" in out
@@ -79,3 +86,38 @@ def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, tmp_path,
 def test_unsupported_quantization_is_a_usage_error(trained_run):
     with pytest.raises(UsageError, match="not available for savedmodel"):
         export(trained_run / "run", "savedmodel", quantize="int8")
+
+
+def test_check_and_calibration_samples_cover_every_class(tmp_path):
+    """The first images in folder order are one or two classes: the samples are stratified,
+    random and seeded, and skip files no longer on disk."""
+    from graftkit.outputs.export import stratified
+
+    items = []
+    for c in ("a", "b", "c"):
+        for i in range(100):
+            path = tmp_path / f"{c}{i}.png"
+            path.write_bytes(b"x")
+            items.append((str(path), c))
+    items.append((str(tmp_path / "gone.png"), "c"))
+    sample = stratified(items, 30, seed=1)
+    assert [label for _, label in sample].count("a") == 10
+    assert {label for _, label in sample} == {"a", "b", "c"} and len(set(sample)) == 30
+    assert sample == stratified(items, 30, seed=1) and sample != stratified(items, 30, seed=2)
+    assert sample != items[:30] and all("gone" not in p for p, _ in stratified(items, 400, 0))
+    assert len(stratified(items, 400, seed=0)) == 300
+    uneven = [(p, c) for p, c in items if c != "a"] + [(items[0][0], "a")]
+    assert [c for _, c in stratified(uneven, 3, seed=0)].count("a") == 1  # a class of one
+
+
+def test_the_open_set_bank_is_stored_in_float16(trained_run):
+    """The bank of training features is most of an export's size: float16 halves it; the
+    scores' parity with graft predict is checked by every export (test above)."""
+    from graftkit.classifier import load
+    from graftkit.outputs.open_set import OOD_SCORE, open_set_model
+
+    clf = load(trained_run / "run")
+    model = open_set_model(clf.model, clf.open_set)
+    bank = model.get_layer(OOD_SCORE).constants["bank_t"]
+    assert bank.dtype == "float16"
+    assert bank.shape[1] == len(clf.open_set.arrays["bank"])

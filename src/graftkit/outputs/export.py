@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graftkit import defaults
 from graftkit.errors import ExportError, UsageError
 from graftkit.outputs.open_set import OOD_SCORE
 from graftkit.quiet import silenced
@@ -28,6 +29,11 @@ FP32_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
 MAX_CHECK_IMAGES = 256  # validation images run through the exported model
 CALIBRATION_IMAGES = 100  # training images for int8 calibration
+# What every export takes, as export.json records it for whoever feeds it images.
+INPUT_NOTE = ("raw RGB pixel values 0-255 as float32, shape (batch, size, size, 3); the image "
+              "turned upright by its EXIF orientation, alpha composited on white, then resized "
+              "whole (squashed, not cropped) to size x size with bilinear interpolation "
+              "(graftkit.data.images.load_image); normalisation is inside the model")
 
 
 @dataclass
@@ -50,6 +56,11 @@ class ExportResult:
     known_agreement: float | None = None
     # the same, over the images farther from the threshold than the tolerance (must be 1.0)
     known_agreement_clear: float | None = None
+    # which images: a stratified random sample of the validation images (every class)
+    check_sample: str = ""
+    calibration_images: int | None = None  # int8: training images it was calibrated on
+    calibration_sample: str | None = None
+    input: dict | None = None  # what the exported model takes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,15 +116,37 @@ def _run_onnx(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
                    for b in _batches(x)])
 
 
-def _images(items: list, size: int, limit: int) -> tuple[np.ndarray, list[str], list[str]]:
+def stratified(items: list, limit: int, seed: int) -> list:
+    """Up to ``limit`` of ``(path, label)`` items still on disk, every class represented: each
+    class's items shuffled (seeded), then taken round-robin across classes. The first items in
+    folder order would be one or two classes only."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list] = {}
+    for path, label in items:
+        if os.path.isfile(path):
+            by_class.setdefault(label, []).append((path, label))
+    queues = [[group[i] for i in rng.permutation(len(group))]
+              for _, group in sorted(by_class.items())]
+    out: list = []
+    for depth in range(max(map(len, queues), default=0)):
+        out += [q[depth] for q in queues if depth < len(q)]
+    return out[:limit]
+
+
+def _sample_note(kept: int, available: int, seed: int, what: str) -> str:
+    if kept == available:
+        return f"all {available} {what}"
+    return f"{kept} of {available} {what}: a stratified random sample (seed {seed}, every class)"
+
+
+def _images(items: list, size: int) -> tuple[np.ndarray, list[str], list[str]]:
     from graftkit.data.images import load_image
 
-    kept = [(p, label) for p, label in items if os.path.isfile(p)][:limit]
-    if not kept:
+    if not items:
         raise ExportError("none of the run's images are readable any more: the export "
                           "cannot be verified; run graft export where the data is")
-    x = np.stack([load_image(p, size) for p, _ in kept]).astype(np.float32)
-    return x, [label for _, label in kept], [p for p, _ in kept]
+    x = np.stack([load_image(p, size) for p, _ in items]).astype(np.float32)
+    return x, [label for _, label in items], [p for p, _ in items]
 
 
 def _size(path: Path) -> int:
@@ -127,16 +160,17 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     """Export a run's model for serving, checked against the Keras model on validation images.
 
     The exported model takes raw RGB pixels (its preprocessing is inside), and ``labels.txt``
-    is written beside it. Up to 256 validation images run through both the export (in its own
-    runtime) and the Keras model; their largest difference, top-1 agreement and accuracies are
-    returned, so a quantized model's cost is measured, not assumed.
+    is written beside it. Up to 256 validation images (a stratified random sample: every
+    class) run through both the export (in its own runtime) and the Keras model; their largest
+    difference, top-1 agreement and accuracies are returned, so a quantized model's cost is
+    measured, not assumed.
 
     Args:
         run_dir: a run folder written by ``graft fit``.
         fmt: ``"savedmodel"``, ``"tflite"`` or ``"onnx"`` (needs ``graftkit[export]``).
             Defaults to ``"savedmodel"``.
         quantize: ``"none"``; for TFLite also ``"float16"`` or ``"int8"`` (calibrated on 100
-            training images). Defaults to ``"none"``.
+            training images, a stratified random sample). Defaults to ``"none"``.
         out: the folder to write. Defaults to ``run_dir/export/FORMAT[-QUANTIZE]``.
 
     Returns:
@@ -161,14 +195,18 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
         float_part = OOD_SCORE
     split = read_split(run_dir)
+    seed = int(clf.metrics.get("options", {}).get("seed", defaults.SEED))
+    check_items = stratified(split["val"], MAX_CHECK_IMAGES, seed)
+    calibration = stratified(split["train"], CALIBRATION_IMAGES, seed) if quantize == "int8" \
+        else None
     name = fmt if quantize == "none" else f"{fmt}-{quantize}"
     target_dir = Path(out) if out else run_dir / "export" / name
     target_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
     try:
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
-            built, run = _build(model, fmt, quantize, work, split["train"], size, float_part)
-        x, labels, paths = _images(split["val"], size, MAX_CHECK_IMAGES)
+            built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
+        x, labels, paths = _images(check_items, size)
         ref = clf.model.predict(x, verbose=0)
         outputs = _run_checked(run, built, x, name)
         got = outputs["probabilities"]
@@ -180,7 +218,13 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()),
             accuracy=float((got.argmax(1) == y).mean()),
             keras_accuracy=float((ref.argmax(1) == y).mean()),
+            check_sample=_sample_note(len(x), len(split["val"]), seed, "validation images"),
+            input={"size": [size, size], "channels": 3, "how": INPUT_NOTE},
         )
+        if calibration is not None:
+            result.calibration_images = len(calibration)
+            result.calibration_sample = _sample_note(len(calibration), len(split["train"]), seed,
+                                                     "training images")
         if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE
                                    or result.top1_agreement < 1.0):
             raise ExportError(
@@ -258,7 +302,7 @@ def check_request(fmt: str, quantize: str) -> None:
         raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'")
 
 
-def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: int,
+def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None, size: int,
            float_part: str | None = None):
     """``(path, runner)``: the export written in ``work`` and the function that runs it;
     ``float_part`` names a layer that an int8 TFLite export keeps in float32."""
@@ -268,7 +312,7 @@ def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: 
         return saved, _run_savedmodel
     if fmt == "tflite":
         built = work / "model.tflite"
-        built.write_bytes(_convert_tflite(saved, quantize, train_items, size, float_part))
+        built.write_bytes(_convert_tflite(saved, quantize, calibration, size, float_part))
         return built, _run_tflite
     built = work / "model.onnx"
     model.export(str(built), format="onnx", verbose=False)
@@ -281,7 +325,7 @@ def _build(model, fmt: str, quantize: str, work: Path, train_items: list, size: 
     return built, _run_onnx
 
 
-def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int,
+def _convert_tflite(saved: Path, quantize: str, calibration: list | None, size: int,
                     float_part: str | None = None) -> bytes:
     import tensorflow as tf
 
@@ -292,7 +336,7 @@ def _convert_tflite(saved: Path, quantize: str, train_items: list, size: int,
     elif quantize == "int8":
         # Integer kernels calibrated on training images (never the validation ones the
         # accuracy is reported on); input and output stay float32 raw pixels/probabilities.
-        x, _, _ = _images(train_items, size, CALIBRATION_IMAGES)
+        x, _, _ = _images(calibration or [], size)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([img[None]] for img in x)
         if float_part:
@@ -324,11 +368,13 @@ def summary(result: ExportResult) -> str:
     lines = [
         f"exported {result.format} ({result.quantize}) to {result.path}",
         f"  size {result.size_bytes / 1e6:.2f} MB (model.keras {result.keras_size_bytes / 1e6:.2f} MB)",
-        f"  checked on {result.images_checked} validation images with its own runtime: max "
+        f"  checked with its own runtime on {result.check_sample}: max "
         f"probability difference {result.max_abs_diff:.2e}, top-1 agreement "
         f"{result.top1_agreement:.4f}",
         f"  accuracy {result.accuracy:.4f} (Keras model {result.keras_accuracy:.4f})",
     ]
+    if result.calibration_sample:
+        lines.append(f"  int8 calibrated on {result.calibration_sample}")
     if result.rejection:
         r = result.rejection
         lines.append(f"  unknown images: output ood_score ({r['method']}), unknown when above "
