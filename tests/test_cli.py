@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -250,3 +251,76 @@ def test_graft_console_script_help():
     out = subprocess.run([sys.executable, "-m", "graftkit.cli", "fit", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "examples:" in out and "--unfreeze" in out
+
+
+def test_a_held_out_test_folder_is_scored_once_and_reported_first(tmp_path, capsys):
+    """test/ beside train/ and val/: never trained or chosen on, scored at the end, first in
+    the summary, metrics.json and the report; the validation figure says it was chosen on."""
+    data = tmp_path / "data"
+    make_folder(data / "train", per_class=8)
+    make_folder(data / "val", per_class=3, seed=1)
+    make_folder(data / "test", per_class=4, seed=2)
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "fit", data, "--out", run, "--image-size", "32",
+                             "--head-epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8",
+                             "--unfreeze", "2")
+    assert code == 0, err
+    assert "12 held-out test images" in out
+    summary = out[out.index("\nsummary"):]
+    assert summary.index("test accuracy") < summary.index("final val accuracy")
+    assert "nothing chosen on them" in summary and "their accuracy is optimistic" in summary
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert next(iter(metrics)) == "test"  # first
+    test = metrics["test"]
+    assert test["num_images"] == 12 and 0 <= test["accuracy"] <= 1
+    assert test["data"] == str(data / "test") and len(test["confusion_matrix"]) == 3
+    assert metrics["num_train"] == 24 and metrics["num_val"] == 9  # test/ is not trained on
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["test"]) == 12 and not {p for p, _ in split["test"]} & \
+        {p for p, _ in split["train"] + split["val"]}
+    rows = list(csv.DictReader((run / "test_predictions.csv").read_text().splitlines()))
+    assert len(rows) == 12
+    assert sum(r["label"] == r["predicted"] for r in rows) / 12 == pytest.approx(test["accuracy"])
+    page = (run / "report.html").read_text()
+    assert page.index("id=test-accuracy") < page.index("id=accuracy") and "id=test>" in page
+
+    # graft evaluate on the data folder takes test/; on val/ it says the run chose on them
+    code, out, err = run_cli(capsys, "evaluate", run, data, "--format", "json")
+    assert code == 0 and json.loads(out)["num_images"] == 12
+    assert json.loads(out)["chosen_on"]["count"] == 0
+    code, out, err = run_cli(capsys, "evaluate", run, data / "val")
+    assert code == 0 and "9 of 9 images are the run's own validation images" in err
+    code, out, err = run_cli(capsys, "check", data)
+    assert code in (0, 1) and "test" in out.splitlines()[1]  # a test column in the counts
+
+
+def test_without_a_test_set_the_summary_says_how_to_get_one(trained_run, capsys):
+    from graftkit.outputs.summary import print_summary
+
+    metrics = json.loads((trained_run / "run" / "metrics.json").read_text())
+    assert "test" not in metrics and "best epoch" in metrics["val_used_for"]
+    print_summary(metrics, trained_run / "run")
+    out = capsys.readouterr().out
+    assert "test accuracy" not in out and "a test/ folder beside train/ (or --test)" in out
+
+
+def test_train_and_test_folders_without_val_and_a_test_table(tmp_path):
+    from graftkit.data.checks import check
+    from graftkit.data.folder import scan
+
+    data = tmp_path / "data"
+    make_folder(data / "train", per_class=10)
+    make_folder(data / "test", per_class=3, seed=4)
+    folder = scan(data)  # was: two classes named "train" and "test"
+    assert folder.classes == ["class_0", "class_1", "class_2"]
+    assert len(folder.train) + len(folder.val) == 30 and len(folder.test) == 9
+    table = tmp_path / "held.csv"
+    table.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted((data / "test").rglob("*.png"))))
+    other = scan(data / "train", test=table)
+    assert len(other.test) == 9 and other.test_source == str(table)
+    # a test image that is a training image is a leak, like a validation one
+    trained = next(p for p in folder.train.paths if "class_0" in p)
+    shutil.copy(trained, data / "test" / "class_0" / "copy.png")
+    leaks = [f for f in check(data).findings if f.kind == "leak"]
+    assert [f.message for f in leaks] == ["exact duplicate across test and train: test "
+                                          "overstates accuracy"]

@@ -161,7 +161,7 @@ def test_predict_says_unknown_above_the_threshold_and_reject_none_never(trained_
     line = json.loads(capsys.readouterr().out)
     assert line["known"] is True and line["ood_score"] == pytest.approx(auto.ood_score, rel=1e-5)
     for bad in ("maybe", "nan", "inf", "-inf"):  # nan would call every image unknown
-        assert main(["predict", str(run), str(image), "--reject", bad]) == 2
+        assert main(["predict", str(run), str(image), f"--reject={bad}"]) == 2
         assert "--reject must be auto, none or a finite threshold" in capsys.readouterr().err
 
 

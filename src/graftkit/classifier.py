@@ -7,6 +7,7 @@ model holds its backbone's preprocessing), so a raw photo gets the answer traini
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -306,7 +307,8 @@ class Classifier:
 
         Args:
             data_dir: a class folder, a CSV/TSV of ``path,label`` rows, a folder with
-                ``train/`` and ``val/`` (its ``val/`` is used), or ``tfds:NAME[:SPLIT]``.
+                ``train/`` and ``val/`` (its ``test/`` is used when there is one, else its
+                ``val/``), or ``tfds:NAME[:SPLIT]``.
             batch_size: as in ``predict_proba``.
             tta: also score test-time augmentation (each image averaged with its mirror
                 image) and report its gain; the main scores stay those of the plain images.
@@ -315,7 +317,8 @@ class Classifier:
         Returns:
             A dict: ``accuracy``, ``balanced_accuracy``, ``per_class``, ``confusion_matrix``,
             ``classes``, ``data``, ``skipped_files``, ``overlap`` (evaluation images that are
-            training images of this run) and, with ``tta``, ``tta``.
+            training images of this run), ``chosen_on`` (images that are its validation
+            images, which its choices were made on) and, with ``tta``, ``tta``.
         """
         from graftkit.data.inputs import Inputs
         from graftkit.outputs.evaluation import scores
@@ -338,7 +341,26 @@ class Classifier:
         result["data"] = str(folder)
         result["skipped_files"] = skipped
         result["overlap"] = self._overlap(paths, digests)
+        result["chosen_on"] = self._chosen_on(paths)
         return result
+
+    def _chosen_on(self, paths: list[str]) -> dict:
+        """Evaluation images that are the run's validation images: they chose the best epoch,
+        the mode, the temperature and the threshold, so their accuracy is optimistic."""
+        from graftkit.outputs.run import SPLIT_FILE
+
+        split = self.run_dir / SPLIT_FILE if self.run_dir is not None else None
+        try:
+            val = {os.path.abspath(p) for p, _ in json.loads(split.read_text())["val"]}
+        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            return {"count": None, "message": ""}
+        count = sum(os.path.abspath(p) in val for p in paths)
+        message = "" if not count else (
+            f"{count} of {len(paths)} images are the run's own validation images: they chose "
+            "its best epoch, mode, temperature and open-set threshold, so this accuracy is "
+            "optimistic; evaluate on images the run never saw (a test/ folder, or --test when "
+            "fitting)")
+        return {"count": count, "message": message}
 
     def _rejected(self, ood: np.ndarray | None) -> dict:
         """How many images of known classes the run's threshold would call unknown."""
@@ -357,6 +379,7 @@ class Classifier:
         from graftkit.data.folder import (
             check_data_path,
             find_split_dirs,
+            find_test_dir,
             require_classes,
             scan_classes,
         )
@@ -365,7 +388,8 @@ class Classifier:
         check_data_path(data_dir)
         root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else Path(data_dir)
         dirs = find_split_dirs(root) if root.is_dir() else None
-        folder = dirs[1] if dirs else root
+        test = find_test_dir(root) if root.is_dir() else None
+        folder = test or (dirs[1] if dirs else root)  # held-out images first
         skipped: list[dict[str, str]] = []
         probes: dict = {}
         by_class = {c: ps for c, ps in scan_classes(folder, skipped, probes).items() if ps}

@@ -76,13 +76,14 @@ def cmd_lr_find(args) -> int:
 def cmd_check(args) -> int:
     from graftkit.data.checks import check
 
-    rep = check(args.data_dir, args.val_split, args.seed, args.val)
+    rep = check(args.data_dir, args.val_split, args.seed, args.val, args.test)
     if args.format == "json":
         print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
         return rep.exit_code
     print(f"{rep.data}: {rep.split}")
-    rows = [[c, n["train"], n["val"]] for c, n in rep.counts.items()]
-    print(_fmt_table(rows, ["class", "train", "val"]))
+    columns = list(next(iter(rep.counts.values()), {"train": 0, "val": 0}))
+    rows = [[c, *(n[k] for k in columns)] for c, n in rep.counts.items()]
+    print(_fmt_table(rows, ["class", *columns]))
     def short(path: str) -> str:  # paths are absolute; inside the data folder, say less
         rel = os.path.relpath(path, rep.data)
         return path if rel.startswith("..") else rel
@@ -192,6 +193,8 @@ def cmd_evaluate(args) -> int:
         print(f"note: {overlap['message']}", file=sys.stderr)
     elif overlap["count"]:
         print(f"warning: {overlap['message']}", file=sys.stderr)
+    if result["chosen_on"]["count"]:
+        print(f"note: {result['chosen_on']['message']}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -506,6 +509,8 @@ exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
 """)
     p.add_argument("data_dir")
     p.add_argument("--val", help="validation data: a class folder or a CSV/TSV")
+    p.add_argument("--test", help="held-out test data: a class folder or a CSV/TSV (default: "
+                                  "DATA/test/ beside DATA/train/)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
     p.add_argument("--seed", type=int, default=defaults.SEED)

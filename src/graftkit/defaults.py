@@ -12,6 +12,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 VAL_DIR_NAMES = ("val", "validation")
 TRAIN_DIR_NAME = "train"
+TEST_DIR_NAME = "test"  # held-out images beside train/: scored once, never used for a choice
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 VAL_SPLIT = 0.2

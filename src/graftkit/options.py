@@ -98,6 +98,8 @@ GROUPS = {
 FIT_OPTIONS: tuple[Option, ...] = (
     Option("val", None, "validation data: a class folder or a CSV/TSV (instead of a split)",
            "data"),
+    Option("test", None, "held-out test data, scored once at the end with nothing chosen on "
+           "it: a class folder or a CSV/TSV (default: DATA/test/ beside DATA/train/)", "data"),
     Option("val_split", defaults.VAL_SPLIT,
            "validation fraction when the data has no val/ and no --val is given", "data", float),
     Option("seed", defaults.SEED, "seed of the split, the initialisation and every random "

@@ -77,7 +77,8 @@ class CheckReport:
 GROUP_TITLES = {
     "unreadable": "unreadable files, skipped",
     "conflicting_labels": "identical images with different labels",
-    "leak": "exact duplicates across train and val: validation overstates accuracy",
+    "leak": "exact duplicates across splits (train, val, test): the held-out figure "
+            "overstates accuracy",
     "duplicate": "exact duplicates inside a split",
     "near_duplicate": "validation images nearly identical to a training image: validation "
                       "overstates accuracy",
@@ -90,12 +91,13 @@ GROUP_TITLES = {
 def _split_of(folder: ImageFolder) -> dict[str, str]:
     where = {p: "train" for p in folder.train.paths}
     where.update({p: "val" for p in folder.val.paths})
+    where.update({p: "test" for p in folder.test.paths})
     return where
 
 
 def _label_of(folder: ImageFolder) -> dict[str, str]:
     labels = {}
-    for split in (folder.train, folder.val):
+    for split in (folder.train, folder.val, folder.test):
         labels.update({p: folder.classes[y] for p, y in zip(split.paths, split.labels)})
     return labels
 
@@ -113,10 +115,12 @@ def _duplicates(folder: ImageFolder) -> list[Finding]:
             findings.append(Finding(WARNING, "conflicting_labels",
                                     f"the same image is labelled {', '.join(sorted(labels))}",
                                     paths))
-        if splits == {"train", "val"}:
+        if len(splits) > 1:
+            held = sorted(splits - {"train"})
+            verb = "overstates" if len(held) == 1 else "overstate"
             findings.append(Finding(WARNING, "leak",
-                                    "exact duplicate across train and val: validation "
-                                    "overstates accuracy", paths))
+                                    f"exact duplicate across {' and '.join(sorted(splits))}: "
+                                    f"{' and '.join(held)} {verb} accuracy", paths))
         else:
             findings.append(Finding(WARNING, "duplicate",
                                     f"exact duplicate inside {splits.pop()}", paths))
@@ -271,8 +275,11 @@ def _skipped(folder: ImageFolder) -> list[Finding]:
 
 def find_problems(folder: ImageFolder) -> CheckReport:
     """Findings for a scanned folder (``graftkit.data.scan``)."""
-    counts = {c: {"train": 0, "val": 0} for c in folder.classes}
-    for name, split in (("train", folder.train), ("val", folder.val)):
+    splits = [("train", folder.train), ("val", folder.val)]
+    if folder.test_source:
+        splits.append(("test", folder.test))
+    counts = {c: {name: 0 for name, _ in splits} for c in folder.classes}
+    for name, split in splits:
         for y in split.labels:
             counts[folder.classes[y]][name] += 1
     findings = [Finding(FATAL, "fatal", message) for message in folder.fatal]
@@ -284,7 +291,8 @@ def find_problems(folder: ImageFolder) -> CheckReport:
 
 
 def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
-          seed: int = defaults.SEED, val: str | os.PathLike | None = None) -> CheckReport:
+          seed: int = defaults.SEED, val: str | os.PathLike | None = None,
+          test: str | os.PathLike | None = None) -> CheckReport:
     """Look for what would spoil training on a data folder, without training.
 
     Finds unreadable or skipped files, exact and near duplicates (also across the split and
@@ -297,6 +305,8 @@ def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
             Defaults to 0.2.
         seed: the seed of that split. Defaults to 1337.
         val: a separate validation folder or table. Defaults to None.
+        test: a held-out test folder or table (default: ``test/`` beside ``train/``).
+            Defaults to None.
 
     Returns:
         A ``CheckReport``: ``findings`` (each with ``severity``, ``kind``, ``message``,
@@ -306,4 +316,4 @@ def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
         >>> report = graftkit.check("photos/")  # doctest: +SKIP
         >>> [f.message for f in report.findings]  # doctest: +SKIP
     """
-    return find_problems(scan(data_dir, val_split, seed, strict=False, val=val))
+    return find_problems(scan(data_dir, val_split, seed, strict=False, val=val, test=test))

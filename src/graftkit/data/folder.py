@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graftkit import defaults
 from graftkit.data.images import ImageProbe, probe_image, read_bytes
-from graftkit.defaults import IMAGE_EXTENSIONS, TRAIN_DIR_NAME, VAL_DIR_NAMES
+from graftkit.defaults import IMAGE_EXTENSIONS, TEST_DIR_NAME, TRAIN_DIR_NAME, VAL_DIR_NAMES
 from graftkit.errors import DataError, UsageError
 
 
@@ -33,7 +33,11 @@ class Split:
 
 @dataclass
 class ImageFolder:
-    """A scanned dataset: class names in label order, the two splits, and what was skipped."""
+    """A scanned dataset: class names in label order, the splits, and what was skipped.
+
+    ``test`` is empty unless the data has a ``test/`` folder or ``--test`` names one: images
+    scored once at the end, with nothing chosen on them (validation images choose the best
+    epoch, the mode, the temperature and the open-set threshold)."""
 
     root: Path
     classes: list[str]
@@ -43,6 +47,8 @@ class ImageFolder:
     split_source: str  # "folders" (train/ and val/ given) or "seeded split of N%"
     probes: dict[str, ImageProbe] = field(default_factory=dict)
     fatal: list[str] = field(default_factory=list)  # filled instead of raising when not strict
+    test: Split = field(default_factory=Split)
+    test_source: str | None = None  # where the test images came from; None: no test set
 
     def digests(self, split: Split) -> list[str]:
         """Content digests of a split's files (what caches key on), from the scan."""
@@ -225,6 +231,12 @@ def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def find_test_dir(root: Path) -> Path | None:
+    """``root/test`` beside ``root/train``: held-out images (not a class named "test")."""
+    test = root / TEST_DIR_NAME
+    return test if (root / TRAIN_DIR_NAME).is_dir() and test.is_dir() else None
+
+
 
 TABLE_SUFFIXES = (".csv", ".tsv")
 
@@ -254,21 +266,24 @@ def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
 
 def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, seed: int = defaults.SEED,
          strict: bool = True, val: str | os.PathLike | None = None,
-         progress=None) -> ImageFolder:
+         progress=None, test: str | os.PathLike | None = None) -> ImageFolder:
     """Scan and check every image of a dataset.
 
-    ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders, a
-    CSV/TSV of ``path,label`` rows, or ``tfds:NAME[:SPLIT]``. ``val`` (a class folder, CSV or
-    ``tfds:`` name) gives the validation set explicitly; without it and without ``val/``, a
-    stratified seeded split is made. With ``strict=False`` a fatal problem (fewer than two
-    classes, a class without a readable image) is recorded in ``fatal`` instead of raised, for
-    ``graft check`` to report.
+    ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders (and
+    optionally ``test/``), a CSV/TSV of ``path,label`` rows, or ``tfds:NAME[:SPLIT]``. ``val``
+    (a class folder, CSV or ``tfds:`` name) gives the validation set explicitly; without it and
+    without ``val/``, a stratified seeded split is made. ``test`` (or a ``test/`` folder beside
+    ``train/``) gives held-out images scored once at the end. With ``strict=False`` a fatal
+    problem (fewer than two classes, a class without a readable image) is recorded in
+    ``fatal`` instead of raised, for ``graft check`` to report.
     """
     from graftkit.data.sources import is_tfds, materialise_tfds
 
     check_data_path(data_dir)
     if val is not None:
         check_data_path(val, "validation data")
+    if test is not None:
+        check_data_path(test, "test data")
     if not 0.0 < val_split < 1.0:
         raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
     # Absolute paths: the run folder's split, predictions and report work from any folder.
@@ -291,27 +306,38 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
             fail(str(exc))
 
     dirs = find_split_dirs(root) if root.is_dir() else None
-    train_src = dirs[0] if dirs else root
+    test_dir = find_test_dir(root) if root.is_dir() else None
+    if test is not None:
+        test = materialise_tfds(str(test)) if is_tfds(test) else _absolute(test)
+    test_src = Path(test) if test is not None else test_dir
+    # train/ and test/ without val/: train/ is split for validation, test/ held out
+    train_src = dirs[0] if dirs else (root / TRAIN_DIR_NAME if test_dir else root)
     val_src = Path(val) if val is not None else (dirs[1] if dirs else None)
     train_by_class = scan_classes(train_src, skipped, probes, progress)
     require(train_by_class, train_src)
     classes = list(train_by_class)
+
+    def held_out(src: Path, what: str) -> Split:
+        by_class = scan_classes(src, skipped, probes, progress)
+        unknown = sorted(set(by_class) - set(classes))
+        if unknown:
+            fail(f"{src} has classes missing from {train_src}: {', '.join(unknown)}; "
+                 "use the same class names in both")
+            by_class = {c: ps for c, ps in by_class.items() if c in classes}
+        items = _as_split(by_class, classes)
+        if len(items) == 0 and not fatal:
+            fail(f"{src} has no readable image: add {what} images")
+        return items
+
     if val_src is None:
-        train, val_split_ = _seeded_split(train_by_class, val_split, seed)
-        if len(val_split_) == 0 and not fatal:
+        train, val_items = _seeded_split(train_by_class, val_split, seed)
+        if len(val_items) == 0 and not fatal:
             fail(f"{root} has too few images for a validation split: add images")
-        return ImageFolder(root, classes, train, val_split_, skipped,
-                           f"seeded split ({val_split:.0%} validation, seed {seed})", probes,
-                           fatal)
-    val_by_class = scan_classes(val_src, skipped, probes, progress)
-    unknown = sorted(set(val_by_class) - set(classes))
-    if unknown:
-        fail(f"{val_src} has classes missing from {train_src}: {', '.join(unknown)}; "
-             "use the same class names in both")
-        val_by_class = {c: ps for c, ps in val_by_class.items() if c in classes}
-    val_items = _as_split(val_by_class, classes)
-    if len(val_items) == 0 and not fatal:
-        fail(f"{val_src} has no readable image: add validation images")
-    source = "folders" if dirs and val is None else f"validation from {val_src}"
-    return ImageFolder(root, classes, _as_split(train_by_class, classes), val_items, skipped,
-                       source, probes, fatal)
+        source = f"seeded split ({val_split:.0%} validation, seed {seed})"
+    else:
+        train, val_items = _as_split(train_by_class, classes), held_out(val_src, "validation")
+        source = "folders" if dirs and val is None else f"validation from {val_src}"
+    folder = ImageFolder(root, classes, train, val_items, skipped, source, probes, fatal)
+    if test_src is not None:
+        folder.test, folder.test_source = held_out(test_src, "test"), str(test_src)
+    return folder

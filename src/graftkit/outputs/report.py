@@ -278,6 +278,31 @@ def _open_set(m: dict, predictions: list[dict]) -> str:
     return f"<div id=open-set>{text}<figure class=chart>{chart}</figure></div>"
 
 
+def _headline(m: dict) -> str:
+    test = m.get("test")
+    line = (f"<p>test accuracy <b id=test-accuracy>{test['accuracy']:.4f}</b> on "
+            f"{test['num_images']} held-out images (scored once, nothing chosen on them)</p>"
+            if test else "")
+    used = m.get("val_used_for")
+    note = (f" (they chose {_e(used)}: optimistic"
+            + ("" if test else "; a test/ folder beside train/ or --test gives a figure nothing "
+                               "was chosen on") + ")") if used else ""
+    return (line + f"<p class=muted>final validation accuracy <b id=accuracy>"
+            f"{m['val_accuracy']:.4f}</b> on {m['num_val']} images{note}</p>")
+
+
+def _test(m: dict) -> str:
+    test = m.get("test")
+    if not test:
+        return ""
+    scored = {**m, "confusion_matrix": test["confusion_matrix"], "per_class": test["per_class"]}
+    return (f"<div id=test><h2>Held-out test images ({test['num_images']}, from "
+            f"{_e(test['data'])})</h2><p>accuracy <b>{test['accuracy']:.4f}</b>, balanced "
+            f"{test['balanced_accuracy']:.4f}; {test['rejected']:.1%} answered unknown</p>"
+            f"<h3>Confusion matrix (test)</h3>{_confusion(scored)}"
+            f"<h3>Per-class precision, recall, F1 (test)</h3>{_per_class(scored)}</div>")
+
+
 def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` from the run's files (atomic)."""
     from graftkit.files import write_text
@@ -299,8 +324,8 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 <html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{_e(title)}</h1>
-<p class=muted>final validation accuracy <b id=accuracy>{metrics['val_accuracy']:.4f}</b> on
-{metrics['num_val']} images</p>
+{_headline(metrics)}
+{_test(metrics)}
 <h2>Run card</h2>{_run_card(metrics)}
 <h2>Training curves</h2>{f"<img id=curves src='{curves}' alt='training curves'>" if curves else
 "<p class=muted>curves.png is missing</p>"}

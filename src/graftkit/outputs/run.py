@@ -42,6 +42,7 @@ SPLIT_FILE = "split.json"  # the files of each split, for report, export and aud
 
 
 PREDICTIONS_FILE = "predictions.csv"  # validation predictions of the final model
+TEST_PREDICTIONS_FILE = "test_predictions.csv"  # the same for the held-out test images
 
 
 

@@ -24,8 +24,18 @@ def print_summary(m: dict, run_dir) -> None:
     if m.get("mode"):
         print(f"  mode {m['mode']['requested']:<15} chose {m['mode']['chosen'].replace('_', '-')}: "
               f"{m['mode']['reason']}")
+    test = m.get("test")
+    if test:
+        print(f"  test accuracy        {test['accuracy']:.4f} on {test['num_images']} held-out "
+              f"images; balanced accuracy {test['balanced_accuracy']:.4f} (scored once, nothing "
+              "chosen on them)")
     print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
           f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
+    if "val_used_for" in m:
+        print("  note                 the validation images chose " + m["val_used_for"]
+              + ": their accuracy is optimistic"
+              + ("" if test else "; a test/ folder beside train/ (or --test) gives a figure "
+                                 "nothing was chosen on"))
     recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
     print(f"  recall per class     {recalls}")
     if m.get("class_weight"):

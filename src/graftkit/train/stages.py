@@ -92,9 +92,11 @@ def scan_data(s: FitState, data_dir) -> None:
     from graftkit.data.folder import scan
 
     opt = s.opt
-    s.folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val, progress=s.progress)
+    s.folder = scan(data_dir, opt.val_split, opt.seed, val=opt.val, progress=s.progress,
+                    test=opt.test)
+    held_out = f", {len(s.folder.test)} held-out test images" if s.folder.test_source else ""
     s.log(f"data: {len(s.folder.classes)} classes, {len(s.folder.train)} training and "
-          f"{len(s.folder.val)} validation images ({s.folder.split_source}); "
+          f"{len(s.folder.val)} validation images ({s.folder.split_source}){held_out}; "
           f"{len(s.folder.skipped)} files skipped")
     s.checked = find_problems(s.folder)
     for g in s.checked.groups():
@@ -621,6 +623,32 @@ def calibrate_and_reject(s: FitState, two, features: np.ndarray, raw_probs: np.n
     return probs, cal, (scorer, info), scores
 
 
+# What the validation images decide in a run, so their accuracy is optimistic (metrics.json).
+VAL_CHOICES = ("the best epoch of each phase, head-only or fine-tuned (--mode), the temperature "
+               "(--calibrate) and the open-set threshold")
+
+
+def score_test(s: FitState, two, fast, open_set) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """The held-out test images, scored once by the final model (temperature and threshold
+    included), after every choice was made on the validation images; None without them."""
+    from graftkit.graft import head_logits
+    from graftkit.outputs.evaluation import model_outputs, scores
+
+    folder = s.folder
+    if not folder.test_source or not len(folder.test):
+        return None
+    features, probs = model_outputs(two, folder.test.paths, fast=fast)
+    ood = open_set.scores(features, probs, head_logits(two, features))
+    result = scores(folder.test.labels, probs, folder.classes)
+    record = {"accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
+              "num_images": len(folder.test), "data": folder.test_source,
+              "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
+              "rejected": float((ood > open_set.threshold).mean())}
+    s.log(f"test: accuracy {record['accuracy']:.4f} on {len(folder.test)} held-out images "
+          "(scored once, nothing chosen on them)")
+    return record, probs, ood
+
+
 def frozen_record(s: FitState) -> dict | None:
     """Which engine and precision computed the frozen outputs this run trained on.
 
@@ -704,18 +732,28 @@ def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
     metrics = metrics_of(s, result, engine_key, digest)
     metrics["calibration"] = cal
     metrics["open_set"] = open_info
+    metrics["val_used_for"] = VAL_CHOICES
+    test = score_test(s, two, fast, open_set)
+    if test is not None:  # first: the figure to trust
+        metrics = {"test": test[0], **metrics}
+        test_probs, test_ood = test[1], test[2]
     train_sha256 = folder.digests(folder.train)  # may read files the scan could not hash
     run.save_model(s.model, run_dir / run.MODEL_FILE)
     write_json(run_dir / run.LABELS_FILE, folder.classes)
     write_json(run_dir / run.SPLIT_FILE, {
         "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
         "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
+        "test": [[p, folder.classes[y]] for p, y in zip(folder.test.paths, folder.test.labels)],
         # Content digests: graft evaluate warns when its images are training images.
         "train_sha256": train_sha256,
     })
     open_set.save(run_dir / run.OPEN_SET_FILE)
     run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
                           probs, folder.classes, ood, open_set.threshold)
+    if test is not None:
+        run.write_predictions(run_dir / run.TEST_PREDICTIONS_FILE, folder.test.paths,
+                              folder.test.labels, test_probs, folder.classes, test_ood,
+                              open_set.threshold)
     run.write_history(run_dir / run.HISTORY_FILE, history, HISTORY_COLUMNS)
     kept = ("head",) if s.mode and s.mode.get("chosen") == "head" else ("head", "fine_tune")
     plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))

@@ -170,6 +170,8 @@ def check_inputs(data_dir, out, options: FitOptions, overwrite: bool,
     check_data_path(data_dir)
     if options.val is not None:
         check_data_path(options.val, "validation data")
+    if options.test is not None:
+        check_data_path(options.test, "test data")
     check_base_name(options.base)
     if options.weights not in (None, "imagenet") and not Path(options.weights).is_file():
         from graftkit.errors import BackboneError
