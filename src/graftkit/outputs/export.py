@@ -312,7 +312,10 @@ def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None,
         return saved, _run_savedmodel
     if fmt == "tflite":
         built = work / "model.tflite"
-        built.write_bytes(_convert_tflite(saved, quantize, calibration, size, float_part))
+        model_bytes = _convert_tflite(saved, quantize, calibration, size, float_part)
+        if float_part:
+            model_bytes = _half_constants(model_bytes, float_part)
+        built.write_bytes(model_bytes)
         return built, _run_tflite
     built = work / "model.onnx"
     model.export(str(built), format="onnx", verbose=False)
@@ -322,7 +325,76 @@ def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None,
         quantized = work / "model-int8.onnx"
         quantize_dynamic(str(built), str(quantized), weight_type=QuantType.QInt8)
         built = quantized
+    if float_part:
+        _half_onnx(built, float_part)
     return built, _run_onnx
+
+
+def _half_constants(model: bytes, part: str, min_bytes: int = 1 << 16) -> bytes:
+    """The TFLite model with the large float32 constants of layer ``part`` stored in float16
+    and expanded by a DEQUANTIZE op when it loads, as TFLite's own float16 mode stores weights.
+
+    The converter folds the open-set layer's cast of its float16 bank back into a float32
+    constant, which doubled the largest part of the file; this puts it back to half."""
+    from tensorflow.lite.python import schema_py_generated as fb
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    dequantize = fb.BuiltinOperator.DEQUANTIZE
+    code = next((i for i, c in enumerate(obj.operatorCodes)
+                 if max(c.builtinCode, c.deprecatedBuiltinCode) == dequantize), None)
+    changed = False
+    for graph in obj.subgraphs:
+        for index, tensor in enumerate(list(graph.tensors)):
+            data = obj.buffers[tensor.buffer].data if tensor.buffer else None
+            if (f"/{part}" not in tensor.name.decode(errors="replace")
+                    or tensor.type != fb.TensorType.FLOAT32 or data is None
+                    or len(data) < min_bytes):
+                continue
+            if code is None:
+                opcode = fb.OperatorCodeT()
+                opcode.builtinCode = opcode.deprecatedBuiltinCode = dequantize
+                opcode.version = 3  # float16 input
+                obj.operatorCodes.append(opcode)
+                code = len(obj.operatorCodes) - 1
+            half = fb.BufferT()
+            half.data = np.frombuffer(bytes(data), np.float32).astype(np.float16).view(np.uint8)
+            obj.buffers.append(half)
+            stored = fb.TensorT()
+            stored.shape, stored.type = tensor.shape, fb.TensorType.FLOAT16
+            stored.buffer, stored.name = len(obj.buffers) - 1, tensor.name + b"_float16"
+            graph.tensors.append(stored)
+            obj.buffers[tensor.buffer].data = None  # the float32 tensor is computed now
+            expand = fb.OperatorT()
+            expand.opcodeIndex, expand.inputs, expand.outputs = code, [len(graph.tensors) - 1], \
+                [index]
+            graph.operators.insert(0, expand)  # a constant input: it can run first
+            changed = True
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj)) if changed else model
+
+
+def _half_onnx(path: Path, part: str, min_bytes: int = 1 << 16) -> None:
+    """The ONNX file with the large float32 initializers of layer ``part`` stored in float16
+    and cast back by a node (tf2onnx folds the layer's own cast as the TFLite converter does)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    changed = False
+    for init in list(model.graph.initializer):
+        if f"/{part}" not in init.name or init.data_type != TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(init)
+        if array.nbytes < min_bytes:
+            continue
+        half = numpy_helper.from_array(array.astype(np.float16), init.name + "_float16")
+        model.graph.initializer.remove(init)
+        model.graph.initializer.append(half)
+        model.graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name],
+                                                    to=TensorProto.FLOAT))
+        changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def _convert_tflite(saved: Path, quantize: str, calibration: list | None, size: int,
