@@ -29,6 +29,7 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
                              "--unfreeze", "2", "--fine-tune-lr", "1e-4")
     assert code == 0, err
     assert "final val accuracy" in out and "phase 2 (fine-tune)" in out
+    assert f"writing {run}: model, predictions, plots, report" in out  # not silent at the end
     for name in ("model.keras", "labels.json", "metrics.json", "history.csv", "curves.png",
                  "confusion_matrix.png"):
         assert (run / name).stat().st_size > 0, name

@@ -49,6 +49,9 @@ def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, 
         assert result["calibration_images"] == 24
         assert result["calibration_sample"] == "all 24 training images"
         assert "int8 calibrated on all 24 training images" in out
+        # a conversion takes minutes on real runs: each step is said as it starts
+        assert "converting to tflite-int8 (calibrated on 24 training images)..." in err
+        assert "checking it with its own runtime on 6 validation images..." in err
     fp32 = export(trained_run / "run", fmt, out=tmp_path / "fp32")
     assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
     assert "accuracy" in out and "Keras model" in out

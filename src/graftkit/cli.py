@@ -312,7 +312,8 @@ def preflight_export(args) -> None:
 def cmd_export(args) -> int:
     from graftkit.outputs.export import export, summary
 
-    result = export(args.run_dir, args.format, args.quantize, args.out)
+    result = export(args.run_dir, args.format, args.quantize, args.out,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary(result))
     return 0
 

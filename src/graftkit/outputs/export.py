@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def _size(path: Path) -> int:
 
 
 def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = "none",
-           out: str | os.PathLike | None = None) -> ExportResult:
+           out: str | os.PathLike | None = None,
+           log: Callable[[str], None] | None = None) -> ExportResult:
     """Export a run's model for serving, checked against the Keras model on validation images.
 
     The exported model takes raw RGB pixels (its preprocessing is inside), and ``labels.txt``
@@ -172,6 +174,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         quantize: ``"none"``; for TFLite also ``"float16"`` or ``"int8"`` (calibrated on 100
             training images, a stratified random sample). Defaults to ``"none"``.
         out: the folder to write. Defaults to ``run_dir/export/FORMAT[-QUANTIZE]``.
+        log: told each step as it starts (a conversion takes a minute or two). Defaults to
+            None.
 
     Returns:
         An ``ExportResult``: ``path``, ``size_bytes``, ``images_checked``, ``max_abs_diff``,
@@ -203,9 +207,13 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     target_dir = Path(out) if out else run_dir / "export" / name
     target_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
+    say = log or (lambda _line: None)
     try:
+        say(f"converting to {name}" + (f" (calibrated on {len(calibration)} training images)"
+                                       if calibration else "") + "...")
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
             built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
+        say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
         ref = clf.model.predict(x, verbose=0)
         outputs = _run_checked(run, built, x, name)

@@ -567,10 +567,23 @@ def _fast_scorer(s: FitState, model):
         return None, s.engine_key
 
 
+def _final_pass(s: FitState, two, paths: list[str], fast, label: str) -> list[np.ndarray]:
+    """The final model's outputs for image files, with a progress bar: the end of a fit
+    scores the training, validation and test images, and must not sit silent meanwhile."""
+    from graftkit.outputs.evaluation import model_outputs
+
+    bar = s.progress(label, len(paths)) if s.progress and len(paths) else None
+    try:
+        return model_outputs(two, paths, fast=fast,
+                             progress=(lambda done, _total: bar.update(done)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
 def _training_features(s: FitState, two, scorer) -> np.ndarray:
     """The final model's penultimate features of the plain training images (the open-set
     statistics): from the cached frozen outputs while they still hold, else one more pass."""
-    from graftkit.outputs.evaluation import model_outputs
 
     ex = s.train_ex
     if scorer is not None and ex is not None:
@@ -580,13 +593,7 @@ def _training_features(s: FitState, two, scorer) -> np.ndarray:
             out.append(scorer.rest_outputs(cut)[0])
         return np.concatenate(out) if out else np.zeros((0, two.outputs[0].shape[-1]))
     start = time.perf_counter()
-    bar = s.progress("open set: training images", len(s.folder.train)) if s.progress else None
-    try:
-        features = model_outputs(two, s.folder.train.paths, fast=scorer,
-                                 progress=(lambda done, _total: bar.update(done)) if bar else None)[0]
-    finally:
-        if bar:
-            bar.close()
+    features = _final_pass(s, two, s.folder.train.paths, scorer, "open set: training images")[0]
     s.log(f"open set: features of the {len(s.folder.train)} training images, one pass of the "
           f"final model ({time.perf_counter() - start:.1f} s)")
     return features
@@ -632,12 +639,12 @@ def score_test(s: FitState, two, fast, open_set) -> tuple[dict, np.ndarray, np.n
     """The held-out test images, scored once by the final model (temperature and threshold
     included), after every choice was made on the validation images; None without them."""
     from graftkit.graft import head_logits
-    from graftkit.outputs.evaluation import model_outputs, scores
+    from graftkit.outputs.evaluation import scores
 
     folder = s.folder
     if not folder.test_source or not len(folder.test):
         return None
-    features, probs = model_outputs(two, folder.test.paths, fast=fast)
+    features, probs = _final_pass(s, two, folder.test.paths, fast, "scoring the test images")
     ood = open_set.scores(features, probs, head_logits(two, features))
     result = scores(folder.test.labels, probs, folder.classes)
     record = {"accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
@@ -719,13 +726,14 @@ def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
     from graftkit.classifier import Classifier
     from graftkit.files import write_json
     from graftkit.outputs import run
-    from graftkit.outputs.evaluation import model_outputs, scores
+    from graftkit.outputs.evaluation import scores
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
     from graftkit.outputs.report import build_report
     from graftkit.train.phases import HISTORY_COLUMNS
 
     folder, run_dir, history = s.folder, s.run_dir, s.plan.history
-    features, raw_probs = model_outputs(two, folder.val.paths, fast=fast)
+    features, raw_probs = _final_pass(s, two, folder.val.paths, fast,
+                                      "scoring the validation images")
     probs, cal, (open_set, open_info), ood = calibrate_and_reject(s, two, features, raw_probs,
                                                                   train_features)
     result = scores(folder.val.labels, probs, folder.classes)
@@ -737,6 +745,7 @@ def write_run(s: FitState, digest: str, two, fast, engine_key: str | None,
     if test is not None:  # first: the figure to trust
         metrics = {"test": test[0], **metrics}
         test_probs, test_ood = test[1], test[2]
+    s.log(f"writing {run_dir}: model, predictions, plots, report")
     train_sha256 = folder.digests(folder.train)  # may read files the scan could not hash
     run.save_model(s.model, run_dir / run.MODEL_FILE)
     write_json(run_dir / run.LABELS_FILE, folder.classes)
