@@ -152,8 +152,9 @@ class Review:
 
         options = self.metrics.get("options", {})
         val = options.get("val") if self.source == self.recorded else None
+        test = options.get("test") if self.source == self.recorded else None
         folder = scan(self.source, options.get("val_split", defaults.VAL_SPLIT),
-                      options.get("seed", defaults.SEED), strict=False, val=val)
+                      options.get("seed", defaults.SEED), strict=False, val=val, test=test)
         report = find_problems(folder)
         dirs = find_split_dirs(self.root) if self.root.is_dir() else None
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
@@ -161,7 +162,8 @@ class Review:
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
             split = {p: "train" for p in folder.train.paths}
             split.update({p: "val" for p in folder.val.paths})
-            labels = {p: folder.classes[y] for s in (folder.train, folder.val)
+            split.update({p: "test" for p in folder.test.paths})
+            labels = {p: folder.classes[y] for s in (folder.train, folder.val, folder.test)
                       for p, y in zip(s.paths, s.labels)}
             self._add_predictions()
             by_location = self.history().locations()
