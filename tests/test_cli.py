@@ -270,6 +270,7 @@ def test_a_held_out_test_folder_is_scored_once_and_reported_first(tmp_path, caps
     summary = out[out.index("\nsummary"):]
     assert summary.index("test accuracy") < summary.index("final val accuracy")
     assert "nothing chosen on them" in summary and "their accuracy is optimistic" in summary
+    assert "test_predictions.csv" in summary
     metrics = json.loads((run / "metrics.json").read_text())
     assert next(iter(metrics)) == "test"  # first
     test = metrics["test"]

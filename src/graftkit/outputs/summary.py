@@ -49,5 +49,6 @@ def print_summary(m: dict, run_dir) -> None:
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
-          "metrics.json, history.csv, predictions.csv, split.json, curves.png, "
-          "confusion_matrix.png)")
+          "metrics.json, history.csv, predictions.csv, "
+          + ("test_predictions.csv, " if test else "")
+          + "split.json, curves.png, confusion_matrix.png)")
