@@ -5,7 +5,8 @@
 For each run folder (a default ``graft fit`` of a set in ../shared/datasets), side by side:
 - ``first images``: the samples graftkit used to take, the first 256 validation images in folder
   order for the check and the first 100 training images for int8 calibration;
-- ``stratified``: today's samples, stratified random (seeded, every class).
+- ``today``: every validation image up to 1,000 for the check (a stratified random sample
+  beyond) and a stratified random sample of 100 training images for calibration.
 Each TFLite export (float32 and int8) states its accuracy on its check sample; the script then
 runs the exported file on every validation image of the run, as a user checking it would, and
 prints both, with the Keras model's accuracy on every image and the file sizes (the open-set
@@ -28,8 +29,9 @@ import numpy as np  # noqa: E402
 
 
 def first_images(items: list, limit: int, seed: int) -> list:
-    """The old samples: the first ``limit`` items on disk, in folder order."""
-    return [(p, label) for p, label in items if os.path.isfile(p)][:limit]
+    """The old samples: the first items on disk in folder order, 256 of the validation images
+    (the old cap) or ``limit`` training images."""
+    return [(p, label) for p, label in items if os.path.isfile(p)][:min(limit, 256)]
 
 
 def float32_bank(original):
@@ -69,7 +71,7 @@ def main() -> None:
         keras_all = float((clf.predict_proba([p for p, _ in items]).argmax(1) ==
                            np.array([clf.classes.index(label) for _, label in items])).mean())
         for quantize in ("none", "int8"):
-            for samples, bank in (("first images", "float32"), ("stratified", "float16")):
+            for samples, bank in (("first images", "float32"), ("today", "float16")):
                 saved = (export_module.stratified, open_set_module._graph_arrays,
                          export_module._half_constants)
                 if samples == "first images":  # and the bank in float32, as before

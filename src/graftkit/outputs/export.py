@@ -28,7 +28,10 @@ QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
             "onnx": ("none", "int8")}
 FP32_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
-MAX_CHECK_IMAGES = 256  # validation images run through the exported model
+# Validation images run through the exported model: every one up to this many (a sample of
+# 256 of flowers5's 400 claimed 0.9453 for an export right on 0.9500 of all of them; the
+# check costs seconds), a stratified random sample beyond.
+MAX_CHECK_IMAGES = 1000
 CALIBRATION_IMAGES = 100  # training images for int8 calibration
 # What every export takes, as export.json records it for whoever feeds it images.
 INPUT_NOTE = ("raw RGB pixel values 0-255 as float32, shape (batch, size, size, 3); the image "
@@ -162,8 +165,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     """Export a run's model for serving, checked against the Keras model on validation images.
 
     The exported model takes raw RGB pixels (its preprocessing is inside), and ``labels.txt``
-    is written beside it. Up to 256 validation images (a stratified random sample: every
-    class) run through both the export (in its own runtime) and the Keras model; their largest
+    is written beside it. Up to 1,000 validation images (beyond that, a stratified random
+    sample: every class) run through both the export (in its own runtime) and the Keras model; their largest
     difference, top-1 agreement and accuracies are returned, so a quantized model's cost is
     measured, not assumed.
 
