@@ -188,7 +188,6 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         >>> graftkit.export("runs/photos", fmt="tflite", quantize="int8").accuracy  # doctest: +SKIP
     """
     from graftkit.classifier import load
-    from graftkit.files import write_json, write_text
     from graftkit.outputs.run import MODEL_FILE, read_split
 
     check_request(fmt, quantize)
@@ -218,20 +217,11 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
         say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
-        ref = clf.model.predict(x, verbose=0)
         outputs = _run_checked(run, built, x, name)
-        got = outputs["probabilities"]
-        y = np.array([classes.index(label) for label in labels])
-        result = ExportResult(
-            path="", format=fmt, quantize=quantize, size_bytes=_size(built),
-            keras_size_bytes=(run_dir / MODEL_FILE).stat().st_size, images_checked=len(x),
-            max_abs_diff=float(np.abs(got - ref).max()),
-            top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()),
-            accuracy=float((got.argmax(1) == y).mean()),
-            keras_accuracy=float((ref.argmax(1) == y).mean()),
-            check_sample=_sample_note(len(x), len(split["val"]), seed, "validation images"),
-            input={"size": [size, size], "channels": 3, "how": INPUT_NOTE},
-        )
+        result = _compared(clf, x, labels, outputs["probabilities"], fmt, quantize)
+        result.size_bytes = _size(built)
+        result.keras_size_bytes = (run_dir / MODEL_FILE).stat().st_size
+        result.check_sample = _sample_note(len(x), len(split["val"]), seed, "validation images")
         if calibration is not None:
             result.calibration_images = len(calibration)
             result.calibration_sample = _sample_note(len(calibration), len(split["train"]), seed,
@@ -245,16 +235,38 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             )
         if OOD_SCORE in outputs:
             _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize)
-        final = target_dir / ("saved_model" if fmt == "savedmodel" else built.name)
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(built, final)
-        result.path = str(final)
-        write_text(target_dir / "labels.txt", "".join(f"{c}\n" for c in classes))
-        write_json(target_dir / "export.json", result.as_dict())
-        return result
+        return _write(result, built, target_dir, classes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(result: ExportResult, built: Path, target_dir: Path, classes: list[str]) -> ExportResult:
+    """The checked export into place, with ``labels.txt`` and ``export.json`` beside it."""
+    from graftkit.files import write_json, write_text
+
+    final = target_dir / ("saved_model" if result.format == "savedmodel" else built.name)
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(built, final)
+    result.path = str(final)
+    write_text(target_dir / "labels.txt", "".join(f"{c}\n" for c in classes))
+    write_json(target_dir / "export.json", result.as_dict())
+    return result
+
+
+def _compared(clf, x: np.ndarray, labels: list[str], got: np.ndarray, fmt: str,
+              quantize: str) -> ExportResult:
+    """The export's probabilities on ``x`` against the Keras model's, and both accuracies."""
+    ref = clf.model.predict(x, verbose=0)
+    y = np.array([clf.classes.index(label) for label in labels])
+    size = clf.image_size
+    return ExportResult(
+        path="", format=fmt, quantize=quantize, size_bytes=0, keras_size_bytes=0,
+        images_checked=len(x), max_abs_diff=float(np.abs(got - ref).max()),
+        top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()),
+        accuracy=float((got.argmax(1) == y).mean()),
+        keras_accuracy=float((ref.argmax(1) == y).mean()),
+        input={"size": [size, size], "channels": 3, "how": INPUT_NOTE})
 
 
 def _run_checked(run, built: Path, x: np.ndarray, name: str) -> dict[str, np.ndarray]:
