@@ -200,6 +200,25 @@ def test_a_set_aside_symlink_that_dangles_is_undoable(tmp_path):
     assert os.readlink(root / "a" / "link.png") == "x0.png"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+def test_a_dangling_link_cut_short_mid_move_is_settled(tmp_path):
+    """A set-aside link dangles once linked elsewhere: settling the move compares the links
+    themselves (stat would follow them and fail at start-up)."""
+    root = folder(tmp_path / "data")
+    j = Journal(root)
+    assert j.recover() == 0 and not (root / ".graft-journal.lock").exists()  # nothing journalled
+    os.symlink("x0.png", root / "a" / "link.png")
+    (root / SET_ASIDE / "a").mkdir(parents=True)
+    os.link(root / "a" / "link.png", root / SET_ASIDE / "a" / "link.png", follow_symlinks=False)
+    j.append({"id": "cut", "time": "2026-12-04T10:00:00+00:00", "action": "set_aside",
+              "key": "a/link.png", "from": "a/link.png", "to": f"{SET_ASIDE}/a/link.png"})
+    assert j.recover() == 1
+    assert not os.path.lexists(root / "a" / "link.png")
+    assert j.history().where("a/link.png") == f"{SET_ASIDE}/a/link.png"
+    j.undo("cut")
+    assert os.readlink(root / "a" / "link.png") == "x0.png"
+
+
 def test_moves_cut_short_are_settled_and_undoable(tmp_path):
     root = folder(tmp_path / "data")
     j = Journal(root)

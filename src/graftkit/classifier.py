@@ -7,7 +7,6 @@ model holds its backbone's preprocessing), so a raw photo gets the answer traini
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -347,12 +346,14 @@ class Classifier:
     def _chosen_on(self, paths: list[str]) -> dict:
         """Evaluation images that are the run's validation images: they chose the best epoch,
         the mode, the temperature and the threshold, so their accuracy is optimistic."""
-        from graftkit.outputs.run import SPLIT_FILE
+        from graftkit.errors import RunError
+        from graftkit.outputs.run import read_split
 
-        split = self.run_dir / SPLIT_FILE if self.run_dir is not None else None
+        if self.run_dir is None:
+            return {"count": None, "message": ""}
         try:
-            val = {os.path.abspath(p) for p, _ in json.loads(split.read_text())["val"]}
-        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            val = {os.path.abspath(p) for p, _ in read_split(self.run_dir)["val"]}
+        except (RunError, OSError, ValueError, KeyError, TypeError):
             return {"count": None, "message": ""}
         count = sum(os.path.abspath(p) in val for p in paths)
         message = "" if not count else (

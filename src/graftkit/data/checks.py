@@ -148,10 +148,10 @@ def _correlations(thumbs: np.ndarray, one: np.ndarray) -> np.ndarray:
     a = a - a.mean(axis=1, keepdims=True)
     b = b - b.mean()
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b)
-    flat = (na < 1e-3) | (nb < 1e-3)
     corr = (a @ b) / np.maximum(na * nb, 1e-6)
     level = np.abs(thumbs.astype(np.float32).mean(axis=1) - one.astype(np.float32).mean()) < 8
-    return np.where(flat, (flat & (nb < 1e-3) & (na < 1e-3) & level).astype(np.float32), corr)
+    both_flat = (na < 1e-3) & (nb < 1e-3) & level
+    return np.where((na < 1e-3) | (nb < 1e-3), both_flat.astype(np.float32), corr)
 
 
 def hash_only(distance: np.ndarray, correlation: np.ndarray) -> np.ndarray:

@@ -58,11 +58,16 @@ def load_image(path: str | os.PathLike | IO[bytes], size: int,
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()
-        if img.getexif().get(ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return model_pixels(img, size)
+
+
+def model_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """An opened image as the model takes it: upright by its EXIF orientation, RGB (alpha on
+    white, 16-bit scaled), resized whole to ``size`` bilinearly. ``load_image`` and images
+    passed in memory (``graftkit.data.inputs``) both end here."""
+    if img.getexif().get(ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    return np.asarray(_to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 

@@ -45,18 +45,6 @@ class Inputs:
         self.pixels.append(pixels)
 
 
-def _pil_pixels(image, size: int) -> np.ndarray:
-    """A PIL image as ``load_image`` makes a file: EXIF orientation, alpha on white, 16-bit
-    scaled, resized bilinearly to ``size``."""
-    from PIL import Image, ImageOps
-
-    from graftkit.data.images import ORIENTATION, _to_rgb
-
-    if image.getexif().get(ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    return np.asarray(_to_rgb(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
 def _array_image(a: np.ndarray):
     """One image array, ``(H, W)``, ``(H, W, 1|3|4)``, raw 0-255 values (the model's input)."""
     from PIL import Image
@@ -79,7 +67,7 @@ def gather(images: Any, size: int) -> Inputs:
     probed once (unreadable ones go to ``skipped``). An ``Inputs`` is returned as it is."""
     from PIL import Image
 
-    from graftkit.data.images import expand_paths
+    from graftkit.data.images import expand_paths, model_pixels
 
     if isinstance(images, Inputs):
         return images
@@ -93,12 +81,12 @@ def gather(images: Any, size: int) -> Inputs:
             out.skipped += skipped
         elif isinstance(item, Image.Image):
             label = getattr(item, "filename", "") or name
-            out.add_pixels(str(label), _pil_pixels(item, size))
+            out.add_pixels(str(label), model_pixels(item, size))
         elif isinstance(item, np.ndarray) and item.ndim == 4:
             for i, one in enumerate(item):
                 add(one, f"{name}[{i}]")
         elif isinstance(item, np.ndarray):
-            out.add_pixels(name, _pil_pixels(_array_image(item), size))
+            out.add_pixels(name, model_pixels(_array_image(item), size))
         elif isinstance(item, Iterable) and not isinstance(item, (bytes, dict)):
             for i, one in enumerate(item):
                 add(one, f"<image {i}>" if name == "<image>" else f"{name}[{i}]")

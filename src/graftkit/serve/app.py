@@ -326,9 +326,8 @@ def _prediction_routes(app: FastAPI, service) -> None:
         except UsageError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
         size, limit = service.classifier.image_size, service.max_pixels
-        rows = []
-        for i, f in enumerate(file):
-            name = f.filename or f"upload-{i + 1}"
+        rows, names = [], [f.filename or f"upload-{i + 1}" for i, f in enumerate(file)]
+        for name, f in zip(names, file):
             async with slots():  # read each file just before its decode: one in memory per slot
                 data = await f.read()
                 try:
@@ -337,7 +336,6 @@ def _prediction_routes(app: FastAPI, service) -> None:
                     return JSONResponse({"detail": str(exc)}, status_code=400)
             del data
         probs, ood = await asyncio.wrap_future(service.batcher.submit(np.stack(rows)))
-        names = [f.filename or f"upload-{i + 1}" for i, f in enumerate(file)]
         answers = service.classifier.answers(names, probs, ood, top_k, reject)
         return {"predictions": [a.as_dict() for a in answers]}
 

@@ -284,12 +284,15 @@ class Journal:
 
     def recover(self) -> int:
         """Finish or drop actions a crash cut short; returns how many were settled."""
+        if not self.path.is_file():  # nothing was ever moved here: leave the folder as it is
+            return 0
         with self.locked():
             unsettled = self.history().unsettled
             for e in unsettled:
                 src, dst = self.root / e["from"], self.root / e["to"]
-                if os.path.lexists(dst) and os.path.lexists(src) and os.path.samefile(src, dst):
-                    os.unlink(src)  # linked but not yet unlinked: finish the move
+                if os.path.lexists(dst) and os.path.lexists(src) and \
+                        os.path.samestat(os.lstat(src), os.lstat(dst)):
+                    os.unlink(src)  # linked but not yet unlinked (a dangling link too): finish
                 if os.path.lexists(dst) and not os.path.lexists(src):
                     self.append({"id": e["id"], "done": True})
                 else:

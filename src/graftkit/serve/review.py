@@ -29,6 +29,7 @@ from graftkit.serve.journal import (
     JournalError,
     checked_path,
     free_name,
+    parse_time,
 )
 
 TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
@@ -293,8 +294,6 @@ class Review:
 
     def restore_since(self, since: str | datetime | None = None) -> dict:
         """Undo every move since ``since`` (a time or span, ``parse_time``); all when None."""
-        from graftkit.serve.journal import parse_time
-
         journal = self._writable()
         when = parse_time(since) if since else None
         with self.lock:
