@@ -199,3 +199,29 @@ def test_loopback_ports_come_from_outside_the_ephemeral_range_and_skip_busy_ones
         assert distribute.free_ports(1, rng=Draws([ports[0], ports[1]])) == [ports[1]]
     config = json.loads(distribute.loopback_configs(2)[1])
     assert config["task"] == {"type": "worker", "index": 1} and len(config["cluster"]["worker"]) == 2
+
+
+def test_keras_internals_checked_before_patching(monkeypatch):
+    """The multi-worker fixes replace private Keras functions: another Keras version, or one
+    whose private names moved, is refused in one message that names the file to update."""
+    import keras
+
+    from graftkit import keras_compat
+
+    keras_compat.check()  # the installed Keras is one the fixes were measured on
+    with pytest.raises(keras_compat.KerasVersionError, match=r"Keras 3\.16\.0 is installed"):
+        keras_compat.check("3.16.0")
+    with pytest.raises(UsageError, match="keras_compat.py"):  # a UsageError: one line, exit 2
+        keras_compat.check("4.0.0")
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.delattr(trainer, "_collective_all_reduce_multi_worker")
+    with pytest.raises(keras_compat.KerasVersionError,
+                       match="no keras.src.backend.tensorflow.trainer."
+                             "_collective_all_reduce_multi_worker"):
+        keras_compat.check()
+    monkeypatch.setattr(keras, "__version__", "3.17.1")
+    monkeypatch.setattr(keras_compat, "_PATCHED", False)
+    with pytest.raises(keras_compat.KerasVersionError):
+        keras_compat.patch_multi_worker_trainer()  # refused before anything is replaced
+    assert trainer.reduce_per_replica.__module__ == "keras.src.backend.tensorflow.trainer"

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from graftkit import keras_compat
 from graftkit.defaults import STRATEGIES
 
 
@@ -101,64 +102,15 @@ def make_distribution(name: str = "auto") -> Distribution:
         strategy = tf.distribute.MirroredStrategy(devices)
         return Distribution("mirrored", strategy, strategy.num_replicas_in_sync)
     cluster, task = _cluster()
-    _patch_keras_for_multi_worker()
+    keras_compat.patch_multi_worker_trainer()  # checks the Keras version first
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    _prime_keras_saving()
+    keras_compat.prime_saving_cache()
     members = [(kind, i) for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
     me = (task["type"], int(task["index"]))
     if me not in members:
         raise UsageError(f"TF_CONFIG's task {me[0]}:{me[1]} is not in its cluster")
     return Distribution("multi-worker", strategy, strategy.num_replicas_in_sync, len(members),
                         members.index(me), bool(strategy.extended.should_checkpoint))
-
-
-_PATCHED = False
-
-
-def _patch_keras_for_multi_worker() -> None:
-    """Two fixes Keras 3's TensorFlow trainer needs under ``MultiWorkerMirroredStrategy``.
-
-    Measured with Keras 3.15 / TF 2.21 (the issue: keras-team/keras#20585): ``fit`` averages
-    the first *input batch* across workers to build the model (``PerReplica`` conversion
-    error), and averages scalar logs along axis 0 ("Invalid reduction dimension 0"). The first
-    batch of the local replica builds the model as well; scalars are averaged with no axis.
-    With both, two workers end with identical weights (tests/test_distribute.py).
-    """
-    global _PATCHED
-    if _PATCHED:
-        return
-    import tensorflow as tf
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer
-
-    def local(strategy, value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if self._distribute_strategy is None:
-            return
-        if iterator is not None:
-            for _, _, it in iterator:
-                batch = next(it)
-                data_batch = tree.map_structure(
-                    lambda v: local(self.distribute_strategy, v), batch)
-                break
-        with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    reduce_per_replica = trainer.reduce_per_replica
-
-    def reduce_fixed(values, strategy, reduction):
-        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(
-                strategy):
-            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return reduce_per_replica(values, strategy, reduction)
-
-    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    trainer.reduce_per_replica = reduce_fixed
-    _PATCHED = True
 
 
 def eval_batch_size(n: int, batch: int, replicas: int) -> int:
@@ -180,25 +132,6 @@ def eval_batch_size(n: int, batch: int, replicas: int) -> int:
         if n % b == 0 or n % b >= replicas:
             return b
     return n
-
-
-def _prime_keras_saving() -> None:
-    """Make Keras' saving create no variables when only the chief saves.
-
-    Each save builds reference objects (an ``Optimizer`` among them) to learn which attributes
-    to skip, and its cache never hits (Keras 3.15 stores under ``saving_attr_skipset_`` and
-    reads ``saving_attr_skiplist_``). A variable created under ``MultiWorkerMirroredStrategy``
-    is a collective broadcast, so a checkpoint written by the chief alone would desynchronise
-    the workers ("Collective instance ... expected type"). Computed here, outside the scope,
-    and stored where the lookup reads.
-    """
-    from keras.src.backend.common import global_state
-    from keras.src.saving import saving_lib
-
-    for kind in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer",
-                 "Loss"):
-        global_state.set_global_attribute(f"saving_attr_skiplist_{kind}",
-                                          saving_lib.get_attr_skipset(kind))
 
 
 def shard_by_data(dataset):
