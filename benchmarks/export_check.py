@@ -43,7 +43,7 @@ def float32_bank(original):
 
 def on_every_image(path: str, split: dict, classes: list[str], size: int) -> float:
     from graftkit.data.images import load_image
-    from graftkit.outputs.export import _run_tflite
+    from graftkit.deploy.export import _run_tflite
 
     items = [(p, label) for p, label in split["val"] if os.path.isfile(p)]
     x = np.stack([load_image(p, size) for p, _ in items]).astype(np.float32)
@@ -54,7 +54,7 @@ def on_every_image(path: str, split: dict, classes: list[str], size: int) -> flo
 
 def main() -> None:
     from graftkit.classifier import load
-    from graftkit.outputs import export as export_module
+    from graftkit.deploy import export as export_module
     from graftkit.outputs import open_set as open_set_module
     from graftkit.outputs.run import read_split
 

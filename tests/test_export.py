@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from graftkit.cli import main
+from graftkit.deploy.export import export
 from graftkit.errors import UsageError
-from graftkit.outputs.export import export
 
 
 @pytest.mark.slow
@@ -99,8 +99,8 @@ def test_int8_tflite_keeps_the_open_set_score_in_float32(trained_run, tmp_path):
 
 
 def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, tmp_path, monkeypatch):
+    from graftkit.deploy import export as export_module
     from graftkit.errors import ExportError
-    from graftkit.outputs import export as export_module
 
     def refuses(path, x):
         raise RuntimeError("tensorflow/lite/kernels/div.cc:242 data[i] != 0 was not true.")
@@ -119,7 +119,7 @@ def test_unsupported_quantization_is_a_usage_error(trained_run):
 def test_check_and_calibration_samples_cover_every_class(tmp_path):
     """The first images in folder order are one or two classes: the samples are stratified,
     random and seeded, and skip files no longer on disk."""
-    from graftkit.outputs.export import stratified
+    from graftkit.deploy.export import stratified
 
     items = []
     for c in ("a", "b", "c"):

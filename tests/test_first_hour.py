@@ -125,6 +125,7 @@ def test_full_disk_in_the_checkpoint_is_one_line_and_the_same_command_resumes(
     assert "resuming: 1 phase(s) done" in out_text and (out / "metrics.json").is_file()
 
 
+@pytest.mark.integration
 def test_a_full_cache_warns_once_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
     from graftkit.frozen import store
 
@@ -336,6 +337,7 @@ def test_progress_is_a_bar_on_a_terminal_and_spaced_lines_in_a_log(monkeypatch):
     assert rows[-1].startswith("scanning images: 100/100 in")
 
 
+@pytest.mark.integration
 def test_history_csv_grows_epoch_by_epoch_in_place(tmp_path, monkeypatch):
     from graftkit.outputs.run import HistoryLog
     from graftkit.train.workflow import fit
@@ -510,10 +512,10 @@ def test_with_a_gpu_visible_the_frozen_pass_runs_through_keras(monkeypatch):
     monkeypatch.setattr(devices, "gpus", lambda: ["/device:GPU:0"])
     on_gpu = engine.FrozenPart(model, "k")
     assert on_gpu.plan(100_000) == "keras" and on_gpu.store_key == "k-keras-f32-gpu"
-    assert "1 GPU (/device:GPU:0)" in devices.describe() and "through Keras" in devices.describe()
+    assert "1 GPU (/device:GPU:0)" in engine.describe_devices() and "through Keras" in engine.describe_devices()
     monkeypatch.setattr(devices, "gpus", lambda: [])
     assert engine.FrozenPart(model, "k").plan(100_000) == "tflite"
-    assert "CPU" in devices.describe() and "TFLite" in devices.describe()
+    assert "CPU" in engine.describe_devices() and "TFLite" in engine.describe_devices()
 
 
 def test_abbreviated_options_are_typos_not_options(tmp_path, capsys):

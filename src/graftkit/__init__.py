@@ -20,7 +20,7 @@ _PUBLIC = {
     "Classifier": "graftkit.classifier",
     "Prediction": "graftkit.classifier",
     "check": "graftkit.data.checks",
-    "export": "graftkit.outputs.export",
+    "export": "graftkit.deploy.export",
     "freeze": "graftkit.graft",
     "unfreeze": "graftkit.graft",
     "GraftError": "graftkit.errors",

@@ -2,7 +2,7 @@
 
 On a GPU, training and the frozen pass run through Keras on the GPU; on a CPU, the frozen pass
 runs through a converted engine (TFLite or OpenVINO) where it pays
-(``graftkit.frozen.engine.FrozenPart``).
+(``graftkit.frozen.engine.FrozenPart``, which also says so at the start of a run).
 """
 
 from __future__ import annotations
@@ -13,17 +13,3 @@ def gpus() -> list[str]:
     import tensorflow as tf
 
     return [d.name for d in tf.config.list_logical_devices("GPU")]
-
-
-def describe() -> str:
-    """One line for the start of a run's log: where it trains, what computes frozen outputs."""
-    found = gpus()
-    if found:
-        return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
-                f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
-    from graftkit.frozen.runtimes import openvino_bf16, wanted_precision
-
-    engines = ("OpenVINO in bfloat16" if wanted_precision() == "bf16" and openvino_bf16()
-               else "TFLite")
-    return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
-            f"through {engines} where converting it pays, else compiled Keras")

@@ -63,6 +63,15 @@ class DecodedImages:
 
 
 
+def shard_by_data(dataset):
+    """Split batches between workers by element (the rows are not files to split by)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def make_dataset(
     images: Sequence[str] | DecodedImages,
     labels: Sequence[int] | None,
@@ -79,8 +88,6 @@ def make_dataset(
     ``augment`` settings apply ``augment_image`` with a fresh seed per image and epoch.
     """
     import tensorflow as tf
-
-    from graftkit.train.distribute import shard_by_data
 
     decoded = images if isinstance(images, DecodedImages) else None
     if decoded is not None:

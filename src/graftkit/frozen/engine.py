@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from graftkit import defaults
+from graftkit import defaults, devices
 from graftkit.backbones.registry import layers_within
 from graftkit.errors import DiskFullError
 from graftkit.files import atomic_write
@@ -79,10 +79,8 @@ class FrozenPart:
         self.reasons: list[str] = []
         self._forced = forced_engine()
         if converted is None:  # converted engines are CPU engines: with a GPU, Keras runs on it
-            from graftkit.devices import gpus
-
             converted = (self._forced != "keras" and _float32(model)
-                         and (self._forced in ("tflite", "openvino") or not gpus()))
+                         and (self._forced in ("tflite", "openvino") or not devices.gpus()))
         self._may_plan = converted and not self._forced  # a forced engine decides for good
         self._bf16 = (converted and self._forced != "tflite" and wanted_precision() == "bf16"
                       and runtimes.openvino_bf16())
@@ -126,9 +124,7 @@ class FrozenPart:
         tag = f"{self.engine}-{self.precision}"
         if self.engine == "keras":
             if self._gpu is None:
-                from graftkit.devices import gpus
-
-                self._gpu = bool(gpus())
+                    self._gpu = bool(devices.gpus())
             tag += "-gpu" if self._gpu else ""
         return f"{self.key}-{tag}"
 
@@ -285,3 +281,15 @@ def compiled(model: keras.Model, fixed_batch: bool = False):
         return [np.concatenate(col) for col in zip(*parts)]
 
     return run
+
+
+def describe_devices() -> str:
+    """One line for the start of a run's log: where it trains, what computes frozen outputs."""
+    found = devices.gpus()
+    if found:
+        return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
+                f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
+    engines = ("OpenVINO in bfloat16" if wanted_precision() == "bf16" and runtimes.openvino_bf16()
+               else "TFLite")
+    return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
+            f"through {engines} where converting it pays, else compiled Keras")

@@ -134,15 +134,6 @@ def eval_batch_size(n: int, batch: int, replicas: int) -> int:
     return n
 
 
-def shard_by_data(dataset):
-    """Split batches between workers by element (the rows are not files to split by)."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
 def _ephemeral_floor() -> int:
     """The lowest port the OS hands out for ``bind(0)`` and outgoing connections."""
     try:

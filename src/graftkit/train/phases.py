@@ -247,7 +247,7 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
     """
     import tensorflow as tf
 
-    from graftkit.train.distribute import shard_by_data
+    from graftkit.data.pipeline import shard_by_data
 
     y = np.asarray(labels, dtype=np.int32)
     w = None if class_weight is None else np.array(
@@ -304,7 +304,7 @@ def _rows(x, y, batch_size: int):
     """
     import tensorflow as tf
 
-    from graftkit.train.distribute import shard_by_data
+    from graftkit.data.pipeline import shard_by_data
 
     y = np.asarray(y, dtype=np.int32)
     if isinstance(x, np.ndarray):

@@ -107,7 +107,7 @@ def scan_data(s: FitState, data_dir) -> None:
 
 def open_checkpoint(s: FitState, overwrite: bool, resume: bool) -> None:
     """The run's checkpoint: refused if another command wrote it, read when resuming."""
-    from graftkit.devices import describe
+    from graftkit.frozen.engine import describe_devices
     from graftkit.train.checkpoint import RunCheckpoint
 
     folder, dist = s.folder, s.dist
@@ -120,7 +120,7 @@ def open_checkpoint(s: FitState, overwrite: bool, resume: bool) -> None:
     if resume and not s.ckpt.exists:
         raise RunError(f"nothing to resume in {s.run_dir}: no checkpoint there; drop --resume")
     s.resumed = s.ckpt.load() if s.ckpt.exists and not overwrite else None
-    s.log(describe())
+    s.log(describe_devices())
     if dist.name != "default":
         s.log(f"strategy: {dist.describe()}; batch {dist.batch_size(s.opt.batch_size)} in all "
               f"({s.opt.batch_size} per replica), learning rates x{dist.replicas}")

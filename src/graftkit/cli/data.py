@@ -1,0 +1,141 @@
+"""``graft check`` and ``graft review``: the data folder, before and after a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from graftkit import defaults
+from graftkit.cli.common import Command, table
+from graftkit.errors import DataError, UsageError
+
+
+def cmd_check(args) -> int:
+    from graftkit.data.checks import check
+
+    rep = check(args.data_dir, args.val_split, args.seed, args.val, args.test)
+    if args.format == "json":
+        print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+        return rep.exit_code
+    print(f"{rep.data}: {rep.split}")
+    columns = list(next(iter(rep.counts.values()), {"train": 0, "val": 0}))
+    rows = [[c, *(n[k] for k in columns)] for c, n in rep.counts.items()]
+    print(table(rows, ["class", *columns]))
+
+    def short(path: str) -> str:  # paths are absolute; inside the data folder, say less
+        rel = os.path.relpath(path, rep.data)
+        return path if rel.startswith("..") else rel
+
+    for g in rep.groups():
+        shown = ", ".join(short(p) for p in g["examples"])
+        more = f" (+{g['count'] - 3} more: --format json lists all)" if g["count"] > 3 else ""
+        print(f"{g['severity']:<8} {g['kind']:<22} {g['message']}"
+              + (f": {shown}{more}" if shown else ""))
+    print(f"status: {rep.status} (exit code {rep.exit_code})")
+    return rep.exit_code
+
+
+def cmd_review(args) -> int:
+    """``graft review log|undo DATA``: the review page's journal, without a server or a model."""
+    from graftkit.serve.journal import JOURNAL, Journal, JournalError, parse_time
+
+    data = Path(args.data_dir)
+    if not data.is_dir():
+        raise DataError(f"no such data folder: {data}")
+    journal = Journal(data)
+    if not journal.path.is_file():
+        raise DataError(f"{data} has no {JOURNAL}: graft serve's review page never moved a file "
+                        "there, so there is nothing to undo")
+    chosen = sum(bool(x) for x in (args.ids, args.all, args.since, args.image))
+    if args.action == "log" and chosen:
+        raise UsageError("graft review log takes only the data folder")
+    if args.action == "undo" and chosen != 1:
+        raise UsageError("graft review undo needs one of: action IDs (graft review log lists "
+                         "them), --image PATH, --since TIME or --all")
+    try:
+        if args.action == "log":
+            return _review_log(journal)
+        with journal.locked():  # a read-only folder fails here, before anything moves
+            pass
+        if args.all or args.since:
+            done, problems = journal.restore_since(parse_time(args.since) if args.since else None)
+        elif args.image:
+            done, problems = [journal.restore(args.image.replace(os.sep, "/"))], []
+        else:
+            done, problems = [], []
+            for action_id in args.ids:
+                try:
+                    done.append(journal.undo(action_id))
+                except JournalError as exc:
+                    problems.append(f"{action_id}: {exc}")
+    except JournalError as exc:
+        raise DataError(str(exc)) from None
+    except PermissionError as exc:
+        raise DataError(f"cannot change {data}: {exc.strerror}: run as a user who can write "
+                        "there") from None
+    for entry in done:
+        print(f"put back: {entry['from']} -> {entry['to']}  (undoes {', '.join(entry['undoes'])})")
+    print(f"{len(done)} image(s) put back" + (f", {len(problems)} could not be" if problems else ""))
+    if problems:
+        raise DataError("not put back: " + "; ".join(problems))
+    return 0
+
+
+def _review_log(journal) -> int:
+    history = journal.history()
+    rows = [[a["time"], a["id"], a["action"].replace("_", " "), f"{a['from']} -> {a['to']}"]
+            for a in history.standing()]
+    print(table(rows, ["time", "id", "action", "move"]) if rows else
+          "every image is where it was: no move to undo")
+    if history.bad_lines:
+        print(f"warning: line(s) {', '.join(map(str, history.bad_lines))} of {journal.path} could "
+              "not be read and were skipped", file=sys.stderr)
+    return 0
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir")
+    p.add_argument("--val", help="validation data: a class folder or a CSV/TSV")
+    p.add_argument("--test", help="held-out test data: a class folder or a CSV/TSV (default: "
+                                  "DATA/test/ beside DATA/train/)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
+
+
+def _review_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("log", "undo"))
+    p.add_argument("data_dir", help="the data folder the review page changed")
+    p.add_argument("ids", nargs="*", help="action IDs to undo (graft review log lists them)")
+    p.add_argument("--all", action="store_true", help="undo every move")
+    p.add_argument("--since", metavar="TIME", help="undo the moves since TIME (ISO time, or 30m, "
+                                                   "2h, 1d back from now)")
+    p.add_argument("--image", metavar="PATH", help="put this image back where it was listed "
+                                                   "(its path inside the data folder)")
+
+
+COMMANDS = (
+    Command(
+        "check", "check an image folder: unreadable files, duplicates, leakage, imbalance",
+        run=cmd_check, arguments=_check_arguments,
+        examples="""
+graft check photos/
+graft check photos/ --format json
+exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
+""",
+    ),
+    Command(
+        "review", "list or undo the moves graft serve's review page made in a data folder",
+        run=cmd_review, arguments=_review_arguments,
+        examples="""
+graft review log photos/                         # the moves that can be undone, newest first
+graft review undo photos/ --all                  # every image back where it was
+graft review undo photos/ --since 2h             # every move of the last two hours (or --since 2026-12-04T14:30)
+graft review undo photos/ --image val/ants/x.jpg # one image back where it was listed
+graft review undo photos/ 3f9c2a1b7d04           # one move (and later moves of the same image)
+""",
+    ),
+)
