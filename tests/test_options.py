@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from graftkit.cli import build_parser
+from graftkit.errors import UsageError
 from graftkit.options import FIT_OPTIONS
 from graftkit.train.workflow import FitOptions, fit, make_options
 
@@ -75,3 +76,88 @@ def test_a_stale_reference_is_detected(tmp_path, monkeypatch):
     (tmp_path / "cli.md").write_text("old\n")
     monkeypatch.setattr(sys, "argv", ["cli_reference.py", "--check"])
     assert ref.main() == 1
+
+
+# --- each option's values, checked from its declaration ---------------------------------------
+
+def _edges(option):
+    """``(values refused, values accepted)`` at the ends of the option's declared range."""
+    from graftkit.options import Interval
+
+    valid: Interval = option.valid
+    low_in, high_in = valid.closed in ("both", "left"), valid.closed in ("both", "right")
+    refused, accepted = [], []
+    if valid.low is not None:
+        refused.append(valid.low - 1)
+        (accepted if low_in else refused).append(valid.low)
+        if not low_in:
+            accepted.append(valid.low + (0.5 if valid.high is not None else 1))
+    if valid.high is not None:
+        refused.append(valid.high + 1)
+        (accepted if high_in else refused).append(valid.high)
+    if option.type is int:
+        accepted = [int(v) for v in accepted if float(v).is_integer()]
+    return refused, accepted
+
+
+RANGED = [o for o in FIT_OPTIONS if o.valid is not None]
+CHOICES = [o for o in FIT_OPTIONS if o.choices is not None]
+
+
+def test_the_derived_checks_cover_the_numeric_options():
+    """Every numeric option states its range, so no check is left to a hand-written chain."""
+    numeric = {o.name for o in FIT_OPTIONS if o.type in (int, float)} - {"seed"}
+    assert numeric <= {o.name for o in RANGED}
+    assert {"lr", "fine_tune_lr", "dropout", "label_smoothing"} <= {o.name for o in RANGED}
+
+
+@pytest.mark.parametrize("option", RANGED, ids=lambda o: o.name)
+def test_each_range_is_enforced_at_both_ends(option):
+    refused, accepted = _edges(option)
+    assert refused, option.name
+    for value in refused:
+        with pytest.raises(UsageError, match=f"^{re.escape(option.flag)} must be "):
+            make_options(**{option.name: value})
+    for value in accepted:
+        assert getattr(make_options(**{option.name: value}), option.name) == value
+    if option.auto:
+        assert getattr(make_options(**{option.name: "auto"}), option.name) == "auto"
+
+
+@pytest.mark.parametrize("option", CHOICES, ids=lambda o: o.name)
+def test_each_choice_list_is_enforced(option):
+    with pytest.raises(UsageError, match=f"^{re.escape(option.flag)} must be one of "):
+        make_options(**{option.name: "nonsense"})
+    for value in option.choices:
+        make_options(**{option.name: value})
+
+
+@pytest.mark.parametrize("option", RANGED, ids=lambda o: o.name)
+def test_the_cli_refuses_an_out_of_range_value_in_one_line(option, tmp_path, capsys):
+    """Before any TensorFlow work and before the data is looked at: exit 2, one line."""
+    from graftkit.cli import main
+
+    value = _edges(option)[0][0]
+    code = main(["fit", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), option.flag,
+                 str(int(value) if option.type is int else value)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{option.flag} must be" in err and err.count("\n") == 1, err
+
+
+def test_a_non_number_is_refused_by_name():
+    with pytest.raises(UsageError, match="--batch-size must be a number"):
+        make_options(batch_size="eight")
+    with pytest.raises(UsageError, match="--dropout must be a number or 'auto'"):
+        make_options(dropout="lots")
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"lr": "auto", "augment_head": True}, "--lr auto runs its range test on cached features"),
+    ({"fine_tune_lr": "auto", "unfreeze": "all"}, "--fine-tune-lr auto runs its range test"),
+    ({"fine_tune_lr": "auto", "unfreeze": 2, "fine_tune_epochs": 0}, "needs --unfreeze N"),
+    ({"heads": 3, "augment_head": True}, "--heads averages heads"),
+    ({"unfreeze_schedule": "3,1"}, "must be 0 or more and not decrease"),
+])
+def test_rules_between_options(given, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        make_options(**given)

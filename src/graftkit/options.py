@@ -56,8 +56,40 @@ def parse_unfreeze_schedule(value: str | None) -> tuple[int, ...]:
 # reference (docs/cli.md, scripts/cli_reference.py) are all made from this list.
 
 @dataclass(frozen=True)
+class Interval:
+    """The numbers an option takes, as scikit-learn's ``Interval`` constraint states them.
+
+    ``closed`` says which ends belong to it: "both", "left", "right" or "neither"; a missing
+    end (None) is unbounded.
+    """
+
+    low: float | None
+    high: float | None = None
+    closed: str = "both"
+
+    def __contains__(self, value) -> bool:
+        low_in = self.closed in ("both", "left")
+        high_in = self.closed in ("both", "right")
+        if self.low is not None and (value < self.low or (value == self.low and not low_in)):
+            return False
+        return not (self.high is not None
+                    and (value > self.high or (value == self.high and not high_in)))
+
+    def describe(self) -> str:
+        if self.high is None:
+            return (f"at least {self.low:g}" if self.closed in ("both", "left")
+                    else f"above {self.low:g}")
+        if self.closed == "neither":
+            return f"between {self.low:g} and {self.high:g}"
+        left = "[" if self.closed in ("both", "left") else "("
+        right = "]" if self.closed in ("both", "right") else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+@dataclass(frozen=True)
 class Option:
-    """One training option: its keyword, default, help text and place in ``graft fit --help``."""
+    """One training option: its keyword, default, help text, place in ``graft fit --help``
+    and the values it takes (``choices``, or ``valid`` numbers, and "auto" if ``auto``)."""
 
     name: str
     default: Any
@@ -66,12 +98,29 @@ class Option:
     type: Callable | None = None  # argparse type; bool: a --flag (default False) or --no-flag
     choices: tuple | None = None
     metavar: str | None = None
+    valid: Interval | None = None  # None, where it is the default, is always valid
+    auto: bool = False  # "auto" is a value too
 
     @property
     def flag(self) -> str:
         if self.type is bool and self.default is True:
             return "--no-" + self.name.replace("_", "-")
         return "--" + self.name.replace("_", "-")
+
+    def check(self, value) -> None:
+        """Refuse a value outside ``choices`` or ``valid``, naming the flag and the range."""
+        if value is None or (self.auto and value == "auto"):
+            return
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{self.flag} must be one of {', '.join(map(str, self.choices))} "
+                             f"(got {value!r})")
+        if self.valid is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{self.flag} must be a number{' or auto' if self.auto else ''} "
+                             f"(got {value!r})")
+        if value not in self.valid:
+            raise UsageError(f"{self.flag} must be {self.valid.describe()} (got {value:g})")
 
     def add_to(self, group) -> None:
         """This option as an argparse argument of ``group``."""
@@ -101,7 +150,8 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("test", None, "held-out test data, scored once at the end with nothing chosen on "
            "it: a class folder or a CSV/TSV (default: DATA/test/ beside DATA/train/)", "data"),
     Option("val_split", defaults.VAL_SPLIT,
-           "validation fraction when the data has no val/ and no --val is given", "data", float),
+           "validation fraction when the data has no val/ and no --val is given", "data", float,
+           valid=Interval(0, 1, "neither")),
     Option("seed", defaults.SEED, "seed of the split, the initialisation and every random "
            "stream", "data", int),
     Option("class_weight", "auto", "auto: weigh classes when the largest has more than "
@@ -112,13 +162,16 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("weights", "imagenet", "imagenet, or a local weights file", "model"),
     Option("image_size", None, "square input side (default: chosen from the backbone's "
            f"pretraining size, {defaults.NATIVE_SIZE_SCALE:g}x, and the images' size)", "model",
-           int),
+           int, valid=Interval(8)),
     Option("dropout", defaults.DROPOUT, "dropout rate before the new Dense layer, or auto: "
            f"{defaults.DROPOUT_WHOLE_BASE:g} in runs that fine-tune the whole base, "
-           f"{defaults.DROPOUT_CACHED:g} otherwise", "model"),
-    Option("head_epochs", defaults.HEAD_EPOCHS, "phase 1 epochs (the head)", "phases", int),
+           f"{defaults.DROPOUT_CACHED:g} otherwise", "model",
+           valid=Interval(0, 1, "left"), auto=True),
+    Option("head_epochs", defaults.HEAD_EPOCHS, "phase 1 epochs (the head)", "phases", int,
+           valid=Interval(1)),
     Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
-           "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int),
+           "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int,
+           valid=Interval(0)),
     Option("unfreeze", defaults.UNFREEZE,
            "auto, all, or the number of top blocks to fine-tune (trained on cached "
            "activations); auto: all where that is cheap (at most "
@@ -130,40 +183,45 @@ FIT_OPTIONS: tuple[Option, ...] = (
            "when it does not); head: never fine-tune; fine-tune: every fine-tuning epoch",
            "phases", choices=defaults.MODES),
     Option("time_budget", None, "seconds for the whole run: fine-tuning stops before an epoch "
-           "that would end past it", "phases", float, metavar="SECONDS"),
+           "that would end past it", "phases", float, metavar="SECONDS",
+           valid=Interval(0, None, "neither")),
     Option("unfreeze_schedule", defaults.UNFREEZE_SCHEDULE,
            "none: all unfrozen blocks from the start; gradual: one more block per fine-tuning "
            "epoch, top first; or start epochs like 0,1,3", "phases"),
     Option("heads", defaults.HEADS, "phase 1: train this many heads from different seeds on "
            "the cached features and average them into one (a logit ensemble at no inference "
-           "cost)", "phases", int),
+           "cost)", "phases", int, valid=Interval(1)),
     Option("calibrate", defaults.CALIBRATE, "auto: fold a temperature fitted on the "
            "validation images into the final layer when it lowers their held-out calibration "
            "error and log-loss (accuracy unchanged); none: keep the probabilities as trained", "model",
            choices=("auto", "none")),
     Option("lr", defaults.HEAD_LR, "phase 1 learning rate, or auto: the range test chooses "
-           "(graft lr-find)", "optimizer"),
+           "(graft lr-find)", "optimizer", valid=Interval(0, 1, "neither"), auto=True),
     Option("fine_tune_lr", defaults.FINE_TUNE_LR,
-           "phase 2 learning rate, or auto (with --unfreeze N)", "optimizer"),
+           "phase 2 learning rate, or auto (with --unfreeze N)", "optimizer",
+           valid=Interval(0, 1, "neither"), auto=True),
     Option("schedule", defaults.LR_SCHEDULE,
            "learning rate over each phase: cosine (5% warm-up, then cosine decay), one-cycle "
            "(25% up from lr/25, then down) or constant", "optimizer",
            choices=defaults.SCHEDULES),
     Option("weight_decay", defaults.WEIGHT_DECAY,
-           "AdamW's decoupled weight decay on kernels; 0 for Adam", "optimizer", float),
+           "AdamW's decoupled weight decay on kernels; 0 for Adam", "optimizer", float,
+           valid=Interval(0, 1, "left")),
     Option("label_smoothing", defaults.LABEL_SMOOTHING,
            f"a number, or auto: {defaults.LABEL_SMOOTHING_WHOLE_BASE:g} in runs that "
-           "fine-tune the whole base, 0 otherwise", "optimizer"),
+           "fine-tune the whole base, 0 otherwise", "optimizer",
+           valid=Interval(0, 1, "left"), auto=True),
     Option("lr_decay", defaults.LR_DECAY, "discriminative rates: each lower unfrozen block "
            "trains at this times the rate of the block above (1: one rate)", "optimizer",
-           float),
+           float, valid=Interval(0, 1, "right")),
     Option("batch_size", defaults.BATCH_SIZE, "images per step (per replica under a "
-           "strategy)", "optimizer", int),
+           "strategy)", "optimizer", int, valid=Interval(1)),
     Option("augment", None, "augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' "
            "(the default, also named 'basic'), 'style' (basic plus brightness, saturation, "
            "hue, grayscale), or none; also crop and augmix (docs/guide.md)", "augmentation"),
     Option("views", defaults.VIEWS, "views per training image run once through the frozen "
-           "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int),
+           "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int,
+           valid=Interval(1)),
     Option("augment_head", False, "phase 1 the guide's way: through the frozen base every "
            "epoch, fresh augmentation", "augmentation", bool),
     Option("precision", defaults.PRECISION, "Keras dtype policy of the base (the head stays "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from graftkit import defaults
 from graftkit import options as options_module
 from graftkit.errors import UsageError
-from graftkit.options import number_or_auto, parse_unfreeze
+from graftkit.options import number_or_auto, parse_unfreeze, parse_unfreeze_schedule
 from graftkit.progress import progress_factory
 from graftkit.train import stages
 
@@ -40,7 +40,6 @@ class FitOptions(_Fields):
         return self.mode != "head" and self.fine_tune_epochs > 0
 
     def training(self):
-        from graftkit.options import parse_unfreeze_schedule
         from graftkit.train.optimizer import Training
 
         return Training(self.schedule, self.weight_decay, self.label_smoothing, self.lr_decay,
@@ -54,24 +53,14 @@ class FitOptions(_Fields):
         return out
 
     def check(self) -> None:
-        if self.image_size is not None and self.image_size < 8:
-            raise UsageError(f"--image-size must be at least 8 (got {self.image_size})")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.head_epochs < 1:
-            raise UsageError(f"--head-epochs must be at least 1 (got {self.head_epochs})")
-        if self.fine_tune_epochs < 0:
-            raise UsageError(f"--fine-tune-epochs must be 0 or more (got {self.fine_tune_epochs})")
-        for name, value in (("--lr", self.lr), ("--fine-tune-lr", self.fine_tune_lr)):
-            if value == "auto":
-                continue
-            if not 0 < value < 1:
-                raise UsageError(f"{name} must be between 0 and 1 (got {value})")
-        if self.dropout != "auto" and not 0 <= self.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if self.precision not in defaults.PRECISIONS:
-            raise UsageError(f"--precision must be {' or '.join(defaults.PRECISIONS)} "
-                             f"(got {self.precision!r})")
+        """Each value against its declaration (``Option.valid``, ``choices``), then the rules
+        between options, which no single declaration can state: here, once."""
+        for option in options_module.FIT_OPTIONS:
+            option.check(getattr(self, option.name))
+        try:
+            parse_unfreeze_schedule(self.unfreeze_schedule)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if self.lr == "auto" and self.augment_head:
             raise UsageError("--lr auto runs its range test on cached features: drop "
                              "--augment-head, or give --lr a number")
@@ -79,41 +68,9 @@ class FitOptions(_Fields):
             raise UsageError("--fine-tune-lr auto runs its range test on cached activations, "
                              "so it needs --unfreeze N (a number of blocks) and fine-tuning "
                              "epochs; or give --fine-tune-lr a number")
-        if self.views < 1:
-            raise UsageError(f"--views must be at least 1 (got {self.views})")
-        if self.strategy not in defaults.STRATEGIES:
-            raise UsageError(f"--strategy must be one of {', '.join(defaults.STRATEGIES)} "
-                             f"(got {self.strategy!r})")
-        if self.heads < 1:
-            raise UsageError(f"--heads must be at least 1 (got {self.heads})")
         if self.heads > 1 and self.augment_head:
             raise UsageError("--heads averages heads trained on cached features: drop "
                              "--augment-head, or use --heads 1")
-        if self.mode not in defaults.MODES:
-            raise UsageError(f"--mode must be one of {', '.join(defaults.MODES)} "
-                             f"(got {self.mode!r})")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise UsageError(f"--time-budget must be a number of seconds above 0 "
-                             f"(got {self.time_budget})")
-        from graftkit.options import parse_unfreeze_schedule
-
-        if self.schedule not in defaults.SCHEDULES:
-            raise UsageError(f"--schedule must be one of {', '.join(defaults.SCHEDULES)} "
-                             f"(got {self.schedule!r})")
-        if not 0 <= self.weight_decay < 1:
-            raise UsageError(f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
-        if self.label_smoothing != "auto" and not 0 <= self.label_smoothing < 1:
-            raise UsageError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if not 0 < self.lr_decay <= 1:
-            raise UsageError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
-        try:
-            parse_unfreeze_schedule(self.unfreeze_schedule)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if self.class_weight not in ("auto", "none"):
-            raise UsageError(f"--class-weight must be auto or none (got {self.class_weight!r})")
-        if self.calibrate not in ("auto", "none"):
-            raise UsageError(f"--calibrate must be auto or none (got {self.calibrate!r})")
 
 
 def make_options(**given) -> FitOptions:
@@ -165,8 +122,6 @@ def check_inputs(data_dir, out, options: FitOptions, overwrite: bool,
     from graftkit.data.folder import check_data_path
     from graftkit.outputs.run import check_run_dir
 
-    if not 0.0 < options.val_split < 1.0:
-        raise UsageError(f"--val-split must be between 0 and 1 (got {options.val_split})")
     check_data_path(data_dir)
     if options.val is not None:
         check_data_path(options.val, "validation data")
