@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # replacement.
 DEPS_HASH := $(shell $(PYTHON) scripts/deps_hash.py)
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(DEPS_HASH)" ]; then \
@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
 
-test: $(STAMP)
+# The fast tier first (no graft fit, no TFLite conversion, no TensorFlow subprocess: about 2
+# minutes on 2 cores), then the integration tier (fits, exports, end-to-end runs).
+test: test-fast
+	$(VENV)/bin/python -m pytest -m integration
+
+test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -m "not integration"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

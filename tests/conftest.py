@@ -1,9 +1,17 @@
-"""Shared fixtures: a private weights cache and small generated image folders."""
+"""Shared fixtures (a private weights cache, small generated image folders, runs) and the tiers.
+
+Two tiers: ``make test-fast`` runs the tests not marked ``integration`` (no graft fit, no TFLite
+conversion, no subprocess that imports TensorFlow); ``make test`` runs them first, then the rest.
+A test is ``integration`` when it is marked so (or ``slow``) or uses a fixture that fits
+(``INTEGRATION_FIXTURES``). A test that is not, yet fits, converts or starts TensorFlow in a
+subprocess, fails with a message saying to mark it: the fast tier stays fast by construction.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +23,75 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATA = Path(__file__).resolve().parent / "data"
+# Fixtures that run graft fit: every test using them (directly or not) is an integration test.
+INTEGRATION_FIXTURES = {"trained_run"}
+# graft commands that import TensorFlow (graftkit.cli.COMMANDS' tensorflow=True).
+TF_COMMANDS = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "demo", "serve"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.get_closest_marker("slow") is not None
+                or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.integration)
+
+
+class TierError(AssertionError):
+    """A test outside the integration tier did integration work."""
+
+
+def _refuse(what: str):
+    def refuse(*_args, **_kwargs):
+        raise TierError(f"{what} in a test not marked integration: mark it "
+                        "@pytest.mark.integration (or use a fixture of INTEGRATION_FIXTURES), "
+                        "or test the unit without it (tests/conftest.py)")
+    return refuse
+
+
+def _starts_tensorflow(args) -> bool:
+    """A Python subprocess running a TensorFlow graft command, or a script importing it."""
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    if not argv or "python" not in Path(argv[0]).name:
+        return False
+    if "graftkit.cli" in argv:
+        rest = argv[argv.index("graftkit.cli") + 1:]
+        return (bool(rest) and rest[0] in TF_COMMANDS
+                and not {"-h", "--help", "--version"} & set(rest))
+    if "-c" in argv:  # a script importing TensorFlow, Keras or graftkit's training
+        script = argv[argv.index("-c") + 1]
+        return bool(re.search(r"^\s*(import|from) (tensorflow|keras|graftkit\.train)\b", script,
+                              re.M))
+    return any(a.endswith(".py") for a in argv[1:2])  # a script: assume it trains
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """Outside the integration tier: no graft fit, no TFLite conversion, no TensorFlow process."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    import subprocess as sp
+
+    from graftkit.train import stages
+
+    # Scanning the data and opening the checkpoint are quick (the errors a user can cause there
+    # are fast tests); building the model starts the fit.
+    monkeypatch.setattr(stages, "build_model", _refuse("graft fit (or lr-find)"))
+    original = sp.Popen
+
+    class GuardedPopen(original):
+        def __init__(self, args, *rest, **kwargs):
+            if _starts_tensorflow(args):
+                _refuse(f"a subprocess that starts TensorFlow ({' '.join(map(str, args))[:80]})")()
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(sp, "Popen", GuardedPopen)
+    import tensorflow as tf
+
+    for name in ("from_keras_model", "from_saved_model", "from_concrete_functions"):
+        monkeypatch.setattr(tf.lite.TFLiteConverter, name, _refuse("a TFLite conversion"))
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

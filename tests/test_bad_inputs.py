@@ -174,6 +174,7 @@ def test_nested_folders_and_non_image_files(folder):
     assert r["notes.txt"] == "not an image file (.txt)" and r["README"] == "not an image file (no extension)"
 
 
+@pytest.mark.integration
 def test_fit_lists_every_skipped_file_in_metrics_and_summary(folder, tmp_path, capsys):
     (folder / "class_0" / "zero.jpg").write_bytes(b"")
     (folder / "class_1" / "page.jpg").write_text("<html/>")

@@ -21,6 +21,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.integration
 def test_fit_writes_a_complete_run(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=10)
     run = tmp_path / "run"
@@ -76,6 +77,7 @@ def test_fit_writes_a_complete_run(tmp_path, capsys):
     assert code == 5 and "--overwrite" in err
 
 
+@pytest.mark.integration
 def test_a_rerun_on_a_warm_cache_repeats_the_first_run_exactly(tmp_path, capsys, monkeypatch):
     """The first run converts the weights and computes every frozen output; the rerun reads
     them all from the cache, so its engine first runs after phase 2 has trained the top blocks
@@ -254,6 +256,7 @@ def test_graft_console_script_help():
     assert "examples:" in out and "--unfreeze" in out
 
 
+@pytest.mark.integration
 def test_a_held_out_test_folder_is_scored_once_and_reported_first(tmp_path, capsys):
     """test/ beside train/ and val/: never trained or chosen on, scored at the end, first in
     the summary, metrics.json and the report; the validation figure says it was chosen on."""

@@ -102,6 +102,7 @@ def _small_net(seed: int) -> keras.Model:
     return keras.Model(x, [b, layers.GlobalAveragePooling2D()(b)])
 
 
+@pytest.mark.integration
 def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     net = _small_net(0)
     key = part_key(net, SIZE, "test")
@@ -120,6 +121,7 @@ def test_tflite_engine_matches_keras_and_is_converted_once(private_cache):
     assert FrozenPart(net, key, converted=False).engine == "keras"
 
 
+@pytest.mark.integration
 def test_engine_is_converted_only_for_jobs_that_pay_for_it(private_cache, monkeypatch):
     from graftkit import defaults
 
@@ -158,6 +160,7 @@ def test_fixed_batches_make_keras_rows_independent_of_their_neighbours():
         np.testing.assert_array_equal(got, whole[start: start + len(rows)])
 
 
+@pytest.mark.integration
 def test_engine_that_disagrees_with_keras_falls_back(private_cache):
     FrozenPart(_small_net(1), "wrong-engine")(_pixels(1))  # another network's engine, same key
     net = _small_net(2)
@@ -178,6 +181,7 @@ def _needs_openvino():
         pytest.skip("openvino is not installed")
 
 
+@pytest.mark.integration
 def test_openvino_engine_matches_keras(private_cache, monkeypatch):
     _needs_openvino()
     monkeypatch.setenv(engine_module.ENGINE_ENV, "openvino")
@@ -191,6 +195,7 @@ def test_openvino_engine_matches_keras(private_cache, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_the_engine_is_a_rule_not_a_measurement(private_cache, monkeypatch):
     """TFLite for float32 whatever the timings, so a job's rows never depend on the load."""
     _needs_openvino()
@@ -210,6 +215,7 @@ def test_the_engine_is_a_rule_not_a_measurement(private_cache, monkeypatch):
     assert not (private_cache / "engines" / f"{key}.json").exists()  # no choice to remember
 
 
+@pytest.mark.integration
 def test_a_failing_engine_falls_back_to_the_next_then_keras_and_says_why(private_cache,
                                                                           monkeypatch):
     _needs_openvino()
@@ -280,6 +286,7 @@ def test_engine_settings_with_a_typo_are_one_clear_error(monkeypatch):
         FrozenPart(_small_net(0), "typo")
 
 
+@pytest.mark.integration
 def test_bf16_is_asked_for_and_taken_only_where_the_cpu_has_it(private_cache, monkeypatch):
     _needs_openvino()
     monkeypatch.setenv(engine_module.ENGINE_ENV, "openvino")
@@ -461,6 +468,7 @@ def test_rotation_keeps_the_image_centre_and_fills_corners():
     assert augment_image(bright, 3, {"rotation": 0.1, "zoom": 0.1}).min() >= 199  # reflected fill
 
 
+@pytest.mark.integration
 def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tmp_path):
     from graftkit.train.workflow import fit
 

@@ -134,6 +134,7 @@ def _fit(tmp_path, name, *extra):
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.integration
 def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch):
     import graftkit
     from graftkit.frozen.engine import ENGINE_ENV
@@ -209,6 +210,7 @@ def test_auto_image_size_and_depth_follow_the_data(tmp_path):
     assert auto_unfreeze(1600, 224)[0] == 2  # flowers5: top blocks on cached activations
 
 
+@pytest.mark.integration
 def test_heads_are_averaged_into_one_and_every_epoch_is_logged(tmp_path):
     import csv
 
@@ -221,6 +223,7 @@ def test_heads_are_averaged_into_one_and_every_epoch_is_logged(tmp_path):
     assert abs(m["val_accuracy"] - head["best_val_accuracy"]) < 1e-6
 
 
+@pytest.mark.integration
 def test_one_view_says_the_augmentation_is_never_applied(tmp_path, capsys):
     _fit(tmp_path, "one-view", "--views", "1", "--mode", "head")
     assert "--views 1 caches each training image as it is" in capsys.readouterr().out

@@ -45,6 +45,7 @@ def test_csv_rows_that_are_wrong(tmp_path):
     assert [s["reason"] for s in folder.skipped] == ["file not found (dangling symbolic link?)"]
 
 
+@pytest.mark.integration
 def test_fit_with_csv_and_explicit_val(tmp_path, capsys):
     train = make_folder(tmp_path / "train", classes=2, per_class=8)
     val = make_folder(tmp_path / "val", classes=2, per_class=3, seed=3)
@@ -81,6 +82,7 @@ def test_predict_writes_a_file(trained_run, tmp_path, capsys):
     assert rows[0] == "path,label,probability,top_k,known,ood_score" and len(rows) == 31
 
 
+@pytest.mark.integration
 def test_tfds_by_name_offline_with_mock_data(tmp_path, capsys):
     """The Keras guide's dataset by name, with TFDS's own mock data (nothing downloaded)."""
     tfds = pytest.importorskip("tensorflow_datasets", reason="the [tfds] extra is not installed")

@@ -25,6 +25,7 @@ def _state(tmp_path: Path, **options) -> stages.FitState:
     return s
 
 
+@pytest.mark.integration
 def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
     data = make_folder(tmp_path / "data", classes=2, per_class=6)
     s = _state(tmp_path, unfreeze="auto")
@@ -47,6 +48,7 @@ def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
     assert any(line.startswith("frozen base: ") and "computed" in line for line in s.lines)
 
 
+@pytest.mark.integration
 def test_a_number_of_blocks_cuts_the_base_and_caches_phase_2(tmp_path):
     data = make_folder(tmp_path / "data", classes=2, per_class=6)
     s = _state(tmp_path, unfreeze=1, augment="none")
@@ -67,6 +69,7 @@ def test_a_number_of_blocks_cuts_the_base_and_caches_phase_2(tmp_path):
 
 @pytest.mark.parametrize("given,whole,rate", [("auto", False, 0.7), (0.3, False, 0.3),
                                               (0, True, 0.0), ("auto", True, 0.2)])
+@pytest.mark.integration
 def test_dropout_auto_and_given(tmp_path, given, whole, rate):
     data = make_folder(tmp_path / "data", classes=2, per_class=6)
     s = _state(tmp_path, dropout=given, unfreeze="all" if whole else 1, augment="none")
@@ -106,6 +109,7 @@ def test_choose_mode_without_phase_2_says_why(tmp_path):
     assert s.mode["chosen"] == "head" and s.mode["reason"] == "--fine-tune-epochs 0"
 
 
+@pytest.mark.integration
 def test_lr_find_runs_the_stages_to_its_test_and_writes_no_run(tmp_path):
     from graftkit.train.workflow import lr_find
 
@@ -126,6 +130,7 @@ def test_options_take_fits_defaults_and_refuse_unknown_names():
         make_options(head_epoch=3)
 
 
+@pytest.mark.integration
 def test_fit_returns_the_classifier_that_load_gives_back(tmp_path):
     """One shape for the public API: what ``fit`` returns predicts like what ``load`` reads."""
     import numpy as np
