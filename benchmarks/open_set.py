@@ -91,13 +91,12 @@ def run_for(name: str, runs: Path, seed: int):
 
 def features(clf, paths: list[str]):
     """Penultimate features, raw logits and probabilities of image files."""
-    from graftkit.frozen.cut import split_classifier
     from graftkit.graft import head_logits, with_features
     from graftkit.outputs.calibration import softmax
     from graftkit.outputs.evaluation import model_outputs
 
     two = with_features(clf.model)
-    f, _ = model_outputs(two, paths, fast=split_classifier(two, clf.metrics))
+    f, _ = model_outputs(two, paths, fast=clf._fast_path(two))
     t = (clf.metrics.get("calibration") or {}).get("temperature", 1.0)
     logits = head_logits(clf.model, f) * t  # the raw logits, any folded T taken out
     return f, logits, softmax(logits)

@@ -486,8 +486,11 @@ def test_mixed_bfloat16_fit_keeps_the_head_in_float32_and_restores_the_policy(tm
 
 
 def test_a_run_names_its_engine_and_the_cached_file_apart():
-    from graftkit.frozen.cut import engine_key
+    from graftkit.outputs.record import RunRecord
 
-    assert engine_key({"engine": "tflite", "engine_key": "0123456789abcdef"}) == "0123456789abcdef"
-    assert engine_key({"engine": "0123456789abcdef"}) == "0123456789abcdef"  # older run folders
-    assert engine_key({"engine": "tflite"}) is None and engine_key({}) is None
+    new = RunRecord.from_json({"engine": "tflite", "engine_key": "0123456789abcdef", "schema": 2})
+    assert (new.engine, new.engine_key) == ("tflite", "0123456789abcdef")
+    old = RunRecord.from_json({"engine": "0123456789abcdef"})  # schema 1: the key in "engine"
+    assert (old.engine, old.engine_key, old.schema) == (None, "0123456789abcdef", 1)
+    assert RunRecord.from_json({"engine": "tflite"}).engine_key is None
+    assert RunRecord.from_json({}).engine_key is None

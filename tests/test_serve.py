@@ -279,7 +279,7 @@ def test_relabel_set_aside_undo_with_journal(service, client, review_data):
         assert now["now"] == "class_2" and now["undo"] == action["id"]
 
         # undo after a restart: a new review of the same folder reads the journal
-        again = Review(service.run_dir, service.classifier.classes, service.classifier.metrics,
+        again = Review(service.run_dir, service.classifier.classes, service.classifier.record,
                        str(review_data))
         again.load()
         assert [a["id"] for a in again.summary()["actions"]] == [action["id"]]
@@ -314,7 +314,7 @@ def test_interrupted_moves_are_settled_on_start(service, review_data):
     j.append({"id": "cut2", "action": "relabel", "key": "class_2/img_006.png",
               "from": "class_2/img_006.png", "to": "class_0/moved_006.png"})  # never moved
     try:
-        Review(service.run_dir, service.classifier.classes, service.classifier.metrics,
+        Review(service.run_dir, service.classifier.classes, service.classifier.record,
                str(review_data))
         lines = journal(review_data)
         assert {"id": "cut1", "done": True} in lines
@@ -327,7 +327,7 @@ def test_interrupted_moves_are_settled_on_start(service, review_data):
 
 
 def test_review_of_data_it_cannot_move(service, tmp_path, trained_run, monkeypatch):
-    m = service.classifier.metrics
+    m = service.classifier.record
     table = tmp_path / "labels.csv"
     table.write_text("".join(f"{p},{p.parent.name}\n"
                              for p in sorted((trained_run / "data").rglob("*.png"))))

@@ -288,7 +288,7 @@ def service_pair(trained_run, tmp_path):
     clf = load(trained_run / "run")
     reviews = []
     for _ in range(2):
-        r = Review(trained_run / "run", clf.classes, clf.metrics, str(data))
+        r = Review(trained_run / "run", clf.classes, clf.record, str(data))
         r.load()
         reviews.append(r)
     return reviews[0], reviews[1], data

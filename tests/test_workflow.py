@@ -1,4 +1,4 @@
-"""The stages of ``fit``, each called on its own over a ``FitState``."""
+"""The stages of ``fit``, each called on its own with the records it reads."""
 
 from __future__ import annotations
 
@@ -8,87 +8,122 @@ import pytest
 
 from graftkit.train import stages
 from graftkit.train.distribute import Distribution
-from graftkit.train.phases import PhaseResult
+from graftkit.train.phases import Best, PhasePlan, PhaseResult
+from graftkit.train.records import CutPlan, ModelPlan, RunContext, Training
 from graftkit.train.workflow import make_options
 
 from .conftest import make_folder
 
 
-def _state(tmp_path: Path, **options) -> stages.FitState:
-    opts = make_options(**{"image_size": 32, "batch_size": 8, "head_epochs": 2,
-                           "fine_tune_epochs": 2, **options})
+def _run(tmp_path: Path) -> tuple[RunContext, list[str]]:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lines: list[str] = []
-    s = stages.FitState(opts, run_dir, Distribution("default", None), lines.append, 0)
-    s.lines = lines  # what the stages logged
-    return s
+    lines: list[str] = []  # what the stages logged
+    return RunContext(run_dir, Distribution("default", None), lines.append, 0), lines
+
+
+def _options(**given):
+    return make_options(**{"image_size": 32, "batch_size": 8, "head_epochs": 2,
+                           "fine_tune_epochs": 2, **given})
 
 
 @pytest.mark.integration
-def test_stages_up_to_the_frozen_outputs_fill_the_state(tmp_path):
-    data = make_folder(tmp_path / "data", classes=2, per_class=6)
-    s = _state(tmp_path, unfreeze="auto")
-    stages.scan_data(s, data)
-    assert s.folder.classes == ["class_0", "class_1"] and s.checked.status in ("clean", "warning")
-    stages.open_checkpoint(s, overwrite=False, resume=False)
-    assert s.resumed is None and s.ckpt is not None
-    stages.build_model(s, deterministic=True, unsafe=False)
-    assert s.size == 32 and s.model.outputs[0].shape[-1] == 2
-    stages.resolve_auto(s)
-    assert s.opt.unfreeze == "all" and s.unfreeze_reason.startswith("10 training images")
-    assert s.opt.label_smoothing == 0.1  # the whole base is fine-tuned
-    assert s.opt.dropout == 0.2 and s.model.get_layer("head_dropout").rate == 0.2
-    stages.plan_phases(s, tensorboard=False)
-    assert s.plan.head_epochs == 2 and s.phases == [] and (s.run_dir / "history.csv").is_file()
-    stages.cut_base(s)
-    assert not s.cached_phase2 and s.need_cache and s.views == 5 and s.engine_key
-    stages.compute_frozen(s)
-    assert len(s.train_ex.views) == 5 and len(s.val_ex.views[0][0]) == len(s.folder.val)
-    assert any(line.startswith("frozen base: ") and "computed" in line for line in s.lines)
+def test_stages_up_to_the_frozen_outputs_return_their_records(tmp_path):
+    data_dir = make_folder(tmp_path / "data", classes=2, per_class=6)
+    run, lines = _run(tmp_path)
+    options = _options(unfreeze="auto")
+    data = stages.scan_data(run, options, data_dir)
+    assert data.folder.classes == ["class_0", "class_1"]
+    assert data.checked.status in ("clean", "warning")
+    resume = stages.open_checkpoint(run, options, data, overwrite=False, resume=False)
+    assert resume.state is None and resume.epochs == 0
+    built = stages.build_model(run, options, data, resume, deterministic=True, unsafe=False)
+    assert built.size == 32 and built.model.outputs[0].shape[-1] == 2
+    assert built.options.unfreeze == "all"
+    assert built.unfreeze_reason.startswith("10 training images")
+    # The whole base is fine-tuned: its dropout and label smoothing, in the model itself.
+    assert built.options.label_smoothing == 0.1 and built.options.dropout == 0.2
+    assert built.model.get_layer("head_dropout").rate == 0.2
+    assert options.unfreeze == "auto"  # the options given are left as they were
+    training = stages.plan_phases(run, built, data, resume, tensorboard=False)
+    assert training.plan.head_epochs == 2 and training.phases == []
+    assert (run.run_dir / "history.csv").is_file()
+    cut = stages.cut_base(run, built, training)
+    assert not cut.cached_phase2 and cut.need_cache and cut.views == 5 and cut.engine_key
+    frozen = stages.compute_frozen(run, built, data, cut)
+    assert len(frozen.train.views) == 5 and len(frozen.val.views[0][0]) == len(data.folder.val)
+    assert frozen.total == 5 * len(data.folder.train) + len(data.folder.val)
+    assert any(line.startswith("frozen base: ") and "computed" in line for line in lines)
+    frozen.release()
+    assert frozen.train is None and frozen.val is None
 
 
-@pytest.mark.integration
+def _built(options, size: int = 32) -> ModelPlan:
+    """A grafted model without a fit (and without the stage that seeds a run)."""
+    from graftkit.backbones import load_base
+    from graftkit.graft import build_classifier
+
+    base, info = load_base("efficientnet_lite0", size, None)
+    return ModelPlan(options, base, build_classifier(base, 2, options.dropout), info)
+
+
 def test_a_number_of_blocks_cuts_the_base_and_caches_phase_2(tmp_path):
-    data = make_folder(tmp_path / "data", classes=2, per_class=6)
-    s = _state(tmp_path, unfreeze=1, augment="none")
-    for stage in (lambda: stages.scan_data(s, data),
-                  lambda: stages.open_checkpoint(s, False, False),
-                  lambda: stages.build_model(s, True, False), lambda: stages.resolve_auto(s),
-                  lambda: stages.plan_phases(s, False), lambda: stages.cut_base(s)):
-        stage()
-    assert s.cached_phase2 and s.split.top is not None and s.views == 1
-    assert s.opt.label_smoothing == 0.0
+    """cut_base alone, from the records it reads."""
+    run, _ = _run(tmp_path)
+    options = stages.resolve_auto(_options(unfreeze=1, augment="none"), 10, 32).options
+    built = _built(options)
+    cut = stages.cut_base(run, built, Training(8, PhasePlan(2, 2, 1e-3, 1e-4, 1), Best()))
+    assert cut.cached_phase2 and cut.split.top is not None and cut.views == 1
+    assert cut.need_cache and cut.fine_tune_epochs == 2
+    assert options.label_smoothing == 0.0
     # The head trains on cached features of the top blocks' outputs: the stronger dropout,
     # in the model itself (the cached-feature head copies its rate from there).
-    assert s.opt.dropout == 0.7 and s.model.get_layer("head_dropout").rate == 0.7
+    assert options.dropout == 0.7 and built.model.get_layer("head_dropout").rate == 0.7
     from graftkit.train.phases import _head_like
 
-    assert _head_like(s.model, 8).get_layer("head_dropout").rate == 0.7
+    assert _head_like(built.model, 8).get_layer("head_dropout").rate == 0.7
+    done = Training(8, PhasePlan(2, 2, 1e-3, 1e-4, 1), Best(),
+                    [PhaseResult("head", 2, 1.0, 0.9), PhaseResult("fine_tune", 2, 1.0, 0.9)])
+    assert not stages.cut_base(run, built, done).need_cache  # a resumed run past both phases
 
 
 @pytest.mark.parametrize("given,whole,rate", [("auto", False, 0.7), (0.3, False, 0.3),
                                               (0, True, 0.0), ("auto", True, 0.2)])
-@pytest.mark.integration
-def test_dropout_auto_and_given(tmp_path, given, whole, rate):
-    data = make_folder(tmp_path / "data", classes=2, per_class=6)
-    s = _state(tmp_path, dropout=given, unfreeze="all" if whole else 1, augment="none")
-    stages.scan_data(s, data)
-    stages.build_model(s, deterministic=True, unsafe=False)
-    stages.resolve_auto(s)
-    assert s.opt.dropout == rate and s.model.get_layer("head_dropout").rate == rate
+def test_dropout_auto_and_given(given, whole, rate):
+    options = _options(dropout=given, unfreeze="all" if whole else 1, augment="none")
+    assert stages.resolve_auto(options, 10, 32).options.dropout == rate
 
 
-def _with_phases(tmp_path, head: float, ft: float | None, improved: bool = True,
-                 mode: str = "auto") -> stages.FitState:
-    s = _state(tmp_path, mode=mode)
-    s.phases = [PhaseResult("head", 2, 1.0, head)]
-    s.ft_epochs = 2
-    s.plan = type("PhasePlan", (), {"history": [], "deadline": None})()
+@pytest.mark.parametrize("images,size,unfreeze,smoothing", [
+    (10, 32, "all", 0.1),  # cheap: the whole base, with label smoothing
+    (1600, 224, 2, 0.0),  # the top blocks on cached activations
+])
+def test_unfreeze_and_label_smoothing_auto(images, size, unfreeze, smoothing):
+    resolved = stages.resolve_auto(_options(unfreeze="auto"), images, size)
+    assert resolved.options.unfreeze == unfreeze
+    assert resolved.options.label_smoothing == smoothing
+    assert resolved.unfreeze_reason.startswith(f"{images} training images at {size} px")
+    assert stages.resolve_auto(_options(unfreeze=3), images, size).unfreeze_reason == "given"
+    from graftkit.errors import UsageError
+
+    if unfreeze == "all":
+        with pytest.raises(UsageError, match="--fine-tune-lr auto needs --unfreeze N"):
+            stages.resolve_auto(_options(unfreeze="auto", fine_tune_lr="auto"), images, size)
+
+
+def _with_phases(head: float, ft: float | None, improved: bool = True, mode: str = "auto",
+                 ft_epochs: int = 2):
+    from graftkit.backbones.registry import BaseInfo
+
+    options = _options(mode=mode)
+    plan = PhasePlan(2, 2, 1e-3, 1e-4, 1)
+    training = Training(8, plan, Best(), [PhaseResult("head", 2, 1.0, head)])
     if ft is not None:
-        s.phases.append(PhaseResult("fine_tune", 2, 3.0, ft, improved=improved))
-        s.plan.history = [{"phase": "fine_tune", "val_accuracy": ft}]
-    return s
+        training.phases.append(PhaseResult("fine_tune", 2, 3.0, ft, improved=improved))
+        plan.history = [{"phase": "fine_tune", "val_accuracy": ft}]
+    cut = CutPlan(ft_epochs, None, False, 1, False, None, "")
+    built = ModelPlan(options, None, None, BaseInfo("base", 32, "", ""))
+    return options, training, cut, built
 
 
 @pytest.mark.parametrize("head,ft,improved,chosen", [
@@ -96,17 +131,18 @@ def _with_phases(tmp_path, head: float, ft: float | None, improved: bool = True,
     (0.90, 0.85, False, "head"),
 ])
 def test_choose_mode_keeps_fine_tuning_only_when_it_won(tmp_path, head, ft, improved, chosen):
-    s = _with_phases(tmp_path, head, ft, improved)
-    stages.choose_mode(s)
-    assert s.mode["chosen"] == chosen and s.mode["head_val_accuracy"] == head
-    assert s.lines[-1].startswith(f"mode auto: {chosen.replace('_', '-')}")
+    run, lines = _run(tmp_path)
+    options, training, cut, built = _with_phases(head, ft, improved)
+    mode = stages.choose_mode(run, options, training, cut, built)
+    assert mode["chosen"] == chosen and mode["head_val_accuracy"] == head
+    assert mode["image_size"] == 32 and mode["unfreeze"] == options.unfreeze
+    assert lines[-1].startswith(f"mode auto: {chosen.replace('_', '-')}")
 
 
 def test_choose_mode_without_phase_2_says_why(tmp_path):
-    s = _with_phases(tmp_path, 0.9, None)
-    s.ft_epochs = 0
-    stages.choose_mode(s)
-    assert s.mode["chosen"] == "head" and s.mode["reason"] == "--fine-tune-epochs 0"
+    run, _ = _run(tmp_path)
+    mode = stages.choose_mode(run, *_with_phases(0.9, None, ft_epochs=0))
+    assert mode["chosen"] == "head" and mode["reason"] == "--fine-tune-epochs 0"
 
 
 @pytest.mark.integration

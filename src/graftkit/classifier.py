@@ -18,6 +18,7 @@ import numpy as np
 
 from graftkit import defaults
 from graftkit.errors import DataError, UsageError
+from graftkit.outputs.record import RunRecord
 
 
 @dataclass
@@ -92,12 +93,16 @@ class Classifier:
         'bees'
     """
 
-    def __init__(self, model, classes: Sequence[str], metrics: dict | None = None,
+    def __init__(self, model, classes: Sequence[str], metrics: RunRecord | dict | None = None,
                  run_dir: str | os.PathLike | None = None, fast: bool = True,
                  train_digests: Sequence[str] | None = None):
         self.model = model
         self.classes = list(classes)
-        self.metrics = metrics or {}
+        # What the run recorded, typed (graftkit reads this); ``metrics`` is the same as the
+        # plain dictionary of metrics.json, for users.
+        self.record = (metrics if isinstance(metrics, RunRecord)
+                       else RunRecord.from_json(metrics))
+        self.metrics = self.record.to_json() if isinstance(metrics, RunRecord) else dict(metrics or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.train_digests = list(train_digests) if train_digests is not None else None
         self.image_size = int(model.inputs[0].shape[1])
@@ -126,9 +131,13 @@ class Classifier:
     def _fast_path(self, model):
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and self._split is None:
-            from graftkit.frozen.cut import split_classifier
+            from graftkit.frozen.cut import cut_blocks, split_classifier
 
-            self._split = split_classifier(model, self.metrics) or False
+            options = self.record.options  # runs without options fine-tuned nothing
+            top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
+                               options.get("mode"))
+            self._split = split_classifier(model, self.record.backbone, top_n,
+                                           self.record.engine_key) or False
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._split or None
@@ -141,7 +150,7 @@ class Classifier:
 
             path = self.run_dir / FILE if self.run_dir is not None else None
             self._open_set = (OpenSet.load(path) if path is not None and path.is_file()
-                              and "open_set" in self.metrics else False)
+                              and self.record.open_set is not None else False)
         return self._open_set or None
 
     @property

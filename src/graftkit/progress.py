@@ -71,7 +71,11 @@ class Progress:
             print(end, file=self.stream, flush=True)
 
 
-def progress_factory(enabled: bool) -> Callable[[str, int], Progress | None]:
+# ``make(label, total)``: a bar for a step of ``total`` items, or None (no progress wanted).
+ProgressFactory = Callable[[str, int], "Progress | None"]
+
+
+def progress_factory(enabled: bool) -> ProgressFactory:
     """``make(label, total)`` -> a ``Progress``, or None when progress is not wanted."""
     def make(label: str, total: int) -> Progress | None:
         return Progress(label, total) if enabled and total > 0 else None

@@ -68,13 +68,12 @@ def run_training(run_dir: str) -> str:
     predict), so its trainable counts alone would hide what fine-tuning changed."""
     from graftkit.outputs.run import read_run
 
-    metrics = read_run(run_dir)[2]
-    phases = {p["name"]: p for p in metrics.get("phases", [])}
-    chosen = (metrics.get("mode") or {}).get("chosen")
+    record = read_run(run_dir)[2]
+    phases = {p["name"]: p for p in record.phases}
+    mode = record.mode or {}
     fine = phases.get("fine_tune")
-    if fine is None or chosen == "head":
-        why = f" ({metrics['mode']['reason']}: the head-only weights were kept)" \
-            if fine is not None else ""
+    if fine is None or mode.get("chosen") == "head":
+        why = f" ({mode['reason']}: the head-only weights were kept)" if fine is not None else ""
         return f"this run trained the head only; the base kept its pretrained weights{why}"
     return (f"this run trained the head, then fine-tuned the base: {fine['note']}; the saved "
             "model has its base frozen again, ready for predictions")

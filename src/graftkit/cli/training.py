@@ -31,7 +31,7 @@ def cmd_fit(args) -> int:
 
     result = fit(args.data_dir, args.out, resume=args.resume, tensorboard=args.tensorboard,
                  overwrite=args.overwrite, **_training_kwargs(args))
-    if "phases" not in result.metrics:  # a worker of a cluster other than the chief
+    if not result.record.finished:  # a worker of a cluster other than the chief
         return 0
     print_summary(result.metrics, result.run_dir)
     return 0

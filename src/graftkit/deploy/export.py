@@ -201,7 +201,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
         float_part = OOD_SCORE
     split = read_split(run_dir)
-    seed = int(clf.metrics.get("options", {}).get("seed", defaults.SEED))
+    seed = int(clf.record.options.get("seed", defaults.SEED))
     check_items = stratified(split["val"], MAX_CHECK_IMAGES, seed)
     calibration = stratified(split["train"], CALIBRATION_IMAGES, seed) if quantize == "int8" \
         else None

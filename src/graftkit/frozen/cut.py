@@ -9,7 +9,6 @@ for prediction, through the engine training converted.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import keras
@@ -196,25 +195,15 @@ class SplitClassifier:
 
 
 
-def engine_key(metrics: dict) -> str | None:
-    """The cached engine file a run names: ``engine_key``, or ``engine`` in run folders written
-    before the engine's name took that field."""
-    key = metrics.get("engine_key")
-    if key is None and re.fullmatch(r"[0-9a-f]{16}", str(metrics.get("engine"))):
-        key = metrics["engine"]
-    return key
-
-
-def split_classifier(model: keras.Model, metrics: dict) -> SplitClassifier | None:
-    """The fast path for a run's model, from what its metrics say of the cut; None if none."""
+def split_classifier(model: keras.Model, backbone: str | None, top_n: int,
+                     key: str | None) -> SplitClassifier | None:
+    """The fast path for a run's model, cut below its top ``top_n`` blocks (what the run
+    fine-tuned) with the cached engine ``key``; None if the model does not split."""
     from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
 
-    options = metrics.get("options", {})
-    top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
-                       options.get("mode"))
-    entry = REGISTRY.get(metrics.get("backbone", ""))
+    entry = REGISTRY.get(backbone or "")
     try:
         return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,
-                               top_n, engine_key(metrics))
+                               top_n, key)
     except (ValueError, KeyError):
         return None

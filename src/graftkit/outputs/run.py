@@ -12,6 +12,7 @@ from pathlib import Path
 
 from graftkit.errors import RunError
 from graftkit.files import atomic_write, write_text
+from graftkit.outputs.record import RunRecord
 
 MODEL_FILE = "model.keras"
 
@@ -25,6 +26,8 @@ METRICS_FILE = "metrics.json"
 
 
 
+# history.csv's columns: one row per epoch of either phase.
+HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 HISTORY_FILE = "history.csv"
 
 
@@ -161,8 +164,9 @@ def save_model(model, path: Path) -> None:
 
 
 
-def read_run(run_dir: str | os.PathLike) -> tuple[Path, list[str], dict]:
-    """``(model path, labels, metrics)`` of a finished run, or a clear error."""
+def read_run(run_dir: str | os.PathLike) -> tuple[Path, list[str], RunRecord]:
+    """``(model path, labels, record)`` of a finished run, or a clear error. A missing or
+    unreadable ``metrics.json`` gives an empty record: the model still predicts."""
     path = Path(run_dir)
     model_path = path / MODEL_FILE
     if not model_path.is_file():
@@ -179,4 +183,4 @@ def read_run(run_dir: str | os.PathLike) -> tuple[Path, list[str], dict]:
         metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         metrics = {}
-    return model_path, labels, metrics
+    return model_path, labels, RunRecord.from_json(metrics if isinstance(metrics, dict) else {})

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
+from graftkit.outputs.record import RunRecord
 from graftkit.serve.journal import (
     JOURNAL,
     SET_ASIDE,
@@ -101,10 +102,10 @@ def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
 class Review:
     """Suspect images of a run's data and the moves made on them (thread-safe)."""
 
-    def __init__(self, run_dir: str | os.PathLike, classes: list[str], metrics: dict,
+    def __init__(self, run_dir: str | os.PathLike, classes: list[str], record: RunRecord,
                  data: str | None = None):
-        self.run_dir, self.classes, self.metrics = Path(run_dir), list(classes), metrics
-        self.recorded = metrics.get("data")  # where predictions.csv's paths point
+        self.run_dir, self.classes, self.record = Path(run_dir), list(classes), record
+        self.recorded = record.data  # where predictions.csv's paths point
         self.source = str(data) if data else self.recorded
         self.root, self.read_only = _where(self.source, self.recorded)
         self.state = "checking" if self.root is not None else "unavailable"
@@ -151,7 +152,7 @@ class Review:
         from graftkit.data.checks import find_problems
         from graftkit.data.folder import find_split_dirs, scan
 
-        options = self.metrics.get("options", {})
+        options = self.record.options
         val = options.get("val") if self.source == self.recorded else None
         test = options.get("test") if self.source == self.recorded else None
         folder = scan(self.source, options.get("val_split", defaults.VAL_SPLIT),

@@ -90,7 +90,7 @@ class Service:
         self.classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))  # traced once, now
         self.token = secrets.token_urlsafe(18)
         self.batcher = Batcher(self.classifier.scored_pixels, max_batch, max_wait)
-        self.review = Review(self.run_dir, self.classifier.classes, self.classifier.metrics, data)
+        self.review = Review(self.run_dir, self.classifier.classes, self.classifier.record, data)
         self.review.start()
         self.max_upload_mb, self.max_pixels, self.max_files = max_upload_mb, max_pixels, max_files
         self.header_timeout, self.max_connections = header_timeout, max_connections
@@ -100,12 +100,12 @@ class Service:
         self.server = None
 
     def info(self) -> dict:
-        m = self.classifier.metrics
+        record = self.classifier.record
         open_set = self.classifier.open_set
         return {"run": str(self.run_dir.resolve()), "classes": self.classifier.classes,
-                "backbone": m.get("backbone"), "image_size": self.classifier.image_size,
-                "val_accuracy": m.get("val_accuracy"),
-                "balanced_accuracy": m.get("balanced_accuracy"),
+                "backbone": record.backbone, "image_size": self.classifier.image_size,
+                "val_accuracy": record.val_accuracy,
+                "balanced_accuracy": record.balanced_accuracy,
                 "open_set": None if open_set is None else
                 {"method": open_set.method, "threshold": open_set.threshold},
                 "max_upload_mb": self.max_upload_mb, "max_files": self.max_files,

@@ -19,10 +19,10 @@ import numpy as np
 
 from graftkit import defaults
 from graftkit.graft import HEAD_DENSE, HEAD_DROPOUT, build_head, freeze, unfreeze
+from graftkit.outputs.run import HISTORY_COLUMNS  # history.csv: one row per epoch
 from graftkit.train.optimizer import Training, block_factors, loss, optimizer
 
 METRICS = ["accuracy"]
-HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """``fit`` and ``lr_find``: the stages of ``graftkit.train.stages`` run in order, in one call.
 
-data -> base -> graft -> frozen outputs -> phases -> choice -> run folder.
+data -> base -> graft -> frozen outputs -> phases -> choice -> run folder. Each stage returns a
+record (``graftkit.train.records``) that the later ones take.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ from graftkit.errors import UsageError
 from graftkit.options import number_or_auto, parse_unfreeze, parse_unfreeze_schedule
 from graftkit.progress import progress_factory
 from graftkit.train import stages
+from graftkit.train.finish import finish
+from graftkit.train.records import (
+    CutPlan,
+    FrozenOutputs,
+    ModelPlan,
+    PreparedData,
+    Resume,
+    RunContext,
+    Training,
+)
 
 if TYPE_CHECKING:
     from graftkit.classifier import Classifier
@@ -186,14 +197,14 @@ def fit(
     options = make_options(**options)
     check_inputs(data_dir, out, options, overwrite, tensorboard)
     with _session(out, options, overwrite) as (run_dir, dist):
-        s = stages.FitState(options, run_dir, dist, log, verbose,
-                            progress=progress_factory(verbose != 0))
-        _prepare(s, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
+        run = RunContext(run_dir, dist, log, verbose, progress=progress_factory(verbose != 0))
+        data, resumed, built, training, cut, frozen = _prepare(
+            run, options, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
         with dist.scope():  # both phases build and compile their models under the strategy
-            stages.train_head_phase(s)
-            stages.fine_tune_phase(s)
-        stages.choose_mode(s)
-        return stages.finish(s)
+            stages.train_head_phase(run, built, data, training, cut, frozen, resumed)
+            stages.fine_tune_phase(run, built, data, training, cut, frozen, resumed)
+        mode = stages.choose_mode(run, built.options, training, cut, built)
+        return finish(run, built, data, training, cut, frozen, resumed, mode)
 
 
 fit.__doc__ = fit.__doc__.replace("{OPTIONS}", options_module.docstring())
@@ -243,16 +254,17 @@ def _remove_if_empty(dist, created: bool, run_dir: Path) -> None:
         run_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
 
 
-def _prepare(s: stages.FitState, data_dir, overwrite: bool, resume: bool, deterministic: bool,
-             unsafe: bool, tensorboard: bool) -> None:
+def _prepare(run: RunContext, options: FitOptions, data_dir, overwrite: bool, resume: bool,
+             deterministic: bool, unsafe: bool, tensorboard: bool
+             ) -> tuple[PreparedData, Resume, ModelPlan, Training, CutPlan, FrozenOutputs | None]:
     """Every stage before training: what ``fit`` and ``lr_find`` share."""
-    stages.scan_data(s, data_dir)
-    stages.open_checkpoint(s, overwrite, resume)
-    stages.build_model(s, deterministic, unsafe)
-    stages.resolve_auto(s)
-    stages.plan_phases(s, tensorboard)
-    stages.cut_base(s)
-    stages.compute_frozen(s)
+    data = stages.scan_data(run, options, data_dir)
+    resumed = stages.open_checkpoint(run, options, data, overwrite, resume)
+    built = stages.build_model(run, options, data, resumed, deterministic, unsafe)
+    training = stages.plan_phases(run, built, data, resumed, tensorboard)
+    cut = stages.cut_base(run, built, training)
+    frozen = stages.compute_frozen(run, built, data, cut)
+    return data, resumed, built, training, cut, frozen
 
 
 def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "head", *,
@@ -289,13 +301,14 @@ def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "h
     options = make_options(**training)
     check_inputs(data_dir, out, options, overwrite)
     with _session(out, options, overwrite) as (run_dir, dist):
-        s = stages.FitState(options, run_dir, dist, log, verbose, writes=False,
-                            progress=progress_factory(verbose != 0))
-        _prepare(s, data_dir, overwrite, False, deterministic, unsafe, False)
+        run = RunContext(run_dir, dist, log, verbose, writes=False,
+                         progress=progress_factory(verbose != 0))
+        data, resumed, built, training, cut, frozen = _prepare(
+            run, options, data_dir, overwrite, False, deterministic, unsafe, False)
         with dist.scope():
             if phase == "head":
-                stages.head_range_test(s)
+                stages.head_range_test(run, built, data, training, cut, frozen)
             else:
-                stages.train_head_phase(s)
-                stages.fine_tune_range_test(s)
-    return s.lr_tests
+                stages.train_head_phase(run, built, data, training, cut, frozen, resumed)
+                stages.fine_tune_range_test(run, built, data, training, cut, frozen)
+    return training.lr_tests

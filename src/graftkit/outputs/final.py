@@ -1,0 +1,178 @@
+"""The end of a fit: the final model scored, calibrated, its "unknown" threshold chosen on the
+validation images, the held-out test images scored once, and the run folder written.
+
+Nothing here trains: it takes the trained model, the scanned data and the run's record
+(``RunRecord``, built by ``graftkit.train.finish``) and leaves the files a run is made of, with
+``metrics.json`` last (its presence marks a finished run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from graftkit import defaults
+
+if TYPE_CHECKING:
+    import keras
+
+    from graftkit.data.folder import ImageFolder
+    from graftkit.outputs.open_set import OpenSet
+    from graftkit.outputs.record import RunRecord
+    from graftkit.progress import ProgressFactory
+
+# What the validation images decide in a run, so their accuracy is optimistic (metrics.json).
+VAL_CHOICES = ("the best epoch of each phase, head-only or fine-tuned (--mode), the temperature "
+               "(--calibrate) and the open-set threshold")
+
+
+@dataclass
+class TestScores:
+    """The held-out test images, scored once by the final model."""
+
+    record: dict[str, Any]  # metrics.json's "test" section
+    probs: np.ndarray
+    ood: np.ndarray
+
+
+@dataclass
+class FinalScores:
+    """The final model on the validation images (temperature and threshold applied)."""
+
+    probs: np.ndarray
+    result: dict[str, Any]  # graftkit.outputs.evaluation.scores of the probabilities
+    calibration: dict[str, Any]
+    open_set: OpenSet
+    open_set_info: dict[str, Any]
+    ood: np.ndarray
+    test: TestScores | None
+
+
+def final_pass(model: keras.Model, paths: Sequence[str], fast, progress: ProgressFactory | None,
+               label: str) -> list[np.ndarray]:
+    """The final model's outputs for image files, with a progress bar: the end of a fit
+    scores the training, validation and test images, and must not sit silent meanwhile."""
+    from graftkit.outputs.evaluation import model_outputs
+
+    bar = progress(label, len(paths)) if progress and len(paths) else None
+    try:
+        return model_outputs(model, list(paths), fast=fast,
+                             progress=(lambda done, _total: bar.update(done)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def calibrate_and_reject(model: keras.Model, two: keras.Model, features: np.ndarray,
+                         raw_probs: np.ndarray, train_features: np.ndarray,
+                         folder: ImageFolder, calibrate: str, log: Callable[[str], None]
+                         ) -> tuple[np.ndarray, dict, OpenSet, dict, np.ndarray]:
+    """Fold a temperature into the head (``--calibrate``) and fit the open-set score on the
+    training features; ``(probabilities, calibration, open set, its summary, val scores)``."""
+    from graftkit.graft import head_logits
+    from graftkit.outputs import calibration, open_set
+
+    labels = np.asarray(folder.val.labels)
+    logits = head_logits(two, features)
+    cal = calibration.calibrate(logits, labels, calibrate)
+    probs = raw_probs
+    if cal["applied"]:
+        calibration.fold_temperature(model, cal["temperature"])
+        logits = head_logits(two, features)
+        probs = calibration.softmax(logits).astype(np.float32)
+    log(f"calibration: {cal['reason']}")
+    scorer = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
+                                   folder.train.labels, len(folder.classes),
+                                   k=defaults.OPEN_SET_K)
+    scores = scorer.scores(features, probs, logits)
+    scorer.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
+    held_out = open_set.held_out_rejection(scores, labels, defaults.OPEN_SET_KEEP)
+    info = {**scorer.describe(), "train_images": int(len(train_features)),
+            "val_rejected": float((scores > scorer.threshold).mean()),
+            "val_rejected_held_out": held_out}
+    log(f"open set: {scorer.method} score, threshold {scorer.threshold:.4g} keeps "
+        f"{1 - info['val_rejected']:.1%} of the validation images"
+        + ("" if held_out is None else f" ({1 - held_out:.1%} of those it was not chosen on)"))
+    return probs, cal, scorer, info, scores
+
+
+def score_test(two: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
+               progress: ProgressFactory | None, log: Callable[[str], None]
+               ) -> TestScores | None:
+    """The held-out test images, scored once by the final model (temperature and threshold
+    included), after every choice was made on the validation images; None without them."""
+    from graftkit.graft import head_logits
+    from graftkit.outputs.evaluation import scores
+
+    if not folder.test_source or not len(folder.test):
+        return None
+    features, probs = final_pass(two, folder.test.paths, fast, progress,
+                                 "scoring the test images")
+    ood = open_set.scores(features, probs, head_logits(two, features))
+    result = scores(folder.test.labels, probs, folder.classes)
+    record = {"accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
+              "num_images": len(folder.test), "data": folder.test_source,
+              "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
+              "rejected": float((ood > open_set.threshold).mean())}
+    log(f"test: accuracy {record['accuracy']:.4f} on {len(folder.test)} held-out images "
+        "(scored once, nothing chosen on them)")
+    return TestScores(record, probs, ood)
+
+
+def score_final(model: keras.Model, two: keras.Model, folder: ImageFolder, fast,
+                train_features: np.ndarray, calibrate: str,
+                progress: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
+    """Validation scores of the final model, its calibration and open-set threshold (chosen
+    on them), then the test images' scores under both."""
+    from graftkit.outputs.evaluation import scores
+
+    features, raw_probs = final_pass(two, folder.val.paths, fast, progress,
+                                     "scoring the validation images")
+    probs, cal, open_set, info, ood = calibrate_and_reject(
+        model, two, features, raw_probs, train_features, folder, calibrate, log)
+    result = scores(folder.val.labels, probs, folder.classes)
+    test = score_test(two, folder, fast, open_set, progress, log)
+    return FinalScores(probs, result, cal, open_set, info, ood, test)
+
+
+def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: FinalScores,
+              record: RunRecord, history: list[dict], log: Callable[[str], None]) -> list[str]:
+    """Every file of the run folder, ``metrics.json`` last; the training images' digests."""
+    from graftkit.files import write_json
+    from graftkit.outputs import run
+    from graftkit.outputs.plots import best_row, plot_confusion, plot_history
+    from graftkit.outputs.report import build_report
+
+    log(f"writing {run_dir}: model, predictions, plots, report")
+    train_sha256 = folder.digests(folder.train)  # may read files the scan could not hash
+    run.save_model(model, run_dir / run.MODEL_FILE)
+    write_json(run_dir / run.LABELS_FILE, folder.classes)
+    write_json(run_dir / run.SPLIT_FILE, {
+        "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
+        "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
+        "test": [[p, folder.classes[y]] for p, y in zip(folder.test.paths, folder.test.labels)],
+        # Content digests: graft evaluate warns when its images are training images.
+        "train_sha256": train_sha256,
+    })
+    open_set = final.open_set
+    open_set.save(run_dir / run.OPEN_SET_FILE)
+    run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
+                          final.probs, folder.classes, final.ood, open_set.threshold)
+    if final.test is not None:
+        run.write_predictions(run_dir / run.TEST_PREDICTIONS_FILE, folder.test.paths,
+                              folder.test.labels, final.test.probs, folder.classes,
+                              final.test.ood, open_set.threshold)
+    run.write_history(run_dir / run.HISTORY_FILE, history, run.HISTORY_COLUMNS)
+    mode = record.mode
+    kept = ("head",) if mode and mode.get("chosen") == "head" else ("head", "fine_tune")
+    plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))
+    plot_confusion(final.result["confusion_matrix"], folder.classes,
+                   run_dir / run.CONFUSION_FILE)
+    metrics = record.to_json()
+    build_report(run_dir, metrics)
+    write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
+    return train_sha256

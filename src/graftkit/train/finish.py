@@ -1,0 +1,181 @@
+"""After the phases: the fast path for the final scores, the open-set statistics, the run's
+record, and the run folder (``graftkit.outputs.final`` scores and writes it).
+
+What stays in the training layer is what only training knows: whether the frozen part's
+engine still matches the final model, the cached rows the training features come from, what
+ran and why (``RunRecord``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from graftkit.outputs.final import VAL_CHOICES, FinalScores, final_pass, score_final, write_run
+from graftkit.outputs.record import RunRecord
+from graftkit.train.records import (
+    CutPlan,
+    FrozenOutputs,
+    ModelPlan,
+    PreparedData,
+    Resume,
+    RunContext,
+    Training,
+)
+
+if TYPE_CHECKING:
+    import keras
+
+    from graftkit.classifier import Classifier
+    from graftkit.frozen.cut import SplitClassifier
+
+
+def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
+           cut: CutPlan, frozen: FrozenOutputs | None, resume: Resume,
+           mode: dict) -> Classifier:
+    """Free the cached rows; workers other than the chief stop here, the chief writes the run."""
+    from graftkit.classifier import Classifier
+    from graftkit.frozen.engine import release_memory
+    from graftkit.graft import weights_digest, with_features
+
+    dist, model, folder = run.dist, built.model, data.folder
+    digest = weights_digest(model)
+    if not dist.chief:
+        if frozen is not None:
+            frozen.release()
+        release_memory()
+        run.log(f"worker {dist.worker} of {dist.workers}: done, final weights sha256 "
+                f"{digest[:16]} (the chief writes {run.run_dir})")
+        worker = RunRecord(distribution={"worker": dist.worker, "weights_sha256": digest})
+        return Classifier(model, folder.classes, worker, run.run_dir)
+    if dist.strategy is not None:  # the chief alone evaluates and saves: a copy off the strategy
+        import keras
+
+        plain = keras.models.clone_model(model)
+        plain.set_weights(model.get_weights())
+        model = plain
+    two = with_features(model)
+    fast, engine_key = _fast_scorer(built, cut, frozen, two)
+    train_features = _training_features(run, data, frozen, two, fast)
+    if frozen is not None:
+        frozen.release()  # the cached rows are done with: free them before the last pass
+    release_memory()
+    final = score_final(model, two, folder, fast, train_features, built.options.calibrate,
+                        run.progress, run.log)
+    record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest)
+    train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
+                             run.log)
+    if dist.workers > 1:
+        run.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
+    resume.checkpoint.remove()
+    return Classifier(model, folder.classes, record, run.run_dir, train_digests=train_sha256)
+
+
+def _fast_scorer(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
+                 model: keras.Model) -> tuple[SplitClassifier | None, str | None]:
+    """The split path of ``model`` (the final model, or ``with_features`` of it: frozen bottom
+    on its engine) for the final scores, when still valid; and the engine's key."""
+    from graftkit.frozen.cut import SplitClassifier, cut_blocks
+
+    bottom_unchanged = cut.cached_phase2 or cut.fine_tune_epochs == 0
+    if not bottom_unchanged:  # the whole base was fine-tuned: the engine no longer matches
+        return None, None
+    options = built.options
+    top_n = cut_blocks(options.unfreeze, options.fine_tune_epochs, options.mode)
+    part = frozen.part if frozen is not None else None
+    try:
+        return SplitClassifier(model, built.info.block_pattern, top_n, cut.engine_key,
+                               part), cut.engine_key
+    except ValueError:
+        return None, cut.engine_key
+
+
+def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutputs | None,
+                       two: keras.Model, fast: SplitClassifier | None) -> np.ndarray:
+    """The final model's penultimate features of the plain training images (the open-set
+    statistics): from the cached frozen outputs while they still hold, else one more pass."""
+    ex = frozen.train if frozen is not None else None
+    if fast is not None and ex is not None:
+        rows, out = ex.views[0][0], []  # view 0: the plain image
+        for i in range(0, len(rows), 256):
+            cut = np.asarray(rows[np.arange(i, min(i + 256, len(rows)))], dtype=np.float32)
+            out.append(fast.rest_outputs(cut)[0])
+        return np.concatenate(out) if out else np.zeros((0, two.outputs[0].shape[-1]))
+    start = time.perf_counter()
+    folder = data.folder
+    features = final_pass(two, folder.train.paths, fast, run.progress,
+                          "open set: training images")[0]
+    run.log(f"open set: features of the {len(folder.train)} training images, one pass of the "
+            f"final model ({time.perf_counter() - start:.1f} s)")
+    return features
+
+
+def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
+    """Which engine and precision computed the frozen outputs this run trained on.
+
+    Rows read from the cache were computed by the same engine in the same precision: each
+    engine's rows are cached apart.
+    """
+    if frozen is None:
+        return None
+    return {"engine": frozen.part.engine, "precision": frozen.part.precision,
+            "computed": frozen.computed, "from_cache": frozen.total - frozen.computed,
+            "seconds": round(frozen.seconds, 2),
+            "fallbacks": list(frozen.part.reasons)}
+
+
+def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
+               frozen: FrozenOutputs | None, mode: dict, final: FinalScores,
+               engine_key: str | None, digest: str) -> RunRecord:
+    """``metrics.json``: the scores, what was run and why."""
+    import keras
+    import tensorflow as tf
+
+    from graftkit import __version__
+
+    folder, options, dist, plan, info = data.folder, built.options, run.dist, training.plan, \
+        built.info
+    result, checked = final.result, data.checked
+    return RunRecord(
+        test=final.test.record if final.test is not None else None,
+        val_accuracy=result["accuracy"],
+        balanced_accuracy=result["balanced_accuracy"],
+        backbone=info.name,
+        image_size=info.image_size,
+        data=str(folder.root),
+        preprocessing=info.preprocessing,
+        classes=folder.classes,
+        num_train=len(folder.train),
+        num_val=len(folder.val),
+        split=folder.split_source,
+        skipped_files=folder.skipped,
+        phases=[{"name": p.name, "epochs": p.epochs, "seconds": round(p.seconds, 2),
+                 "best_val_accuracy": p.best_val_accuracy, "note": p.note,
+                 "improved": p.improved} for p in training.phases],
+        total_seconds=round(time.perf_counter() - run.started, 2),
+        engine=frozen.part.label if frozen is not None else None,
+        engine_key=engine_key,
+        frozen_outputs=frozen_record(frozen),
+        precision=options.precision,
+        distribution={"strategy": dist.name, "replicas": dist.replicas,
+                      "workers": dist.workers, "weights_sha256": digest},
+        learning_rates={"head": plan.head_lr, "fine_tune": plan.fine_tune_lr,
+                        "range_tests": training.lr_tests or None},
+        mode=mode,
+        options=dataclasses.asdict(options),
+        class_weight=({folder.classes[c]: w for c, w in built.class_weight.items()}
+                      if built.class_weight else None),
+        per_class=result["per_class"],
+        confusion_matrix=result["confusion_matrix"],
+        check={"status": checked.status,
+               "findings": [g for g in checked.groups() if g["severity"] != "note"]},
+        versions={"graftkit": __version__, "keras": keras.__version__,
+                  "tensorflow": tf.__version__, "python": platform.python_version()},
+        calibration=final.calibration,
+        open_set=final.open_set_info,
+        val_used_for=VAL_CHOICES,
+    )
