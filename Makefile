@@ -20,17 +20,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
 
-# The fast tier first (no graft fit, no TFLite conversion, no TensorFlow subprocess: about 2
-# minutes on 2 cores), then the integration tier (fits, exports, end-to-end runs).
+# ruff, the type check (mypy on src/) and the fast tier first (no graft fit, no TFLite
+# conversion, no TensorFlow subprocess: about 2 minutes on 2 cores), then the integration tier
+# (fits, exports, end-to-end runs).
 test: test-fast
 	$(VENV)/bin/python -m pytest -m integration
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -m "not integration"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -12,9 +12,17 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+    from graftkit.frozen.cut import SplitClassifier
+    from graftkit.outputs.open_set import OpenSet
 
 from graftkit import defaults
 from graftkit.errors import DataError, UsageError
@@ -107,51 +115,52 @@ class Classifier:
         self.train_digests = list(train_digests) if train_digests is not None else None
         self.image_size = int(model.inputs[0].shape[1])
         self.fast = fast
-        self._split = None
-        self._two = None
-        self._open_set = None  # graftkit.outputs.open_set.OpenSet, read from the run when used
+        self._split_made = False  # the fast path is looked for once, on the first call
+        self._split: SplitClassifier | None = None
         self._calls: dict = {}  # compiled functions of models that do not split
 
     def __repr__(self) -> str:
         where = f", run_dir='{self.run_dir}'" if self.run_dir else ""
         return f"Classifier(classes={self.classes}{where})"
 
-    def _features_model(self):
+    @cached_property
+    def _features(self) -> keras.Model | None:
         """The model with its penultimate features as a first output (None if it has no head
         of graftkit's: then no open-set score)."""
-        if self._two is None:
-            from graftkit.graft import with_features
+        from graftkit.graft import with_features
 
-            try:
-                self._two = with_features(self.model)
-            except ValueError:
-                self._two = False
-        return self._two or None
+        try:
+            return with_features(self.model)
+        except ValueError:
+            return None
 
-    def _fast_path(self, model):
+    def _features_model(self) -> keras.Model | None:
+        return self._features
+
+    def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
-        if self.fast and self._split is None:
+        if self.fast and not self._split_made:
             from graftkit.frozen.cut import cut_blocks, split_classifier
 
+            self._split_made = True
             options = self.record.options  # runs without options fine-tuned nothing
             top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
                                options.get("mode"))
             self._split = split_classifier(model, self.record.backbone, top_n,
-                                           self.record.engine_key) or False
+                                           self.record.engine_key)
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
-        return self._split or None
+        return self._split
 
-    @property
-    def open_set(self):
+    @cached_property
+    def open_set(self) -> OpenSet | None:
         """The run's open-set score and threshold (``OpenSet``), or None for runs without one."""
-        if self._open_set is None:
-            from graftkit.outputs.open_set import FILE, OpenSet
+        from graftkit.outputs.open_set import FILE, OpenSet
 
-            path = self.run_dir / FILE if self.run_dir is not None else None
-            self._open_set = (OpenSet.load(path) if path is not None and path.is_file()
-                              and self.record.open_set is not None else False)
-        return self._open_set or None
+        path = self.run_dir / FILE if self.run_dir is not None else None
+        if path is not None and path.is_file() and self.record.open_set is not None:
+            return OpenSet.load(path)
+        return None
 
     @property
     def open_set_note(self) -> str:
@@ -213,10 +222,10 @@ class Classifier:
     def _scoring_model(self):
         """``(model, True)``: the model with features for the open-set score, when the run has
         one; else ``(model, False)``: the plain classifier."""
-        two = self._features_model()
-        if two is None or self.open_set is None:
+        featured = self._features_model()
+        if featured is None or self.open_set is None:
             return self.model, False
-        return two, True
+        return featured, True
 
     def _run_pixels(self, model, x: np.ndarray) -> list[np.ndarray]:
         fast = self._fast_path(model)
@@ -230,12 +239,14 @@ class Classifier:
         return self._calls[model](x)
 
     def _ood(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        open_set = self.open_set
+        assert open_set is not None  # called only for runs with open-set statistics
         logits = None
-        if self.open_set.method == "energy":
+        if open_set.method == "energy":
             from graftkit.graft import head_logits
 
             logits = head_logits(self.model, features)
-        return self.open_set.scores(features, probs, logits)
+        return open_set.scores(features, probs, logits)
 
     def threshold(self, reject: str | float = "auto") -> float:
         """The score above which an image is unknown under ``reject`` (auto / none / number)."""
@@ -380,7 +391,8 @@ class Classifier:
         limit = self.threshold("auto")
         count = int((ood > limit).sum())
         return {"share": count / len(ood) if len(ood) else 0.0, "count": count,
-                "threshold": limit, "method": self.open_set.method,
+                "threshold": limit,
+                "method": self.open_set.method if self.open_set is not None else None,
                 "message": f"{count} of {len(ood)} images score above the run's threshold: "
                            "graft predict would answer unknown for them"}
 
@@ -457,7 +469,7 @@ def load(run_dir: str | os.PathLike, unsafe: bool = False) -> Classifier:
                        f"{model_path.name} has {outputs} outputs: restore the labels.json written "
                        "with this model (one name per output, in training order)")
     try:
-        digests = read_split(run_dir).get("train_sha256")
+        digests = read_split(Path(run_dir)).get("train_sha256")
     except (RunError, OSError, ValueError):
         digests = None
     return Classifier(model, labels, metrics, run_dir=run_dir, train_digests=digests)

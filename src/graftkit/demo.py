@@ -45,7 +45,8 @@ def run_demo(out: str | os.PathLike = "demo-run", overwrite: bool = False, verbo
     if not (data / "9").is_dir():
         write_digits(data)
     log(f"demo: scikit-learn digits written to {data}/ (10 classes, 1,797 images)")
-    result = fit(data, run_dir, overwrite=overwrite, verbose=verbose, log=log, **DEMO_SETTINGS)
+    result = fit(data, run_dir, overwrite=overwrite, verbose=verbose, log=log,
+                 **DEMO_SETTINGS)  # type: ignore[arg-type]  # options, all keyword-only
     from graftkit.outputs.summary import print_summary
 
     print_summary(result.metrics, run_dir)

@@ -236,11 +236,9 @@ FIT_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def fields() -> list[tuple[str, type, Any]]:
-    """``(name, type, dataclasses.field)`` of every option, for ``FitOptions``."""
-    import dataclasses
-
-    return [(o.name, Any, dataclasses.field(default=o.default)) for o in FIT_OPTIONS]
+def default(name: str) -> Any:
+    """The declared default of option ``name`` (``FitOptions``' fields take theirs from here)."""
+    return next(o.default for o in FIT_OPTIONS if o.name == name)
 
 
 def add_arguments(parser) -> None:

@@ -54,6 +54,7 @@ class _TensorRef:
 
     def to_numpy(self) -> np.ndarray:
         flat = self.storage.data
+        assert flat is not None, "the storage was read before its tensors"
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :],

@@ -51,7 +51,7 @@ def inspect_target(target: str, flatten: bool = False,
     from graftkit.graft import weight_table
 
     title, model = _load_target(target, unsafe)
-    totals = {
+    totals: dict[str, int | str] = {
         "weights": len(model.weights),
         "trainable_weights": len(model.trainable_weights),
         "non_trainable_weights": len(model.non_trainable_weights),

@@ -89,7 +89,7 @@ def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool
         # Output pixel (x, y) samples the padded input at centre + R(angle) * scale * offset.
         matrix = (cos, -sin, cx - cos * w / 2 + sin * h / 2,
                   sin, cos, cy - sin * w / 2 - cos * h / 2)
-        out = np.asarray(padded.transform((w, h), Image.AFFINE, matrix, Image.BILINEAR))
+        out = np.asarray(padded.transform((w, h), Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR))
     if factor != 1.0:
         mean = out.reshape(-1, 3).mean(axis=0)
         out = np.clip((out - mean) * factor + mean, 0, 255).round().astype(np.uint8)
@@ -114,7 +114,7 @@ def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, loss: floa
     x0 = int(rng.integers(0, w - cw + 1))
     y0 = int(rng.integers(0, h - ch + 1))
     crop = Image.fromarray(np.ascontiguousarray(image[y0:y0 + ch, x0:x0 + cw]))
-    return np.asarray(crop.resize((w, h), Image.BILINEAR))
+    return np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR))
 
 
 def _colour(image: np.ndarray, rng: np.random.Generator, settings: dict) -> np.ndarray:
@@ -176,7 +176,7 @@ def _signed(level: float, rng: np.random.Generator) -> float:
 
 
 def _affine(img: Image.Image, matrix: tuple) -> Image.Image:
-    return img.transform(img.size, Image.AFFINE, matrix, Image.BILINEAR)
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR)
 
 
 # Each takes a level in [0, 1] (the reference's level / 10) and the maximum strengths of the
@@ -185,7 +185,7 @@ _AUGMIX_OPS = (
     lambda img, level, rng: ImageOps.autocontrast(img),
     lambda img, level, rng: ImageOps.equalize(img),
     lambda img, level, rng: ImageOps.posterize(img, max(1, 4 - int(level * 4))),
-    lambda img, level, rng: img.rotate(_signed(level * 30, rng), Image.BILINEAR),
+    lambda img, level, rng: img.rotate(_signed(level * 30, rng), Image.Resampling.BILINEAR),
     lambda img, level, rng: ImageOps.solarize(img, 256 - int(level * 256)),
     lambda img, level, rng: _affine(img, (1, _signed(level * 0.3, rng), 0, 0, 1, 0)),
     lambda img, level, rng: _affine(img, (1, 0, 0, _signed(level * 0.3, rng), 1, 0)),

@@ -240,7 +240,7 @@ def _imbalance(counts: dict[str, dict[str, int]]) -> list[Finding]:
     train = {c: n["train"] for c, n in counts.items() if n["train"]}
     if len(train) < 2:
         return []
-    big, small = max(train, key=train.get), min(train, key=train.get)
+    big, small = max(train, key=train.__getitem__), min(train, key=train.__getitem__)
     ratio = train[big] / train[small]
     if ratio <= defaults.IMBALANCE_RATIO:
         return []

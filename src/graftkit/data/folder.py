@@ -74,7 +74,7 @@ def _check_class_name(name: str, where: Path) -> None:
 
 
 def _list_files(class_dir: Path, skipped: list[dict[str, str]]) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
         for name in [d for d in dirnames if _is_hidden(d)]:
             skipped.append({"path": str(Path(dirpath) / name), "reason": "hidden folder"})
@@ -124,8 +124,9 @@ def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, 
     result = {}
     for name, paths in candidates.items():
         for p in paths:
-            if found[p].reason:
-                skipped.append({"path": p, "reason": found[p].reason})
+            reason = found[p].reason
+            if reason:
+                skipped.append({"path": p, "reason": reason})
         result[name] = [p for p in paths if not found[p].reason]
     return result
 

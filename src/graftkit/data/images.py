@@ -67,7 +67,7 @@ def model_pixels(img: Image.Image, size: int) -> np.ndarray:
     passed in memory (``graftkit.data.inputs``) both end here."""
     if img.getexif().get(ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
-    return np.asarray(_to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(_to_rgb(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 
@@ -102,13 +102,13 @@ HASH_SIDE = 16  # difference hash of HASH_SIDE**2 bits: 64 bits proved too coars
 
 
 def _difference_hash(pixels: np.ndarray) -> bytes:
-    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.BILINEAR)
+    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.Resampling.BILINEAR)
     a = np.asarray(gray, dtype=np.int16)
     return np.packbits(a[:, 1:] > a[:, :-1]).tobytes()
 
 
 def _thumbnail(pixels: np.ndarray) -> bytes:
-    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE, HASH_SIDE), Image.BILINEAR)
+    gray = Image.fromarray(pixels).convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.uint8).tobytes()
 
 

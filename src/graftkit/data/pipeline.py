@@ -37,7 +37,8 @@ class DecodedImages:
             fd, name = tempfile.mkstemp(prefix="decoded-", suffix=".u8", dir=folder)
             os.close(fd)
             self._file = Path(name)
-            self.array = np.memmap(self._file, dtype=np.uint8, mode="w+", shape=shape)
+            self.array: np.ndarray = np.memmap(self._file, dtype=np.uint8, mode="w+",
+                                               shape=shape)
         else:
             self.array = np.empty(shape, dtype=np.uint8)
 
@@ -89,8 +90,9 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    decoded = images if isinstance(images, DecodedImages) else None
-    if decoded is not None:
+    source: np.ndarray | list[str]
+    if isinstance(images, DecodedImages):
+        decoded = images
         source = np.arange(len(decoded), dtype=np.int64)
 
         def fetch(i, s):

@@ -9,7 +9,9 @@ for prediction, through the engine training converted.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -42,7 +44,7 @@ class BaseSplit:
 
 
 
-def _node_in(model: keras.Model, layer) -> object | None:
+def _node_in(model: keras.Model, layer) -> Any:
     """The call of ``layer`` inside ``model``'s graph (a layer also used elsewhere has more)."""
     mine = getattr(model, "_nodes", ())  # Keras' keys: "{id(operation)}_ib-{node index}"
     nodes = [n for i, n in enumerate(getattr(layer, "_inbound_nodes", []))
@@ -164,7 +166,7 @@ class SplitClassifier:
         if parts is None:
             raise ValueError("no single tensor separates the top blocks")
         self.bottom, self.rest = parts
-        self._rest = None
+        self._rest: Callable[[np.ndarray], list[np.ndarray]] | None = None
         size = int(model.inputs[0].shape[1])
         key = engine_key
         if not key or not engine_path(key).is_file():

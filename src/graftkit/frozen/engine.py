@@ -92,7 +92,7 @@ class FrozenPart:
                                   ) if converted else []
         self._runner = None
         self._content_bytes: bytes | None = None
-        self._call = None
+        self._call: Callable[[np.ndarray], list[np.ndarray]] | None = None
         self._checked = False  # the running engine's first outputs matched Keras'
         # How many leading outputs the check compares (None: all). Fit's part keeps running
         # after phase 2 has trained the top blocks its last output passes through.

@@ -198,7 +198,7 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
 
     def prepare(i: int) -> list[np.ndarray]:
         img = load_image(paths[i], image_size)
-        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment)
+        return [img if v == 0 else augment_image(img, view_seed(digests[i], v), augment or {})
                 for v in todo[i]]
 
     others = _compute(frozen, out, todo, prepare, bar, label, planned)

@@ -45,7 +45,8 @@ class DiskRows:
         single = np.isscalar(rows)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        view, size, j = memoryview(out).cast("B"), self._row_bytes, 0
+        view = memoryview(out).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+        size, j = self._row_bytes, 0
         while j < len(rows):  # one read per run of consecutive rows
             k = j + 1
             while k < len(rows) and rows[k] == rows[k - 1] + 1:

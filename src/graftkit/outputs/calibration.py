@@ -10,6 +10,8 @@ scored with the temperature fitted on the other half.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 ECE_BINS = 15
@@ -104,7 +106,7 @@ def calibrate(logits: np.ndarray, labels, mode: str = "auto") -> dict:
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     before = softmax(logits)
-    out = {"mode": mode, "method": "temperature scaling", "bins": ECE_BINS,
+    out: dict[str, Any] = {"mode": mode, "method": "temperature scaling", "bins": ECE_BINS,
            "images": int(len(labels)), "ece_before": ece(before, labels),
            "nll_before": nll(logits, labels), "reliability_before": reliability(before, labels)}
     enough = len(labels) >= MIN_IMAGES and min(np.bincount(labels)[np.unique(labels)]) >= 2

@@ -51,7 +51,7 @@ def model_outputs(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
         pending = decode(0) if fast is not None else None
         for start in starts:
             part = paths[start: start + chunk]
-            if fast is not None:
+            if fast is not None and pending is not None:
                 x = np.stack([f.result() for f in pending]).astype(np.float32)
                 if start + chunk < len(paths):
                     pending = decode(start + chunk)
@@ -76,11 +76,11 @@ def _as_list(outputs) -> list[np.ndarray]:
     return [np.asarray(outputs)]
 
 
-def scores(y_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict:
+def scores(labels_true: Sequence[int], probs: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    y_true = np.asarray(y_true)
+    y_true = np.asarray(labels_true)
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(

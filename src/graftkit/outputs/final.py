@@ -67,7 +67,7 @@ def final_pass(model: keras.Model, paths: Sequence[str], fast, progress: Progres
             bar.close()
 
 
-def calibrate_and_reject(model: keras.Model, two: keras.Model, features: np.ndarray,
+def calibrate_and_reject(model: keras.Model, featured: keras.Model, features: np.ndarray,
                          raw_probs: np.ndarray, train_features: np.ndarray,
                          folder: ImageFolder, calibrate: str, log: Callable[[str], None]
                          ) -> tuple[np.ndarray, dict, OpenSet, dict, np.ndarray]:
@@ -77,30 +77,30 @@ def calibrate_and_reject(model: keras.Model, two: keras.Model, features: np.ndar
     from graftkit.outputs import calibration, open_set
 
     labels = np.asarray(folder.val.labels)
-    logits = head_logits(two, features)
+    logits = head_logits(featured, features)
     cal = calibration.calibrate(logits, labels, calibrate)
     probs = raw_probs
     if cal["applied"]:
         calibration.fold_temperature(model, cal["temperature"])
-        logits = head_logits(two, features)
+        logits = head_logits(featured, features)
         probs = calibration.softmax(logits).astype(np.float32)
     log(f"calibration: {cal['reason']}")
-    scorer = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
+    detector = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
                                    folder.train.labels, len(folder.classes),
                                    k=defaults.OPEN_SET_K)
-    scores = scorer.scores(features, probs, logits)
-    scorer.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
+    scores = detector.scores(features, probs, logits)
+    detector.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
     held_out = open_set.held_out_rejection(scores, labels, defaults.OPEN_SET_KEEP)
-    info = {**scorer.describe(), "train_images": int(len(train_features)),
-            "val_rejected": float((scores > scorer.threshold).mean()),
+    info = {**detector.describe(), "train_images": int(len(train_features)),
+            "val_rejected": float((scores > detector.threshold).mean()),
             "val_rejected_held_out": held_out}
-    log(f"open set: {scorer.method} score, threshold {scorer.threshold:.4g} keeps "
+    log(f"open set: {detector.method} score, threshold {detector.threshold:.4g} keeps "
         f"{1 - info['val_rejected']:.1%} of the validation images"
         + ("" if held_out is None else f" ({1 - held_out:.1%} of those it was not chosen on)"))
-    return probs, cal, scorer, info, scores
+    return probs, cal, detector, info, scores
 
 
-def score_test(two: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
+def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
                progress: ProgressFactory | None, log: Callable[[str], None]
                ) -> TestScores | None:
     """The held-out test images, scored once by the final model (temperature and threshold
@@ -110,9 +110,9 @@ def score_test(two: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
 
     if not folder.test_source or not len(folder.test):
         return None
-    features, probs = final_pass(two, folder.test.paths, fast, progress,
+    features, probs = final_pass(featured, folder.test.paths, fast, progress,
                                  "scoring the test images")
-    ood = open_set.scores(features, probs, head_logits(two, features))
+    ood = open_set.scores(features, probs, head_logits(featured, features))
     result = scores(folder.test.labels, probs, folder.classes)
     record = {"accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
               "num_images": len(folder.test), "data": folder.test_source,
@@ -123,19 +123,19 @@ def score_test(two: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
     return TestScores(record, probs, ood)
 
 
-def score_final(model: keras.Model, two: keras.Model, folder: ImageFolder, fast,
+def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, fast,
                 train_features: np.ndarray, calibrate: str,
                 progress: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
     """Validation scores of the final model, its calibration and open-set threshold (chosen
     on them), then the test images' scores under both."""
     from graftkit.outputs.evaluation import scores
 
-    features, raw_probs = final_pass(two, folder.val.paths, fast, progress,
+    features, raw_probs = final_pass(featured, folder.val.paths, fast, progress,
                                      "scoring the validation images")
     probs, cal, open_set, info, ood = calibrate_and_reject(
-        model, two, features, raw_probs, train_features, folder, calibrate, log)
+        model, featured, features, raw_probs, train_features, folder, calibrate, log)
     result = scores(folder.val.labels, probs, folder.classes)
-    test = score_test(two, folder, fast, open_set, progress, log)
+    test = score_test(featured, folder, fast, open_set, progress, log)
     return FinalScores(probs, result, cal, open_set, info, ood, test)
 
 

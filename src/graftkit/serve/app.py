@@ -17,7 +17,7 @@ import io
 import os
 from datetime import datetime
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Body, FastAPI, File, Query, Request, UploadFile
@@ -245,7 +245,7 @@ def create_app(service) -> FastAPI:
 
     app = FastAPI(title="graftkit", version=__version__, docs_url=None, redoc_url=None,
                   description="Predictions of one graftkit run, and the review of its data.")
-    app.openapi = lambda: _schema(app)
+    app.openapi = lambda: _schema(app)  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -341,11 +341,12 @@ def _prediction_routes(app: FastAPI, service) -> None:
 
 
 def _review_routes(app: FastAPI, service) -> None:
-    token = {"openapi_extra": {"security": [{"token": []}]}}
+    token: dict[str, Any] = {"openapi_extra": {"security": [{"token": []}]}}
     review = service.review
     Relabel = create_model(  # noqa: N806 - a model class, made here because it names the classes
         "RelabelBody", key=(Key, ...),
-        to=(Literal[tuple(service.classifier.classes)], Field(description="the new class")))
+        to=(Literal[tuple(service.classifier.classes)],  # type: ignore[arg-type]  # made at run time
+            Field(description="the new class")))
 
     @app.get("/review/api/items", response_model=ReviewSummary, responses=_errors(403), **token)
     def items():
@@ -371,7 +372,7 @@ def _review_routes(app: FastAPI, service) -> None:
     @app.post("/review/api/relabel", response_model=Action, responses=moves, **token)
     def relabel(body: Annotated[Relabel, Body()]):  # type: ignore[valid-type]
         """Move a listed image to another class folder of its split."""
-        return review.relabel(body.key, body.to)
+        return review.relabel(body.key, body.to)  # type: ignore[attr-defined]
 
     @app.post("/review/api/set-aside", response_model=Action, responses=moves, **token)
     def set_aside(body: KeyBody):

@@ -96,7 +96,8 @@ class Batcher:
 
     def _take(self) -> list[tuple[_Job, int, int]]:
         """The next call's rows: ``(job, start, end)`` slices, round-robin (under the lock)."""
-        room, shares = self.max_batch, {}
+        room = self.max_batch
+        shares: dict[int, int] = {}  # id(job) -> rows it gets in this call
         while room > 0:
             hungry = [j for j in self._jobs if j.left > shares.get(id(j), 0)]
             if not hungry:

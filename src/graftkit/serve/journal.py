@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class Journal:
     def locked(self) -> Iterator[None]:
         """Exclusive across threads and processes (two servers, or a server and the CLI)."""
         with open(self.root / LOCK, "a+b") as f:
-            if os.name == "nt":
+            if sys.platform == "win32":
                 import msvcrt
 
                 f.seek(0)

@@ -23,7 +23,7 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout = 10.0
     _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             transport.close()  # overloaded: refuse before reading anything

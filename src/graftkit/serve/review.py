@@ -147,18 +147,25 @@ class Review:
 
     # --- listing -------------------------------------------------------------------------------
 
+    @property
+    def folder(self) -> Path:
+        """The data folder: only an available review (one with a folder) gets this far."""
+        assert self.root is not None, "the review has no data folder"
+        return self.root
+
     def _list(self) -> None:
         from graftkit import defaults
         from graftkit.data.checks import find_problems
         from graftkit.data.folder import find_split_dirs, scan
 
         options = self.record.options
+        assert self.source is not None  # a review with a data folder has its source
         val = options.get("val") if self.source == self.recorded else None
         test = options.get("test") if self.source == self.recorded else None
         folder = scan(self.source, options.get("val_split", defaults.VAL_SPLIT),
                       options.get("seed", defaults.SEED), strict=False, val=val, test=test)
         report = find_problems(folder)
-        dirs = find_split_dirs(self.root) if self.root.is_dir() else None
+        dirs = find_split_dirs(self.folder) if self.folder.is_dir() else None
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
             self.items, self.groups = {}, {g: [] for g in GROUPS}
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
@@ -179,12 +186,12 @@ class Review:
                     self._add(group, path, split.get(path, "?"), labels.get(path), why, by_location)
 
     def _shown(self, path: str) -> str:
-        rel = _rel(path, self.root)
+        rel = _rel(path, self.folder)
         return rel if rel is not None else str(path)
 
     def _add(self, group: str, path: str, split: str, label: str | None, why: str,
              by_location: dict[str, str] | None = None) -> Item:
-        rel = _rel(path, self.root)
+        rel = _rel(path, self.folder)
         key = rel if rel is not None else f"outside/{len(self.items)}"
         key = (by_location or {}).get(key, key)
         item = self.items.get(key)
@@ -213,7 +220,7 @@ class Review:
             recorded = recorded.parent
         for r in shown:
             rel = _rel(r["path"], recorded) if recorded is not None else None
-            path = str(self.root / rel) if rel is not None else r["path"]  # listed where it was
+            path = str(self.folder / rel) if rel is not None else r["path"]  # listed where it was
             p, loss = float(r["probability"]), float(r["loss"])
             why = (f"predicted {r['predicted']} ({p:.2f}) for {r['label']}"
                    if r["label"] != r["predicted"] else
@@ -267,21 +274,21 @@ class Review:
         if to not in self.classes:
             raise ReviewError(f"unknown class {to!r}: choose one of {', '.join(self.classes)}")
         with self.lock, journal.locked():
-            now = self.file(key, journal.history()).relative_to(self.root).as_posix()
+            now = self.file(key, journal.history()).relative_to(self.folder).as_posix()
             split, label, rest = self._parts(now)
             if label == to and not now.startswith(SET_ASIDE + "/"):
                 raise ReviewError(f"the image is already labelled {to}", 409)
-            target = free_name(self.root.joinpath(*split, to, *rest))
+            target = free_name(self.folder.joinpath(*split, to, *rest))
             return journal.move(key, "relabel", now, target)
 
     def set_aside(self, key: str) -> dict:
         """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
         journal = self._writable()
         with self.lock, journal.locked():
-            now = self.file(key, journal.history()).relative_to(self.root).as_posix()
+            now = self.file(key, journal.history()).relative_to(self.folder).as_posix()
             if now.startswith(SET_ASIDE + "/"):
                 raise ReviewError("the image is already set aside", 409)
-            return journal.move(key, "set_aside", now, free_name(self.root / SET_ASIDE / now))
+            return journal.move(key, "set_aside", now, free_name(self.folder / SET_ASIDE / now))
 
     def undo(self, action_id: str) -> dict:
         """Undo a move and every later move of the same image."""
@@ -336,7 +343,7 @@ class Review:
                 "actions": [_public(a) for a in history.standing()],
                 "journal_problem": problem,
                 "next": f"graft fit {data} --out {self.run_dir}-reviewed" if data else "",
-                "journal": str(self.root / JOURNAL) if self.journal else ""}
+                "journal": str(self.folder / JOURNAL) if self.journal else ""}
 
 
 def _public(action: dict) -> dict:

@@ -9,8 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import uvicorn
 
 from graftkit import defaults
 from graftkit.errors import UsageError
@@ -97,7 +101,7 @@ class Service:
         body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
         self.guard = Guard(body, self.token, port, hosts, log)
         self.app = self.guard
-        self.server = None
+        self.server: uvicorn.Server | None = None
 
     def info(self) -> dict:
         record = self.classifier.record

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from graftkit import keras_compat
 from graftkit.defaults import STRATEGIES
@@ -29,7 +30,7 @@ class Distribution:
     """The strategy a run trains under, and this process's place in it."""
 
     name: str  # "default", "mirrored" or "multi-worker"
-    strategy: object | None  # a tf.distribute.Strategy; None for the default one
+    strategy: Any  # a tf.distribute.Strategy; None for the default one
     replicas: int = 1  # model copies in sync, over all workers
     workers: int = 1
     worker: int = 0  # this process's index among the workers
@@ -50,6 +51,7 @@ class Distribution:
             import tensorflow as tf
 
             s = self.strategy
+            assert s is not None  # several workers: a MultiWorkerMirroredStrategy
             one = tf.function(lambda: s.run(lambda: tf.constant(1.0)))  # eager run: a warning
             s.reduce("SUM", one(), axis=None)
 

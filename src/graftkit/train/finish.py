@@ -58,13 +58,13 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
         plain = keras.models.clone_model(model)
         plain.set_weights(model.get_weights())
         model = plain
-    two = with_features(model)
-    fast, engine_key = _fast_scorer(built, cut, frozen, two)
-    train_features = _training_features(run, data, frozen, two, fast)
+    featured = with_features(model)  # [penultimate features, probabilities] in one pass
+    fast, engine_key = _fast_path(built, cut, frozen, featured)
+    train_features = _training_features(run, data, frozen, featured, fast)
     if frozen is not None:
         frozen.release()  # the cached rows are done with: free them before the last pass
     release_memory()
-    final = score_final(model, two, folder, fast, train_features, built.options.calibrate,
+    final = score_final(model, featured, folder, fast, train_features, built.options.calibrate,
                         run.progress, run.log)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest)
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
@@ -75,7 +75,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     return Classifier(model, folder.classes, record, run.run_dir, train_digests=train_sha256)
 
 
-def _fast_scorer(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
+def _fast_path(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
                  model: keras.Model) -> tuple[SplitClassifier | None, str | None]:
     """The split path of ``model`` (the final model, or ``with_features`` of it: frozen bottom
     on its engine) for the final scores, when still valid; and the engine's key."""
@@ -95,7 +95,7 @@ def _fast_scorer(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
 
 
 def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutputs | None,
-                       two: keras.Model, fast: SplitClassifier | None) -> np.ndarray:
+                       featured: keras.Model, fast: SplitClassifier | None) -> np.ndarray:
     """The final model's penultimate features of the plain training images (the open-set
     statistics): from the cached frozen outputs while they still hold, else one more pass."""
     ex = frozen.train if frozen is not None else None
@@ -104,10 +104,10 @@ def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutput
         for i in range(0, len(rows), 256):
             cut = np.asarray(rows[np.arange(i, min(i + 256, len(rows)))], dtype=np.float32)
             out.append(fast.rest_outputs(cut)[0])
-        return np.concatenate(out) if out else np.zeros((0, two.outputs[0].shape[-1]))
+        return np.concatenate(out) if out else np.zeros((0, featured.outputs[0].shape[-1]))
     start = time.perf_counter()
     folder = data.folder
-    features = final_pass(two, folder.train.paths, fast, run.progress,
+    features = final_pass(featured, folder.train.paths, fast, run.progress,
                           "open set: training images")[0]
     run.log(f"open set: features of the {len(folder.train)} training images, one pass of the "
             f"final model ({time.perf_counter() - start:.1f} s)")

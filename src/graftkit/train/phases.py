@@ -13,14 +13,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import keras
 import numpy as np
 
 from graftkit import defaults
 from graftkit.graft import HEAD_DENSE, HEAD_DROPOUT, build_head, freeze, unfreeze
-from graftkit.outputs.run import HISTORY_COLUMNS  # history.csv: one row per epoch
+from graftkit.outputs.run import HISTORY_COLUMNS, HistoryLog  # history.csv: a row per epoch
 from graftkit.train.optimizer import Training, block_factors, loss, optimizer
+
+if TYPE_CHECKING:
+    from graftkit.frozen.rows import DiskRows
+    from graftkit.train.checkpoint import RunCheckpoint
 
 METRICS = ["accuracy"]
 
@@ -109,13 +114,13 @@ class PhasePlan:
 
     head_epochs: int
     fine_tune_epochs: int
-    head_lr: float
-    fine_tune_lr: float
+    head_lr: float | str  # "auto" until the range test sets it
+    fine_tune_lr: float | str
     unfreeze: int | str
     patience: int | None = defaults.PATIENCE
     verbose: int | str = "auto"
     class_weight: dict[int, float] | None = None
-    checkpoint: object | None = None  # graftkit.checkpoint.RunCheckpoint
+    checkpoint: RunCheckpoint | None = None
     tensorboard_dir: Path | None = None  # one sub-folder of logs per phase
     whole_batches: bool = False  # several replicas: every training batch full (each gets a part)
     val_batch_size: int | None = None  # several replicas: see distribute.eval_batch_size
@@ -123,7 +128,7 @@ class PhasePlan:
     deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
     heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
     history: list[dict] = field(default_factory=list)
-    history_log: object | None = None  # graftkit.outputs.run.HistoryLog of the run folder
+    history_log: HistoryLog | None = None  # history.csv of the run folder
 
 
 def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 0,
@@ -227,7 +232,7 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, plan: PhasePlan
 def train_head(model, base, train_ds, val_ds, plan: PhasePlan, best: Best) -> PhaseResult:
     """Phase 1 through the frozen base, epoch by epoch (needed when images are augmented)."""
     freeze(base)
-    _compile(model, plan.head_lr, plan, _batches(train_ds) * plan.head_epochs)
+    _compile(model, cast(float, plan.head_lr), plan, _batches(train_ds) * plan.head_epochs)
     done = _fit_phase(model, "head", train_ds, val_ds, plan.head_epochs, plan, best, None)
     return PhaseResult("head", done, _phase_seconds(plan, "head"), best.val_accuracy,
                        "through the frozen base every epoch (augmented)")
@@ -345,7 +350,7 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
         if k:
             keras.utils.set_random_seed(seed + 7919 * k)  # another initialisation and dropout
         head = _head_like(model, train_views[0].shape[1])
-        _compile(head, plan.head_lr, plan, per_epoch * plan.head_epochs)
+        _compile(head, cast(float, plan.head_lr), plan, per_epoch * plan.head_epochs)
         head_best = Best()
         log = EpochLog("head", plan.history, first_epoch=epochs, sink=plan.history_log)
         hist = head.fit(
@@ -401,7 +406,7 @@ def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: 
 
 
 def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
-                             train_views: list[np.ndarray], y_train, val_activations, y_val,
+                             train_views: list[np.ndarray | DiskRows], y_train, val_activations, y_val,
                              plan: PhasePlan, best: Best, batch_size: int,
                              seed: int) -> PhaseResult:
     """Phase 2 for the top blocks only, trained on cached activations at the cut.
@@ -413,7 +418,7 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     counts = unfreeze(base, plan.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     trainer = _top_trainer(model, top)
     per_epoch = steps(len(y_train), batch_size, plan.whole_batches)
-    _compile(trainer, plan.fine_tune_lr, plan, per_epoch * plan.fine_tune_epochs,
+    _compile(trainer, cast(float, plan.fine_tune_lr), plan, per_epoch * plan.fine_tune_epochs,
              _factors(base, block_pattern, counts.unfrozen_blocks, plan, per_epoch))
 
     def data(initial_epoch: int):
@@ -428,10 +433,11 @@ def fine_tune_on_activations(model, base, block_pattern: str, top: keras.Model,
     return _fine_tune_result(plan, best, done, counts, before, " on cached activations")
 
 
-def _factors(base, block_pattern: str, unfrozen: int, plan: PhasePlan, per_epoch: int):
+def _factors(base, block_pattern: str, unfrozen: int | None, plan: PhasePlan, per_epoch: int):
     """Per-block rates (discriminative, gradual unfreezing) for the unfrozen top blocks."""
     from graftkit.backbones.registry import block_groups
 
+    assert unfrozen is not None  # unfreeze() counts blocks whenever it is given a pattern
     return block_factors(block_groups(base, block_pattern), unfrozen, plan.training,
                          per_epoch)
 
@@ -457,7 +463,7 @@ def fine_tune(model, base, block_pattern: str, train_ds, val_ds, plan: PhasePlan
     counts = unfreeze(base, plan.unfreeze, keep_bn_frozen=True, block_pattern=block_pattern)
     per_epoch = _batches(train_ds)
     # trainable changed: only a compile makes it count
-    _compile(model, plan.fine_tune_lr, plan, per_epoch * plan.fine_tune_epochs,
+    _compile(model, cast(float, plan.fine_tune_lr), plan, per_epoch * plan.fine_tune_epochs,
              _factors(base, block_pattern, counts.unfrozen_blocks, plan, per_epoch))
     before = best.weights
     done = _fit_phase(model, "fine_tune", train_ds, val_ds, plan.fine_tune_epochs, plan,

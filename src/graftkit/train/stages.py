@@ -15,7 +15,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from graftkit import defaults
 from graftkit.errors import RunError, UsageError
@@ -180,7 +180,7 @@ def build_model(run: RunContext, options: FitOptions, data: PreparedData, resume
         base_model, info = load_base(options.base, image_size, options.weights, unsafe)
         resolved = resolve_auto(options, len(folder.train), info.image_size)
         options = resolved.options
-        model = build_classifier(base_model, len(folder.classes), options.dropout)
+        model = build_classifier(base_model, len(folder.classes), cast(float, options.dropout))
     if run.dist.chief:
         _check_free_space(run.run_dir, model)
     run.log(f"base: {info.name} at {info.image_size}x{info.image_size}"
@@ -245,7 +245,7 @@ def cut_base(run: RunContext, built: ModelPlan, training: Training) -> CutPlan:
     options, info = built.options, built.info
     ft_epochs = options.fine_tune_epochs if options.fine_tunes else 0
     fine_tune_top = cut_blocks(options.unfreeze, options.fine_tune_epochs, options.mode) > 0
-    split = (split_base(built.base_model, info.block_pattern, options.unfreeze)
+    split = (split_base(built.base_model, info.block_pattern, int(options.unfreeze))
              if fine_tune_top else None)
     if fine_tune_top and split is None:
         run.log(f"  note: {info.name} cannot be cut below its top {options.unfreeze} blocks (a "
@@ -256,6 +256,7 @@ def cut_base(run: RunContext, built: ModelPlan, training: Training) -> CutPlan:
                          f"{info.name} cannot be cut below its top {options.unfreeze} blocks: "
                          "give --fine-tune-lr a number")
     split = split if split is not None else split_base(built.base_model, info.block_pattern, 0)
+    assert split is not None  # a cut below no block: the whole base frozen, always possible
     views = options.views if options.augment else 1
     need_cache = ((not training.phases and not options.augment_head)
                   or (cached_phase2 and len(training.phases) < 2))
@@ -400,7 +401,7 @@ def train_head_phase(run: RunContext, built: ModelPlan, data: PreparedData,
         train_ds = make_dataset(folder.train.paths, y_train, built.size, training.batch_size,
                                 shuffle=True, augment=options.augment, seed=options.seed,
                                 drop_remainder=plan.whole_batches)
-        val_ds = make_dataset(folder.val.paths, y_val, built.size, plan.val_batch_size)
+        val_ds = make_dataset(folder.val.paths, y_val, built.size, cast(int, plan.val_batch_size))
         training.phases.append(train_head(built.model, built.base_model, train_ds, val_ds, plan,
                                           training.best))
     resume.checkpoint.save_phase([dataclasses.asdict(p) for p in training.phases],
@@ -457,7 +458,7 @@ def _fine_tune_whole(run: RunContext, built: ModelPlan, data: PreparedData,
                                 seed=built.options.seed + resume.epochs,
                                 drop_remainder=plan.whole_batches)
         val_ds = make_dataset(folder.val.paths, folder.val.labels, built.size,
-                              plan.val_batch_size)
+                              cast(int, plan.val_batch_size))
         training.phases.append(fine_tune(built.model, built.base_model, built.info.block_pattern,
                                          train_ds, val_ds, plan, training.best))
     finally:
@@ -471,7 +472,7 @@ def choose_mode(run: RunContext, options: FitOptions, training: Training, cut: C
     """Which model the run ended with (the head alone or fine-tuned) and why, for the report."""
     phases, plan = training.phases, training.plan
     head = phases[0]
-    out = {"requested": options.mode, "time_budget": options.time_budget,
+    out: dict[str, Any] = {"requested": options.mode, "time_budget": options.time_budget,
            "head_val_accuracy": head.best_val_accuracy}
     if cut.fine_tune_epochs == 0:
         why = ("--mode head" if options.mode == "head" else "--fine-tune-epochs 0")
@@ -483,7 +484,7 @@ def choose_mode(run: RunContext, options: FitOptions, training: Training, cut: C
         mode = _fine_tune_verdict(out, head, phases[1], cut.fine_tune_epochs, plan)
     mode.update(unfreeze=options.unfreeze, unfreeze_reason=built.unfreeze_reason,
                 image_size=built.size, image_size_reason=built.size_reason)
-    run.log(f"mode {options.mode}: {mode['chosen'].replace('_', '-')} ({mode['reason']})")
+    run.log(f"mode {options.mode}: {str(mode['chosen']).replace('_', '-')} ({mode['reason']})")
     return mode
 
 

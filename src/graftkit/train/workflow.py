@@ -35,16 +35,47 @@ if TYPE_CHECKING:
     from graftkit.classifier import Classifier
 
 
-_Fields = dataclasses.make_dataclass("_Fields", options_module.fields(), frozen=True,
-                                     kw_only=True)
+_D = options_module.default  # each default as declared in graftkit.options.FIT_OPTIONS
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitOptions(_Fields):
+class FitOptions:
     """Everything that decides a run's result; a resumed run must match it exactly.
 
-    Its fields are ``graftkit.options.FIT_OPTIONS``, declared there once with their defaults.
+    Its fields are ``graftkit.options.FIT_OPTIONS`` in their order, with the types ``fit``
+    gives them after parsing and their declared defaults (a test keeps the two in step).
     """
+
+    val: str | None = _D("val")
+    test: str | None = _D("test")
+    val_split: float = _D("val_split")
+    seed: int = _D("seed")
+    class_weight: str = _D("class_weight")
+    base: str = _D("base")
+    weights: str | None = _D("weights")
+    image_size: int | None = _D("image_size")
+    dropout: float | str = _D("dropout")  # a rate, or "auto" until resolved
+    head_epochs: int = _D("head_epochs")
+    fine_tune_epochs: int = _D("fine_tune_epochs")
+    unfreeze: int | str = _D("unfreeze")  # blocks, "all", or "auto" until resolved
+    mode: str = _D("mode")
+    time_budget: float | None = _D("time_budget")
+    unfreeze_schedule: str = _D("unfreeze_schedule")
+    heads: int = _D("heads")
+    calibrate: str = _D("calibrate")
+    lr: float | str = _D("lr")  # a rate, or "auto": the range test's
+    fine_tune_lr: float | str = _D("fine_tune_lr")
+    schedule: str = _D("schedule")
+    weight_decay: float = _D("weight_decay")
+    label_smoothing: float | str = _D("label_smoothing")
+    lr_decay: float = _D("lr_decay")
+    batch_size: int = _D("batch_size")
+    augment: dict[str, float | bool] | None = _D("augment")  # parsed: None is no augmentation
+    views: int = _D("views")
+    augment_head: bool = _D("augment_head")
+    precision: str = _D("precision")
+    strategy: str = _D("strategy")
+    cache: bool = _D("cache")
 
     @property
     def fine_tunes(self) -> bool:
@@ -194,12 +225,12 @@ def fit(
         >>> clf.metrics["val_accuracy"]  # doctest: +SKIP
         >>> clf.predict(["new/photo.jpg"])[0].label  # doctest: +SKIP
     """
-    options = make_options(**options)
-    check_inputs(data_dir, out, options, overwrite, tensorboard)
-    with _session(out, options, overwrite) as (run_dir, dist):
+    fit_options = make_options(**options)
+    check_inputs(data_dir, out, fit_options, overwrite, tensorboard)
+    with _session(out, fit_options, overwrite) as (run_dir, dist):
         run = RunContext(run_dir, dist, log, verbose, progress=progress_factory(verbose != 0))
         data, resumed, built, training, cut, frozen = _prepare(
-            run, options, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
+            run, fit_options, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
         with dist.scope():  # both phases build and compile their models under the strategy
             stages.train_head_phase(run, built, data, training, cut, frozen, resumed)
             stages.fine_tune_phase(run, built, data, training, cut, frozen, resumed)
@@ -207,8 +238,8 @@ def fit(
         return finish(run, built, data, training, cut, frozen, resumed, mode)
 
 
-fit.__doc__ = fit.__doc__.replace("{OPTIONS}", options_module.docstring())
-fit.__signature__ = options_module.signature_with_options(fit)
+fit.__doc__ = (fit.__doc__ or "").replace("{OPTIONS}", options_module.docstring())
+fit.__signature__ = options_module.signature_with_options(fit)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -270,7 +301,7 @@ def _prepare(run: RunContext, options: FitOptions, data_dir, overwrite: bool, re
 def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "head", *,
             overwrite: bool = True, deterministic: bool = True, unsafe: bool = False,
             verbose: int | str = "auto", log: Callable[[str], None] = print,
-            **training) -> dict:
+            **options) -> dict:
     """The learning-rate range test of one of ``graft fit``'s phases, without a full run.
 
     Runs ``fit``'s stages up to the test: ``phase="head"`` tests phase 1 on the cached
@@ -284,7 +315,7 @@ def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "h
         phase: ``"head"`` or ``"fine_tune"``. Defaults to ``"head"``.
         overwrite: replace an earlier test in ``out``. Defaults to True.
         deterministic, unsafe, verbose, log: as in ``fit``.
-        **training: ``fit``'s options (e.g. ``backbone``, ``unfreeze``, ``batch_size``).
+        **options: ``fit``'s options (e.g. ``base``, ``unfreeze``, ``batch_size``).
 
     Returns:
         ``{phase: {"suggestion", "minimum", "steps", ...}}``: the suggested rate, the rate of
@@ -295,16 +326,16 @@ def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "h
     """
     if phase not in ("head", "fine_tune"):
         raise UsageError(f"--phase must be head or fine-tune (got {phase!r})")
-    training["lr"] = "auto" if phase == "head" else training.get("lr", defaults.HEAD_LR)
+    options["lr"] = "auto" if phase == "head" else options.get("lr", defaults.HEAD_LR)
     if phase == "fine_tune":
-        training["fine_tune_lr"] = "auto"
-    options = make_options(**training)
-    check_inputs(data_dir, out, options, overwrite)
-    with _session(out, options, overwrite) as (run_dir, dist):
+        options["fine_tune_lr"] = "auto"
+    fit_options = make_options(**options)
+    check_inputs(data_dir, out, fit_options, overwrite)
+    with _session(out, fit_options, overwrite) as (run_dir, dist):
         run = RunContext(run_dir, dist, log, verbose, writes=False,
                          progress=progress_factory(verbose != 0))
         data, resumed, built, training, cut, frozen = _prepare(
-            run, options, data_dir, overwrite, False, deterministic, unsafe, False)
+            run, fit_options, data_dir, overwrite, False, deterministic, unsafe, False)
         with dist.scope():
             if phase == "head":
                 stages.head_range_test(run, built, data, training, cut, frozen)
