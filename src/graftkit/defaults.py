@@ -19,30 +19,25 @@ VAL_SPLIT = 0.2
 SEED = 1337
 BATCH_SIZE = 32
 HEAD_EPOCHS = 20  # on features computed once, so epochs are nearly free
-# Early stopping (patience 3) ends phase 2 sooner where it does not pay; scikit-learn's digits,
-# fine-tuned whole, gain 0.962 -> 0.981 from 5 -> 10 epochs (3 seeds, benchmarks/RESULTS.md).
+# Room for a whole-base fine-tuning to pay (the digits gain from 5 -> 10 epochs); early
+# stopping ends it sooner where it does not. Figures: benchmarks/RESULTS.md.
 FINE_TUNE_EPOCHS = 10
 # Epochs of phase 2 without a better validation score before it stops (the best weights are
 # kept): long enough for a low rate to show a gain, short enough that a trial that does not pay
 # costs 3 epochs.
 PATIENCE = 3
 HEAD_LR = 1e-3
-# Adam at 1e-5 (the guide's) never beat the head in 5 epochs with BatchNormalization frozen
-# (hymenoptera, 0 of 3 seeds); 1e-4 did in 2 of 3 (benchmarks/RESULTS.md).
+# The guide's 1e-5 rarely beats the head in a few epochs with BatchNormalization frozen; 1e-4
+# does ("The three-dataset protocol", benchmarks/RESULTS.md).
 FINE_TUNE_LR = 1e-4
 # Phase 2's depth. "auto": the whole base when fine-tuning all of it is cheap (training images
 # x (side / 224)^2 at most FULL_FINE_TUNE_MAX_IMAGES: about 12 s an epoch on 2 CPU cores),
-# else the top UNFREEZE_TOP blocks on cached activations. Measured (benchmarks/RESULTS.md): on
-# hymenoptera (244 images at 224 px) "all" never beat the head and cost ~45 s, the top 2 ~4 s;
-# scikit-learn's digits at 64 px (117 224-px images' worth) gain 0.93 -> 0.975 from "all".
-# Past the threshold "all" can pay, at 10-20x the time (3 seeds): pacs_art (1,189 images at
-# 288 px) 0.9707 against 0.9572 and its cartoons 0.658 against 0.560, in 20-40 minutes a run;
-# hymenoptera at 288 px 0.9630 against 0.9608; flowers5 (seeds 1-2) 0.9537 against 0.9550 on
-# the same seeds, in 35-49 minutes. Not the default: it pays on paintings, not on photos.
+# else the top UNFREEZE_TOP blocks on cached activations. Past the threshold "all" costs 10-20x
+# the time and pays on paintings, not on photos ("Fine-tuning the whole base on the larger
+# sets", benchmarks/RESULTS.md).
 UNFREEZE = "auto"
-# The top 6 blocks (stages 6-7 of Lite0) at about the same time a run: flowers5 0.9600, pacs_art
-# 0.9606 (cartoons 0.592), hymenoptera 0.9608, but union14 (3,033 photos) 0.9293 against 0.9337,
-# 3 seeds each (benchmarks/RESULTS.md): no dataset may get worse, so 2 stays.
+# Deeper cuts cost one of the measured sets accuracy, and no dataset may get worse ("Deeper
+# cuts on cached activations", benchmarks/RESULTS.md).
 UNFREEZE_TOP = 2
 FULL_FINE_TUNE_MAX_IMAGES = 200
 FULL_FINE_TUNE_SIZE = 224  # the side FULL_FINE_TUNE_MAX_IMAGES counts images at
@@ -51,10 +46,8 @@ MODE = "auto"  # fine-tune, then keep it only where validation says it beat the 
 # Per phase. Cosine (5% warm-up, then to 0) lost a point in phase 1 on hymenoptera and flowers5.
 LR_SCHEDULE = "constant"
 WEIGHT_DECAY = 0.01  # AdamW, decoupled (Keras: var -= var * wd * lr), kernels only
-# "auto": 0.1 in runs that fine-tune the whole base, none otherwise. Measured, 3 seeds each
-# (benchmarks/RESULTS.md): whole-base fine-tuning of the digits 0.9805 with 0.1, 0.969 and a
-# seed that never beat the head without; top-2-block runs on hymenoptera / flowers5 0.9586 /
-# 0.9475 with 0.1 (fine-tuning never beat the head), 0.9608 / 0.9542 without.
+# "auto": 0.1 in runs that fine-tune the whole base (it helps there), none otherwise (it costs
+# the top-block runs): "The three-dataset protocol", benchmarks/RESULTS.md.
 LABEL_SMOOTHING = "auto"
 LABEL_SMOOTHING_WHOLE_BASE = 0.1
 LR_DECAY = 1.0  # discriminative rates: each lower block at this times the rate of the one above
@@ -67,8 +60,7 @@ MIN_AUTO_IMAGE_SIZE = 64
 # Photos train and predict at this times the backbone's pretraining size (a multiple of 32):
 # ImageNet training crops make objects look larger than a whole image at the same size, so a
 # classifier fine-tuned on whole images sees better at a higher resolution ("FixRes", Touvron
-# et al. 2019). Measured (benchmarks/RESULTS.md), phase 1 alone, 3 seeds: 224 -> 288 px lifts
-# hymenoptera 0.9477 -> 0.9586 and flowers5 0.9375 -> 0.9475; it costs (288/224)^2 = 1.65x per image.
+# et al. 2019); it costs (288/224)^2 = 1.65x per image. Figures: benchmarks/RESULTS.md.
 NATIVE_SIZE_SCALE = 1.3
 # Phase 1 heads trained from different seeds and averaged into one (an exact logit ensemble).
 HEADS = 1
@@ -77,18 +69,14 @@ SCHEDULES = ("constant", "cosine", "one-cycle")
 PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on a 2-core CPU (README)
 PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.train.distribute
-# Cached views per training image: the image and 4 augmented ones. Measured, 3 seeds each
-# (benchmarks/RESULTS.md): 3 views tie or beat 5 on hymenoptera, pacs_art, the digits and
-# flowers5 but cost union14 (3,033 images) 0.4 points, so no "fewer views for more data" rule
-# passes; 1 view costs pacs_art's cartoons 2.7 points.
+# Cached views per training image: the image and 4 augmented ones. Fewer cost the larger sets
+# accuracy at every size ("Cached views per training image", benchmarks/RESULTS.md).
 VIEWS = 5
 # Dropout before the new Dense layer. "auto": DROPOUT_WHOLE_BASE (the guide's 0.2) in runs that
 # fine-tune the whole base, where label smoothing already regularises the head; DROPOUT_CACHED
-# elsewhere, where the head trains on cached features of 5 views of each image. Measured, 3 seeds
-# each (benchmarks/RESULTS.md): 0.7 lifts pacs_art 0.9516 -> 0.9572 (its cartoons 0.528 ->
-# 0.560) and ties hymenoptera (0.9608), flowers5 (0.9542) and union14 (0.9333 vs 0.9329); on
-# the digits, fine-tuned whole, it ties at the end (0.9740 vs 0.9749) from a weaker phase 1
-# (0.904 vs 0.931), which is what a run cut short by --time-budget would keep.
+# elsewhere, where the head trains on cached features of 5 views of each image: the stronger
+# rate helps the paintings and ties the photos there, and weakens the whole-base runs' phase 1
+# ("Dropout by kind of run", benchmarks/RESULTS.md).
 DROPOUT = "auto"
 DROPOUT_CACHED = 0.7
 DROPOUT_WHOLE_BASE = 0.2
@@ -106,9 +94,8 @@ AUGMENT_RANGES = {"rotation": (0.0, 0.5), "zoom": (0.0, 0.9), "contrast": (0.0, 
                   "crop": (0.0, 0.95), "brightness": (0.0, 1.0), "saturation": (0.0, 1.0),
                   "hue": (0.0, 0.5), "grayscale": (0.0, 1.0), "augmix": (0.1, 10.0)}
 # Named sets for --augment. "style": for data whose deployment images may differ in style (paint,
-# print, lighting) but whose classes do not hinge on colour. With --dropout auto it gave pacs_art
-# 0.9583 against 0.9572 but its cartoons 0.552 against 0.560, and cost flowers5 (classes told
-# apart by colour) 0.9542 -> 0.9500 (3 seeds each, benchmarks/RESULTS.md): not the default.
+# print, lighting) but whose classes do not hinge on colour; not the default: it costs data
+# whose classes are told apart by colour ("Dropout by kind of run", benchmarks/RESULTS.md).
 AUGMENT_PRESETS = {
     "basic": AUGMENT,
     "style": {**AUGMENT, **{k: AUGMENTATIONS[k]

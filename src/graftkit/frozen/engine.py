@@ -135,7 +135,7 @@ class FrozenPart:
     def plan(self, images: int, reuse_engine: bool = True) -> str:
         """Choose the engine for a job of ``images``: converting only pays for a large one.
 
-        Converting takes ~9.5 s here and saves ~5 ms an image, so below
+        Converting takes ~9.5 s on a 2-core AVX2 CPU and saves ~5 ms an image, so below
         ``defaults.ENGINE_MIN_IMAGES`` Keras finishes first; with ``reuse_engine`` a converted
         engine already cached is used whatever the size (not for outputs that are cached:
         which engine computes them must not depend on what ran before). Decides, loads nothing.
@@ -250,15 +250,16 @@ def _named(engine: str, precision: str) -> str:
     return engine + (f" {precision}" if precision != "f32" else "")
 
 
-KERAS_BATCH = 16  # rows per call of a compiled model: measured fastest here (113 images/s)
+KERAS_BATCH = 16  # rows per call of a compiled model: fastest on a 2-core AVX2 CPU (113 images/s)
 
 
 
 def compiled(model: keras.Model, fixed_batch: bool = False):
     """``model`` in inference mode as a function of a numpy batch, run in small batches.
 
-    A traced ``tf.function`` of the model is 1.3x ``predict``'s speed on a large batch here and
-    2x on the 64-row chunks ``extract`` hands over (``predict`` pays ~0.4 s a call to set up).
+    A traced ``tf.function`` of the model is 1.3x ``predict``'s speed on a large batch and 2x on
+    the 64-row chunks ``extract`` hands over (2-core AVX2 CPU; ``predict`` pays ~0.4 s a call
+    to set up).
     Small batches also keep the allocator from holding hundreds of MB. ``fixed_batch`` pads the
     last batch to ``KERAS_BATCH`` rows: oneDNN picks kernels by shape, so a row's outputs then do
     not depend on how many rows share its call (measured: 0.03% of float16 values moved).
