@@ -341,7 +341,7 @@ def test_review_of_data_it_cannot_move(service, tmp_path, trained_run, monkeypat
     assert gone.summary()["state"] == "unavailable" and "--data" in gone.summary()["message"]
     monkeypatch.setattr("graftkit.serve.review.os.access", lambda *a: False)
     locked = Review(service.run_dir, service.classifier.classes, m, str(trained_run / "data"))
-    assert "read-only" in locked.read_only and locked.journal is None
+    assert "read-only" in locked.why_read_only and locked.journal is None
 
 
 # --- the command ---------------------------------------------------------------------------

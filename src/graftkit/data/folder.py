@@ -12,11 +12,15 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from graftkit import defaults
 from graftkit.data.images import ImageProbe, probe_image, read_bytes
 from graftkit.defaults import IMAGE_EXTENSIONS, TEST_DIR_NAME, TRAIN_DIR_NAME, VAL_DIR_NAMES
 from graftkit.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from graftkit.progress import ProgressFactory
 
 
 @dataclass
@@ -104,13 +108,14 @@ def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
 
 
 def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
-                      probes: dict[str, ImageProbe] | None, progress=None) -> dict[str, list[str]]:
+                      probes: dict[str, ImageProbe] | None,
+                      bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """Decode every candidate once (in threads); keep the readable ones.
 
-    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
+    ``bars(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
     """
     all_paths = [p for ps in candidates.values() for p in ps]
-    bar = progress("scanning images", len(all_paths)) if progress else None
+    bar = bars("scanning images", len(all_paths)) if bars else None
     found = {}
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         for path, probe in zip(all_paths, pool.map(probe_image, all_paths)):
@@ -134,10 +139,10 @@ def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, 
 
 def scan_classes(folder: Path, skipped: list[dict[str, str]],
                  probes: dict[str, ImageProbe] | None = None,
-                 progress=None) -> dict[str, list[str]]:
+                 bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """``{class: [readable image paths]}``; everything else goes to ``skipped`` with a reason."""
     if folder.is_file():
-        return scan_table(folder, skipped, probes, progress)
+        return scan_table(folder, skipped, probes, bars)
     candidates: dict[str, list[str]] = {}
     for class_dir in _class_dirs(folder, skipped):
         paths = []
@@ -148,12 +153,13 @@ def scan_classes(folder: Path, skipped: list[dict[str, str]],
             else:
                 paths.append(str(f))
         candidates[class_dir.name] = paths
-    return _probe_candidates(candidates, skipped, probes, progress)
+    return _probe_candidates(candidates, skipped, probes, bars)
 
 
 
 def scan_table(table: Path, skipped: list[dict[str, str]],
-               probes: dict[str, ImageProbe] | None = None, progress=None) -> dict[str, list[str]]:
+               probes: dict[str, ImageProbe] | None = None,
+               bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """A CSV or TSV of ``path,label`` rows (a header row is optional; paths relative to it)."""
     import csv
 
@@ -176,7 +182,7 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
             skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
             continue
         candidates.setdefault(label, []).append(str(full))
-    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes, progress)
+    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes, bars)
 
 
 
@@ -267,7 +273,7 @@ def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
 
 def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, seed: int = defaults.SEED,
          strict: bool = True, val: str | os.PathLike | None = None,
-         progress=None, test: str | os.PathLike | None = None) -> ImageFolder:
+         bars: ProgressFactory | None = None, test: str | os.PathLike | None = None) -> ImageFolder:
     """Scan and check every image of a dataset.
 
     ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders (and
@@ -314,12 +320,12 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     # train/ and test/ without val/: train/ is split for validation, test/ held out
     train_src = dirs[0] if dirs else (root / TRAIN_DIR_NAME if test_dir else root)
     val_src = Path(val) if val is not None else (dirs[1] if dirs else None)
-    train_by_class = scan_classes(train_src, skipped, probes, progress)
+    train_by_class = scan_classes(train_src, skipped, probes, bars)
     require(train_by_class, train_src)
     classes = list(train_by_class)
 
     def held_out(src: Path, what: str) -> Split:
-        by_class = scan_classes(src, skipped, probes, progress)
+        by_class = scan_classes(src, skipped, probes, bars)
         unknown = sorted(set(by_class) - set(classes))
         if unknown:
             fail(f"{src} has classes missing from {train_src}: {', '.join(unknown)}; "

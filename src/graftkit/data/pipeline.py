@@ -7,12 +7,16 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graftkit import defaults
 from graftkit.data.augment import augment_image
 from graftkit.data.images import load_image
+
+if TYPE_CHECKING:
+    from graftkit.progress import ProgressFactory
 
 
 class DecodedImages:
@@ -23,7 +27,7 @@ class DecodedImages:
     """
 
     def __init__(self, paths: Sequence[str], size: int, budget: int | None = None,
-                 spill_dir: Path | None = None, progress=None):
+                 spill_dir: Path | None = None, bars: ProgressFactory | None = None):
         import tempfile
 
         self.paths, self.size = list(paths), size
@@ -45,7 +49,7 @@ class DecodedImages:
         def work(i: int) -> None:
             self.array[i] = load_image(self.paths[i], size)
 
-        bar = progress("decoding training images", len(self.paths)) if progress else None
+        bar = bars("decoding training images", len(self.paths)) if bars else None
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for i, _ in enumerate(pool.map(work, range(len(self.paths))), start=1):
                 if bar is not None:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from graftkit.data.images import load_image
 from graftkit.frozen.engine import FrozenPart
 from graftkit.frozen.rows import DiskRows, rows_for
 from graftkit.frozen.store import FeatureStore, cache_limit_bytes, evict
+
+if TYPE_CHECKING:
+    from graftkit.progress import ProgressFactory
 
 CHUNK = 64  # images decoded ahead while the bottom runs
 
@@ -167,12 +171,12 @@ def _store_new(out, store, todo: dict[int, list[int]], digests: Sequence[str], v
 
 def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], image_size: int,
             views: int = 1, augment: dict | None = None, store_key: str | None = None,
-            progress=None, memory_budget: int | None = None) -> Extracted:
+            bars: ProgressFactory | None = None, memory_budget: int | None = None) -> Extracted:
     """Frozen outputs of view 0 (the image as is) and views 1..views-1 (augmented).
 
     Each image is decoded once for all its views, decoding runs ahead on all cores while the
     frozen part runs, and rows already in the store are read instead of computed.
-    ``progress(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
+    ``bars(label, total)`` may return a ``graftkit.progress.Progress`` to report to.
     """
     start = time.perf_counter()
     n, outputs = len(paths), len(frozen.output_shapes)
@@ -194,7 +198,7 @@ def extract(frozen: FrozenPart, paths: Sequence[str], digests: Sequence[str], im
     def label() -> str:
         return f"frozen base ({frozen.label}, {views} view{'s' if views > 1 else ''})"
 
-    bar = progress(label(), len(todo)) if progress and todo else None
+    bar = bars(label(), len(todo)) if bars and todo else None
 
     def prepare(i: int) -> list[np.ndarray]:
         img = load_image(paths[i], image_size)

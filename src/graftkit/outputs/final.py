@@ -52,13 +52,13 @@ class FinalScores:
     test: TestScores | None
 
 
-def final_pass(model: keras.Model, paths: Sequence[str], fast, progress: ProgressFactory | None,
+def final_pass(model: keras.Model, paths: Sequence[str], fast, bars: ProgressFactory | None,
                label: str) -> list[np.ndarray]:
-    """The final model's outputs for image files, with a progress bar: the end of a fit
+    """The final model's outputs for image files, with a bars bar: the end of a fit
     scores the training, validation and test images, and must not sit silent meanwhile."""
     from graftkit.outputs.evaluation import model_outputs
 
-    bar = progress(label, len(paths)) if progress and len(paths) else None
+    bar = bars(label, len(paths)) if bars and len(paths) else None
     try:
         return model_outputs(model, list(paths), fast=fast,
                              progress=(lambda done, _total: bar.update(done)) if bar else None)
@@ -101,7 +101,7 @@ def calibrate_and_reject(model: keras.Model, featured: keras.Model, features: np
 
 
 def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
-               progress: ProgressFactory | None, log: Callable[[str], None]
+               bars: ProgressFactory | None, log: Callable[[str], None]
                ) -> TestScores | None:
     """The held-out test images, scored once by the final model (temperature and threshold
     included), after every choice was made on the validation images; None without them."""
@@ -110,7 +110,7 @@ def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenS
 
     if not folder.test_source or not len(folder.test):
         return None
-    features, probs = final_pass(featured, folder.test.paths, fast, progress,
+    features, probs = final_pass(featured, folder.test.paths, fast, bars,
                                  "scoring the test images")
     ood = open_set.scores(features, probs, head_logits(featured, features))
     result = scores(folder.test.labels, probs, folder.classes)
@@ -125,17 +125,17 @@ def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenS
 
 def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, fast,
                 train_features: np.ndarray, calibrate: str,
-                progress: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
+                bars: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
     """Validation scores of the final model, its calibration and open-set threshold (chosen
     on them), then the test images' scores under both."""
     from graftkit.outputs.evaluation import scores
 
-    features, raw_probs = final_pass(featured, folder.val.paths, fast, progress,
+    features, raw_probs = final_pass(featured, folder.val.paths, fast, bars,
                                      "scoring the validation images")
     probs, cal, open_set, info, ood = calibrate_and_reject(
         model, featured, features, raw_probs, train_features, folder, calibrate, log)
     result = scores(folder.val.labels, probs, folder.classes)
-    test = score_test(featured, folder, fast, open_set, progress, log)
+    test = score_test(featured, folder, fast, open_set, bars, log)
     return FinalScores(probs, result, cal, open_set, info, ood, test)
 
 

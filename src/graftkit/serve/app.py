@@ -158,7 +158,7 @@ class ReviewSummary(BaseModel):
     data: str
     root: str
     can_move: bool
-    read_only: str
+    read_only: str  # why files cannot be moved there ("" when they can)
     classes: list[str]
     groups: list[ReviewGroup]
     actions: list[Action]

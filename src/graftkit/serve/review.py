@@ -107,14 +107,14 @@ class Review:
         self.run_dir, self.classes, self.record = Path(run_dir), list(classes), record
         self.recorded = record.data  # where predictions.csv's paths point
         self.source = str(data) if data else self.recorded
-        self.root, self.read_only = _where(self.source, self.recorded)
+        self.root, self.why_read_only = _where(self.source, self.recorded)
         self.state = "checking" if self.root is not None else "unavailable"
-        self.message = "" if self.root is not None else self.read_only
+        self.message = "" if self.root is not None else self.why_read_only
         self.items: dict[str, Item] = {}
         self.groups: dict[str, list[str]] = {g: [] for g in GROUPS}
         self.split_dirs: tuple[str, ...] = ()
         self.lock = threading.RLock()
-        self.journal = Journal(self.root) if self.root and not self.read_only else None
+        self.journal = Journal(self.root) if self.root and not self.why_read_only else None
         self.recovered = self.journal.recover() if self.journal is not None else 0
 
     @property
@@ -263,7 +263,7 @@ class Review:
 
     def _writable(self) -> Journal:
         if self.journal is None:
-            raise ReviewError(f"files cannot be moved here: {self.read_only}", 409)
+            raise ReviewError(f"files cannot be moved here: {self.why_read_only}", 409)
         if self.state != "ready":
             raise ReviewError("the data check is still running: try again in a moment", 409)
         return self.journal
@@ -339,7 +339,7 @@ class Review:
                    "the moves they recorded cannot be undone from here") if bad else ""
         return {"state": self.state, "message": self.message, "data": data,
                 "root": str(self.root or ""), "can_move": self.can_move,
-                "read_only": self.read_only, "classes": self.classes, "groups": groups,
+                "read_only": self.why_read_only, "classes": self.classes, "groups": groups,
                 "actions": [_public(a) for a in history.standing()],
                 "journal_problem": problem,
                 "next": f"graft fit {data} --out {self.run_dir}-reviewed" if data else "",

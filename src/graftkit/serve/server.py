@@ -193,7 +193,7 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
         + f"), ready in {time.perf_counter() - start:.1f} s")
     log(f"  try page     {base}/")
     review = service.review
-    where = review.read_only or f"data {review.root}"
+    where = review.why_read_only or f"data {review.root}"
     log(f"  review page  {base}/review?token={service.token}   ({where})")
     log(f"  API          POST {base}/predict (multipart field 'file'); GET /info, /healthz; "
         "schema at /openapi.json")

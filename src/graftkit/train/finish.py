@@ -65,7 +65,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
         frozen.release()  # the cached rows are done with: free them before the last pass
     release_memory()
     final = score_final(model, featured, folder, fast, train_features, built.options.calibrate,
-                        run.progress, run.log)
+                        run.bars, run.log)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest)
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
                              run.log)
@@ -107,7 +107,7 @@ def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutput
         return np.concatenate(out) if out else np.zeros((0, featured.outputs[0].shape[-1]))
     start = time.perf_counter()
     folder = data.folder
-    features = final_pass(featured, folder.train.paths, fast, run.progress,
+    features = final_pass(featured, folder.train.paths, fast, run.bars,
                           "open set: training images")[0]
     run.log(f"open set: features of the {len(folder.train)} training images, one pass of the "
             f"final model ({time.perf_counter() - start:.1f} s)")

@@ -41,7 +41,7 @@ class RunContext:
     verbose: int | str
     writes: bool = True  # False for the range tests of lr-find: no checkpoint, no history
     started: float = field(default_factory=time.perf_counter)
-    progress: ProgressFactory | None = None
+    bars: ProgressFactory | None = None  # a progress bar for each long silent step
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def scan_data(run: RunContext, options: FitOptions, data_dir) -> PreparedData:
     from graftkit.data.folder import scan
 
     folder = scan(data_dir, options.val_split, options.seed, val=options.val,
-                  progress=run.progress, test=options.test)
+                  bars=run.bars, test=options.test)
     held_out = f", {len(folder.test)} held-out test images" if folder.test_source else ""
     run.log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
             f"{len(folder.val)} validation images ({folder.split_source}){held_out}; "
@@ -297,9 +297,9 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
                           size, 1, None, store_key).computed
         dist.barrier()  # then everyone reads all rows (a cache not shared: computes the rest)
     train_ex = extract(part, folder.train.paths, folder.digests(folder.train), size,
-                       views, options.augment, store_key, progress=run.progress)
+                       views, options.augment, store_key, bars=run.bars)
     val_ex = extract(part, folder.val.paths, folder.digests(folder.val), size, 1, None,
-                     store_key, progress=run.progress)
+                     store_key, bars=run.bars)
     seconds = time.perf_counter() - start
     computed = shared + train_ex.computed + val_ex.computed
     total = len(folder.train) * views + len(folder.val)
@@ -451,7 +451,7 @@ def _fine_tune_whole(run: RunContext, built: ModelPlan, data: PreparedData,
     folder, plan = data.folder, training.plan
     run.log(f"phase 2: fine-tuning {what} of the base at lr {plan.fine_tune_lr:g}, "
             "BatchNormalization frozen")
-    decoded = DecodedImages(folder.train.paths, built.size, progress=run.progress)
+    decoded = DecodedImages(folder.train.paths, built.size, bars=run.bars)
     try:
         train_ds = make_dataset(decoded, folder.train.labels, built.size, training.batch_size,
                                 shuffle=True, augment=built.options.augment or None,

@@ -228,7 +228,7 @@ def fit(
     fit_options = make_options(**options)
     check_inputs(data_dir, out, fit_options, overwrite, tensorboard)
     with _session(out, fit_options, overwrite) as (run_dir, dist):
-        run = RunContext(run_dir, dist, log, verbose, progress=progress_factory(verbose != 0))
+        run = RunContext(run_dir, dist, log, verbose, bars=progress_factory(verbose != 0))
         data, resumed, built, training, cut, frozen = _prepare(
             run, fit_options, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
         with dist.scope():  # both phases build and compile their models under the strategy
@@ -333,7 +333,7 @@ def lr_find(data_dir: str | os.PathLike, out: str | os.PathLike, phase: str = "h
     check_inputs(data_dir, out, fit_options, overwrite)
     with _session(out, fit_options, overwrite) as (run_dir, dist):
         run = RunContext(run_dir, dist, log, verbose, writes=False,
-                         progress=progress_factory(verbose != 0))
+                         bars=progress_factory(verbose != 0))
         data, resumed, built, training, cut, frozen = _prepare(
             run, fit_options, data_dir, overwrite, False, deterministic, unsafe, False)
         with dist.scope():
