@@ -187,10 +187,16 @@ def test_fit_returns_the_classifier_that_load_gives_back(tmp_path):
 
 
 def test_the_public_names_resolve_and_none_shadows_a_module():
+    import importlib
+    import types
+
     import graftkit
 
-    for name in graftkit.__all__:
-        assert getattr(graftkit, name) is not None
+    for name, module in graftkit._PUBLIC.items():  # each the object its module defines
+        found = getattr(graftkit, name)
+        assert not isinstance(found, types.ModuleType), name
+        assert found is getattr(importlib.import_module(module), name), name
+    assert set(graftkit.__all__) == {*graftkit._PUBLIC, "__version__"}
     assert callable(graftkit.check) and callable(graftkit.export) and callable(graftkit.lr_find)
 
 
