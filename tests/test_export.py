@@ -12,15 +12,29 @@ from graftkit.deploy.export import export
 from graftkit.errors import UsageError
 
 
+@pytest.fixture(scope="module")
+def float32_exports(trained_run, tmp_path_factory):
+    """Each format's float32 export of the shared run, made once: its own test checks it, the
+    quantized exports compare their size with it."""
+    made = {}
+
+    def get(fmt: str):
+        if fmt not in made:
+            out = tmp_path_factory.mktemp(f"export-{fmt}")
+            made[fmt] = (export(trained_run / "run", fmt, out=out), out)
+        return made[fmt]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
-def test_float32_exports_match_keras(trained_run, tmp_path, fmt):
-    result = export(trained_run / "run", fmt, out=tmp_path / fmt)
+def test_float32_exports_match_keras(float32_exports, fmt):
+    result, out = float32_exports(fmt)
     assert result.images_checked == 6  # the run's validation images
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
     assert result.accuracy == result.keras_accuracy
-    assert (tmp_path / fmt / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
-    written = json.loads((tmp_path / fmt / "export.json").read_text())
+    assert (out / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
+    written = json.loads((out / "export.json").read_text())
     assert written["format"] == fmt
     assert written["check_sample"] == "all 6 validation images"
     assert written["input"]["size"] == [32, 32] and "bilinear" in written["input"]["how"]
@@ -61,7 +75,8 @@ def _bank_is_float16(path: str, fmt: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,quantize", [("tflite", "float16"), ("tflite", "int8"),
                                           ("onnx", "int8")])
-def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, quantize, capfd):
+def test_quantized_exports_report_size_and_accuracy(trained_run, float32_exports, tmp_path, fmt,
+                                                    quantize, capfd):
     code = main(["export", str(trained_run / "run"), "--format", fmt, "--quantize", quantize,
                  "--out", str(tmp_path / "q")])
     out, err = capfd.readouterr()  # file descriptors: the converters' C++ logs would show here
@@ -77,34 +92,38 @@ def test_quantized_exports_report_size_and_accuracy(trained_run, tmp_path, fmt, 
         # a conversion takes minutes on real runs: each step is said as it starts
         assert "converting to tflite-int8 (calibrated on 24 training images)..." in err
         assert "checking it with its own runtime on 6 validation images..." in err
-    fp32 = export(trained_run / "run", fmt, out=tmp_path / "fp32")
+        _int8_keeps_the_open_set_score_in_float32(result)
+    fp32, _ = float32_exports(fmt)
     assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
     assert "accuracy" in out and "Keras model" in out
 
 
-@pytest.mark.slow
-def test_int8_tflite_keeps_the_open_set_score_in_float32(trained_run, tmp_path):
+def _int8_keeps_the_open_set_score_in_float32(result: dict) -> None:
     """In 8 bits the squares of most pooled features round to 0, so an image's norm can too, and
     TFLite's int8 division then stops the model (seen on a real run): the score's ops stay
     float32 (the pooled features it reads are still 8-bit, so it is close to graft predict's,
     not equal)."""
     import tensorflow as tf
 
-    result = export(trained_run / "run", "tflite", quantize="int8", out=tmp_path / "q")
-    tensors = tf.lite.Interpreter(model_path=result.path).get_tensor_details()
+    tensors = tf.lite.Interpreter(model_path=result["path"]).get_tensor_details()
     division = [t for t in tensors if "/ood_score" in t["name"] and "truediv" in t["name"]]
     assert division and all(t["dtype"] == np.float32 for t in division)
     assert any(t["dtype"] == np.int8 for t in tensors)  # the network itself is quantized
-    assert 0 < result.ood_max_abs_diff < 0.5 and result.known_agreement > 0.5
+    assert 0 < result["ood_max_abs_diff"] < 0.5 and result["known_agreement"] > 0.5
 
 
-def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, tmp_path, monkeypatch):
+def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, float32_exports,
+                                                          tmp_path, monkeypatch):
+    from pathlib import Path
+
     from graftkit.deploy import export as export_module
     from graftkit.errors import ExportError
 
     def refuses(path, x):
         raise RuntimeError("tensorflow/lite/kernels/div.cc:242 data[i] != 0 was not true.")
 
+    converted = Path(float32_exports("tflite")[0].path).read_bytes()  # converted once already
+    monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
     monkeypatch.setattr(export_module, "_run_tflite", refuses)
     with pytest.raises(ExportError, match="does not run in its own runtime .*nothing was written"):
         export(trained_run / "run", "tflite", out=tmp_path / "t")
