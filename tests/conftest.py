@@ -138,11 +138,14 @@ def trained_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("shared-run")
     data = make_folder(root / "data", per_class=10)
-    # unfreeze="all": the path that fine-tunes through the whole base (the CLI tests cover the
-    # default, top blocks on cached activations).
-    fit(data, root / "run", image_size=32, head_epochs=15, fine_tune_epochs=1, batch_size=8,
-        lr=1e-2, fine_tune_lr=1e-4, unfreeze="all", verbose=0, log=lambda _msg: None)
+    fit(data, root / "run", **TRAINED_RUN, verbose=0, log=lambda _msg: None)
     return root
+
+
+# The shared run's options. unfreeze="all": the path that fine-tunes through the whole base (the
+# CLI tests cover the default, top blocks on cached activations).
+TRAINED_RUN = {"image_size": 32, "head_epochs": 15, "fine_tune_epochs": 1, "batch_size": 8,
+               "lr": 1e-2, "fine_tune_lr": 1e-4, "unfreeze": "all"}
 
 
 def wait_for_phase2_epoch(run: Path, proc: subprocess.Popen, timeout: float = 300) -> dict:

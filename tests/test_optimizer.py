@@ -174,8 +174,7 @@ def test_label_smoothing_auto_smooths_runs_that_fine_tune_the_whole_base(trained
 
 
 @pytest.mark.slow
-def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(tmp_path,
-                                                                                  capsys):
+def test_mode_auto_and_fine_tune_report_their_choice(tmp_path):
     auto = _fit(tmp_path, "auto", "--lr-decay", "0.5", "--unfreeze-schedule", "gradual",
                 "--schedule", "one-cycle")
     assert auto["mode"]["requested"] == "auto"
@@ -188,11 +187,6 @@ def test_mode_auto_and_fine_tune_report_their_choice_and_a_budget_stops_phase_2(
     forced = _fit(tmp_path, "forced", "--mode", "fine-tune")
     assert forced["phases"][1]["epochs"] == 2  # every epoch, no early stop
     assert forced["val_accuracy"] >= forced["phases"][0]["best_val_accuracy"] - 1e-9
-    # A budget phase 1 already used up: phase 2 is skipped and the run says so.
-    tight = _fit(tmp_path, "tight", "--time-budget", "0.001")
-    assert [p["name"] for p in tight["phases"]] == ["head"]
-    assert tight["mode"]["chosen"] == "head" and "time budget" in tight["mode"]["reason"]
-    assert "time budget" in capsys.readouterr().out
 
 
 def test_auto_image_size_and_depth_follow_the_data(tmp_path):

@@ -139,6 +139,21 @@ def test_choose_mode_keeps_fine_tuning_only_when_it_won(tmp_path, head, ft, impr
     assert lines[-1].startswith(f"mode auto: {chosen.replace('_', '-')}")
 
 
+def test_a_used_up_time_budget_skips_phase_2_and_says_so(tmp_path):
+    """A budget phase 1 already used up: phase 2 does not start, the run keeps the head."""
+    run, lines = _run(tmp_path)
+    options, training, cut, built = _with_phases(0.9, None)
+    options = make_options(**{**vars(options), "time_budget": 0.001})
+    built = ModelPlan(options, None, None, built.info)
+    training.plan.deadline = 0.0  # long past
+    stages.fine_tune_phase(run, built, None, training, cut, None, None)
+    assert len(training.phases) == 1
+    assert lines == ["phase 2: skipped, the time budget (0.001 s) is used up"]
+    mode = stages.choose_mode(run, options, training, cut, built)
+    assert mode["chosen"] == "head"
+    assert mode["reason"] == "the time budget (0.001 s) ran out in phase 1"
+
+
 def test_choose_mode_without_phase_2_says_why(tmp_path):
     run, _ = _run(tmp_path)
     mode = stages.choose_mode(run, *_with_phases(0.9, None, ft_epochs=0))
