@@ -29,10 +29,16 @@ def test_default_fit_on_hymenoptera(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_offline_and_learns(tmp_path, capsys):
-    from graftkit.demo import run_demo
+def test_demo_runs_offline_and_learns(tmp_path, capsys, monkeypatch):
+    """The demo's whole path (the digits written offline, both phases through the whole base,
+    evaluate, predict, the summary) with 2 fine-tuning epochs instead of 8: the full demo is
+    ``make demo``, and benchmarks/oracle.py runs it to the last epoch."""
+    from graftkit import demo
 
-    metrics = run_demo(tmp_path / "demo", verbose=0, log=lambda _m: None)
+    monkeypatch.setattr(demo, "DEMO_SETTINGS", {**demo.DEMO_SETTINGS, "fine_tune_epochs": 2})
+    metrics = demo.run_demo(tmp_path / "demo", verbose=0, log=lambda _m: None)
+    assert [p["name"] for p in metrics["phases"]] == ["head", "fine_tune"]
+    assert metrics["options"]["unfreeze"] == "all" and metrics["phases"][1]["epochs"] <= 2
     out = capsys.readouterr().out
     assert metrics["num_train"] + metrics["num_val"] == 1797
     assert metrics["val_accuracy"] >= 0.9, out
