@@ -154,6 +154,36 @@ def test_a_used_up_time_budget_skips_phase_2_and_says_so(tmp_path):
     assert mode["reason"] == "the time budget (0.001 s) ran out in phase 1"
 
 
+@pytest.mark.parametrize("mode, patience", [("fine-tune", None), ("auto", 3)])
+def test_mode_fine_tune_plans_every_epoch(tmp_path, mode, patience):
+    """--mode fine-tune: phase 2 has no patience, so no epoch is cut short (the best weights are
+    still kept); auto stops after the declared patience."""
+    from types import SimpleNamespace
+
+    from graftkit import defaults
+    from graftkit.backbones.registry import BaseInfo
+    from graftkit.train.records import PreparedData, Resume
+
+    run, _ = _run(tmp_path)
+    built = ModelPlan(_options(mode=mode, unfreeze=2), None, None, BaseInfo("base", 32, "", ""))
+    data = PreparedData(SimpleNamespace(val=[0] * 6), None)
+    training = stages.plan_phases(run, built, data, Resume(None), tensorboard=False)
+    assert training.plan.patience == (None if patience is None else defaults.PATIENCE)
+    assert defaults.PATIENCE == 3
+
+
+def test_keep_best_without_patience_never_stops_a_phase():
+    from graftkit.train.phases import KeepBest
+
+    worse = {"val_accuracy": 0.1, "val_loss": 9.0}
+    for patience, stops in ((None, False), (2, True)):
+        keep = KeepBest(Best(val_accuracy=0.9, val_loss=0.1), patience=patience)
+        keep.set_model(type("Model", (), {"stop_training": False})())
+        for epoch in range(10):
+            keep.on_epoch_end(epoch, worse)
+        assert keep.model.stop_training is stops and keep.wait == 10
+
+
 def test_choose_mode_without_phase_2_says_why(tmp_path):
     run, _ = _run(tmp_path)
     mode = stages.choose_mode(run, *_with_phases(0.9, None, ft_epochs=0))

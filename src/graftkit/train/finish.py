@@ -137,8 +137,8 @@ def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: 
 
     from graftkit import __version__
 
-    folder, options, dist, plan, info = data.folder, built.options, run.dist, training.plan, \
-        built.info
+    folder, options, dist, plan, info = (data.folder, built.options, run.dist, training.plan,
+                                         built.info)
     result, checked = final.result, data.checked
     return RunRecord(
         test=final.test.record if final.test is not None else None,
