@@ -22,9 +22,11 @@ demo: $(STAMP)
 
 # ruff, the type check (mypy on src/) and the fast tier first (no graft fit, no TFLite
 # conversion, no TensorFlow subprocess: about 2 minutes on 2 cores), then the integration tier
-# (fits, exports, end-to-end runs).
+# (fits, exports, end-to-end runs) on two processes, since its tests wait on subprocesses and
+# servers about half the time, and last the few that time a server against the clock, alone.
 test: test-fast
-	$(VENV)/bin/python -m pytest -m integration
+	$(VENV)/bin/python -m pytest -m "integration and not serial" -n 2
+	$(VENV)/bin/python -m pytest -m "integration and serial"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,9 @@
 """Shared fixtures (a private weights cache, small generated image folders, runs) and the tiers.
 
 Two tiers: ``make test-fast`` runs the tests not marked ``integration`` (no graft fit, no TFLite
-conversion, no subprocess that imports TensorFlow); ``make test`` runs them first, then the rest.
+conversion, no subprocess that imports TensorFlow); ``make test`` runs them first, then the rest
+on two processes (pytest-xdist: the integration tests wait on subprocesses and servers about
+half the time), then the ``serial`` ones alone.
 A test is ``integration`` when it is marked so (or ``slow``) or uses a fixture that fits
 (``INTEGRATION_FIXTURES``). A test that is not, yet fits, converts or starts TensorFlow in a
 subprocess, fails with a message saying to mark it: the fast tier stays fast by construction.
@@ -30,11 +32,18 @@ INTEGRATION_FIXTURES = {"trained_run"}
 TF_COMMANDS = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "demo", "serve"}
 
 
+# Fixtures whose tests time a server against the clock (a 1 s header deadline, who is answered
+# first): they run alone, after the integration tests that share the cores (make test).
+SERIAL_FIXTURES = {"live"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (item.get_closest_marker("slow") is not None
-                or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("slow") is not None or INTEGRATION_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
+        if SERIAL_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.serial)
 
 
 class TierError(AssertionError):
