@@ -134,9 +134,6 @@ class Classifier:
         except ValueError:
             return None
 
-    def _features_model(self) -> keras.Model | None:
-        return self._features
-
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and not self._split_made:
@@ -165,7 +162,7 @@ class Classifier:
     @property
     def open_set_note(self) -> str:
         """Why images are all "known" with no score, when that is so."""
-        if self.open_set is not None and self._features_model() is not None:
+        if self.open_set is not None and self._features is not None:
             return ""
         return ("this run has no open-set statistics (made by an older graftkit): every image "
                 "counts as known and ood_score is null; run graft fit again to get them")
@@ -222,7 +219,7 @@ class Classifier:
     def _scoring_model(self):
         """``(model, True)``: the model with features for the open-set score, when the run has
         one; else ``(model, False)``: the plain classifier."""
-        featured = self._features_model()
+        featured = self._features
         if featured is None or self.open_set is None:
             return self.model, False
         return featured, True

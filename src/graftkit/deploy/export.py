@@ -195,7 +195,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     clf = load(run_dir)
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
-    if clf.open_set is not None and clf._features_model() is not None:
+    if clf.open_set is not None and clf._features is not None:
         from graftkit.outputs.open_set import open_set_model
 
         model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name

@@ -70,8 +70,8 @@ class RunRecord:
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
     def to_json(self) -> JSON:
-        """``metrics.json``'s content: the test scores first (the figure to trust), the
-        sections that are None left out only where older files never had them."""
+        """``metrics.json``'s content: the test scores first (the figure to trust) when the
+        run had a test split, then every field in order, then the keys kept in ``extra``."""
         out: JSON = {"test": self.test} if self.test is not None else {}
         for f in dataclasses.fields(self):
             if f.name in ("test", "extra"):
