@@ -121,7 +121,7 @@ def _with_phases(head: float, ft: float | None, improved: bool = True, mode: str
     if ft is not None:
         training.phases.append(PhaseResult("fine_tune", 2, 3.0, ft, improved=improved))
         plan.history = [{"phase": "fine_tune", "val_accuracy": ft}]
-    cut = CutPlan(ft_epochs, None, False, 1, False, None, "")
+    cut = CutPlan(ft_epochs, None, False, 1, False, False, None, "")
     built = ModelPlan(options, None, None, BaseInfo("base", 32, "", ""))
     return options, training, cut, built
 

@@ -69,6 +69,9 @@ SCHEDULES = ("constant", "cosine", "one-cycle")
 PRECISION = "float32"  # mixed_bfloat16 measured 0.74-0.83x as fast on a 2-core CPU (README)
 PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")  # graftkit.train.distribute
+# Label issues (graftkit.train.cross_fit): every labelled image scored by a head trained on
+# the other folds. 5 is the confident-learning paper's and cleanlab's default.
+LABEL_FOLDS = 5
 # Cached views per training image: the image and 4 augmented ones. Fewer cost the larger sets
 # accuracy at every size ("Cached views per training image", benchmarks/RESULTS.md).
 VIEWS = 5

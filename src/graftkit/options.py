@@ -157,6 +157,9 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("class_weight", "auto", "auto: weigh classes when the largest has more than "
            f"{defaults.IMBALANCE_RATIO:g}x the smallest's images; none: never", "data",
            choices=("auto", "none")),
+    Option("label_folds", defaults.LABEL_FOLDS, "after the run, look for wrong labels with "
+           "this many heads, each scoring the images it did not train on (label_issues.csv); "
+           "0: skip", "data", int, valid=Interval(0)),
     Option("base", defaults.DEFAULT_BACKBONE,
            "backbone name (graft backbones) or a .keras model file", "model"),
     Option("weights", "imagenet", "imagenet, or a local weights file", "model"),

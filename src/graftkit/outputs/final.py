@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.data.folder import ImageFolder
+    from graftkit.labels.issues import LabelIssues
     from graftkit.outputs.open_set import OpenSet
     from graftkit.outputs.record import RunRecord
     from graftkit.progress import ProgressFactory
@@ -140,7 +141,8 @@ def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, 
 
 
 def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: FinalScores,
-              record: RunRecord, history: list[dict], log: Callable[[str], None]) -> list[str]:
+              record: RunRecord, history: list[dict], log: Callable[[str], None],
+              issues: LabelIssues | None = None) -> list[str]:
     """Every file of the run folder, ``metrics.json`` last; the training images' digests."""
     from graftkit.files import write_json
     from graftkit.outputs import run
@@ -166,6 +168,10 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
         run.write_predictions(run_dir / run.TEST_PREDICTIONS_FILE, folder.test.paths,
                               folder.test.labels, final.test.probs, folder.classes,
                               final.test.ood, open_set.threshold)
+    if issues is not None:
+        from graftkit.labels.issues import FILE, write_csv
+
+        write_csv(run_dir / FILE, issues.issues)
     run.write_history(run_dir / run.HISTORY_FILE, history, run.HISTORY_COLUMNS)
     mode = record.mode
     kept = ("head",) if mode and mode.get("chosen") == "head" else ("head", "fine_tune")

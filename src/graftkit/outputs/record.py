@@ -55,6 +55,7 @@ class RunRecord:
     open_set: JSON | None = None
     val_used_for: str | None = None
     test: JSON | None = None  # the held-out test split, scored once: first in the file
+    label_issues: JSON | None = None  # count, checked, file, method, folds, seconds
     schema: int = SCHEMA_VERSION
     extra: JSON = field(default_factory=dict)  # keys this version does not know
 

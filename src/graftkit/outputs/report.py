@@ -2,7 +2,8 @@
 
 Run card, training curves, confusion matrix, per-class precision/recall/F1, the most confused
 class pairs, and the validation images with the highest loss (fastai's "top losses"), each with
-its true label, predicted label and probability.
+its true label, predicted label and probability; the training and validation labels that look
+wrong, each with the class suggested instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 REPORT_FILE = "report.html"
 TOP_LOSSES = 16
+LABEL_ISSUES_SHOWN = 32
 THUMBNAIL = 160
 
 _CSS = """
@@ -170,6 +172,41 @@ def _top_losses(predictions: list[dict]) -> str:
     parts.append(f"<div class=grid id=least-confident>{''.join(_tile(r) for r in shown_right)}"
                  "</div>")
     return f"<div id=top-losses>{''.join(parts)}</div>"
+
+
+def _issue_tile(issue) -> str:
+    uri = _thumbnail(issue.path)
+    name = Path(issue.path).name
+    img = f"<img src='{uri}' alt='{_e(name)}'>" if uri else \
+        "<div class=muted>(image no longer readable)</div>"
+    return (f"<div class='tile wrong'>{img}<div class=n>#{issue.rank} &middot; {_e(issue.split)}"
+            f"</div><div><b>{_e(issue.given)}</b> &rarr; <b>{_e(issue.suggested)}</b></div>"
+            f"<div class=muted><span class=n>p {issue.p_given:.3f} &rarr; {issue.p_suggested:.3f}"
+            f"</span> &middot; <span class=f>{_e(name)}</span></div></div>")
+
+
+def _label_issues(run_dir: Path, m: dict) -> str:
+    """The likeliest wrong labels, each as "given -> suggested" with both probabilities."""
+    from graftkit.labels.issues import read_csv
+
+    info = m.get("label_issues")
+    if not info:
+        return ("<p class=muted>not looked for in this run (--label-folds 0, or no cached "
+                "features): graft check DATA --labels finds them</p>")
+    issues = read_csv(run_dir / (info.get("file") or "label_issues.csv"))
+    intro = (f"<p>{info['count']} of {info['checked']} training and validation labels look "
+             f"wrong: {info['folds']} heads, each trained on the images the others score, "
+             "disagree with them (confident learning: another class passes its own mean "
+             "confidence, and the given class is not the top one). Lowest probability of the "
+             f"given label first; every finding is in <code>{_e(info.get('file'))}</code>, and "
+             "<code>graft serve RUN --data DATA</code> moves them with undo.</p>")
+    if not issues:
+        return intro
+    shown = issues[:LABEL_ISSUES_SHOWN]
+    more = (f"<p class=muted>{len(issues) - len(shown)} more in {_e(info.get('file'))}</p>"
+            if len(issues) > len(shown) else "")
+    return (intro + f"<div class=grid id=label-issues>{''.join(map(_issue_tile, shown))}</div>"
+            + more)
 
 
 def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
@@ -337,6 +374,7 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 {_open_set(metrics, predictions)}
 <h2>Top losses: validation images the model gets wrong, then those it is least sure of</h2>
 {_top_losses(predictions)}
+<h2>Likely wrong labels: given &rarr; suggested</h2>{_label_issues(run_dir, metrics)}
 </body></html>
 """
     target = run_dir / REPORT_FILE

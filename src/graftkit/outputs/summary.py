@@ -46,9 +46,17 @@ def print_summary(m: dict, run_dir) -> None:
               + "; ".join(f["message"] for f in findings[:3])
               + (f"; +{len(findings) - 3} more" if len(findings) > 3 else "")
               + f" (graft check {shlex.quote(m.get('data', 'DATA_DIR'))})")
+    issues = m.get("label_issues")
+    if issues:
+        data = shlex.quote(m.get("data", "DATA_DIR"))
+        print(f"  label issues         {issues['count']} of {issues['checked']} labels "
+              f"{'looks' if issues['count'] == 1 else 'look'} wrong"
+              + (f": {issues['file']}, ranked; graft serve {shlex.quote(str(run_dir))} --data "
+                 f"{data} to review them" if issues["count"] else ""))
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
           "metrics.json, history.csv, predictions.csv, "
           + ("test_predictions.csv, " if test else "")
+          + ("label_issues.csv, " if issues else "")
           + "split.json, curves.png, confusion_matrix.png)")

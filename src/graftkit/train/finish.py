@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from graftkit import defaults
+from graftkit.labels.issues import FILE as LABEL_ISSUES_FILE
+from graftkit.labels.issues import LabelIssues
 from graftkit.outputs.final import VAL_CHOICES, FinalScores, final_pass, score_final, write_run
 from graftkit.outputs.record import RunRecord
 from graftkit.train.records import (
@@ -61,14 +64,17 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     featured = with_features(model)  # [penultimate features, probabilities] in one pass
     fast, engine_key = _fast_path(built, cut, frozen, featured)
     train_features = _training_features(run, data, frozen, featured, fast)
+    pretrained = _pretrained_features(built, cut, frozen)
     if frozen is not None:
         frozen.release()  # the cached rows are done with: free them before the last pass
     release_memory()
     final = score_final(model, featured, folder, fast, train_features, built.options.calibrate,
                         run.bars, run.log)
-    record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest)
+    issues = _label_issues(run, built, data, training, pretrained)
+    record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
+                        issues)
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
-                             run.log)
+                             run.log, issues)
     if dist.workers > 1:
         run.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     resume.checkpoint.remove()
@@ -114,6 +120,41 @@ def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutput
     return features
 
 
+def _pretrained_features(built: ModelPlan, cut: CutPlan,
+                         frozen: FrozenOutputs | None) -> np.ndarray | None:
+    """The pretrained base's pooled features of every plain training and validation image,
+    copied out of the cached rows before they are released (None: no label issues wanted)."""
+    if not built.options.label_folds or frozen is None or frozen.train is None \
+            or frozen.val is None:
+        return None
+    k = 0 if cut.split.top is None else 1  # the pooled features among the frozen outputs
+    out = []
+    for rows in (frozen.train.views[0][k], frozen.val.views[0][k]):
+        out += [np.asarray(rows[np.arange(i, min(i + 1024, len(rows)))], dtype=np.float32)
+                for i in range(0, len(rows), 1024)]
+    return np.concatenate(out)
+
+
+def _label_issues(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
+                  features: np.ndarray | None) -> LabelIssues | None:
+    """Phase 1's head trained K times, each scoring the labelled images it did not see; the
+    confident-learning rule names the labels that look wrong."""
+    from graftkit.train.cross_fit import HeadSettings, label_issues
+
+    options, folder, plan = built.options, data.folder, training.plan
+    if features is None:
+        return None
+    lr = plan.head_lr if not isinstance(plan.head_lr, str) else defaults.HEAD_LR  # resumed
+    settings = HeadSettings(plan.head_epochs, float(lr), float(options.dropout),
+                            training.batch_size, plan.training, plan.class_weight)
+    issues = label_issues(features, [*folder.train.labels, *folder.val.labels],
+                          [*folder.train.paths, *folder.val.paths],
+                          ["train"] * len(folder.train) + ["val"] * len(folder.val),
+                          folder.classes, settings, options.label_folds, options.seed)
+    run.log(f"label issues: {issues.line()}")
+    return issues
+
+
 def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
     """Which engine and precision computed the frozen outputs this run trained on.
 
@@ -130,7 +171,8 @@ def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
 
 def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
                frozen: FrozenOutputs | None, mode: dict, final: FinalScores,
-               engine_key: str | None, digest: str) -> RunRecord:
+               engine_key: str | None, digest: str,
+               issues: LabelIssues | None = None) -> RunRecord:
     """``metrics.json``: the scores, what was run and why."""
     import keras
     import tensorflow as tf
@@ -178,4 +220,5 @@ def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: 
         calibration=final.calibration,
         open_set=final.open_set_info,
         val_used_for=VAL_CHOICES,
+        label_issues=issues.record(LABEL_ISSUES_FILE) if issues is not None else None,
     )

@@ -103,6 +103,7 @@ class CutPlan:
     cached_phase2: bool  # phase 2 trains the top blocks on cached activations
     views: int
     need_cache: bool  # some phase trains on frozen outputs
+    label_rows: bool  # only the plain view is needed, for the label issues after the run
     frozen_model: keras.Model  # pixels -> what the frozen part gives
     engine_key: str
 

@@ -267,7 +267,12 @@ def cut_base(run: RunContext, built: ModelPlan, training: Training) -> CutPlan:
     frozen_model = split.frozen_model()
     engine_key = part_key(frozen_model, built.size,
                           f"{split.cut}:{options.precision}")  # before any training
-    return CutPlan(ft_epochs, split, cached_phase2, views, need_cache, frozen_model, engine_key)
+    # The label issues need the pretrained features of every plain image: when no phase
+    # caches them (phase 1 through the base, or done before a resume), the chief computes
+    # those alone, before any training changes the base.
+    label_rows = not need_cache and options.label_folds > 0 and run.dist.chief
+    return CutPlan(ft_epochs, split, cached_phase2, views, need_cache, label_rows, frozen_model,
+                   engine_key)
 
 
 def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
@@ -276,9 +281,12 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     from graftkit.frozen.engine import FrozenPart
     from graftkit.frozen.extract import extract
 
-    if not cut.need_cache:
+    if not cut.need_cache and not cut.label_rows:
         return None
     options, dist, folder, size, views = built.options, run.dist, data.folder, built.size, cut.views
+    augment = options.augment
+    if not cut.need_cache:  # the plain images only, for the label issues
+        views, augment = 1, None
     # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
     part = FrozenPart(cut.frozen_model, cut.engine_key,
                       converted=False if dist.name != "default" else None, fixed_batch=True)
@@ -289,15 +297,15 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     store_key = part.store_key if options.cache else None
     start = time.perf_counter()
     shared = 0  # outputs this worker computed into the cache for all of them
-    if dist.workers > 1 and store_key:  # each worker computes its share into the cache
+    if dist.workers > 1 and store_key and cut.need_cache:  # each worker computes its share
         mine = slice(dist.worker, None, dist.workers)
         shared = extract(part, folder.train.paths[mine], folder.digests(folder.train)[mine],
-                         size, views, options.augment, store_key).computed
+                         size, views, augment, store_key).computed
         shared += extract(part, folder.val.paths[mine], folder.digests(folder.val)[mine],
                           size, 1, None, store_key).computed
         dist.barrier()  # then everyone reads all rows (a cache not shared: computes the rest)
     train_ex = extract(part, folder.train.paths, folder.digests(folder.train), size,
-                       views, options.augment, store_key, bars=run.bars)
+                       views, augment, store_key, bars=run.bars)
     val_ex = extract(part, folder.val.paths, folder.digests(folder.val), size, 1, None,
                      store_key, bars=run.bars)
     seconds = time.perf_counter() - start
@@ -305,7 +313,8 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     total = len(folder.train) * views + len(folder.val)
     run.log(f"frozen base: {total - computed} of {total} outputs from the cache, {computed} "
             f"computed{' here' if shared else ''} ({part.label}, {seconds:.1f} s)"
-            + (f"; {views} views per training image" if views > 1 else ""))
+            + (f"; {views} views per training image" if views > 1 else "")
+            + ("; the plain images, for the label issues" if not cut.need_cache else ""))
     if train_ex.on_disk or val_ex.on_disk:
         run.log(f"  more than {defaults.FEATURE_MEMORY_BUDGET >> 20} MB of frozen outputs: "
                 "kept in a scratch file and read a batch at a time")

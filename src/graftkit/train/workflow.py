@@ -51,6 +51,7 @@ class FitOptions:
     val_split: float = _D("val_split")
     seed: int = _D("seed")
     class_weight: str = _D("class_weight")
+    label_folds: int = _D("label_folds")
     base: str = _D("base")
     weights: str | None = _D("weights")
     image_size: int | None = _D("image_size")
@@ -92,6 +93,7 @@ class FitOptions:
         """What decides the result (the cache only decides the speed)."""
         out = dataclasses.asdict(self)
         out.pop("cache")
+        out.pop("label_folds")  # looked at after training: no part of what it resumes
         return out
 
     def check(self) -> None:
@@ -110,6 +112,9 @@ class FitOptions:
             raise UsageError("--fine-tune-lr auto runs its range test on cached activations, "
                              "so it needs --unfreeze N (a number of blocks) and fine-tuning "
                              "epochs; or give --fine-tune-lr a number")
+        if self.label_folds == 1:
+            raise UsageError("--label-folds 1 leaves no images to train on: give 2 or more "
+                             f"(default {defaults.LABEL_FOLDS}), or 0 to skip the search")
         if self.heads > 1 and self.augment_head:
             raise UsageError("--heads averages heads trained on cached features: drop "
                              "--augment-head, or use --heads 1")
@@ -146,6 +151,7 @@ def make_options(**given) -> FitOptions:
         "lr_decay": float(v["lr_decay"]),
         "unfreeze_schedule": str(v["unfreeze_schedule"]),
         "heads": int(v["heads"]),
+        "label_folds": int(v["label_folds"]),
     })
     options.check()
     return options

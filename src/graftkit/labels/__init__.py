@@ -1,0 +1,1 @@
+"""The data loop: label issues in labelled images, suggestions for unlabelled ones."""

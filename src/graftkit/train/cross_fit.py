@@ -1,0 +1,136 @@
+"""Label issues: class probabilities for every labelled image from heads that did not train on it.
+
+The labelled images (training and validation) are split into K folds, stratified by their given
+label; for each fold a head with phase 1's settings trains on the frozen base's pooled features
+of the other folds (the plain view of each image) and predicts this one. A head on cached
+features trains in a second or two, so K of them cost little next to the run; the rule that
+turns the probabilities into findings is ``graftkit.labels.issues``.
+
+``graft fit`` runs it after the run on the features it cached; ``graft check --labels`` runs it
+before any training, with the default backbone and head, so a folder can be cleaned first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from graftkit import defaults
+from graftkit.labels.issues import LabelIssues, find_issues
+from graftkit.train.optimizer import Training
+
+if TYPE_CHECKING:
+    from graftkit.data.folder import ImageFolder
+    from graftkit.progress import ProgressFactory
+
+PREDICT_ROWS = 1024  # features per call of a fold's head
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """Phase 1's head and how it trains (a run's own, or the defaults before any run)."""
+
+    epochs: int = defaults.HEAD_EPOCHS
+    lr: float = defaults.HEAD_LR
+    dropout: float = defaults.DROPOUT_CACHED
+    batch_size: int = defaults.BATCH_SIZE
+    training: Training = field(default_factory=Training)
+    class_weight: dict[int, float] | None = None
+
+
+def stratified_folds(labels, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold: every class spread evenly over the folds, in a seeded order."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    start = 0  # classes continue where the last one stopped, so small classes fill folds evenly
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        fold[rows] = (start + np.arange(len(rows))) % folds
+        start = (start + len(rows)) % folds
+    return fold
+
+
+def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSettings,
+                folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED) -> np.ndarray:
+    """Class probabilities of every row from a head trained on the other folds."""
+    import keras
+
+    from graftkit.graft import build_head
+    from graftkit.train.phases import PhasePlan, _compile, steps, view_cycle
+
+    features = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    fold = stratified_folds(labels, folds, seed)
+    plan = PhasePlan(settings.epochs, 0, settings.lr, settings.lr, 0,
+                     class_weight=settings.class_weight, training=settings.training)
+    probs = np.zeros((len(labels), num_classes), dtype=np.float32)
+    for k in range(folds):
+        fit, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        if not len(held) or not len(fit):
+            continue
+        keras.utils.set_random_seed(seed + 104729 * (k + 1))  # a stream apart from the run's
+        head = build_head(features.shape[1], num_classes, settings.dropout)
+        per_epoch = steps(len(fit), settings.batch_size)
+        _compile(head, settings.lr, plan, per_epoch * settings.epochs)
+        head.fit(view_cycle([features[fit]], labels[fit], settings.batch_size, seed + k,
+                            settings.class_weight),
+                 steps_per_epoch=per_epoch, epochs=settings.epochs, verbose=0, shuffle=False)
+        for first in range(0, len(held), PREDICT_ROWS):
+            rows = held[first: first + PREDICT_ROWS]
+            probs[rows] = keras.ops.convert_to_numpy(head(features[rows], training=False))
+    return probs
+
+
+def label_issues(features: np.ndarray, labels, paths: list[str], splits: list[str],
+                 classes: list[str], settings: HeadSettings,
+                 folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED) -> LabelIssues:
+    """The confident-learning findings over labelled images, from their pooled features."""
+    start = time.perf_counter()
+    probs = out_of_fold(features, labels, len(classes), settings, folds, seed)
+    issues = find_issues(probs, labels, paths, splits, classes)
+    return LabelIssues(issues, len(labels), folds, time.perf_counter() - start)
+
+
+def check_labels(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
+                 folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED,
+                 cache: bool = True, log: Callable[[str], None] = print,
+                 bars: ProgressFactory | None = None) -> LabelIssues:
+    """``graft check --labels``: label issues of a scanned folder before any training, with
+    the default head on ``base``'s features at the size ``graft fit`` would choose (cached,
+    so the fit that follows reads them)."""
+    from graftkit.backbones import REGISTRY, load_base
+    from graftkit.frozen.cut import part_key, split_base
+    from graftkit.frozen.engine import FrozenPart
+    from graftkit.frozen.extract import extract
+    from graftkit.train.stages import auto_image_size
+
+    size = auto_image_size(folder, REGISTRY[base].input_size)[0] if base in REGISTRY else None
+    base_model, info = load_base(base, size)
+    split = split_base(base_model, info.block_pattern, 0)
+    assert split is not None  # a cut below no block is always possible
+    frozen_model = split.frozen_model()
+    part = FrozenPart(frozen_model, part_key(frozen_model, info.image_size,
+                                             f"{split.cut}:{defaults.PRECISION}"),
+                      fixed_batch=True)
+    part.notify = log
+    # The engine a default fit would choose for its job, so that fit reads these rows.
+    part.plan(len(folder.train) * defaults.VIEWS + len(folder.val), reuse_engine=False)
+    store_key = part.store_key if cache else None
+    start = time.perf_counter()
+    rows = []
+    for s in (folder.train, folder.val):
+        ex = extract(part, s.paths, folder.digests(s), info.image_size, 1, None, store_key,
+                     bars=bars)
+        rows.append(np.asarray(ex.views[0][0][np.arange(len(s))], dtype=np.float32))
+    log(f"features: {info.name} at {info.image_size} px, {len(folder.train) + len(folder.val)} "
+        f"images ({part.label}, {time.perf_counter() - start:.1f} s)")
+    return label_issues(np.concatenate(rows), [*folder.train.labels, *folder.val.labels],
+                        [*folder.train.paths, *folder.val.paths],
+                        ["train"] * len(folder.train) + ["val"] * len(folder.val),
+                        folder.classes, HeadSettings(), folds, seed)
