@@ -161,21 +161,56 @@ def test_label_folds_option():
     assert "label_folds" not in make_options().fingerprint  # training is the same either way
 
 
-# --- where a run shows them ---------------------------------------------------------------
+# --- where they appear --------------------------------------------------------------------
 
 
-@pytest.mark.integration
-def test_fit_finds_the_planted_wrong_labels(tmp_path, capsys):
-    """Two images moved into the wrong class folder: graft fit names both, with their true
-    class, in the summary, label_issues.csv, metrics.json and report.html."""
-    from graftkit.cli import main
+def planted_folder(root):
+    """Three colour classes with two images moved into the wrong class folder: their paths and
+    true classes."""
     from tests.conftest import make_folder
 
-    data = make_folder(tmp_path / "data", classes=3, per_class=14)
+    data = make_folder(root, classes=3, per_class=14)
     planted = {shutil.move(str(data / "class_0" / "img_003.png"),
                            str(data / "class_1" / "moved_0to1.png")): "class_0",
                shutil.move(str(data / "class_2" / "img_007.png"),
                            str(data / "class_0" / "moved_2to0.png")): "class_2"}
+    return data, planted
+
+
+def test_check_refuses_label_options_it_cannot_use(tmp_path, capsys):
+    """A typo is answered before the scan and before TensorFlow."""
+    from graftkit.cli import main
+
+    assert main(["check", str(tmp_path), "--label-folds", "3"]) == 2
+    assert "--base and --label-folds go with --labels" in capsys.readouterr().err
+    assert main(["check", str(tmp_path), "--labels", "--label-folds", "1"]) == 2
+    assert "--label-folds must be at least 2" in capsys.readouterr().err
+    assert main(["check", str(tmp_path), "--labels", "--base", "efficientnet_lite9"]) != 0
+    assert "did you mean efficientnet_lite" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_check_labels_finds_them_before_any_training(tmp_path, capsys):
+    from graftkit.cli import main
+
+    data, planted = planted_folder(tmp_path / "data")
+    assert main(["check", str(data), "--labels"]) == 1  # warnings
+    out = capsys.readouterr().out
+    assert "labels: 2 of 42 labels look wrong" in out
+    assert "class_1/moved_0to1.png  train  class_1 -> class_0" in out
+    assert main(["check", str(data), "--labels", "--format", "json"]) == 1
+    found = json.loads(capsys.readouterr().out)["label_issues"]
+    assert {(i["path"], i["suggested"]) for i in found["issues"]} == set(planted.items())
+    assert found["count"] == 2 and found["checked"] == 42
+
+
+@pytest.mark.integration
+def test_fit_finds_the_planted_wrong_labels(tmp_path, capsys):
+    """graft fit names both planted images, with their true class, in the summary,
+    label_issues.csv, metrics.json and report.html."""
+    from graftkit.cli import main
+
+    data, planted = planted_folder(tmp_path / "data")
     run = tmp_path / "run"
     assert main(["fit", str(data), "--out", str(run), "--image-size", "32", "--mode", "head",
                  "--head-epochs", "15", "--lr", "1e-2", "--batch-size", "8"]) == 0

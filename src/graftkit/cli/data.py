@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,11 +15,23 @@ from graftkit.errors import DataError, UsageError
 
 
 def cmd_check(args) -> int:
-    from graftkit.data.checks import check
+    from graftkit.data.checks import find_problems
+    from graftkit.data.folder import scan
 
-    rep = check(args.data_dir, args.val_split, args.seed, args.val, args.test)
+    if args.labels:  # before the scan: imported after it, TensorFlow's C++ notes get through
+        from graftkit.quiet import import_tensorflow
+
+        import_tensorflow()
+    folder = scan(args.data_dir, args.val_split, args.seed, strict=False, val=args.val,
+                  test=args.test)
+    rep = find_problems(folder)
+    issues = _label_issues(args, folder, rep) if args.labels else None
     if args.format == "json":
-        print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+        out = rep.as_dict()
+        if issues is not None:
+            out["label_issues"] = {**issues.record(None),
+                                   "issues": [dataclasses.asdict(i) for i in issues.issues]}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
         return rep.exit_code
     print(f"{rep.data}: {rep.split}")
     columns = list(next(iter(rep.counts.values()), {"train": 0, "val": 0}))
@@ -34,8 +47,51 @@ def cmd_check(args) -> int:
         more = f" (+{g['count'] - 3} more: --format json lists all)" if g["count"] > 3 else ""
         print(f"{g['severity']:<8} {g['kind']:<22} {g['message']}"
               + (f": {shown}{more}" if shown else ""))
+    if issues is not None:
+        _print_label_issues(issues, short)
     print(f"status: {rep.status} (exit code {rep.exit_code})")
     return rep.exit_code
+
+
+def _label_issues(args, folder, rep):
+    """``--labels``: the K-fold heads on the default base's features; each finding a warning.
+    Nothing to look at when the folder cannot be trained on (a fatal finding)."""
+    from graftkit.data.checks import FATAL, WARNING, Finding
+    from graftkit.progress import progress_factory
+    from graftkit.train.cross_fit import check_labels
+
+    if rep.status == FATAL:
+        print("labels: not checked, the folder has a fatal problem (below)", file=sys.stderr)
+        return None
+    issues = check_labels(folder, args.base, args.label_folds, args.seed, log=lambda m: print(
+        m, file=sys.stderr), bars=progress_factory(True))
+    rep.findings += [Finding(WARNING, "label_issue", f"labelled {i.given}, looks like "
+                             f"{i.suggested} (p {i.p_given:.2f} -> {i.p_suggested:.2f})",
+                             [i.path]) for i in issues.issues]
+    return issues
+
+
+def preflight_check(args) -> None:
+    """--labels' base and folds, before a minute of scanning."""
+    if args.labels:
+        from graftkit.backbones.registry import check_base_name
+
+        check_base_name(args.base)
+        if args.label_folds < 2:
+            raise UsageError(f"--label-folds must be at least 2 (got {args.label_folds})")
+    elif args.base != defaults.DEFAULT_BACKBONE or args.label_folds != defaults.LABEL_FOLDS:
+        raise UsageError("--base and --label-folds go with --labels")
+
+
+def _print_label_issues(issues, short, shown: int = 20) -> None:
+    print(f"labels: {issues.line()}")
+    if not issues.issues:
+        return
+    rows = [[i.rank, short(i.path), i.split, f"{i.given} -> {i.suggested}",
+             f"{i.p_given:.3f} -> {i.p_suggested:.3f}"] for i in issues.issues[:shown]]
+    print(table(rows, ["rank", "image", "split", "given -> suggested", "p"]))
+    if len(issues.issues) > shown:
+        print(f"(+{len(issues.issues) - shown} more: --format json lists all)")
 
 
 def cmd_review(args) -> int:
@@ -104,6 +160,14 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
     p.add_argument("--seed", type=int, default=defaults.SEED)
+    p.add_argument("--labels", action="store_true",
+                   help="also look for wrong labels: heads on the pretrained base's features, "
+                        "each scoring the images it did not train on (a minute or so; the "
+                        "features are cached for graft fit)")
+    p.add_argument("--label-folds", type=int, default=defaults.LABEL_FOLDS, metavar="K",
+                   help="--labels: heads (folds) to train (default %(default)s)")
+    p.add_argument("--base", default=defaults.DEFAULT_BACKBONE,
+                   help="--labels: the pretrained base (default %(default)s)")
 
 
 def _review_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,10 +184,11 @@ def _review_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS = (
     Command(
         "check", "check an image folder: unreadable files, duplicates, leakage, imbalance",
-        run=cmd_check, arguments=_check_arguments,
+        run=cmd_check, arguments=_check_arguments, preflight=preflight_check,
         examples="""
 graft check photos/
 graft check photos/ --format json
+graft check photos/ --labels                     # also the labels that look wrong, ranked
 exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
 """,
     ),

@@ -84,6 +84,8 @@ GROUP_TITLES = {
                       "overstates accuracy",
     "near_duplicate_labels": "validation images nearly identical to a training image with "
                              "another label: likely label errors",
+    "label_issue": "labels that look wrong (graft check --labels: heads that did not train on "
+                   "the image disagree with its label)",
     "fatal": "fatal problems",
 }
 
