@@ -194,7 +194,7 @@ def test_review_lists_the_findings(service, client):
     assert r["state"] == "ready" and r["can_move"]
     groups = {g["id"]: g["items"] for g in r["groups"]}
     assert groups["top_losses"]  # validation images by loss, from predictions.csv
-    disagree = {i["path"] for i in groups["label_disagreement"]}
+    disagree = {i["path"] for i in groups["label_issues"]}
     assert {"class_0/img_000.png", "class_1/copy_of_0.png"} <= disagree
     assert all(i["why"] for g in groups.values() for i in g)
     key = groups["top_losses"][0]["key"]
@@ -204,7 +204,7 @@ def test_review_lists_the_findings(service, client):
 
 
 def test_review_needs_the_token(service, client, review_data):
-    key = listed(service, "label_disagreement")[0]["key"]
+    key = listed(service, "label_issues")[0]["key"]
     before = sorted(p.relative_to(review_data) for p in review_data.rglob("*"))
     for headers in ({}, {"X-Graft-Token": "wrong"}):
         assert client.get("/review/api/items", headers=headers).status_code == 403
@@ -258,7 +258,7 @@ def journal(data: Path) -> list[dict]:
 
 
 def test_relabel_set_aside_undo_with_journal(service, client, review_data):
-    item = next(i for i in listed(service, "label_disagreement") if i["path"] == "class_1/copy_of_0.png")
+    item = next(i for i in listed(service, "label_issues") if i["path"] == "class_1/copy_of_0.png")
     src = review_data / "class_1" / "copy_of_0.png"
     occupied = review_data / "class_2" / "copy_of_0.png"  # a name collision at the target
     occupied.write_bytes(b"not to be overwritten")
@@ -275,7 +275,7 @@ def test_relabel_set_aside_undo_with_journal(service, client, review_data):
         lines = journal(review_data)
         assert lines[-2]["action"] == "relabel" and lines[-2]["from"] == "class_1/copy_of_0.png"
         assert lines[-1] == {"id": action["id"], "done": True}
-        now = next(i for i in listed(service, "label_disagreement") if i["key"] == item["key"])
+        now = next(i for i in listed(service, "label_issues") if i["key"] == item["key"])
         assert now["now"] == "class_2" and now["undo"] == action["id"]
 
         # undo after a restart: a new review of the same folder reads the journal
@@ -472,8 +472,8 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             first = page.locator("#top_losses .card").first
             path = first.get_attribute("data-path")
             label = path.split("/")[0]
-            item = next(i for i in service.review.summary()["groups"][0]["items"]
-                        if i["path"] == path)
+            item = next(i for g in service.review.summary()["groups"] if g["id"] == "top_losses"
+                        for i in g["items"] if i["path"] == path)
             menu = first.locator("select")
             if item["predicted"] and item["predicted"] != label:  # starts on the prediction
                 assert menu.input_value() == item["predicted"]

@@ -141,6 +141,10 @@ class ReviewItem(BaseModel):
     probability: float | None
     loss: float | None
     why: list[str]
+    suggested: str | None = Field(description="the label issues' suggested class")
+    p_suggested: float | None
+    p_given: float | None
+    rank: int | None = Field(description="1: the likeliest wrong label")
     image: bool
     undo: str | None = Field(description="the image's last move, to undo it")
     moves: int = Field(description="moves that stand between the image and where it was listed")
@@ -179,6 +183,17 @@ Key = Annotated[str, Field(pattern=KEY_PATTERN, max_length=4096,
 
 class KeyBody(BaseModel):
     key: Key
+
+
+class AcceptBody(BaseModel):
+    min_p: float = Field(ge=0, le=1, description="accept the suggestions at this probability "
+                                                 "or above")
+
+
+class Accepted(BaseModel):
+    accepted: int
+    actions: list[Action]
+    problems: list[str]
 
 
 class UndoBody(BaseModel):
@@ -378,6 +393,12 @@ def _review_routes(app: FastAPI, service) -> None:
     def set_aside(body: KeyBody):
         """Move a listed image into the data folder's hidden .graft-set-aside/ folder."""
         return review.set_aside(body.key)
+
+    @app.post("/review/api/accept", response_model=Accepted, responses=moves, **token)
+    def accept(body: AcceptBody):
+        """Relabel every likely wrong label whose suggestion has at least ``min_p`` (images
+        moved by hand since the page listed them are left alone), each move journalled."""
+        return review.accept(body.min_p)
 
     @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
     def undo(body: UndoBody):

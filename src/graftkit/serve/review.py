@@ -1,10 +1,11 @@
 """The review page's model: the run's suspect images, and moves of them that can be undone.
 
-Suspects come from two places: the run's ``predictions.csv`` (validation images the final model
-got wrong or was least sure of) and a fresh data check (duplicates, train/val leakage, labels
-that disagree with a near-duplicate's, unreadable files). Only those files can be shown or
-moved; the page names an image by its path inside the data root, which is looked up in that
-list, never joined to a path blindly.
+Suspects come from three places: the run's ``label_issues.csv`` (labels that heads which never
+trained on the image disagree with, each with a suggested class), its ``predictions.csv``
+(validation images the final model got wrong or was least sure of) and a fresh data check
+(duplicates, train/val leakage, labels that disagree with a copy's, unreadable files). Only
+those files can be shown or moved; the page names an image by its path inside the data root,
+which is looked up in that list, never joined to a path blindly.
 
 Moves (relabel: to another class folder of the same split; set aside: into the hidden
 ``.graft-set-aside`` folder, which scans skip) never delete and never overwrite: the target gets
@@ -37,13 +38,13 @@ TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
 
 # Page groups: which check findings go where, with the group's title.
 GROUPS = {
+    "label_issues": "Likely wrong labels",
     "top_losses": "Wrong or least sure (validation)",
-    "label_disagreement": "Label disagrees with a copy or near-copy",
     "leakage": "Train/val leakage",
     "duplicates": "Duplicates inside a split",
     "unreadable": "Unreadable files",
 }
-FINDING_GROUP = {"conflicting_labels": "label_disagreement", "near_duplicate_labels": "label_disagreement",
+FINDING_GROUP = {"conflicting_labels": "label_issues", "near_duplicate_labels": "label_issues",
                  "leak": "leakage", "near_duplicate": "leakage", "duplicate": "duplicates",
                  "unreadable": "unreadable"}
 
@@ -62,6 +63,10 @@ class Item:
     probability: float | None = None
     loss: float | None = None
     reasons: dict[str, list[str]] = field(default_factory=dict)  # group -> why listed there
+    suggested: str | None = None  # the label issues' suggestion (label_issues.csv)
+    p_suggested: float | None = None
+    p_given: float | None = None
+    rank: int | None = None
 
 
 def _rel(path: str | os.PathLike, root: Path) -> str | None:
@@ -174,6 +179,7 @@ class Review:
             split.update({p: "test" for p in folder.test.paths})
             labels = {p: folder.classes[y] for s in (folder.train, folder.val, folder.test)
                       for p, y in zip(s.paths, s.labels)}
+            self._add_label_issues()
             self._add_predictions()
             by_location = self.history().locations()
             for finding in report.findings:
@@ -203,6 +209,32 @@ class Review:
         item.reasons.setdefault(group, []).append(why)
         return item
 
+    def _here(self, path: str) -> str:
+        """A path the run recorded, in the data folder being reviewed (the same relative
+        place: the folder may have been copied or moved since)."""
+        recorded = Path(os.path.abspath(self.recorded)) if self.recorded else None
+        if recorded is not None and recorded.is_file():
+            recorded = recorded.parent
+        rel = _rel(path, recorded) if recorded is not None else None
+        return str(self.folder / rel) if rel is not None else path
+
+    def _add_label_issues(self) -> None:
+        """The run's label issues (``label_issues.csv``), likeliest first."""
+        from graftkit.labels.issues import FILE, read_csv
+
+        try:
+            issues = read_csv(self.run_dir / FILE)
+        except (OSError, ValueError, KeyError):
+            return
+        for issue in issues:
+            why = (f"#{issue.rank}: labelled {issue.given} (p {issue.p_given:.2f}), looks like "
+                   f"{issue.suggested} (p {issue.p_suggested:.2f}) to heads that never "
+                   "trained on it")
+            item = self._add("label_issues", self._here(issue.path), issue.split, issue.given,
+                             why)
+            item.suggested, item.p_suggested = issue.suggested, issue.p_suggested
+            item.p_given, item.rank = issue.p_given, issue.rank
+
     def _add_predictions(self) -> None:
         from graftkit.errors import RunError
         from graftkit.outputs.run import read_predictions
@@ -215,12 +247,8 @@ class Review:
         wrong = [r for r in rows if r["label"] != r["predicted"]]
         shown = wrong + [r for r in rows[:TOP_LOSSES] if r["label"] == r["predicted"]]
         shown.sort(key=lambda r: -float(r["loss"]))
-        recorded = Path(os.path.abspath(self.recorded)) if self.recorded else None
-        if recorded is not None and recorded.is_file():
-            recorded = recorded.parent
         for r in shown:
-            rel = _rel(r["path"], recorded) if recorded is not None else None
-            path = str(self.folder / rel) if rel is not None else r["path"]  # listed where it was
+            path = self._here(r["path"])  # listed where it was
             p, loss = float(r["probability"]), float(r["loss"])
             why = (f"predicted {r['predicted']} ({p:.2f}) for {r['label']}"
                    if r["label"] != r["predicted"] else
@@ -274,12 +302,43 @@ class Review:
         if to not in self.classes:
             raise ReviewError(f"unknown class {to!r}: choose one of {', '.join(self.classes)}")
         with self.lock, journal.locked():
-            now = self.file(key, journal.history()).relative_to(self.folder).as_posix()
-            split, label, rest = self._parts(now)
-            if label == to and not now.startswith(SET_ASIDE + "/"):
-                raise ReviewError(f"the image is already labelled {to}", 409)
-            target = free_name(self.folder.joinpath(*split, to, *rest))
-            return journal.move(key, "relabel", now, target)
+            return self._relabel(journal, key, to, journal.history())
+
+    def _relabel(self, journal: Journal, key: str, to: str, history: History) -> dict:
+        """``relabel`` under the locks."""
+        now = self.file(key, history).relative_to(self.folder).as_posix()
+        split, label, rest = self._parts(now)
+        if label == to and not now.startswith(SET_ASIDE + "/"):
+            raise ReviewError(f"the image is already labelled {to}", 409)
+        target = free_name(self.folder.joinpath(*split, to, *rest))
+        return journal.move(key, "relabel", now, target)
+
+    def acceptable(self, min_p: float, history: History | None = None) -> list[str]:
+        """The label issues "accept all" would relabel: a suggestion at ``min_p`` or above,
+        on an image still where it was listed (one moved by hand since is the user's call)."""
+        history = history or self.history()
+        with self.lock:
+            return [key for key in self.groups["label_issues"]
+                    if (item := self.items[key]).suggested is not None
+                    and item.p_suggested is not None and item.p_suggested >= min_p
+                    and not history.stacks.get(key) and not key.startswith("outside/")
+                    and item.suggested in self.classes]
+
+    def accept(self, min_p: float) -> dict:
+        """Relabel every acceptable label issue to its suggestion, each move journalled (so
+        each can be undone, and "restore all since" undoes them together)."""
+        journal = self._writable()
+        done, problems = [], []
+        with self.lock, journal.locked():
+            history = journal.history()
+            for key in self.acceptable(min_p, history):
+                try:
+                    done.append(self._relabel(journal, key, str(self.items[key].suggested),
+                                              history))
+                except ReviewError as exc:
+                    problems.append(f"{key}: {exc}")
+        return {"accepted": len(done), "actions": [_public(a) for a in done],
+                "problems": problems}
 
     def set_aside(self, key: str) -> dict:
         """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
@@ -322,6 +381,8 @@ class Review:
         return {"key": key, "path": now or key, "split": item.split, "label": item.label,
                 "now": label, "status": status, "predicted": item.predicted,
                 "probability": item.probability, "loss": item.loss,
+                "suggested": item.suggested, "p_suggested": item.p_suggested,
+                "p_given": item.p_given, "rank": item.rank,
                 "why": item.reasons.get(group, []), "image": now is not None,
                 "undo": stack[-1]["id"] if stack else None, "moves": len(stack)}
 

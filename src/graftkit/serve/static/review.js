@@ -49,7 +49,11 @@ async function thumbnail(img, item) {
 async function act(path, body) {
   try {
     const done = await call(path, body);
-    if (done.restored !== undefined) {
+    if (done.accepted !== undefined) {
+      messageBox.textContent = `accepted ${done.accepted} suggestion(s)` +
+        (done.actions.length ? `; "Restore all since" on the first of them undoes them all` : "") +
+        (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
+    } else if (done.restored !== undefined) {
       messageBox.textContent = `restored ${done.restored} image(s)` +
         (done.problems.length ? `; not restored: ${done.problems.join("; ")}` : "");
     } else {
@@ -80,28 +84,40 @@ function card(item, summary) {
   let line = `label: ${label}`;
   if (item.predicted) line += ` \u00b7 predicted: ${item.predicted} ${(100 * item.probability).toFixed(0)}%`;
   c.append(el("div", "", line));
+  if (item.suggested) {
+    c.append(el("div", "suggestion",
+                `suggested: ${item.suggested} ${(100 * item.p_suggested).toFixed(0)}%`));
+  }
   if (item.status) c.append(el("div", "status", item.status));
   const why = el("ul", "why");
   for (const reason of item.why) why.append(el("li", "", reason));
   c.append(why);
   if (!summary.can_move) return c;
   const actions = el("div", "actions");
-  // The menu starts on the model's prediction when it differs from the label, else on
-  // "move to..." with Relabel disabled: a careless click must not mislabel an image.
+  // The menu starts on the suggestion of the label issues, else on the model's prediction when
+  // it differs from the label, else on "move to..." with Relabel disabled: a careless click
+  // must not mislabel an image. On the suggestion, the button says it accepts it.
   const select = el("select");
   const none = el("option", "", "move to\u2026");
   none.value = "";
   select.append(none);
   for (const name of summary.classes) {
     if (name === item.now) continue;
-    const option = el("option", "", name === item.predicted ? `${name} (predicted)` : name);
+    const note = name === item.suggested ? " (suggested)" : name === item.predicted ? " (predicted)" : "";
+    const option = el("option", "", name + note);
     option.value = name;
     select.append(option);
   }
-  select.value = item.predicted && item.predicted !== item.now ? item.predicted : "";
+  const first = [item.suggested, item.predicted].find((name) => name && name !== item.now);
+  select.value = first || "";
   const relabel = el("button", "relabel", "Relabel");
-  relabel.disabled = !select.value;
-  select.addEventListener("change", () => { relabel.disabled = !select.value; });
+  const caption = () => {
+    relabel.disabled = !select.value;
+    relabel.textContent = select.value && select.value === item.suggested
+      ? `Accept: ${item.suggested}` : "Relabel";
+  };
+  caption();
+  select.addEventListener("change", caption);
   relabel.addEventListener("click", () => act("/review/api/relabel", {key: item.key, to: select.value}));
   const aside = el("button", "set-aside", "Set aside");
   aside.disabled = item.status === "set aside";
@@ -168,12 +184,47 @@ function render(summary) {
     const section = el("section");
     section.id = group.id;
     section.append(el("h2", "", `${group.title} (${group.items.length})`));
+    if (group.id === "label_issues" && summary.can_move) acceptAll(section, group.items);
     if (!group.items.length) section.append(el("p", "muted", "none found"));
     const grid = el("div", "grid");
     for (const item of group.items) grid.append(card(item, summary));
     section.append(grid);
     groups.append(section);
   }
+}
+
+// "Accept the N suggestions with p >= X": the count is shown, and kept up to date as X changes,
+// before anything moves; the server applies the same rule (a suggestion at X or above, on an
+// image no one has moved since it was listed).
+let acceptAt = "0.90";
+
+function acceptable(items, threshold) {
+  return items.filter((i) => i.suggested && i.p_suggested >= threshold && i.moves === 0 &&
+                             i.now !== i.suggested).length;
+}
+
+function acceptAll(section, items) {
+  const box = el("div", "accept-all");
+  const input = el("input");
+  Object.assign(input, {type: "number", min: "0", max: "1", step: "0.05", value: acceptAt,
+                        id: "accept-threshold"});
+  input.setAttribute("aria-label", "lowest probability of the suggestion to accept");
+  const button = el("button", "primary", "");
+  button.id = "accept-all";
+  const update = () => {
+    acceptAt = input.value;
+    const threshold = Number(input.value);
+    const valid = input.value !== "" && threshold >= 0 && threshold <= 1;
+    const n = valid ? acceptable(items, threshold) : 0;
+    button.dataset.count = String(n);
+    button.textContent = `Accept the ${n} suggestion${n === 1 ? "" : "s"} with p \u2265 ${valid ? threshold.toFixed(2) : "?"}`;
+    button.disabled = n === 0;
+  };
+  input.addEventListener("input", update);
+  button.addEventListener("click", () => act("/review/api/accept", {min_p: Number(input.value)}));
+  update();
+  box.append(el("span", "muted", "suggestion probability at least "), input, button);
+  section.append(box);
 }
 
 document.getElementById("restore-all").addEventListener("click", () => {

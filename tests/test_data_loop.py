@@ -1,0 +1,205 @@
+"""The data loop on a served run: likely wrong labels on the review page (accept one, accept
+all above a probability, undo), new images in the inbox, graft suggest, and the refit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="graft serve needs the serve extra (make test installs it)")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from graftkit.labels.issues import FILE, LabelIssue, write_csv  # noqa: E402
+from graftkit.serve.journal import JOURNAL  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+# (image, given, suggested, p_given, p_suggested): made-up findings over the shared run's data
+ISSUES = [("class_0/img_001.png", "class_0", "class_1", 0.02, 0.97),
+          ("class_1/img_002.png", "class_1", "class_2", 0.05, 0.93),
+          ("class_2/img_003.png", "class_2", "class_0", 0.20, 0.61),
+          ("class_0/img_004.png", "class_0", "class_2", 0.30, 0.42)]
+
+
+def contents(data: Path) -> dict[str, str]:
+    """Every image file's digest: what must survive any sequence of moves and undos."""
+    return {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in data.rglob("*.png")}
+
+
+def where(data: Path, name: str, digest: str) -> str:
+    found = [p for p in data.rglob("*.png") if hashlib.sha256(p.read_bytes()).hexdigest() == digest]
+    assert len(found) == 1, (name, found)
+    return found[0].relative_to(data).as_posix()
+
+
+def journal_complete(data: Path) -> None:
+    """Every move in the journal is settled (done or failed), and every line is readable."""
+    lines = [json.loads(line) for line in (data / JOURNAL).read_text().splitlines()]
+    moves = {e["id"] for e in lines if "action" in e}
+    settled = {e["id"] for e in lines if "action" not in e and (e.get("done") or e.get("failed"))}
+    assert moves and moves == settled
+
+
+@pytest.fixture
+def issues_run(trained_run, tmp_path):
+    """A copy of the shared run with made-up label issues, and a copy of its data to move."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(trained_run / "run", run)
+    shutil.copytree(trained_run / "data", data)
+    recorded = trained_run / "data"  # where the run's own files point
+    write_csv(run / FILE, [LabelIssue(rank, str(recorded / path), "train", given, suggested,
+                                      p_given, p_sugg)
+                           for rank, (path, given, suggested, p_given, p_sugg)
+                           in enumerate(ISSUES, 1)])
+    return run, data
+
+
+@pytest.fixture
+def issues_service(issues_run):
+    from graftkit.serve.server import Service
+
+    run, data = issues_run
+    service = Service(run, data=str(data))
+    service.review.wait()
+    yield service, data
+    service.batcher.close()
+
+
+def test_review_lists_likely_wrong_labels_and_accepts_them(issues_service):
+    service, data = issues_service
+    client = TestClient(service.app, base_url="http://127.0.0.1")
+    auth = {"X-Graft-Token": service.token}
+    before = contents(data)
+    groups = {g["id"]: g for g in client.get("/review/api/items", headers=auth).json()["groups"]}
+    assert list(groups)[0] == "label_issues" and groups["label_issues"]["title"] == \
+        "Likely wrong labels"
+    items = groups["label_issues"]["items"]
+    assert [i["path"] for i in items[:4]] == [path for path, *_ in ISSUES]  # in rank order
+    assert [(i["suggested"], i["rank"]) for i in items[:4]] == [(s, r) for r, (_, _, s, _, _)
+                                                               in enumerate(ISSUES, 1)]
+    assert "#1: labelled class_0 (p 0.02), looks like class_1 (p 0.97)" in items[0]["why"][0]
+    review = service.review
+    assert review.acceptable(0.9) == ["class_0/img_001.png", "class_1/img_002.png"]
+
+    # one by hand first: accept-all leaves an image the user moved alone
+    r = client.post("/review/api/relabel", json={"key": "class_1/img_002.png", "to": "class_0"},
+                    headers=auth)
+    assert r.status_code == 200, r.text
+    time.sleep(1.1)  # the journal's times are in seconds
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    assert review.acceptable(0.5) == ["class_0/img_001.png", "class_2/img_003.png"]
+    r = client.post("/review/api/accept", json={"min_p": 0.5}, headers=auth)
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["accepted"] == 2 and not done["problems"]
+    assert [(a["from"], a["to"]) for a in done["actions"]] == [  # beside a file of that name
+        ("class_0/img_001.png", "class_1/img_001-1.png"),
+        ("class_2/img_003.png", "class_0/img_003-1.png")]
+    assert (data / "class_1" / "img_001-1.png").is_file()
+    assert not (data / "class_0" / "img_001.png").exists()
+    assert review.acceptable(0.0) == ["class_0/img_004.png"]  # the rest: moved, or accepted
+    now = {i["key"]: i for i in review.summary()["groups"][0]["items"]}
+    assert now["class_0/img_001.png"]["status"] == "relabelled class_0 -> class_1"
+    for bad in ({"min_p": 1.5}, {"min_p": "high"}, {}):
+        r = client.post("/review/api/accept", json=bad, headers=auth)
+        assert r.status_code == 400 and "min_p" in r.json()["detail"]
+    assert client.post("/review/api/accept", json={"min_p": 0.5}).status_code == 403
+
+    # undo: every move since before the accept-all, then the one by hand; nothing lost
+    r = client.post("/review/api/restore-all", json={"since": started}, headers=auth)
+    assert r.json()["restored"] == 2
+    r = client.post("/review/api/restore-all", json={"since": None}, headers=auth)
+    assert r.json()["restored"] == 1
+    assert contents(data) == before
+    for digest, name in before.items():  # every file back in its own place
+        assert where(data, name, digest).endswith("/" + name)
+    for path, *_ in ISSUES:
+        assert (data / path).is_file()
+    journal_complete(data)
+
+
+def test_conflicting_copies_join_the_likely_wrong_labels(trained_run, tmp_path):
+    from graftkit.serve.review import Review
+    from graftkit.serve.server import Service
+
+    data = tmp_path / "data"
+    shutil.copytree(trained_run / "data", data)
+    shutil.copy(data / "class_0" / "img_000.png", data / "class_2" / "copy.png")
+    service = Service(trained_run / "run", data=str(data))
+    try:
+        review: Review = service.review
+        review.wait()
+        group = review.summary()["groups"][0]
+        assert group["id"] == "label_issues"
+        paths = {i["path"]: i for i in group["items"]}
+        assert {"class_0/img_000.png", "class_2/copy.png"} <= set(paths)
+        assert paths["class_2/copy.png"]["suggested"] is None  # a copy says "one is wrong", not which
+        assert review.acceptable(0.0) == []
+    finally:
+        service.batcher.close()
+
+
+@pytest.mark.slow
+def test_likely_wrong_labels_in_headless_chromium(issues_run):
+    """Accept one suggestion from its card, then all above a probability (the count shown
+    before anything moves), then undo everything: every file back, the journal complete."""
+    from tests.test_serve import browser_or_skip, until
+
+    sync_playwright = browser_or_skip()
+    from graftkit.serve.server import Service
+
+    run, data = issues_run
+    before = contents(data)
+    service = Service(run, data=str(data))
+    base = service.start()
+    try:
+        with sync_playwright() as p:
+            from tests.test_report import CHROMIUM
+
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("dialog", lambda d: d.accept())
+            page.goto(f"{base}/review?token={service.token}")
+            page.wait_for_selector("#label_issues .card .relabel", timeout=120_000)
+            cards = page.locator("#label_issues .card")
+            first = cards.first
+            assert first.get_attribute("data-path") == "class_0/img_001.png"
+            assert first.locator("select").input_value() == "class_1"  # the suggestion
+            assert first.locator(".relabel").inner_text() == "Accept: class_1"
+            assert "suggested: class_1 97%" in first.inner_text()
+            button = page.locator("#accept-all")
+            assert button.inner_text() == "Accept the 2 suggestions with p \u2265 0.90"
+            first.locator(".relabel").click()
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('relabelled: class_0/img_001.png')")
+            assert (data / "class_1" / "img_001-1.png").is_file()
+            until(page, "() => document.getElementById('accept-all').dataset.count === '1'")
+            page.fill("#accept-threshold", "0.5")
+            until(page, "() => document.getElementById('accept-all').textContent === "
+                        "'Accept the 2 suggestions with p \u2265 0.50'")
+            assert (data / "class_1" / "img_002.png").is_file()  # nothing moved yet
+            page.click("#accept-all")
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('accepted 2 suggestion(s)')")
+            assert (data / "class_2" / "img_002.png").is_file()
+            assert (data / "class_0" / "img_003-1.png").is_file()
+            until(page, "() => document.getElementById('accept-all').dataset.count === '0'")
+            assert page.locator("#accept-threshold").input_value() == "0.5"  # kept on reload
+            page.click("#restore-all")
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('restored 3 image(s)')")
+            browser.close()
+    finally:
+        service.stop()
+        time.sleep(0.5)
+        service.batcher.close()
+    assert contents(data) == before
+    for path, *_ in ISSUES:
+        assert (data / path).is_file()
+    journal_complete(data)
