@@ -178,7 +178,7 @@ class Classifier:
             raise DataError(f"{len(inputs.skipped)} of the images cannot be read ("
                             + "; ".join(f"{s['path']}: {s['reason']}" for s in inputs.skipped[:3])
                             + "): predict() skips them and lists them in its result's .skipped")
-        return self._scored(inputs, batch_size, tta, progress)
+        return self._scored(inputs, batch_size, tta, progress)[:2]
 
     def _gathered(self, images):
         from graftkit.data.inputs import gather
@@ -186,6 +186,7 @@ class Classifier:
         return gather(images, self.image_size)
 
     def _scored(self, inputs, batch_size: int, tta: bool, progress):
+        """``(probabilities, ood scores or None, penultimate features or None)``."""
         from graftkit.outputs.evaluation import model_outputs
 
         model, scores = self._scoring_model()
@@ -207,7 +208,8 @@ class Classifier:
         for rows, outs in parts:
             for whole, part in zip(merged, outs):
                 whole[rows] = part
-        return merged[-1], self._ood(*merged) if scores else None
+        return (merged[-1], self._ood(*merged) if scores else None,
+                merged[0] if len(merged) > 1 else None)
 
     def scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``scored`` for images already decoded by ``load_image`` (uint8, stacked): what
@@ -299,8 +301,44 @@ class Classifier:
         out = Predictions()
         out.skipped = inputs.skipped
         if inputs.names:
-            probs, ood = self._scored(inputs, batch_size, tta, progress)
+            probs, ood, _ = self._scored(inputs, batch_size, tta, progress)
             out.extend(self.answers(inputs.names, probs, ood, top_k, reject))
+        return out
+
+    def suggest(self, images, order: str = "diverse", reject: str | float = "auto",
+                batch_size: int = defaults.BATCH_SIZE, progress=None) -> Predictions:
+        """Labels for unlabelled images, in the order to check them: the images the model is
+        least sure of first (they teach it most), near-copies spread apart, and the ones the
+        open-set score calls unknown last.
+
+        Args:
+            images: what ``predict`` takes (usually a folder of new images).
+            order: ``diverse`` (least sure first, near-copies apart), ``uncertain``,
+                ``confident`` (surest first) or ``random``. Defaults to "diverse".
+            reject: as in ``predict``. Defaults to "auto".
+            batch_size, progress: as in ``predict_proba``.
+
+        Returns:
+            A list of ``graftkit.labels.inbox.Suggestion`` (``order``, ``path``,
+            ``suggested``, ``probability``, ``second``, ``p_second``, ``margin``, ``known``,
+            ``ood_score``); ``skipped`` lists the files that could not be read.
+
+        Example:
+            >>> [s.path for s in clf.suggest("inbox/") if s.probability >= 0.9]  # doctest: +SKIP
+        """
+        from graftkit.labels.inbox import ORDERS
+        from graftkit.labels.inbox import suggest as ranked
+
+        if order not in ORDERS:
+            raise UsageError(f"order must be one of {', '.join(ORDERS)} (got {order!r})")
+        parse_reject(reject)
+        inputs = self._gathered(images)
+        out = Predictions()
+        out.skipped = inputs.skipped
+        if inputs.names:
+            probs, ood, features = self._scored(inputs, batch_size, False, progress)
+            out.extend(ranked([str(n) for n in inputs.names], probs, self.classes, features,
+                              ood, self.threshold(reject), order))
         return out
 
     def answers(self, names: Sequence[str], probs: np.ndarray, ood: np.ndarray | None,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from graftkit import defaults
-from graftkit.cli.common import Command, table
+from graftkit.cli.common import Command, add_unsafe, table
 from graftkit.errors import DataError, UsageError
 
 
@@ -152,6 +152,61 @@ def _review_log(journal) -> int:
     return 0
 
 
+def preflight_suggest(args) -> None:
+    from graftkit.classifier import parse_reject
+    from graftkit.files import prepare_output_file
+    from graftkit.outputs.run import read_run
+
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise UsageError(f"--min-p must be between 0 and 1 (got {args.min_p:g})")
+    parse_reject(args.reject)
+    read_run(args.run_dir)
+    if not Path(args.folder).exists():
+        raise DataError(f"no such file or folder: {args.folder}")
+    prepare_output_file(args.out, "--out")  # before the work: a bad path must not cost it
+
+
+def cmd_suggest(args) -> int:
+    """``graft suggest RUN FOLDER --out suggestions.csv``: the inbox's order and suggestions."""
+    from graftkit.classifier import load
+    from graftkit.data.inputs import gather
+    from graftkit.labels.inbox import write_csv
+
+    clf = load(args.run_dir, args.unsafe)
+    images = gather([args.folder], clf.image_size)
+    for item in images.skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if not images.names:
+        raise UsageError(f"no readable image in {args.folder}")
+    found = clf.suggest(images, order=args.order, reject=args.reject)
+    write_csv(args.out, found)
+    unknown = sum(not s.known for s in found)
+    print(f"wrote {len(found)} suggestions to {args.out}, in the order to check them "
+          f"({args.order}" + (f"; {unknown} unlike every class, last" if unknown else "") + ")")
+    for p in sorted({args.min_p or 0.9, 0.8, 0.9, 0.95}):
+        sure = sum(s.known and s.probability >= p for s in found)
+        print(f"  p >= {p:.2f}: {sure} of {len(found)} images ({sure / len(found):.0%})")
+    return 0
+
+
+def _suggest_arguments(p: argparse.ArgumentParser) -> None:
+    from graftkit.labels.inbox import DEFAULT_ORDER, ORDERS
+
+    p.add_argument("run_dir")
+    p.add_argument("folder", help="a folder of unlabelled images")
+    p.add_argument("--out", required=True, help="the CSV to write (order, path, suggested, "
+                                                 "probability, second, p_second, margin, known, "
+                                                 "ood_score)")
+    p.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
+                   help="diverse: least sure first, near-copies apart (default); uncertain; "
+                        "confident: surest first; random")
+    p.add_argument("--min-p", type=float, help="also count the images suggested at this "
+                                               "probability or above")
+    p.add_argument("--reject", default="auto", metavar="auto|none|THRESHOLD",
+                   help="when an image is unlike every class (listed last): as graft predict")
+    add_unsafe(p)
+
+
 def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir")
     p.add_argument("--val", help="validation data: a class folder or a CSV/TSV")
@@ -182,6 +237,16 @@ def _review_arguments(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = (
+    Command(
+        "suggest", "label new images with a run: the suggestions, in the order to check them",
+        run=cmd_suggest, arguments=_suggest_arguments, preflight=preflight_suggest,
+        tensorflow=True,
+        examples="""
+graft suggest runs/photos inbox/ --out suggestions.csv
+graft suggest runs/photos inbox/ --out sure.csv --order confident --min-p 0.9
+graft serve runs/photos --data photos/ --inbox inbox/   # the same, as a page with accept buttons
+""",
+    ),
     Command(
         "check", "check an image folder: unreadable files, duplicates, leakage, imbalance",
         run=cmd_check, arguments=_check_arguments, preflight=preflight_check,

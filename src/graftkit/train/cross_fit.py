@@ -97,21 +97,22 @@ def label_issues(features: np.ndarray, labels, paths: list[str], splits: list[st
     return LabelIssues(issues, len(labels), folds, time.perf_counter() - start)
 
 
-def check_labels(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
-                 folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED,
-                 cache: bool = True, log: Callable[[str], None] = print,
-                 bars: ProgressFactory | None = None) -> LabelIssues:
-    """``graft check --labels``: label issues of a scanned folder before any training, with
-    the default head on ``base``'s features at the size ``graft fit`` would choose (cached,
-    so the fit that follows reads them)."""
+def pooled_features(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
+                    image_size: int | None = None, cache: bool = True,
+                    log: Callable[[str], None] = print,
+                    bars: ProgressFactory | None = None) -> np.ndarray:
+    """The pretrained ``base``'s pooled features of every plain training, then validation
+    image, at ``image_size`` (None: the size ``graft fit`` would choose); cached, under the
+    engine a default fit would choose for the whole job, so that fit reads these rows."""
     from graftkit.backbones import REGISTRY, load_base
     from graftkit.frozen.cut import part_key, split_base
     from graftkit.frozen.engine import FrozenPart
     from graftkit.frozen.extract import extract
     from graftkit.train.stages import auto_image_size
 
-    size = auto_image_size(folder, REGISTRY[base].input_size)[0] if base in REGISTRY else None
-    base_model, info = load_base(base, size)
+    if image_size is None and base in REGISTRY:
+        image_size = auto_image_size(folder, REGISTRY[base].input_size)[0]
+    base_model, info = load_base(base, image_size)
     split = split_base(base_model, info.block_pattern, 0)
     assert split is not None  # a cut below no block is always possible
     frozen_model = split.frozen_model()
@@ -119,7 +120,6 @@ def check_labels(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
                                              f"{split.cut}:{defaults.PRECISION}"),
                       fixed_batch=True)
     part.notify = log
-    # The engine a default fit would choose for its job, so that fit reads these rows.
     part.plan(len(folder.train) * defaults.VIEWS + len(folder.val), reuse_engine=False)
     store_key = part.store_key if cache else None
     start = time.perf_counter()
@@ -130,7 +130,17 @@ def check_labels(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
         rows.append(np.asarray(ex.views[0][0][np.arange(len(s))], dtype=np.float32))
     log(f"features: {info.name} at {info.image_size} px, {len(folder.train) + len(folder.val)} "
         f"images ({part.label}, {time.perf_counter() - start:.1f} s)")
-    return label_issues(np.concatenate(rows), [*folder.train.labels, *folder.val.labels],
+    return np.concatenate(rows)
+
+
+def check_labels(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
+                 folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED,
+                 cache: bool = True, log: Callable[[str], None] = print,
+                 bars: ProgressFactory | None = None) -> LabelIssues:
+    """``graft check --labels``: label issues of a scanned folder before any training, with
+    the default head on ``base``'s features at the size ``graft fit`` would choose."""
+    features = pooled_features(folder, base, None, cache, log, bars)
+    return label_issues(features, [*folder.train.labels, *folder.val.labels],
                         [*folder.train.paths, *folder.val.paths],
                         ["train"] * len(folder.train) + ["val"] * len(folder.val),
                         folder.classes, HeadSettings(), folds, seed)
