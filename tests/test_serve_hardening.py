@@ -689,3 +689,57 @@ def test_crash_and_restore_brings_every_image_home(trained_run, tmp_path):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "every image back in its place, byte for byte" in proc.stdout
+
+
+def test_inbox_moves_are_journalled_and_undone_from_anywhere(tmp_path):
+    """An inbox image accepted into a class folder: the entry records the inbox, so an undo
+    by a journal that knows nothing of it (graft review undo) puts the image back there."""
+    from graftkit.serve.journal import INBOX, free_name
+
+    root = folder(tmp_path / "data")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "new.png").write_bytes(b"new image")
+    (root / "b" / "new.png").write_bytes(b"a namesake already in b")
+    j = Journal(root, inbox=inbox)
+    entry = j.move(f"{INBOX}/new.png", "accept", f"{INBOX}/new.png",
+                   free_name(root / "b" / "new.png"))
+    assert entry["to"] == "b/new-1.png" and entry["inbox"] == str(inbox)
+    assert not (inbox / "new.png").exists()
+    assert (root / "b" / "new-1.png").read_bytes() == b"new image"
+    assert (root / "b" / "new.png").read_bytes() == b"a namesake already in b"
+    plain = Journal(root)  # the CLI's: no inbox given
+    assert plain.history().where(f"{INBOX}/new.png") == "b/new-1.png"
+    back = plain.undo(entry["id"])
+    assert back["to"] == f"{INBOX}/new.png" and (inbox / "new.png").read_bytes() == b"new image"
+    assert not (root / "b" / "new-1.png").exists()
+
+    # restore since: every inbox image goes home
+    again = j.move(f"{INBOX}/new.png", "accept", f"{INBOX}/new.png", root / "a" / "fresh.png")
+    done, problems = plain.restore_since(None)
+    assert not problems and (inbox / "new.png").is_file() and not (root / "a" / "fresh.png").exists()
+    assert again["id"] in done[0]["undoes"]
+
+    # a move cut short between the link and the unlink is settled on the next start
+    os.link(inbox / "new.png", root / "a" / "cut.png")
+    j.append({"id": "cut", "time": "2026-12-05T10:00:00+00:00", "action": "accept",
+              "key": f"{INBOX}/new.png", "from": f"{INBOX}/new.png", "to": "a/cut.png",
+              "inbox": str(inbox)})
+    assert Journal(root).recover() == 1
+    assert not (inbox / "new.png").exists() and (root / "a" / "cut.png").is_file()
+    Journal(root).restore(f"{INBOX}/new.png")
+    assert (inbox / "new.png").read_bytes() == b"new image"
+
+
+def test_an_inbox_path_needs_a_recorded_inbox(tmp_path):
+    from graftkit.serve.journal import INBOX
+
+    root = folder(tmp_path / "data")
+    with pytest.raises(JournalError, match="no inbox folder"):
+        Journal(root).move(f"{INBOX}/x.png", "accept", f"{INBOX}/x.png", root / "a" / "x.png")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"x")
+    j = Journal(root, inbox=tmp_path / "inbox")
+    with pytest.raises(JournalError, match="outside the data folder"):
+        j.move("a/x0.png", "relabel", "a/x0.png", outside / "y.png")

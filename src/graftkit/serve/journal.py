@@ -32,7 +32,11 @@ SET_ASIDE = ".graft-set-aside"
 JOURNAL = ".graft-journal.jsonl"
 LOCK = ".graft-journal.lock"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # reads +01:00 and +0100 alike
-MOVES = ("relabel", "set_aside")
+MOVES = ("relabel", "set_aside", "accept")  # accept: an inbox image into a class folder
+# Paths under this first segment are in the inbox folder of ``graft serve --inbox``, which lies
+# outside the data folder; each entry that names one records the inbox's absolute path, so an
+# undo (from the CLI too) knows where to put the image back.
+INBOX = "@inbox"
 
 
 class JournalError(Exception):
@@ -160,11 +164,35 @@ def _valid_action(e: dict) -> bool:
 
 
 class Journal:
-    """``.graft-journal.jsonl`` in a data folder: one JSON object per line."""
+    """``.graft-journal.jsonl`` in a data folder: one JSON object per line.
 
-    def __init__(self, root: str | os.PathLike):
+    ``inbox``: a folder of new images outside the data folder whose files moves may take into
+    it (paths ``@inbox/...``)."""
+
+    def __init__(self, root: str | os.PathLike, inbox: str | os.PathLike | None = None):
         self.root = Path(os.path.abspath(root))
         self.path = self.root / JOURNAL
+        self.inbox = Path(os.path.abspath(inbox)) if inbox is not None else None
+
+    def resolve(self, rel: str, entry: dict | None = None) -> Path:
+        """A journal path as a file path: inside the data folder, or the inbox (the one the
+        entry recorded, else this journal's)."""
+        if rel == INBOX or rel.startswith(INBOX + "/"):
+            base = (entry or {}).get("inbox") or self.inbox
+            if not base:
+                raise JournalError(f"{rel}: an inbox path with no inbox folder recorded", 409)
+            return Path(base).joinpath(*rel.split("/")[1:])
+        return self.root / rel
+
+    def relative(self, path: Path, inbox: Path | None = None) -> str:
+        """``path`` as a journal path (inside the data folder, or ``@inbox/...``)."""
+        inbox = inbox or self.inbox
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            if inbox is None:
+                raise
+            return f"{INBOX}/{path.relative_to(inbox).as_posix()}"
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -259,21 +287,31 @@ class Journal:
 
     # --- moving files ----------------------------------------------------------------------
 
-    def move(self, key: str, action: str, src_rel: str, target: Path, **extra) -> dict:
+    def move(self, key: str, action: str, src_rel: str, target: Path,
+             inbox: str | None = None, **extra) -> dict:
         """Journal, move, mark done (call under ``locked``): a crash between the steps is
-        settled by ``recover``."""
-        root = os.path.realpath(self.root)
-        for path in (self.root / src_rel, target):
-            if os.path.commonpath([os.path.realpath(path.parent), root]) != root:
+        settled by ``recover``. ``inbox``: the inbox folder the paths may name (default: this
+        journal's)."""
+        inbox_dir = Path(inbox) if inbox else self.inbox
+        context = {"inbox": str(inbox_dir)} if inbox_dir is not None else None
+        source = self.resolve(src_rel, context)
+        roots = [os.path.realpath(self.root)]
+        if inbox_dir is not None:
+            roots.append(os.path.realpath(inbox_dir))
+        for path in (source, target):
+            real = os.path.realpath(path.parent)
+            if not any(os.path.commonpath([real, r]) == r for r in roots):
                 raise JournalError("refused: the move leads outside the data folder (symbolic "
                                    "link)", 403)
+        to = self.relative(target, inbox_dir)
         entry = {"id": uuid.uuid4().hex[:12],
                  "time": datetime.now().astimezone().isoformat(timespec="seconds"),
-                 "action": action, "key": key, "from": src_rel,
-                 "to": target.relative_to(self.root).as_posix(), **extra}
+                 "action": action, "key": key, "from": src_rel, "to": to, **extra}
+        if INBOX in (src_rel.split("/")[0], to.split("/")[0], key.split("/")[0]):
+            entry["inbox"] = str(inbox_dir)
         self.append(entry)
         try:
-            move_file(self.root / src_rel, target)
+            move_file(source, target)
         except FileExistsError:
             self.append({"id": entry["id"], "failed": "target taken"})
             raise JournalError(f"{entry['to']} appeared meanwhile: try again", 409) from None
@@ -290,7 +328,11 @@ class Journal:
         with self.locked():
             unsettled = self.history().unsettled
             for e in unsettled:
-                src, dst = self.root / e["from"], self.root / e["to"]
+                try:
+                    src, dst = self.resolve(e["from"], e), self.resolve(e["to"], e)
+                except JournalError:
+                    self.append({"id": e["id"], "failed": "no inbox folder recorded"})
+                    continue
                 if os.path.lexists(dst) and os.path.lexists(src) and \
                         os.path.samestat(os.lstat(src), os.lstat(dst)):
                     os.unlink(src)  # linked but not yet unlinked (a dangling link too): finish
@@ -366,7 +408,7 @@ class Journal:
         waiting = {}
         for key, (_, stack, position) in pending.items():
             home = stack[position]["from"]
-            if os.path.lexists(self.root / home):
+            if os.path.lexists(self.resolve(home, stack[position])):
                 if home in leaving:
                     waiting[key] = pending[key]
                     continue
@@ -381,7 +423,10 @@ class Journal:
     def _back(self, key: str, stack: list[dict], position: int) -> dict:
         first = stack[position]
         now = stack[-1]["to"]
-        if not os.path.lexists(self.root / now):
+        inbox = next((a["inbox"] for a in reversed(stack) if a.get("inbox")), None)
+        context = {"inbox": inbox} if inbox else None
+        if not os.path.lexists(self.resolve(now, context)):
             raise JournalError(f"{now} is no longer there: move it back by hand", 409)
-        back = free_name(self.root / first["from"])
-        return self.move(key, "undo", now, back, undoes=[a["id"] for a in stack[position:]])
+        back = free_name(self.resolve(first["from"], context))
+        return self.move(key, "undo", now, back, inbox=inbox,
+                         undoes=[a["id"] for a in stack[position:]])

@@ -56,9 +56,10 @@ def stratified_folds(labels, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSettings,
-                folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED) -> np.ndarray:
-    """Class probabilities of every row from a head trained on the other folds."""
+def fit_head(features: np.ndarray, labels, num_classes: int, settings: HeadSettings,
+             seed: int = defaults.SEED):
+    """A head with phase 1's settings trained on pooled features (no validation: a fixed
+    number of epochs); the Keras model, softmax out."""
     import keras
 
     from graftkit.graft import build_head
@@ -66,24 +67,41 @@ def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSe
 
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
-    fold = stratified_folds(labels, folds, seed)
     plan = PhasePlan(settings.epochs, 0, settings.lr, settings.lr, 0,
                      class_weight=settings.class_weight, training=settings.training)
+    keras.utils.set_random_seed(seed)
+    head = build_head(features.shape[1], num_classes, settings.dropout)
+    per_epoch = steps(len(labels), settings.batch_size)
+    _compile(head, settings.lr, plan, per_epoch * settings.epochs)
+    head.fit(view_cycle([features], labels, settings.batch_size, seed, settings.class_weight),
+             steps_per_epoch=per_epoch, epochs=settings.epochs, verbose=0, shuffle=False)
+    return head
+
+
+def head_probabilities(head, features: np.ndarray) -> np.ndarray:
+    import keras
+
+    features = np.asarray(features, dtype=np.float32)
+    out = [keras.ops.convert_to_numpy(head(features[i: i + PREDICT_ROWS], training=False))
+           for i in range(0, len(features), PREDICT_ROWS)]
+    return np.concatenate(out) if out else np.zeros((0, head.outputs[0].shape[-1]), np.float32)
+
+
+def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSettings,
+                folds: int = defaults.LABEL_FOLDS, seed: int = defaults.SEED) -> np.ndarray:
+    """Class probabilities of every row from a head trained on the other folds."""
+    features = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    fold = stratified_folds(labels, folds, seed)
     probs = np.zeros((len(labels), num_classes), dtype=np.float32)
     for k in range(folds):
         fit, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
         if not len(held) or not len(fit):
             continue
-        keras.utils.set_random_seed(seed + 104729 * (k + 1))  # a stream apart from the run's
-        head = build_head(features.shape[1], num_classes, settings.dropout)
-        per_epoch = steps(len(fit), settings.batch_size)
-        _compile(head, settings.lr, plan, per_epoch * settings.epochs)
-        head.fit(view_cycle([features[fit]], labels[fit], settings.batch_size, seed + k,
-                            settings.class_weight),
-                 steps_per_epoch=per_epoch, epochs=settings.epochs, verbose=0, shuffle=False)
-        for first in range(0, len(held), PREDICT_ROWS):
-            rows = held[first: first + PREDICT_ROWS]
-            probs[rows] = keras.ops.convert_to_numpy(head(features[rows], training=False))
+        # a stream apart from the run's: seed + a large prime per fold
+        head = fit_head(features[fit], labels[fit], num_classes, settings,
+                        seed + 104729 * (k + 1))
+        probs[held] = head_probabilities(head, features[held])
     return probs
 
 
