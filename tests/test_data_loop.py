@@ -15,7 +15,7 @@ pytest.importorskip("fastapi", reason="graft serve needs the serve extra (make t
 from fastapi.testclient import TestClient  # noqa: E402
 
 from graftkit.labels.issues import FILE, LabelIssue, write_csv  # noqa: E402
-from graftkit.serve.journal import JOURNAL  # noqa: E402
+from graftkit.serve.journal import JOURNAL, SET_ASIDE  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +203,91 @@ def test_likely_wrong_labels_in_headless_chromium(issues_run):
     for path, *_ in ISSUES:
         assert (data / path).is_file()
     journal_complete(data)
+
+
+# --- the inbox -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inbox_service(trained_run, tmp_path):
+    """The shared run served with a copy of its data and an inbox of new images: four of each
+    class (copies under new names), an unreadable file and a hidden folder."""
+    from graftkit.serve.server import Service
+
+    data, box = tmp_path / "data", tmp_path / "inbox"
+    shutil.copytree(trained_run / "data", data)
+    box.mkdir()
+    for c in range(3):
+        for i in range(4):
+            shutil.copy(trained_run / "data" / f"class_{c}" / f"img_{i:03d}.png",
+                        box / f"new_{c}_{i}.png")
+    (box / "broken.jpg").write_bytes(b"not an image")
+    (box / ".hidden").mkdir()
+    shutil.copy(box / "new_0_0.png", box / ".hidden" / "x.png")
+    service = Service(trained_run / "run", data=str(data), inbox=str(box))
+    service.review.wait()
+    service.inbox.wait()
+    yield service, data, box
+    service.batcher.close()
+
+
+def test_inbox_suggests_files_and_undoes(inbox_service):
+    service, data, box = inbox_service
+    client = TestClient(service.app, base_url="http://127.0.0.1")
+    auth = {"X-Graft-Token": service.token}
+    before = {**contents(data), **contents(box)}
+    s = client.get("/review/api/inbox/items", headers=auth).json()
+    assert s["state"] == "ready" and s["can_move"], s
+    items = s["items"] + s["unknown"]
+    assert sorted(i["path"] for i in items) == sorted(f"new_{c}_{i}.png" for c in range(3)
+                                                      for i in range(4))
+    assert [i["order"] for i in items] == list(range(1, 13))  # known ones first, in order
+    assert any("broken.jpg" in x for x in s["skipped"])
+    want = {p.path: p for p in service.classifier.predict(sorted(box.glob("*.png")))}
+    for i in items:
+        assert i["suggested"] == want[str(box / i["path"])].label
+        assert i["known"] == want[str(box / i["path"])].known
+    assert client.get("/review/api/inbox/items").status_code == 403
+
+    # accept one under its suggestion: into the class folder of the data
+    first = s["items"][0]
+    r = client.post("/review/api/inbox/accept", json={"key": first["key"], "to": first["suggested"]},
+                    headers=auth)
+    assert r.status_code == 200, r.text
+    moved = r.json()
+    assert moved["action"] == "accept" and moved["to"] == f"{first['suggested']}/{first['path']}"
+    assert (data / moved["to"]).is_file() and not (box / first["path"]).exists()
+    r = client.get("/review/api/inbox/image", params={"key": first["key"]}, headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"  # where it is now
+    # set one aside, accept all above a threshold
+    second = s["items"][1]
+    r = client.post("/review/api/inbox/set-aside", json={"key": second["key"]}, headers=auth)
+    assert r.status_code == 200 and (box / SET_ASIDE / second["path"]).is_file()
+    review_actions = client.get("/review/api/items", headers=auth).json()["actions"]
+    assert {a["id"] for a in review_actions} >= {moved["id"], r.json()["id"]}
+    want_n = len(service.inbox.acceptable(0.5))
+    assert want_n == sum(i["known"] and i["probability"] >= 0.5 for i in s["items"][2:])
+    r = client.post("/review/api/inbox/accept-all", json={"min_p": 0.5}, headers=auth)
+    assert r.status_code == 200 and r.json()["accepted"] == want_n
+    now = client.get("/review/api/inbox/items", headers=auth).json()
+    assert now["accepted"] == want_n + 1
+    for bad in ({"key": "@inbox/../x.png", "to": "class_0"}, {"key": "@inbox/none.png", "to": "class_0"},
+                {"key": first["key"], "to": "class_9"}):
+        r = client.post("/review/api/inbox/accept", json=bad, headers=auth)
+        assert r.status_code in (400, 404), (bad, r.text)
+
+    # undo the first through the review API: back into the inbox
+    r = client.post("/review/api/undo", json={"id": moved["id"]}, headers=auth)
+    assert r.status_code == 200 and (box / first["path"]).is_file()
+    r = client.post("/review/api/restore-all", json={"since": None}, headers=auth)
+    assert r.status_code == 200
+    assert {**contents(data), **contents(box)} == before
+    assert not list((box / SET_ASIDE).rglob("*.png"))
+    journal_complete(data)
+
+
+def test_serve_inbox_errors(trained_run, tmp_path, capsys):
+    from graftkit.cli import main
+
+    assert main(["serve", str(trained_run / "run"), "--inbox", str(tmp_path / "nope")]) == 3
+    assert "--inbox" in capsys.readouterr().err

@@ -183,6 +183,8 @@ def preflight_serve(args) -> None:
     read_run(args.run_dir)
     if args.data:
         check_data_path(args.data)
+    if args.inbox and not Path(args.inbox).is_dir():
+        raise DataError(f"--inbox {args.inbox}: no such folder (a folder of new images)")
     from graftkit.serve.server import bind
 
     args.sock = bind(args.host, args.port)  # before TensorFlow loads: a taken port is told at once
@@ -194,7 +196,7 @@ def cmd_serve(args) -> int:
     return serve(args.run_dir, args.data, args.host, args.port, args.max_upload_mb, args.unsafe,
                  log=lambda line: print(line, flush=True), sock=args.sock,
                  max_pixels=args.max_pixels, max_files=args.max_files,
-                 allow_hosts=args.allow_host or (), quiet=args.quiet)
+                 allow_hosts=args.allow_host or (), quiet=args.quiet, inbox=args.inbox)
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,6 +239,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", help="the data folder to review (default: the run's own)")
+    p.add_argument("--inbox", metavar="FOLDER",
+                   help="a folder of new, unlabelled images: the inbox page lists them with the "
+                        "model's suggestion, least sure first, and files the ones you accept "
+                        "into the data's training folders")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; another than 127.0.0.1 (e.g. 0.0.0.0) opens the "
                         "try page and the API to other machines")
@@ -299,6 +305,7 @@ graft export runs/photos --format onnx --out deploy/
         examples="""
 graft serve runs/photos                     # http://127.0.0.1:8000/ (try page), /review, /predict
 graft serve runs/photos --data photos/ --port 8080
+graft serve runs/photos --data photos/ --inbox new_photos/   # label new images at /inbox
 curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'
 """,
     ),

@@ -31,7 +31,8 @@ from graftkit.serve.guard import TOKEN_HEADER
 from graftkit.serve.journal import KEY_PATTERN, SPAN_PATTERN
 from graftkit.serve.review import ReviewError
 
-ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript"}
+ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript",
+          "inbox.js": "text/javascript"}
 THUMBNAIL = 256  # px, side of a review thumbnail
 ACTION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -123,7 +124,7 @@ class Action(BaseModel):
 
     id: str
     time: str
-    action: Literal["relabel", "set_aside", "undo"]
+    action: Literal["relabel", "set_aside", "accept", "undo"]
     key: str
     from_: str = Field(alias="from")
     to: str
@@ -169,6 +170,38 @@ class ReviewSummary(BaseModel):
     journal_problem: str
     next: str
     journal: str
+
+
+class InboxItem(BaseModel):
+    key: str = Field(description="@inbox/ and the image's path inside the inbox folder")
+    path: str
+    order: int = Field(description="1: the image to label first (least sure, near-copies apart)")
+    suggested: str
+    probability: float
+    second: str
+    p_second: float
+    margin: float
+    known: bool
+    ood_score: float | None
+    now: str = Field(description="inbox, set aside, or the class it was filed under")
+    status: str
+    undo: str | None
+    moves: int
+
+
+class InboxSummary(BaseModel):
+    state: Literal["scoring", "ready", "failed", "unavailable"]
+    message: str
+    folder: str
+    data: str
+    target: str
+    can_move: bool
+    read_only: str
+    classes: list[str]
+    items: list[InboxItem] = Field(description="images like the training images, in order")
+    unknown: list[InboxItem] = Field(description="images the open-set score calls unknown")
+    accepted: int
+    skipped: list[str]
 
 
 class Restored(BaseModel):
@@ -285,6 +318,10 @@ def _pages(app: FastAPI) -> None:
     def review_page():
         return page("review.html")
 
+    @app.get("/inbox", response_class=HTMLResponse, include_in_schema=False)
+    def inbox_page():
+        return page("inbox.html")
+
     @app.get("/static/{name}", include_in_schema=False)
     def asset(name: str):
         if name not in ASSETS:  # a fixed list: no name reaches the file system
@@ -399,6 +436,48 @@ def _review_routes(app: FastAPI, service) -> None:
         """Relabel every likely wrong label whose suggestion has at least ``min_p`` (images
         moved by hand since the page listed them are left alone), each move journalled."""
         return review.accept(body.min_p)
+
+    inbox = service.inbox
+
+    def _inbox():
+        if inbox is None:
+            raise ReviewError("no inbox: start graft serve with --inbox FOLDER", 404)
+        return inbox
+
+    @app.get("/review/api/inbox/items", response_model=InboxSummary, responses=_errors(403, 404),
+             **token)
+    def inbox_items():
+        """The inbox's images with the model's suggestion, in the order to label them."""
+        return _inbox().summary()
+
+    @app.get("/review/api/inbox/image", response_class=Response, **token,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
+                        **_errors(400, 403, 404, 415)})
+    async def inbox_image(key: Annotated[str, Query(pattern=KEY_PATTERN, max_length=4096)]):
+        """A thumbnail of an inbox image, wherever it is now."""
+        from graftkit.data.images import jpeg_thumbnail
+
+        path = _inbox().file(key)
+        try:
+            data = await run_in_threadpool(jpeg_thumbnail, path, THUMBNAIL)
+        except Exception:  # noqa: BLE001 - an unreadable file is listed, not shown
+            raise ReviewError("this file cannot be shown as an image", 415) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @app.post("/review/api/inbox/accept", response_model=Action, responses=moves, **token)
+    def inbox_accept(body: Annotated[Relabel, Body()]):  # type: ignore[valid-type]
+        """File an inbox image under a class: into that class's training folder."""
+        return _inbox().accept(body.key, body.to)  # type: ignore[attr-defined]
+
+    @app.post("/review/api/inbox/set-aside", response_model=Action, responses=moves, **token)
+    def inbox_set_aside(body: KeyBody):
+        """Move an inbox image into the inbox's .graft-set-aside/ folder."""
+        return _inbox().set_aside(body.key)
+
+    @app.post("/review/api/inbox/accept-all", response_model=Accepted, responses=moves, **token)
+    def inbox_accept_all(body: AcceptBody):
+        """File every known inbox image suggested at ``min_p`` or above under its suggestion."""
+        return _inbox().accept_all(body.min_p)
 
     @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
     def undo(body: UndoBody):

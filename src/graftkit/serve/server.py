@@ -72,6 +72,7 @@ class Service:
             ``MAX_CONNECTIONS``.
         body_timeout: seconds a request body may pause before a 408. Defaults to
             ``BODY_TIMEOUT``.
+        inbox: a folder of new images to label with the model's suggestions. Defaults to None.
     """
 
     def __init__(self, run_dir: str | os.PathLike, data: str | None = None,
@@ -81,7 +82,8 @@ class Service:
                  max_files: int = defaults.SERVE_MAX_FILES, hosts: Iterable[str] = (),
                  log: Callable[[str], None] | None = None, port: int | None = None,
                  header_timeout: float = HEADER_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, body_timeout: float = BODY_TIMEOUT):
+                 max_connections: int = MAX_CONNECTIONS, body_timeout: float = BODY_TIMEOUT,
+                 inbox: str | os.PathLike | None = None):
         from graftkit.classifier import load
         from graftkit.serve.app import create_app
         from graftkit.serve.batching import Batcher
@@ -96,6 +98,12 @@ class Service:
         self.batcher = Batcher(self.classifier.scored_pixels, max_batch, max_wait)
         self.review = Review(self.run_dir, self.classifier.classes, self.classifier.record, data)
         self.review.start()
+        self.inbox = None
+        if inbox is not None:
+            from graftkit.serve.inbox import Inbox
+
+            self.inbox = Inbox(inbox, self.review, self.classifier)
+            self.inbox.start()
         self.max_upload_mb, self.max_pixels, self.max_files = max_upload_mb, max_pixels, max_files
         self.header_timeout, self.max_connections = header_timeout, max_connections
         body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
@@ -173,7 +181,7 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
           unsafe: bool = False, log: Callable[[str], None] = print,
           sock: socket.socket | None = None, max_pixels: int = defaults.SERVE_MAX_PIXELS,
           max_files: int = defaults.SERVE_MAX_FILES, allow_hosts: Iterable[str] = (),
-          quiet: bool = False) -> int:
+          quiet: bool = False, inbox: str | None = None) -> int:
     """``graft serve``: the try page, the API and the review page of a run, until Ctrl-C.
 
     ``sock``: a socket already bound (the CLI binds before TensorFlow loads, so a taken port
@@ -184,7 +192,7 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
     port = sock.getsockname()[1]
     service = Service(run_dir, data, max_upload_mb, unsafe, max_pixels=max_pixels,
                       max_files=max_files, hosts=served_hosts(host, allow_hosts),
-                      log=None if quiet else lambda line: log(line), port=port)
+                      log=None if quiet else lambda line: log(line), port=port, inbox=inbox)
     base = f"http://{url_host(host)}:{port}"
     info = service.info()
     accuracy = info["val_accuracy"]
@@ -195,6 +203,10 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
     review = service.review
     where = review.why_read_only or f"data {review.root}"
     log(f"  review page  {base}/review?token={service.token}   ({where})")
+    if service.inbox is not None:
+        why = service.inbox.why_read_only
+        log(f"  inbox page   {base}/inbox?token={service.token}   ({service.inbox.folder}"
+            + (f"; suggestions only: {why}" if why else "") + ")")
     log(f"  API          POST {base}/predict (multipart field 'file'); GET /info, /healthz; "
         "schema at /openapi.json")
     if review.recovered:

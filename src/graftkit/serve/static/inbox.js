@@ -1,0 +1,197 @@
+// The inbox page: new images with the model's suggestion, in the order to label them. The
+// token comes from the URL graft serve printed (or this tab's earlier visit), as on the review
+// page, and goes in a header; undo goes through the review API (one journal).
+"use strict";
+const params = new URLSearchParams(location.search);
+const token = params.get("token") || sessionStorage.getItem("graft-token") || "";
+if (params.has("token")) {
+  sessionStorage.setItem("graft-token", token);
+  history.replaceState(null, "", "/inbox");
+}
+const stateBox = document.getElementById("state"), messageBox = document.getElementById("message");
+const thumbnails = new Map();
+const PAGE = 48;
+const shown = {known: PAGE, unknown: PAGE};
+let acceptAt = "0.90";
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+async function call(path, body) {
+  const options = {headers: {"X-Graft-Token": token}};
+  if (body) {
+    options.method = "POST";
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.detail || `error ${response.status}`);
+  return data;
+}
+
+async function thumbnail(img, item) {
+  const id = `${item.key}|${item.now}`;
+  if (!thumbnails.has(id)) {
+    const response = await fetch(`/review/api/inbox/image?key=${encodeURIComponent(item.key)}`,
+                                 {headers: {"X-Graft-Token": token}});
+    if (!response.ok) { img.alt = `${item.path}: cannot be shown`; return; }
+    thumbnails.set(id, URL.createObjectURL(await response.blob()));
+  }
+  img.src = thumbnails.get(id);
+}
+
+async function act(path, body) {
+  try {
+    const done = await call(path, body);
+    if (done.accepted !== undefined) {
+      messageBox.textContent = `filed ${done.accepted} image(s) under their suggestion` +
+        (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
+    } else {
+      const verb = {accept: "filed", relabel: "refiled", set_aside: "set aside", undo: "undone"}[done.action];
+      messageBox.textContent = `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
+    }
+    messageBox.className = "notice done";
+  } catch (err) {
+    messageBox.textContent = err.message;
+    messageBox.className = "notice error";
+  }
+  messageBox.hidden = false;
+  await load();
+}
+
+function pct(p) { return `${(100 * p).toFixed(0)}%`; }
+
+function card(item, summary) {
+  const c = el("div", "card");
+  c.dataset.key = item.key;
+  c.dataset.path = item.path;
+  const img = el("img");
+  img.alt = item.path;
+  thumbnail(img, item);
+  c.append(img, el("div", "name", `#${item.order} \u00b7 ${item.path}`));
+  c.append(el("div", "suggestion", `suggested: ${item.suggested} ${pct(item.probability)}`));
+  if (item.second) c.append(el("div", "muted", `then: ${item.second} ${pct(item.p_second)}`));
+  if (item.status) c.append(el("div", "status", item.status));
+  if (!summary.can_move) return c;
+  const actions = el("div", "actions");
+  // Known images start on the suggestion; unknown ones on "file under..." with the button off:
+  // an image unlike every class is the user's call.
+  const select = el("select");
+  const none = el("option", "", "file under\u2026");
+  none.value = "";
+  select.append(none);
+  for (const name of summary.classes) {
+    if (name === item.now) continue;
+    const option = el("option", "", name === item.suggested ? `${name} (suggested)` : name);
+    option.value = name;
+    select.append(option);
+  }
+  select.value = item.known && item.suggested !== item.now ? item.suggested : "";
+  const accept = el("button", "accept", "");
+  const caption = () => {
+    accept.disabled = !select.value;
+    accept.textContent = select.value === item.suggested ? `Accept: ${item.suggested}` : "File";
+  };
+  caption();
+  select.addEventListener("change", caption);
+  accept.addEventListener("click", () => act("/review/api/inbox/accept", {key: item.key, to: select.value}));
+  const aside = el("button", "set-aside", "Set aside");
+  aside.disabled = item.now === "set aside";
+  aside.addEventListener("click", () => act("/review/api/inbox/set-aside", {key: item.key}));
+  actions.append(select, accept, aside);
+  if (item.undo) {
+    const undo = el("button", "undo", "Undo");
+    undo.title = "put the image back (undo its last move)";
+    undo.addEventListener("click", () => act("/review/api/undo", {id: item.undo}));
+    actions.append(undo);
+  }
+  c.append(actions);
+  return c;
+}
+
+function acceptBox(summary) {
+  const box = document.getElementById("accept-box");
+  box.replaceChildren();
+  if (!summary.can_move) return;
+  const input = el("input");
+  Object.assign(input, {type: "number", min: "0", max: "1", step: "0.05", value: acceptAt,
+                        id: "accept-threshold"});
+  input.setAttribute("aria-label", "lowest probability of the suggestion to accept");
+  const button = el("button", "primary", "");
+  button.id = "accept-all";
+  const update = () => {
+    acceptAt = input.value;
+    const threshold = Number(input.value);
+    const valid = input.value !== "" && threshold >= 0 && threshold <= 1;
+    const n = valid ? summary.items.filter((i) => i.now === "inbox" && i.moves === 0 &&
+                                                  i.probability >= threshold).length : 0;
+    button.dataset.count = String(n);
+    button.textContent = `Accept the ${n} suggestion${n === 1 ? "" : "s"} with p \u2265 ${valid ? threshold.toFixed(2) : "?"}`;
+    button.disabled = n === 0;
+  };
+  input.addEventListener("input", update);
+  button.addEventListener("click", () => act("/review/api/inbox/accept-all", {min_p: Number(input.value)}));
+  update();
+  box.append(el("span", "muted", "suggestion probability at least "), input, button);
+}
+
+function fill(kind, items, summary) {
+  const grid = document.getElementById(`${kind}-grid`);
+  grid.replaceChildren();
+  for (const item of items.slice(0, shown[kind])) grid.append(card(item, summary));
+  const more = document.getElementById(`${kind}-more`);
+  more.hidden = items.length <= shown[kind];
+  more.textContent = `Show more (${items.length - shown[kind]} left)`;
+  more.onclick = () => { shown[kind] += PAGE; fill(kind, items, summary); };
+}
+
+function render(summary) {
+  document.getElementById("where").textContent =
+    `inbox: ${summary.folder}` + (summary.data ? ` \u2192 data: ${summary.data}` : "");
+  if (summary.state === "scoring") {
+    stateBox.textContent = "Scoring the new images (each goes through the model once)...";
+  } else if (summary.state === "ready") {
+    stateBox.textContent = summary.can_move
+      ? `${summary.items.length + summary.unknown.length} new images; accepted ones go to ${summary.target.replace(/CLASS$/, "<class>")}/ (${summary.accepted} so far).`
+      : `Suggestions only: ${summary.read_only || summary.message}`;
+    stateBox.className = "notice";
+  } else {
+    stateBox.textContent = summary.message;
+    stateBox.className = "notice error";
+  }
+  if (summary.skipped.length) stateBox.textContent += ` Skipped: ${summary.skipped.join("; ")}`;
+  if (summary.next) {
+    document.getElementById("next").hidden = false;
+    document.getElementById("next-command").textContent = summary.next;
+  }
+  document.getElementById("known-title").textContent = `New images (${summary.items.length})`;
+  document.getElementById("unknown-title").textContent = `None of these classes? (${summary.unknown.length})`;
+  document.getElementById("unknown").hidden = !summary.unknown.length;
+  acceptBox(summary);
+  fill("known", summary.items, summary);
+  fill("unknown", summary.unknown, summary);
+}
+
+async function load() {
+  if (!token) {
+    stateBox.textContent = "This page needs the inbox URL that graft serve printed when it " +
+      "started (it ends in /inbox?token=...): open that URL once in this tab.";
+    stateBox.className = "notice error";
+    return;
+  }
+  try {
+    const summary = await call("/review/api/inbox/items");
+    render(summary);
+    if (summary.state === "scoring") setTimeout(load, 1000);
+  } catch (err) {
+    stateBox.textContent = err.message;
+    stateBox.className = "notice error";
+  }
+}
+
+load();
