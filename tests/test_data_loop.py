@@ -291,3 +291,45 @@ def test_serve_inbox_errors(trained_run, tmp_path, capsys):
 
     assert main(["serve", str(trained_run / "run"), "--inbox", str(tmp_path / "nope")]) == 3
     assert "--inbox" in capsys.readouterr().err
+
+
+# --- the refit ---------------------------------------------------------------------------
+
+
+def test_refit_writes_the_next_free_run_folder(tmp_path):
+    from graftkit.cli.training import _next_free
+
+    assert _next_free(tmp_path / "photos") == tmp_path / "photos-2"
+    (tmp_path / "photos-2").mkdir()
+    assert _next_free(tmp_path / "photos") == tmp_path / "photos-3"
+    assert _next_free(tmp_path / "photos-2") == tmp_path / "photos-3"
+    assert _next_free(tmp_path / "run-v1") == tmp_path / "run-v1-2"
+
+
+def test_refit_says_what_changed_and_reads_the_rest_from_the_cache(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A relabelled image keeps its cached frozen outputs: only the new one is computed."""
+    from graftkit.cli import main
+    from tests.conftest import make_folder
+
+    monkeypatch.setenv("GRAFTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_folder(tmp_path / "data", classes=3, per_class=10)
+    assert main(["fit", str(data), "--out", str(tmp_path / "run"), "--image-size", "32",
+                 "--mode", "head", "--head-epochs", "3", "--batch-size", "8",
+                 "--no-augment", "--label-folds", "0"]) == 0
+    capsys.readouterr()
+    shutil.move(data / "class_0" / "img_002.png", data / "class_1" / "from_0.png")
+    shutil.copy(data / "class_2" / "img_000.png", data / "class_2" / "img_000_copy.png")
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(data / "class_2" / "new.png")
+    assert main(["refit", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"refit of {tmp_path / 'run'}: {data} -> {tmp_path / 'run-2'}" in out
+    assert f"since {tmp_path / 'run'}: 1 new image, 1 relabelled, 0 gone" in out, out[:1500]
+    m = json.loads((tmp_path / "run-2" / "metrics.json").read_text())
+    assert m["options"]["head_epochs"] == 3 and m["options"]["augment"] == {}  # --no-augment kept
+    assert m["frozen_outputs"]["computed"] == 1  # the new image: the relabelled one is cached
+    split = json.loads((tmp_path / "run-2" / "split.json").read_text())
+    assert len(split["val_sha256"]) == len(split["val"])
+    assert main(["refit", str(tmp_path / "nope")]) == 5

@@ -1,7 +1,7 @@
 """``graft``: a thin command line over the library; every command is a library call.
 
 Each command is one ``Command`` record (``graftkit.cli.common``) beside its code: ``training``
-(fit, lr-find, demo), ``data`` (check, suggest, review), ``runs`` (predict, evaluate, report, export,
+(fit, refit, lr-find, demo), ``data`` (check, suggest, review), ``runs`` (predict, evaluate, report, export,
 serve) and ``models`` (inspect, backbones, cache). User errors (``GraftError``) end in one line
 on stderr and a documented exit code; see ``graftkit.errors.EXIT_CODES``.
 """
@@ -20,7 +20,7 @@ from graftkit.quiet import import_tensorflow
 _BY_NAME = {c.name: c for c in (*training.COMMANDS, *data.COMMANDS, *runs.COMMANDS,
                                 *models.COMMANDS)}
 # The order of graft --help.
-ORDER = ("fit", "lr-find", "check", "predict", "suggest", "evaluate", "inspect", "report",
+ORDER = ("fit", "refit", "lr-find", "check", "predict", "suggest", "evaluate", "inspect", "report",
          "export", "serve", "review", "backbones", "cache", "demo")
 COMMANDS: tuple[Command, ...] = tuple(_BY_NAME[name] for name in ORDER)
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)

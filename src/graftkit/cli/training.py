@@ -1,4 +1,4 @@
-"""``graft fit``, ``graft lr-find`` and ``graft demo``: the commands that train."""
+"""``graft fit``, ``graft refit``, ``graft lr-find`` and ``graft demo``: the commands that train."""
 
 from __future__ import annotations
 
@@ -32,6 +32,52 @@ def cmd_fit(args) -> int:
     result = fit(args.data_dir, args.out, resume=args.resume, tensorboard=args.tensorboard,
                  overwrite=args.overwrite, **_training_kwargs(args))
     if not result.record.finished:  # a worker of a cluster other than the chief
+        return 0
+    print_summary(result.metrics, result.run_dir)
+    return 0
+
+
+def _refit_plan(args) -> tuple[str, Path, dict]:
+    """``graft refit``'s data, run folder and options: the earlier run's, unless given."""
+    from graftkit.options import FIT_OPTIONS
+    from graftkit.outputs.run import read_run
+
+    record = read_run(args.run_dir)[2]
+    data = args.data or record.data
+    if not data:
+        raise UsageError(f"{args.run_dir} records no data folder: pass --data DATA")
+    out = Path(args.out) if args.out else _next_free(Path(args.run_dir))
+    names = {o.name for o in FIT_OPTIONS}
+    options = {k: v for k, v in record.options.items() if k in names}
+    return data, out, options
+
+
+def _next_free(run: Path) -> Path:
+    """``RUN-2``, ``RUN-3``... (after ``RUN-2``: ``RUN-3``, not ``RUN-2-2``)."""
+    stem, n = run.name, 2
+    head, _, tail = stem.rpartition("-")
+    if head and tail.isdigit():
+        stem, n = head, int(tail) + 1
+    while (run.parent / f"{stem}-{n}").exists():
+        n += 1
+    return run.parent / f"{stem}-{n}"
+
+
+def preflight_refit(args) -> None:
+    from graftkit.train.workflow import check_inputs, make_options
+
+    data, out, options = _refit_plan(args)
+    check_inputs(data, out, make_options(**options), args.overwrite)
+
+
+def cmd_refit(args) -> int:
+    from graftkit.train.workflow import fit
+
+    data, out, options = _refit_plan(args)
+    print(f"refit of {args.run_dir}: {data} -> {out}, with its options", flush=True)
+    result = fit(data, out, overwrite=args.overwrite, unsafe=args.unsafe, verbose=verbose(),
+                 previous=args.run_dir, **options)
+    if not result.record.finished:
         return 0
     print_summary(result.metrics, result.run_dir)
     return 0
@@ -86,6 +132,14 @@ def _fit_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the interrupted run in --out (the same command does it too)")
 
 
+def _refit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run to train again, with its options")
+    p.add_argument("--data", help="the data folder (default: the run's own, as it is now)")
+    p.add_argument("--out", help="the new run folder (default: RUN-2, or the next free number)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_unsafe(p)
+
+
 def _lr_find_arguments(p: argparse.ArgumentParser) -> None:
     _training_options(p, "folder for the plots (lr_find_head.png, lr_find_fine_tune.png)")
     p.add_argument("--phase", choices=("head", "fine-tune"), default="head",
@@ -110,6 +164,15 @@ graft fit photos/ --out runs/fast --fine-tune-epochs 0 --no-augment
 graft fit photos/ --out runs/top --unfreeze 3 --fine-tune-lr 1e-4
 graft fit photos/ --out runs/chain --base runs/earlier/model.keras
 graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
+""",
+    ),
+    Command(
+        "refit", "train a run again on its data as it is now (after the review or the inbox)",
+        run=cmd_refit, arguments=_refit_arguments,
+        preflight=preflight_refit, tensorflow=True,
+        examples="""
+graft refit runs/photos                    # runs/photos-2: same options, photos/ as it is now
+graft refit runs/photos --out runs/clean   # the log says how many images are new or relabelled
 """,
     ),
     Command(

@@ -157,8 +157,10 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
         "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
         "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
         "test": [[p, folder.classes[y]] for p, y in zip(folder.test.paths, folder.test.labels)],
-        # Content digests: graft evaluate warns when its images are training images.
+        # Content digests: graft evaluate warns when its images are training images; a refit
+        # tells new images from relabelled ones by them.
         "train_sha256": train_sha256,
+        "val_sha256": folder.digests(folder.val),
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)

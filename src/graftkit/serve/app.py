@@ -201,6 +201,7 @@ class InboxSummary(BaseModel):
     items: list[InboxItem] = Field(description="images like the training images, in order")
     unknown: list[InboxItem] = Field(description="images the open-set score calls unknown")
     accepted: int
+    next: str = Field(description="the command that refits the run on the data as it is now")
     skipped: list[str]
 
 

@@ -25,6 +25,7 @@ from graftkit.serve.journal import (
     checked_path,
     free_name,
 )
+from graftkit.serve.review import refit_command
 
 if TYPE_CHECKING:
     from graftkit.classifier import Classifier
@@ -206,6 +207,7 @@ class Inbox:
                 "can_move": self.journal is not None and self.state == "ready",
                 "read_only": self.why_read_only, "classes": list(self.classifier.classes),
                 "items": known, "unknown": unknown, "accepted": accepted,
+                "next": refit_command(self.review.run_dir, data),
                 "skipped": [f"{s['path']}: {s['reason']}" for s in self.skipped]}
 
 

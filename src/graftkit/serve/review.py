@@ -403,8 +403,16 @@ class Review:
                 "read_only": self.why_read_only, "classes": self.classes, "groups": groups,
                 "actions": [_public(a) for a in history.standing()],
                 "journal_problem": problem,
-                "next": f"graft fit {data} --out {self.run_dir}-reviewed" if data else "",
+                "next": refit_command(self.run_dir, data),
                 "journal": str(self.folder / JOURNAL) if self.journal else ""}
+
+
+def refit_command(run_dir: Path, data: str) -> str:
+    """The command that trains the run again on the data as it is now."""
+    import shlex
+
+    return f"graft refit {shlex.quote(str(run_dir))}" + (f" --data {shlex.quote(data)}"
+                                                         if data else "")
 
 
 def _public(action: dict) -> dict:

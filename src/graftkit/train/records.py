@@ -42,6 +42,7 @@ class RunContext:
     writes: bool = True  # False for the range tests of lr-find: no checkpoint, no history
     started: float = field(default_factory=time.perf_counter)
     bars: ProgressFactory | None = None  # a progress bar for each long silent step
+    previous: Path | None = None  # a refit: the run whose data this one's is compared with
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,44 @@ def scan_data(run: RunContext, options: FitOptions, data_dir) -> PreparedData:
     run.log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
             f"{len(folder.val)} validation images ({folder.split_source}){held_out}; "
             f"{len(folder.skipped)} files skipped")
+    if run.previous is not None:
+        run.log(changes_since(run.previous, folder))
     checked = find_problems(folder)
     for g in checked.groups():
         if g["severity"] == WARNING:
             run.log(f"  check: {g['kind']}: {g['message']}"
                     + (f" (e.g. {Path(g['examples'][0]).name})" if g["examples"] else ""))
     return PreparedData(folder, checked)
+
+
+def changes_since(previous: Path, folder: ImageFolder) -> str:
+    """What a refit's data has that ``previous``'s had not: images new, relabelled, gone
+    (by content, so a file moved to another class folder is relabelled, not new)."""
+    from graftkit.outputs.run import read_split
+
+    try:
+        split = read_split(previous)
+    except (RunError, OSError, ValueError):
+        return f"since {previous}: its split.json cannot be read, so nothing to compare"
+    before: dict[str, str] = {}
+    for name in ("train", "val"):
+        digests = split.get(f"{name}_sha256") or []
+        for (_path, label), digest in zip(split.get(name, []), digests):
+            before[digest] = label
+        if not digests:  # a run older than val_sha256: its paths stand in
+            before.update({f"path:{path}": label for path, label in split.get(name, [])})
+    now: dict[str, str] = {}
+    for s in (folder.train, folder.val):
+        for path, digest, y in zip(s.paths, folder.digests(s), s.labels):
+            old_style = f"path:{path}"
+            now[old_style if digest not in before and old_style in before else digest] = \
+                folder.classes[y]
+    new = sum(k not in before for k in now)
+    relabelled = sum(k in before and before[k] != label for k, label in now.items())
+    gone = sum(k not in now for k in before)
+    return (f"since {previous}: {new} new image{'' if new == 1 else 's'}, {relabelled} "
+            f"relabelled, {gone} gone; the frozen base runs only for images it has not seen "
+            "(a relabelled image keeps its cached outputs)")
 
 
 def open_checkpoint(run: RunContext, options: FitOptions, data: PreparedData, overwrite: bool,

@@ -197,6 +197,7 @@ def fit(
     unsafe: bool = False,
     verbose: int | str = "auto",
     log: Callable[[str], None] = print,
+    previous: str | os.PathLike | None = None,
     **options,
 ) -> Classifier:
     """Fine-tune a pretrained base on an image folder and write a run folder.
@@ -215,6 +216,8 @@ def fit(
         unsafe: allow a ``.keras`` base that contains code (Lambda layers). Defaults to False.
         verbose: Keras' verbosity; 0 also hides progress bars. Defaults to "auto".
         log: where the run's log lines go. Defaults to ``print``.
+        previous: a run on an earlier state of the data (``graft refit``): the log says how
+            many images are new, relabelled or gone since. Defaults to None.
         **options: the training options below, each declared once in
             ``graftkit.options.FIT_OPTIONS`` (the same as ``graft fit``'s, docs/cli.md).
 
@@ -234,7 +237,8 @@ def fit(
     fit_options = make_options(**options)
     check_inputs(data_dir, out, fit_options, overwrite, tensorboard)
     with _session(out, fit_options, overwrite) as (run_dir, dist):
-        run = RunContext(run_dir, dist, log, verbose, bars=progress_factory(verbose != 0))
+        run = RunContext(run_dir, dist, log, verbose, bars=progress_factory(verbose != 0),
+                         previous=Path(previous) if previous is not None else None)
         data, resumed, built, training, cut, frozen = _prepare(
             run, fit_options, data_dir, overwrite, resume, deterministic, unsafe, tensorboard)
         with dist.scope():  # both phases build and compile their models under the strategy
