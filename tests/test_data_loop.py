@@ -297,7 +297,7 @@ def test_serve_inbox_errors(trained_run, tmp_path, capsys):
 
 
 def test_refit_writes_the_next_free_run_folder(tmp_path):
-    from graftkit.cli.training import _next_free
+    from graftkit.outputs.run import next_run_dir as _next_free
 
     assert _next_free(tmp_path / "photos") == tmp_path / "photos-2"
     (tmp_path / "photos-2").mkdir()
@@ -333,3 +333,40 @@ def test_refit_says_what_changed_and_reads_the_rest_from_the_cache(tmp_path, cap
     split = json.loads((tmp_path / "run-2" / "split.json").read_text())
     assert len(split["val_sha256"]) == len(split["val"])
     assert main(["refit", str(tmp_path / "nope")]) == 5
+
+
+def test_refit_from_the_page_serves_the_new_run(issues_run):
+    """POST /review/api/refit runs graft refit in a child process; the server then serves
+    the new run (predictions, the review of its own findings) without a restart."""
+    from graftkit.serve.server import Service
+
+    run, data = issues_run
+    (data / "class_1" / "img_009.png").rename(data / "class_2" / "moved.png")  # a relabel
+    service = Service(run, data=str(data))
+    client = TestClient(service.app, base_url="http://127.0.0.1")
+    auth = {"X-Graft-Token": service.token}
+    try:
+        service.review.wait()
+        idle = client.get("/review/api/refit", headers=auth).json()
+        assert idle["state"] == "idle" and idle["command"].startswith(f"graft refit {run}")
+        assert client.post("/review/api/refit").status_code == 403
+        r = client.post("/review/api/refit", headers=auth)
+        assert r.status_code == 200 and r.json()["state"] == "running"
+        assert r.json()["out"] == f"{run}-2"
+        assert client.post("/review/api/refit", headers=auth).status_code == 409  # one at a time
+        service.refit.wait(600)
+        status = client.get("/review/api/refit", headers=auth).json()
+        assert status["state"] == "done", status
+        assert status["message"].startswith(f"now serving {run}-2")
+        assert any("1 relabelled" in line for line in status["log"]), status["log"]
+        assert client.get("/info").json()["run"] == str(Path(f"{run}-2").resolve())
+        from tests.test_serve import png_bytes
+
+        r = client.post("/predict", files={"file": ("a.png", png_bytes())})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("class_")
+        service.review.wait()
+        assert client.get("/review/api/items", headers=auth).json()["next"].startswith(
+            f"graft refit {run}-2")
+    finally:
+        service.stop()
+        service.batcher.close()

@@ -40,27 +40,16 @@ def cmd_fit(args) -> int:
 def _refit_plan(args) -> tuple[str, Path, dict]:
     """``graft refit``'s data, run folder and options: the earlier run's, unless given."""
     from graftkit.options import FIT_OPTIONS
-    from graftkit.outputs.run import read_run
+    from graftkit.outputs.run import next_run_dir, read_run
 
     record = read_run(args.run_dir)[2]
     data = args.data or record.data
     if not data:
         raise UsageError(f"{args.run_dir} records no data folder: pass --data DATA")
-    out = Path(args.out) if args.out else _next_free(Path(args.run_dir))
+    out = Path(args.out) if args.out else next_run_dir(Path(args.run_dir))
     names = {o.name for o in FIT_OPTIONS}
     options = {k: v for k, v in record.options.items() if k in names}
     return data, out, options
-
-
-def _next_free(run: Path) -> Path:
-    """``RUN-2``, ``RUN-3``... (after ``RUN-2``: ``RUN-3``, not ``RUN-2-2``)."""
-    stem, n = run.name, 2
-    head, _, tail = stem.rpartition("-")
-    if head and tail.isdigit():
-        stem, n = head, int(tail) + 1
-    while (run.parent / f"{stem}-{n}").exists():
-        n += 1
-    return run.parent / f"{stem}-{n}"
 
 
 def preflight_refit(args) -> None:

@@ -144,6 +144,17 @@ def read_predictions(run_dir: Path) -> list[dict]:
 
 
 
+def next_run_dir(run: Path) -> Path:
+    """Where a refit of ``run`` goes: ``RUN-2``, ``RUN-3``... (``RUN-2``'s is ``RUN-3``)."""
+    stem, n = run.name, 2
+    head, _, tail = stem.rpartition("-")
+    if head and tail.isdigit():
+        stem, n = head, int(tail) + 1
+    while (run.parent / f"{stem}-{n}").exists():
+        n += 1
+    return run.parent / f"{stem}-{n}"
+
+
 def read_split(run_dir: Path) -> dict:
     path = Path(run_dir) / SPLIT_FILE
     if not path.is_file():

@@ -32,7 +32,7 @@ from graftkit.serve.journal import KEY_PATTERN, SPAN_PATTERN
 from graftkit.serve.review import ReviewError
 
 ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript",
-          "inbox.js": "text/javascript"}
+          "inbox.js": "text/javascript", "refit.js": "text/javascript"}
 THUMBNAIL = 256  # px, side of a review thumbnail
 ACTION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -203,6 +203,14 @@ class InboxSummary(BaseModel):
     accepted: int
     next: str = Field(description="the command that refits the run on the data as it is now")
     skipped: list[str]
+
+
+class RefitStatus(BaseModel):
+    state: Literal["idle", "running", "done", "failed"]
+    message: str
+    out: str = Field(description="the new run folder")
+    command: str
+    log: list[str] = Field(description="the last lines of the refit's output")
 
 
 class Restored(BaseModel):
@@ -395,7 +403,6 @@ def _prediction_routes(app: FastAPI, service) -> None:
 
 def _review_routes(app: FastAPI, service) -> None:
     token: dict[str, Any] = {"openapi_extra": {"security": [{"token": []}]}}
-    review = service.review
     Relabel = create_model(  # noqa: N806 - a model class, made here because it names the classes
         "RelabelBody", key=(Key, ...),
         to=(Literal[tuple(service.classifier.classes)],  # type: ignore[arg-type]  # made at run time
@@ -404,7 +411,7 @@ def _review_routes(app: FastAPI, service) -> None:
     @app.get("/review/api/items", response_model=ReviewSummary, responses=_errors(403), **token)
     def items():
         """The suspect images in groups, the moves that can be undone, what to run next."""
-        return review.summary()
+        return service.review.summary()
 
     @app.get("/review/api/image", response_class=Response, **token,
              responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
@@ -413,7 +420,7 @@ def _review_routes(app: FastAPI, service) -> None:
         """A thumbnail of a listed image as the model sees it (nothing else can be shown)."""
         from graftkit.data.images import jpeg_thumbnail
 
-        path = review.file(key)
+        path = service.review.file(key)
         try:
             data = await run_in_threadpool(jpeg_thumbnail, path, THUMBNAIL)
         except Exception:  # noqa: BLE001 - an unreadable file is listed, not shown
@@ -425,25 +432,23 @@ def _review_routes(app: FastAPI, service) -> None:
     @app.post("/review/api/relabel", response_model=Action, responses=moves, **token)
     def relabel(body: Annotated[Relabel, Body()]):  # type: ignore[valid-type]
         """Move a listed image to another class folder of its split."""
-        return review.relabel(body.key, body.to)  # type: ignore[attr-defined]
+        return service.review.relabel(body.key, body.to)  # type: ignore[attr-defined]
 
     @app.post("/review/api/set-aside", response_model=Action, responses=moves, **token)
     def set_aside(body: KeyBody):
         """Move a listed image into the data folder's hidden .graft-set-aside/ folder."""
-        return review.set_aside(body.key)
+        return service.review.set_aside(body.key)
 
     @app.post("/review/api/accept", response_model=Accepted, responses=moves, **token)
     def accept(body: AcceptBody):
         """Relabel every likely wrong label whose suggestion has at least ``min_p`` (images
         moved by hand since the page listed them are left alone), each move journalled."""
-        return review.accept(body.min_p)
+        return service.review.accept(body.min_p)
 
-    inbox = service.inbox
-
-    def _inbox():
-        if inbox is None:
+    def _inbox():  # looked up on each call: a refit swaps in a new one
+        if service.inbox is None:
             raise ReviewError("no inbox: start graft serve with --inbox FOLDER", 404)
-        return inbox
+        return service.inbox
 
     @app.get("/review/api/inbox/items", response_model=InboxSummary, responses=_errors(403, 404),
              **token)
@@ -480,17 +485,29 @@ def _review_routes(app: FastAPI, service) -> None:
         """File every known inbox image suggested at ``min_p`` or above under its suggestion."""
         return _inbox().accept_all(body.min_p)
 
+    @app.get("/review/api/refit", response_model=RefitStatus, responses=_errors(403), **token)
+    def refit_status():
+        """The background refit: idle, running (its log so far), done or failed."""
+        return service.refit_status()
+
+    @app.post("/review/api/refit", response_model=RefitStatus, responses=_errors(403, 409),
+              **token)
+    def refit():
+        """Start ``graft refit`` of the served run on the data as it is now, in a child
+        process; when it ends well, the new run is served (same classes)."""
+        return service.start_refit()
+
     @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
     def undo(body: UndoBody):
         """Undo a move, and every later move of the same image with it."""
-        return review.undo(body.id)
+        return service.review.undo(body.id)
 
     @app.post("/review/api/restore", response_model=Action, responses=moves, **token)
     def restore(body: KeyBody):
         """Put one image back where it was listed, whatever was done to it since."""
-        return review.restore(body.key)
+        return service.review.restore(body.key)
 
     @app.post("/review/api/restore-all", response_model=Restored, responses=moves, **token)
     def restore_all(body: SinceBody):
         """Undo every move since a time (every move without one), image by image."""
-        return review.restore_since(body.since)
+        return service.review.restore_since(body.since)

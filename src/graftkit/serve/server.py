@@ -16,6 +16,8 @@ import numpy as np
 if TYPE_CHECKING:
     import uvicorn
 
+    from graftkit.serve.refit import Refit
+
 from graftkit import defaults
 from graftkit.errors import UsageError
 
@@ -96,6 +98,8 @@ class Service:
         self.classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))  # traced once, now
         self.token = secrets.token_urlsafe(18)
         self.batcher = Batcher(self.classifier.scored_pixels, max_batch, max_wait)
+        self.unsafe = unsafe
+        self.refit: Refit | None = None
         self.review = Review(self.run_dir, self.classifier.classes, self.classifier.record, data)
         self.review.start()
         self.inbox = None
@@ -110,6 +114,58 @@ class Service:
         self.guard = Guard(body, self.token, port, hosts, log)
         self.app = self.guard
         self.server: uvicorn.Server | None = None
+
+    def start_refit(self) -> dict:
+        """``graft refit`` of the served run on the reviewed data, in a child process; the
+        new run is served when it ends well."""
+        from graftkit.outputs.run import next_run_dir
+        from graftkit.serve.journal import JournalError
+        from graftkit.serve.refit import Refit
+
+        if self.refit is not None and self.refit.state == "running":
+            raise JournalError("a refit is running already", 409)
+        review = self.review
+        if review.root is None or not review.source:
+            raise JournalError(f"no data folder to refit on: {review.message}", 409)
+        self.refit = Refit(self.run_dir, review.source, next_run_dir(self.run_dir), self.swap)
+        return self.refit.status()
+
+    def refit_status(self) -> dict:
+        if self.refit is None:
+            from graftkit.serve.review import refit_command
+
+            return {"state": "idle", "message": "", "out": "", "log": [],
+                    "command": refit_command(self.run_dir, self.review.source or "")}
+        return self.refit.status()
+
+    def swap(self, run_dir: Path) -> str:
+        """Serve another run (a refit of this one): same classes, or it is refused, since the
+        pages and the API's schema name them."""
+        from graftkit.classifier import load
+        from graftkit.serve.batching import Batcher
+        from graftkit.serve.review import Review
+
+        classifier = load(run_dir, self.unsafe)
+        if list(classifier.classes) != list(self.classifier.classes):
+            raise ValueError(f"{run_dir} has other classes ({', '.join(classifier.classes)}): "
+                             f"restart graft serve on it")
+        size = classifier.image_size
+        classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))
+        old = self.batcher
+        review = Review(run_dir, classifier.classes, classifier.record, self.review.source)
+        review.start()
+        self.classifier, self.run_dir = classifier, Path(run_dir)
+        self.batcher = Batcher(classifier.scored_pixels, old.max_batch, old.max_wait)
+        self.review = review
+        if self.inbox is not None:
+            from graftkit.serve.inbox import Inbox
+
+            self.inbox = Inbox(self.inbox.folder, review, classifier)
+            self.inbox.start()
+        old.close()
+        accuracy = classifier.record.val_accuracy
+        return (f"now serving {run_dir}" + (f" (val accuracy {accuracy:.4f})"
+                                            if isinstance(accuracy, float) else ""))
 
     def info(self) -> dict:
         record = self.classifier.record
@@ -156,6 +212,8 @@ class Service:
     def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        if self.refit is not None:
+            self.refit.stop()
 
 
 def url_host(host: str) -> str:

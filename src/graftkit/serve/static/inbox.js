@@ -194,4 +194,5 @@ async function load() {
   }
 }
 
+window.graftReload = load;  // refit.js: the new run's findings
 load();
