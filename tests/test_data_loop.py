@@ -208,12 +208,9 @@ def test_likely_wrong_labels_in_headless_chromium(issues_run):
 # --- the inbox -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def inbox_service(trained_run, tmp_path):
-    """The shared run served with a copy of its data and an inbox of new images: four of each
-    class (copies under new names), an unreadable file and a hidden folder."""
-    from graftkit.serve.server import Service
-
+def inbox_folders(trained_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the shared run's data and an inbox of new images: four of each class (copies
+    under new names), an unreadable file and a hidden folder."""
     data, box = tmp_path / "data", tmp_path / "inbox"
     shutil.copytree(trained_run / "data", data)
     box.mkdir()
@@ -224,6 +221,14 @@ def inbox_service(trained_run, tmp_path):
     (box / "broken.jpg").write_bytes(b"not an image")
     (box / ".hidden").mkdir()
     shutil.copy(box / "new_0_0.png", box / ".hidden" / "x.png")
+    return data, box
+
+
+@pytest.fixture
+def inbox_service(trained_run, tmp_path):
+    from graftkit.serve.server import Service
+
+    data, box = inbox_folders(trained_run, tmp_path)
     service = Service(trained_run / "run", data=str(data), inbox=str(box))
     service.review.wait()
     service.inbox.wait()
@@ -370,3 +375,66 @@ def test_refit_from_the_page_serves_the_new_run(issues_run):
     finally:
         service.stop()
         service.batcher.close()
+
+
+@pytest.mark.slow
+def test_inbox_in_headless_chromium(trained_run, tmp_path):
+    """Accept one suggestion, accept all above a probability (the count first), undo: every
+    file back in the inbox, the journal settled."""
+    from tests.test_report import CHROMIUM
+    from tests.test_serve import browser_or_skip, until
+
+    sync_playwright = browser_or_skip()
+    from graftkit.serve.server import Service
+
+    data, box = inbox_folders(trained_run, tmp_path)
+    before = {**contents(data), **contents(box)}
+    service = Service(trained_run / "run", data=str(data), inbox=str(box))
+    base = service.start()
+    try:
+        service.inbox.wait()
+        summary = service.inbox.summary()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("dialog", lambda d: d.accept())
+            page.goto(f"{base}/inbox?token={service.token}")
+            page.wait_for_selector("#known-grid .card .accept", timeout=120_000)
+            assert page.url == f"{base}/inbox"
+            cards = page.locator("#known-grid .card")
+            assert cards.count() == len(summary["items"])
+            first = summary["items"][0]
+            card = cards.first
+            assert card.get_attribute("data-key") == first["key"]
+            assert card.locator("select").input_value() == first["suggested"]
+            assert card.locator(".accept").inner_text() == f"Accept: {first['suggested']}"
+            for unknown in page.locator("#unknown-grid .card select").all():
+                assert unknown.input_value() == ""  # nothing chosen for an unknown image
+            card.locator(".accept").click()
+            until(page, "() => document.getElementById('message').textContent"
+                        ".startsWith('filed: @inbox/')")
+            assert (data / first["suggested"] / first["path"]).is_file()
+            rest = [i for i in summary["items"][1:] if i["probability"] >= 0.0]
+            page.fill("#accept-threshold", "0")
+            until(page, f"() => document.getElementById('accept-all').dataset.count === "
+                        f"'{len(rest)}'")
+            assert not any((data / i["suggested"] / i["path"]).exists() for i in rest)
+            page.click("#accept-all")
+            until(page, "() => document.getElementById('message').textContent"
+                        f".startsWith('filed {len(rest)} image(s)')")
+            assert all((data / i["suggested"] / i["path"]).is_file() for i in rest)
+            assert page.inner_text("#next-command").startswith("graft refit ")
+            page.goto(f"{base}/review")  # the same tab: undo everything from the review page
+            page.wait_for_selector("#restore-all", timeout=60_000)
+            until(page, "() => !document.getElementById('recent').hidden")
+            page.click("#restore-all")
+            until(page, "() => document.getElementById('message').textContent"
+                        f".startsWith('restored {len(rest) + 1} image(s)')")
+            browser.close()
+    finally:
+        service.stop()
+        time.sleep(0.5)
+        service.batcher.close()
+    assert {**contents(data), **contents(box)} == before
+    journal_complete(data)
