@@ -105,7 +105,7 @@ def test_review_lists_likely_wrong_labels_and_accepts_them(issues_service):
     assert review.acceptable(0.0) == ["class_0/img_004.png"]  # the rest: moved, or accepted
     now = {i["key"]: i for i in review.summary()["groups"][0]["items"]}
     assert now["class_0/img_001.png"]["status"] == "relabelled class_0 -> class_1"
-    for bad in ({"min_p": 1.5}, {"min_p": "high"}, {}):
+    for bad in ({"min_p": 1.5}, {"min_p": "high"}, {"min_p": True}, {}):
         r = client.post("/review/api/accept", json=bad, headers=auth)
         assert r.status_code == 400 and "min_p" in r.json()["detail"]
     assert client.post("/review/api/accept", json={"min_p": 0.5}).status_code == 403

@@ -228,8 +228,8 @@ class KeyBody(BaseModel):
 
 
 class AcceptBody(BaseModel):
-    min_p: float = Field(ge=0, le=1, description="accept the suggestions at this probability "
-                                                 "or above")
+    min_p: float = Field(ge=0, le=1, strict=True,  # strict: true/false is not a probability
+                         description="accept the suggestions at this probability or above")
 
 
 class Accepted(BaseModel):
