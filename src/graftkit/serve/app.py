@@ -32,7 +32,8 @@ from graftkit.serve.journal import KEY_PATTERN, SPAN_PATTERN
 from graftkit.serve.review import ReviewError
 
 ASSETS = {"graft.css": "text/css", "try.js": "text/javascript", "review.js": "text/javascript",
-          "inbox.js": "text/javascript", "refit.js": "text/javascript"}
+          "inbox.js": "text/javascript", "refit.js": "text/javascript",
+          "common.js": "text/javascript"}
 THUMBNAIL = 256  # px, side of a review thumbnail
 ACTION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 

@@ -12,7 +12,6 @@ folder's journal (paths in the inbox are ``@inbox/...``), so the review page's u
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ from graftkit.serve.journal import (
     checked_path,
     free_name,
 )
-from graftkit.serve.review import refit_command
+from graftkit.serve.review import Background, refit_command
 
 if TYPE_CHECKING:
     from graftkit.classifier import Classifier
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from graftkit.serve.review import Review
 
 
-class Inbox:
+class Inbox(Background):
     """The inbox's images, their suggestions and the moves that label them (thread-safe)."""
 
     def __init__(self, folder: str | os.PathLike, review: Review, classifier: Classifier):
@@ -50,36 +49,22 @@ class Inbox:
         self.journal = (Journal(review.root, inbox=self.folder)
                         if review.root is not None and not why else None)
 
-    def start(self) -> None:
-        """Score the inbox in the background: the server answers while it runs."""
-        self._thread = threading.Thread(target=self.load, name="graft-inbox", daemon=True)
-        self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> None:
-        if getattr(self, "_thread", None) is not None:
-            self._thread.join(timeout)
-
     def load(self) -> None:
         """Every image of the inbox (hidden folders skipped), scored and put in order."""
+        self._loaded(self._score, "scoring the inbox failed")
+
+    def _score(self) -> None:
         from graftkit.data.inputs import gather
 
-        try:
-            images = gather([str(self.folder)], self.classifier.image_size)
-            found = self.classifier.suggest(images) if images.names else []
-            items = {}
-            for s in found:
-                rel = Path(s.path).resolve().relative_to(self.folder.resolve()).as_posix()
-                items[f"{INBOX}/{rel}"] = s
-            with self.lock:
-                self.items, self.skipped = items, list(images.skipped)
-                self.state = "ready"
-                self.message = "" if items else f"no image in {self.folder}"
-        except Exception as exc:  # noqa: BLE001 - shown on the page instead of killing the server
-            from graftkit.errors import GraftError
-
-            self.state = "failed"
-            self.message = str(exc) if isinstance(exc, GraftError) else \
-                f"scoring the inbox failed: {type(exc).__name__}: {exc}"
+        images = gather([str(self.folder)], self.classifier.image_size)
+        found = self.classifier.suggest(images) if images.names else []
+        items = {}
+        for s in found:
+            rel = Path(s.path).resolve().relative_to(self.folder.resolve()).as_posix()
+            items[f"{INBOX}/{rel}"] = s
+        with self.lock:
+            self.items, self.skipped = items, list(images.skipped)
+            self.message = "" if items else f"no image in {self.folder}"
 
     # --- where images go -----------------------------------------------------------------------
 

@@ -104,7 +104,42 @@ def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
     return path, ""
 
 
-class Review:
+class Background:
+    """``load`` run in a thread (``start``), so the server answers while it runs; what went
+    wrong is shown on the page (``state``, ``message``) instead of killing the server."""
+
+    state: str
+    message: str
+    _thread: threading.Thread | None = None
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.load, name=f"graft-{type(self).__name__}",
+                                        daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the background work has finished (tests, scripts)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loaded(self, work, failure: str) -> None:
+        """``work()``, then ready; or failed, with a message a user can read."""
+        try:
+            self.message = ""
+            work()  # may leave a message for a success (e.g. "no image in FOLDER")
+            self.state = "ready"
+        except Exception as exc:  # noqa: BLE001 - shown on the page instead of killing the server
+            from graftkit.errors import GraftError
+
+            self.state = "failed"
+            self.message = str(exc) if isinstance(exc, GraftError) else \
+                f"{failure}: {type(exc).__name__}: {exc}"
+
+
+class Review(Background):
     """Suspect images of a run's data and the moves made on them (thread-safe)."""
 
     def __init__(self, run_dir: str | os.PathLike, classes: list[str], record: RunRecord,
@@ -126,29 +161,10 @@ class Review:
     def can_move(self) -> bool:
         return self.journal is not None and self.state == "ready"
 
-    def start(self) -> None:
-        """Run the data check in the background: the server answers while it runs."""
-        self._thread = threading.Thread(target=self.load, name="graft-review", daemon=True)
-        self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Until the background check has finished (tests, scripts)."""
-        if getattr(self, "_thread", None) is not None:
-            self._thread.join(timeout)
-
     def load(self) -> None:
         """Run the data check and list what it and the run's predictions point at (again)."""
-        if self.root is None:
-            return
-        try:
-            self._list()
-            self.state, self.message = "ready", ""
-        except Exception as exc:  # noqa: BLE001 - shown on the page instead of killing the server
-            from graftkit.errors import GraftError
-
-            self.state = "failed"
-            self.message = str(exc) if isinstance(exc, GraftError) else \
-                f"the data check failed: {type(exc).__name__}: {exc}"
+        if self.root is not None:
+            self._loaded(self._list, "the data check failed")
 
     # --- listing -------------------------------------------------------------------------------
 

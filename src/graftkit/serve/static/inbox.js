@@ -1,67 +1,23 @@
 // The inbox page: new images with the model's suggestion, in the order to label them. The
-// token comes from the URL graft serve printed (or this tab's earlier visit), as on the review
-// page, and goes in a header; undo goes through the review API (one journal).
+// token, API calls and thumbnails are common.js's; undo goes through the review API (one
+// journal for the data folder).
 "use strict";
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || sessionStorage.getItem("graft-token") || "";
-if (params.has("token")) {
-  sessionStorage.setItem("graft-token", token);
-  history.replaceState(null, "", "/inbox");
-}
 const stateBox = document.getElementById("state"), messageBox = document.getElementById("message");
-const thumbnails = new Map();
+const {el} = graft;
 const PAGE = 48;
 const shown = {known: PAGE, unknown: PAGE};
-let acceptAt = "0.90";
 
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
+function describe(done) {
+  if (done.accepted !== undefined) {
+    return `filed ${done.accepted} image(s) under their suggestion` +
+      (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
+  }
+  const verb = {accept: "filed", relabel: "refiled", set_aside: "set aside", undo: "undone"}[done.action];
+  return `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
 }
 
-async function call(path, body) {
-  const options = {headers: {"X-Graft-Token": token}};
-  if (body) {
-    options.method = "POST";
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, options);
-  const data = await response.json();
-  if (!response.ok) throw new Error(data.detail || `error ${response.status}`);
-  return data;
-}
-
-async function thumbnail(img, item) {
-  const id = `${item.key}|${item.now}`;
-  if (!thumbnails.has(id)) {
-    const response = await fetch(`/review/api/inbox/image?key=${encodeURIComponent(item.key)}`,
-                                 {headers: {"X-Graft-Token": token}});
-    if (!response.ok) { img.alt = `${item.path}: cannot be shown`; return; }
-    thumbnails.set(id, URL.createObjectURL(await response.blob()));
-  }
-  img.src = thumbnails.get(id);
-}
-
-async function act(path, body) {
-  try {
-    const done = await call(path, body);
-    if (done.accepted !== undefined) {
-      messageBox.textContent = `filed ${done.accepted} image(s) under their suggestion` +
-        (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
-    } else {
-      const verb = {accept: "filed", relabel: "refiled", set_aside: "set aside", undo: "undone"}[done.action];
-      messageBox.textContent = `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
-    }
-    messageBox.className = "notice done";
-  } catch (err) {
-    messageBox.textContent = err.message;
-    messageBox.className = "notice error";
-  }
-  messageBox.hidden = false;
-  await load();
+function act(path, body) {
+  return graft.act(messageBox, path, body, describe, load);
 }
 
 function pct(p) { return `${(100 * p).toFixed(0)}%`; }
@@ -72,7 +28,8 @@ function card(item, summary) {
   c.dataset.path = item.path;
   const img = el("img");
   img.alt = item.path;
-  thumbnail(img, item);
+  graft.thumbnail(img, `/review/api/inbox/image?key=${encodeURIComponent(item.key)}`,
+                  `${item.key}|${item.now}`, item.path);
   c.append(img, el("div", "name", `#${item.order} \u00b7 ${item.path}`));
   c.append(el("div", "suggestion", `suggested: ${item.suggested} ${pct(item.probability)}`));
   if (item.second) c.append(el("div", "muted", `then: ${item.second} ${pct(item.p_second)}`));
@@ -118,26 +75,10 @@ function acceptBox(summary) {
   const box = document.getElementById("accept-box");
   box.replaceChildren();
   if (!summary.can_move) return;
-  const input = el("input");
-  Object.assign(input, {type: "number", min: "0", max: "1", step: "0.05", value: acceptAt,
-                        id: "accept-threshold"});
-  input.setAttribute("aria-label", "lowest probability of the suggestion to accept");
-  const button = el("button", "primary", "");
-  button.id = "accept-all";
-  const update = () => {
-    acceptAt = input.value;
-    const threshold = Number(input.value);
-    const valid = input.value !== "" && threshold >= 0 && threshold <= 1;
-    const n = valid ? summary.items.filter((i) => i.now === "inbox" && i.moves === 0 &&
-                                                  i.probability >= threshold).length : 0;
-    button.dataset.count = String(n);
-    button.textContent = `Accept the ${n} suggestion${n === 1 ? "" : "s"} with p \u2265 ${valid ? threshold.toFixed(2) : "?"}`;
-    button.disabled = n === 0;
-  };
-  input.addEventListener("input", update);
-  button.addEventListener("click", () => act("/review/api/inbox/accept-all", {min_p: Number(input.value)}));
-  update();
-  box.append(el("span", "muted", "suggestion probability at least "), input, button);
+  graft.acceptAllBox(box,
+    (threshold) => summary.items.filter((i) => i.now === "inbox" && i.moves === 0 &&
+                                               i.probability >= threshold).length,
+    (threshold) => act("/review/api/inbox/accept-all", {min_p: threshold}));
 }
 
 function fill(kind, items, summary) {
@@ -178,14 +119,14 @@ function render(summary) {
 }
 
 async function load() {
-  if (!token) {
+  if (!graft.token) {
     stateBox.textContent = "This page needs the inbox URL that graft serve printed when it " +
       "started (it ends in /inbox?token=...): open that URL once in this tab.";
     stateBox.className = "notice error";
     return;
   }
   try {
-    const summary = await call("/review/api/inbox/items");
+    const summary = await graft.call("/review/api/inbox/items");
     render(summary);
     if (summary.state === "scoring") setTimeout(load, 1000);
   } catch (err) {

@@ -1,11 +1,11 @@
 // "Refit now" on the review and inbox pages: starts graft refit on the server, shows its log
-// while it runs, and says which run is served when it is done. Needs the page's token (kept
-// in this tab's sessionStorage by the page's own script) and an element #refit.
+// while it runs, and says which run is served when it is done. Needs common.js and an element
+// #refit.
 "use strict";
 (function () {
   const box = document.getElementById("refit");
   if (!box) return;
-  const token = sessionStorage.getItem("graft-token") || "";
+  const token = graft.token;
   const button = document.getElementById("refit-now");
   const state = document.getElementById("refit-state");
   const log = document.getElementById("refit-log");

@@ -1,72 +1,26 @@
-// The review page: suspect images in groups, with relabel / set aside / undo / restore. Every
-// call sends the server's token as a header, never in a URL: it is taken from the printed URL
-// once, kept for this tab only (sessionStorage), and removed from the address bar and history.
-// Thumbnails are fetched with the header too and shown as blob: URLs.
+// The review page: suspect images in groups, with relabel / set aside / undo / restore, and the
+// likely wrong labels' suggestions (accept one, or all above a probability). The token, API calls
+// and thumbnails are common.js's.
 "use strict";
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || sessionStorage.getItem("graft-token") || "";
-if (params.has("token")) {
-  sessionStorage.setItem("graft-token", token);
-  history.replaceState(null, "", "/review");
-}
 const stateBox = document.getElementById("state"), messageBox = document.getElementById("message");
-const thumbnails = new Map();  // "key|path" -> blob: URL, kept across re-renders
+const {el} = graft;
 
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
+function describe(done) {
+  if (done.accepted !== undefined) {
+    return `accepted ${done.accepted} suggestion(s)` +
+      (done.actions.length ? `; "Restore all since" on the first of them undoes them all` : "") +
+      (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
+  }
+  if (done.restored !== undefined) {
+    return `restored ${done.restored} image(s)` +
+      (done.problems.length ? `; not restored: ${done.problems.join("; ")}` : "");
+  }
+  const verb = {relabel: "relabelled", set_aside: "set aside", undo: "undone", accept: "filed"}[done.action];
+  return `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
 }
 
-async function call(path, body) {
-  const options = {headers: {"X-Graft-Token": token}};
-  if (body) {
-    options.method = "POST";
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, options);
-  const data = await response.json();
-  if (!response.ok) throw new Error(data.detail || `error ${response.status}`);
-  return data;
-}
-
-async function thumbnail(img, item) {
-  const id = `${item.key}|${item.path}`;
-  if (!thumbnails.has(id)) {
-    const response = await fetch(`/review/api/image?key=${encodeURIComponent(item.key)}`,
-                                 {headers: {"X-Graft-Token": token}});
-    if (!response.ok) {
-      img.alt = `${item.path}: cannot be shown`;
-      return;
-    }
-    thumbnails.set(id, URL.createObjectURL(await response.blob()));
-  }
-  img.src = thumbnails.get(id);
-}
-
-async function act(path, body) {
-  try {
-    const done = await call(path, body);
-    if (done.accepted !== undefined) {
-      messageBox.textContent = `accepted ${done.accepted} suggestion(s)` +
-        (done.actions.length ? `; "Restore all since" on the first of them undoes them all` : "") +
-        (done.problems.length ? `; not moved: ${done.problems.join("; ")}` : "");
-    } else if (done.restored !== undefined) {
-      messageBox.textContent = `restored ${done.restored} image(s)` +
-        (done.problems.length ? `; not restored: ${done.problems.join("; ")}` : "");
-    } else {
-      const verb = {relabel: "relabelled", set_aside: "set aside", undo: "undone"}[done.action];
-      messageBox.textContent = `${verb}: ${done.from} \u2192 ${done.to} (journal: ${done.id})`;
-    }
-    messageBox.className = "notice done";
-  } catch (err) {
-    messageBox.textContent = err.message;
-    messageBox.className = "notice error";
-  }
-  messageBox.hidden = false;
-  await load();
+function act(path, body) {
+  return graft.act(messageBox, path, body, describe, load);
 }
 
 function card(item, summary) {
@@ -76,7 +30,8 @@ function card(item, summary) {
   if (item.image) {
     const img = el("img");
     img.alt = item.path;
-    thumbnail(img, item);
+    graft.thumbnail(img, `/review/api/image?key=${encodeURIComponent(item.key)}`,
+                    `${item.key}|${item.path}`, item.path);
     c.append(img);
   }
   c.append(el("div", "name", `${item.path} (${item.split})`));
@@ -193,37 +148,12 @@ function render(summary) {
   }
 }
 
-// "Accept the N suggestions with p >= X": the count is shown, and kept up to date as X changes,
-// before anything moves; the server applies the same rule (a suggestion at X or above, on an
-// image no one has moved since it was listed).
-let acceptAt = "0.90";
-
-function acceptable(items, threshold) {
-  return items.filter((i) => i.suggested && i.p_suggested >= threshold && i.moves === 0 &&
-                             i.now !== i.suggested).length;
-}
-
 function acceptAll(section, items) {
   const box = el("div", "accept-all");
-  const input = el("input");
-  Object.assign(input, {type: "number", min: "0", max: "1", step: "0.05", value: acceptAt,
-                        id: "accept-threshold"});
-  input.setAttribute("aria-label", "lowest probability of the suggestion to accept");
-  const button = el("button", "primary", "");
-  button.id = "accept-all";
-  const update = () => {
-    acceptAt = input.value;
-    const threshold = Number(input.value);
-    const valid = input.value !== "" && threshold >= 0 && threshold <= 1;
-    const n = valid ? acceptable(items, threshold) : 0;
-    button.dataset.count = String(n);
-    button.textContent = `Accept the ${n} suggestion${n === 1 ? "" : "s"} with p \u2265 ${valid ? threshold.toFixed(2) : "?"}`;
-    button.disabled = n === 0;
-  };
-  input.addEventListener("input", update);
-  button.addEventListener("click", () => act("/review/api/accept", {min_p: Number(input.value)}));
-  update();
-  box.append(el("span", "muted", "suggestion probability at least "), input, button);
+  graft.acceptAllBox(box,
+    (threshold) => items.filter((i) => i.suggested && i.p_suggested >= threshold &&
+                                       i.moves === 0 && i.now !== i.suggested).length,
+    (threshold) => act("/review/api/accept", {min_p: threshold}));
   section.append(box);
 }
 
@@ -234,14 +164,14 @@ document.getElementById("restore-all").addEventListener("click", () => {
 });
 
 async function load() {
-  if (!token) {
+  if (!graft.token) {
     stateBox.textContent = "This page needs the review URL that graft serve printed when it " +
       "started (it ends in /review?token=...): open that URL once in this tab.";
     stateBox.className = "notice error";
     return;
   }
   try {
-    const summary = await call("/review/api/items");
+    const summary = await graft.call("/review/api/items");
     render(summary);
     if (summary.state === "checking") setTimeout(load, 1000);
   } catch (err) {
