@@ -301,11 +301,13 @@ def test_serve_inbox_errors(trained_run, tmp_path, capsys):
 # --- the refit ---------------------------------------------------------------------------
 
 
-def test_refit_writes_the_next_free_run_folder(tmp_path):
+def test_refit_writes_the_next_free_run_folder_or_resumes_an_unfinished_one(tmp_path):
     from graftkit.outputs.run import next_run_dir as _next_free
 
     assert _next_free(tmp_path / "photos") == tmp_path / "photos-2"
-    (tmp_path / "photos-2").mkdir()
+    (tmp_path / "photos-2").mkdir()  # unfinished (Ctrl-C): the same command resumes it
+    assert _next_free(tmp_path / "photos") == tmp_path / "photos-2"
+    (tmp_path / "photos-2" / "metrics.json").write_text("{}")
     assert _next_free(tmp_path / "photos") == tmp_path / "photos-3"
     assert _next_free(tmp_path / "photos-2") == tmp_path / "photos-3"
     assert _next_free(tmp_path / "run-v1") == tmp_path / "run-v1-2"

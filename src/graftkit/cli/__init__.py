@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = (" (run the same command again to resume: fine-tuning goes on from its last"
                 " finished epoch; phase 1 on cached features reruns in seconds)"
-                if name in ("graft fit", "graft demo") else "")
+                if name in ("graft fit", "graft refit", "graft demo") else "")
         print(f"{name}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `graft predict ... | head`: the reader left, not an error

@@ -145,12 +145,13 @@ def read_predictions(run_dir: Path) -> list[dict]:
 
 
 def next_run_dir(run: Path) -> Path:
-    """Where a refit of ``run`` goes: ``RUN-2``, ``RUN-3``... (``RUN-2``'s is ``RUN-3``)."""
+    """Where a refit of ``run`` goes: ``RUN-2``, ``RUN-3``... (``RUN-2``'s is ``RUN-3``); an
+    unfinished one is taken again, so the same command after Ctrl-C resumes it."""
     stem, n = run.name, 2
     head, _, tail = stem.rpartition("-")
     if head and tail.isdigit():
         stem, n = head, int(tail) + 1
-    while (run.parent / f"{stem}-{n}").exists():
+    while (run.parent / f"{stem}-{n}" / METRICS_FILE).exists():
         n += 1
     return run.parent / f"{stem}-{n}"
 
