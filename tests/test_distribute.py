@@ -104,7 +104,8 @@ def test_a_killed_worker_fails_the_job_cleanly_and_two_workers_resume_it_in_sync
     names = {p.name for p in out.iterdir()}
     assert names == {"model.keras", "labels.json", "metrics.json", "history.csv", "curves.png",
                      "open_set.npz",
-                     "confusion_matrix.png", "predictions.csv", "split.json", "report.html"}
+                     "confusion_matrix.png", "predictions.csv", "split.json", "report.html",
+                     "label_issues.csv"}
     # Batch 4 per replica: 8 per step, learning rates doubled, as the rule says.
     assert "batch 8 in all (4 per replica), learning rates x2" in out0
 
