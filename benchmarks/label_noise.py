@@ -385,12 +385,14 @@ def inbox(seeds: list[int], per_class: int = 20, rounds: int = 4, batch: int = 2
 # --- the tables --------------------------------------------------------------------------
 
 
-def _mean(values) -> str:
+def _mean(values, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     m = statistics.mean(values)
-    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {statistics.pstdev(values):.3f}"
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
 def table() -> str:
@@ -404,26 +406,34 @@ def table() -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in detect_rows:
         groups.setdefault((r["set"], r["kind"], r["method"]), []).append(r)
-    for (name, kind, method), rs in sorted(groups.items()):
+    order = {"flowers5": 0, "pacs_art": 1, "hymenoptera": 2, **{k: 3 + i for i, k in
+                                                               enumerate(KINDS)},
+             "graftkit": 0, "logistic-224": 1, "top-losses": 2}
+    for (name, kind, method), rs in sorted(groups.items(),
+                                           key=lambda g: tuple(order.get(k, 9) for k in g[0])):
+        ranks_only = method == "top-losses"  # a ranking, no flagged set, no suggestion
+        flagged = "-" if ranks_only else f"{statistics.mean(r['flagged'] for r in rs):.0f}"
+        recall = "-" if ranks_only else _mean(r["recall"] for r in rs)
         out.append(f"| {name} | {kind} | {method} | {len(rs)} | {_mean(r['auroc'] for r in rs)} | "
-                   f"{_mean(r['precision_at_k'] for r in rs)} | "
-                   f"{statistics.mean(r['flagged'] for r in rs):.0f} | "
-                   f"{_mean(r['precision'] for r in rs)} | {_mean(r['recall'] for r in rs)} | "
+                   f"{_mean(r['precision_at_k'] for r in rs)} | {flagged} | "
+                   f"{_mean(r['precision'] for r in rs)} | {recall} | "
                    f"{_mean(r['suggestion_right'] for r in rs)} |")
     refits = [r for r in rows if r["task"] == "refit"]
     if refits:
         out += ["", "| set | seeds | clean fit | noisy fit (10%) | suggestions accepted | "
-                "relabelled | still wrong | label issues s |", "|---|---|---|---|---|---|---|---|"]
+                "relabelled | still wrong | label issues, s of the run |", "|---|---|---|---|---|---|---|---|"]
         by_set: dict[str, list[dict]] = {}
         for r in refits:
             by_set.setdefault(r["set"], []).append(r)
         for name, rs in sorted(by_set.items()):
-            out.append(f"| {name} | {len(rs)} | {_mean(r['clean'] for r in rs)} | "
-                       f"{_mean(r['noisy'] for r in rs)} | {_mean(r['cleaned'] for r in rs)} | "
+            cost = statistics.mean(r["label_issues"]["seconds"] for r in rs)
+            run = statistics.mean(r["seconds"]["noisy"] for r in rs)
+            out.append(f"| {name} | {len(rs)} | {_mean((r['clean'] for r in rs), 4)} | "
+                       f"{_mean((r['noisy'] for r in rs), 4)} | "
+                       f"{_mean((r['cleaned'] for r in rs), 4)} | "
                        f"{statistics.mean(r['relabelled'] for r in rs):.0f} | "
                        f"{statistics.mean(r['still_wrong'] for r in rs):.0f} | "
-                       f"{_mean(r['label_issues']['seconds'] for r in rs)} of "
-                       f"{_mean(r['seconds']['noisy'] for r in rs)} |")
+                       f"{cost:.1f} of {run:.0f} ({cost / run:.1%}) |")
     accepts = [r for r in rows if r["task"] == "inbox-accept"]
     if accepts:
         out += ["", "| accept all with p >= | share of the inbox labelled | labels right |",
