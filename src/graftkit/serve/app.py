@@ -446,6 +446,29 @@ def _review_routes(app: FastAPI, service) -> None:
         moved by hand since the page listed them are left alone), each move journalled."""
         return service.review.accept(body.min_p)
 
+    @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
+    def undo(body: UndoBody):
+        """Undo a move, and every later move of the same image with it."""
+        return service.review.undo(body.id)
+
+    @app.post("/review/api/restore", response_model=Action, responses=moves, **token)
+    def restore(body: KeyBody):
+        """Put one image back where it was listed, whatever was done to it since."""
+        return service.review.restore(body.key)
+
+    @app.post("/review/api/restore-all", response_model=Restored, responses=moves, **token)
+    def restore_all(body: SinceBody):
+        """Undo every move since a time (every move without one), image by image."""
+        return service.review.restore_since(body.since)
+
+    _loop_routes(app, service, Relabel, token)
+
+
+def _loop_routes(app: FastAPI, service, relabel, token: dict[str, Any]) -> None:
+    """The inbox's routes and the refit's: the data loop's, behind the review's token."""
+    moves = _errors(400, 403, 404, 409)
+    Relabel = relabel  # noqa: N806 - the review's body model, which names the classes
+
     def _inbox():  # looked up on each call: a refit swaps in a new one
         if service.inbox is None:
             raise ReviewError("no inbox: start graft serve with --inbox FOLDER", 404)
@@ -497,18 +520,3 @@ def _review_routes(app: FastAPI, service) -> None:
         """Start ``graft refit`` of the served run on the data as it is now, in a child
         process; when it ends well, the new run is served (same classes)."""
         return service.start_refit()
-
-    @app.post("/review/api/undo", response_model=Action, responses=moves, **token)
-    def undo(body: UndoBody):
-        """Undo a move, and every later move of the same image with it."""
-        return service.review.undo(body.id)
-
-    @app.post("/review/api/restore", response_model=Action, responses=moves, **token)
-    def restore(body: KeyBody):
-        """Put one image back where it was listed, whatever was done to it since."""
-        return service.review.restore(body.key)
-
-    @app.post("/review/api/restore-all", response_model=Restored, responses=moves, **token)
-    def restore_all(body: SinceBody):
-        """Undo every move since a time (every move without one), image by image."""
-        return service.review.restore_since(body.since)
