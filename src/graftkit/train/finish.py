@@ -137,8 +137,8 @@ def _pretrained_features(built: ModelPlan, cut: CutPlan,
 
 def _label_issues(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
                   features: np.ndarray | None) -> LabelIssues | None:
-    """Phase 1's head trained K times, each scoring the labelled images it did not see; the
-    confident-learning rule names the labels that look wrong."""
+    """K heads with phase 1's settings, each scoring the labelled images it did not train on;
+    the confident-learning rule names the labels that look wrong."""
     from graftkit.train.cross_fit import HeadSettings, label_issues
 
     options, folder, plan = built.options, data.folder, training.plan
