@@ -23,6 +23,7 @@ from graftkit.serve.journal import (
     JournalError,
     checked_path,
     free_name,
+    within,
 )
 from graftkit.serve.review import Background, refit_command
 
@@ -87,11 +88,7 @@ class Inbox(Background):
             path = self.folder.joinpath(*now.split("/")[1:])
         else:
             path = self.review.folder / now
-        real = os.path.realpath(path)
-        roots = [os.path.realpath(self.folder)]
-        if self.review.root is not None:
-            roots.append(os.path.realpath(self.review.root))
-        if not any(os.path.commonpath([real, r]) == r for r in roots):
+        if not within(path, self.folder, self.review.root):
             raise JournalError("refused: the file leads outside the inbox and the data folder "
                                "(symbolic link)", 403)
         if not path.is_file():

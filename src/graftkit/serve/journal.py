@@ -63,6 +63,13 @@ _SEGMENT = r"(?:[^/\\:\x00.][^/\\:\x00]*|\.[^/\\:\x00.][^/\\:\x00]*|\.\.[^/\\:\x
 KEY_PATTERN = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
 
 
+def within(path: str | os.PathLike, *roots: str | os.PathLike | None) -> bool:
+    """``path``, symbolic links followed, is inside one of ``roots`` (None ones ignored)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, r]) == r
+               for r in (os.path.realpath(root) for root in roots if root is not None))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or link in ``path`` durable (POSIX; Windows has no directory handles)."""
     if os.name == "nt":
@@ -295,12 +302,8 @@ class Journal:
         inbox_dir = Path(inbox) if inbox else self.inbox
         context = {"inbox": str(inbox_dir)} if inbox_dir is not None else None
         source = self.resolve(src_rel, context)
-        roots = [os.path.realpath(self.root)]
-        if inbox_dir is not None:
-            roots.append(os.path.realpath(inbox_dir))
         for path in (source, target):
-            real = os.path.realpath(path.parent)
-            if not any(os.path.commonpath([real, r]) == r for r in roots):
+            if not within(path.parent, self.root, inbox_dir):
                 raise JournalError("refused: the move leads outside the data folder (symbolic "
                                    "link)", 403)
         to = self.relative(target, inbox_dir)

@@ -32,6 +32,7 @@ from graftkit.serve.journal import (
     checked_path,
     free_name,
     parse_time,
+    within,
 )
 
 TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
@@ -296,8 +297,7 @@ class Review(Background):
             raise ReviewError("not an image this review lists", 404)
         now = (history or self.history()).where(key)
         path = self.root / now
-        real, root = os.path.realpath(path), os.path.realpath(self.root)
-        if os.path.commonpath([real, root]) != root:
+        if not within(path, self.root):
             raise ReviewError("refused: the file leads outside the data folder (symbolic link)", 403)
         if not path.is_file():
             raise ReviewError(f"{now} is no longer in the data folder", 404)
