@@ -166,7 +166,7 @@ def test_mode_fine_tune_plans_every_epoch(tmp_path, mode, patience):
 
     run, _ = _run(tmp_path)
     built = ModelPlan(_options(mode=mode, unfreeze=2), None, None, BaseInfo("base", 32, "", ""))
-    data = PreparedData(SimpleNamespace(val=[0] * 6), None)
+    data = PreparedData(SimpleNamespace(val=[0] * 6, multi_label=False), None)
     training = stages.plan_phases(run, built, data, Resume(None), tensorboard=False)
     assert training.plan.patience == (None if patience is None else defaults.PATIENCE)
     assert defaults.PATIENCE == 3

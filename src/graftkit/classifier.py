@@ -119,6 +119,23 @@ class Classifier:
         self._split: SplitClassifier | None = None
         self._calls: dict = {}  # compiled functions of models that do not split
 
+    @property
+    def multi_label(self) -> bool:
+        """Several labels per image (sigmoid outputs): ``predict_proba`` gives each label's
+        probability; the thresholds are in ``metrics["multi_label"]["per_label"]``."""
+        return self.record.task == "multi_label"
+
+    def require_single_label(self, what: str) -> None:
+        """Refuse, with one clear message, what answers one class per image on a run that
+        gives several labels per image (an argmax would be a silent wrong answer)."""
+        if self.multi_label:
+            from graftkit.errors import RunError
+
+            raise RunError(f"{what} answers one class per image, and {self.run_dir or 'this run'} "
+                           "is a multi-label run: its validation answers are in predictions.csv "
+                           "and report.html; predict_proba gives each label's probability and "
+                           "metrics.json multi_label.per_label each label's threshold")
+
     def __repr__(self) -> str:
         where = f", run_dir='{self.run_dir}'" if self.run_dir else ""
         return f"Classifier(classes={self.classes}{where})"
@@ -296,6 +313,7 @@ class Classifier:
             >>> clf.predict("photo.jpg")[0].label  # doctest: +SKIP
             >>> clf.predict(PIL.Image.open("photo.jpg"), top_k=3)  # doctest: +SKIP
         """
+        self.require_single_label("predict")
         parse_reject(reject)  # a bad value fails before the images are scored
         inputs = self._gathered(images)
         out = Predictions()
@@ -326,6 +344,7 @@ class Classifier:
         Example:
             >>> [s.path for s in clf.suggest("inbox/") if s.probability >= 0.9]  # doctest: +SKIP
         """
+        self.require_single_label("suggest")
         from graftkit.labels.inbox import ORDERS
         from graftkit.labels.inbox import suggest as ranked
 
@@ -374,6 +393,7 @@ class Classifier:
             training images of this run), ``chosen_on`` (images that are its validation
             images, which its choices were made on) and, with ``tta``, ``tta``.
         """
+        self.require_single_label("evaluate")
         from graftkit.data.inputs import Inputs
         from graftkit.outputs.evaluation import scores
 

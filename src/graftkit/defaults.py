@@ -150,6 +150,8 @@ def cache_dir() -> Path:
     return base / "graftkit"
 
 # Calibration and the "unknown" answer (graftkit.outputs.calibration / open_set).
+MIN_LABEL_POSITIVES = 10  # multi-label: fewer training images with a label: graft check warns
+MIN_THRESHOLD_POSITIVES = 5  # fewer validation images with a label: its threshold stays 0.5
 CALIBRATE = "auto"  # temperature scaling, kept only when it lowers the held-out ECE
 OPEN_SET_METHOD = "knn"  # measured against msp/energy/mahalanobis: benchmarks/open_set.py
 OPEN_SET_K = 5

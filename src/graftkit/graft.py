@@ -47,14 +47,22 @@ def counts(model: keras.Model, unfrozen_blocks: int | None = None) -> TrainableC
 
 
 def build_classifier(base: keras.Model, num_classes: int,
-                     dropout: float = defaults.DROPOUT_WHOLE_BASE) -> keras.Model:
-    """Raw pixels -> base (inference mode) -> dropout -> softmax, as one functional model."""
+                     dropout: float = defaults.DROPOUT_WHOLE_BASE,
+                     activation: str = "softmax") -> keras.Model:
+    """Raw pixels -> base (inference mode) -> dropout -> softmax (or one sigmoid per label,
+    for label sets), as one functional model."""
     inputs = keras.Input(base.inputs[0].shape[1:], name="image")
     x = base(inputs, training=False)
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(x)
     # The head computes in float32 whatever the policy: softmax and loss need the range.
-    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE, dtype="float32")(x)
+    outputs = layers.Dense(num_classes, activation=activation, name=HEAD_DENSE,
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name="graft")
+
+
+def is_multi_label(model: keras.Model) -> bool:
+    """A head of sigmoids: each output is its own yes/no, not a share of one answer."""
+    return model.get_layer(HEAD_DENSE).activation.__name__ == "sigmoid"
 
 
 def with_features(model: keras.Model) -> keras.Model:
@@ -74,11 +82,13 @@ def head_logits(model: keras.Model, features):
 
 
 def build_head(feature_dim: int, num_classes: int,
-               dropout: float = defaults.DROPOUT_WHOLE_BASE) -> keras.Model:
+               dropout: float = defaults.DROPOUT_WHOLE_BASE,
+               activation: str = "softmax") -> keras.Model:
     """The same head on its own, for training on features computed once by the frozen base."""
     inputs = keras.Input((feature_dim,), name="features")
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(inputs)
-    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_DENSE, dtype="float32")(x)
+    outputs = layers.Dense(num_classes, activation=activation, name=HEAD_DENSE,
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -152,6 +152,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("val_split", defaults.VAL_SPLIT,
            "validation fraction when the data has no val/ and no --val is given", "data", float,
            valid=Interval(0, 1, "neither")),
+    Option("multi_label", False, "several labels per image (sigmoid outputs): implied by a "
+           "table whose label column is named labels", "data", bool),
+    Option("label_sep", " ", "separator of the label names in a multi-label table's cell",
+           "data"),
     Option("seed", defaults.SEED, "seed of the split, the initialisation and every random "
            "stream", "data", int),
     Option("class_weight", "auto", "auto: weigh classes when the largest has more than "
@@ -198,6 +202,9 @@ FIT_OPTIONS: tuple[Option, ...] = (
            "validation images into the final layer when it lowers their held-out calibration "
            "error and log-loss (accuracy unchanged); none: keep the probabilities as trained", "model",
            choices=("auto", "none")),
+    Option("threshold", "auto", "multi-label runs: the probability above which a label is "
+           "given; auto: one per label, the best F1 on the validation images", "model",
+           valid=Interval(0, 1, "neither"), auto=True),
     Option("lr", defaults.HEAD_LR, "phase 1 learning rate, or auto: the range test chooses "
            "(graft lr-find)", "optimizer", valid=Interval(0, 1, "neither"), auto=True),
     Option("fine_tune_lr", defaults.FINE_TUNE_LR,

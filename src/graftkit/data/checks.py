@@ -100,7 +100,7 @@ def _split_of(folder: ImageFolder) -> dict[str, str]:
 def _label_of(folder: ImageFolder) -> dict[str, str]:
     labels = {}
     for split in (folder.train, folder.val, folder.test):
-        labels.update({p: folder.classes[y] for p, y in zip(split.paths, split.labels)})
+        labels.update({p: folder.label_text(y) for p, y in zip(split.paths, split.labels)})
     return labels
 
 
@@ -111,7 +111,8 @@ def _duplicates(folder: ImageFolder) -> list[Finding]:
         groups[folder.probes[path].sha256].append(path)
     findings = []
     for paths in (g for g in groups.values() if len(g) > 1):
-        labels = {label_of[p] for p in paths}
+        labels = {label_of[p] if not folder.multi_label else f"'{label_of[p]}'"
+                  for p in paths}
         splits = {split_of[p] for p in paths}
         if len(labels) > 1:
             findings.append(Finding(WARNING, "conflicting_labels",
@@ -251,6 +252,44 @@ def _imbalance(counts: dict[str, dict[str, int]]) -> list[Finding]:
                     f"{train[small]} ({ratio:.1f}x); graft fit weights classes by default")]
 
 
+def _label_sets(folder: ImageFolder, counts: dict[str, dict[str, int]]) -> list[Finding]:
+    """Multi-label data: how many labels per image, labels too rare to learn or to score,
+    labels that never occur apart."""
+    sizes = [len(y) for y in folder.train.labels]
+    findings = []
+    if sizes:
+        empty = sum(n == 0 for n in sizes)
+        findings.append(Finding(NOTE, "label_cardinality",
+                                f"{np.mean(sizes):.2f} labels per training image "
+                                f"({min(sizes)}-{max(sizes)})"
+                                + (f"; {_images(empty)} with none of the labels" if empty
+                                   else "")))
+    for label, n in counts.items():
+        if 0 < n["train"] < defaults.MIN_LABEL_POSITIVES:
+            findings.append(Finding(WARNING, "rare_label",
+                                    f"{label}: {_images(n['train'])} in training, too few to "
+                                    f"learn it well (aim for {defaults.MIN_LABEL_POSITIVES}+)"))
+        if n["val"] == 0:
+            findings.append(Finding(WARNING, "label_not_in_val",
+                                    f"{label}: no validation image has it, so it cannot be "
+                                    "scored and its threshold stays at 0.5"))
+        elif n["val"] < defaults.MIN_THRESHOLD_POSITIVES:
+            findings.append(Finding(WARNING, "label_rare_in_val",
+                                    f"{label}: {_images(n['val'])} in validation, too few to "
+                                    "choose its threshold (it stays at 0.5) or score it "
+                                    "reliably"))
+    together: dict[frozenset, list[str]] = defaultdict(list)
+    for j, label in enumerate(folder.classes):
+        rows = frozenset(i for i, y in enumerate(folder.train.labels) if j in y)
+        if rows:
+            together[rows].append(label)
+    for labels in (ls for ls in together.values() if len(ls) > 1):
+        findings.append(Finding(WARNING, "labels_together",
+                                f"{' and '.join(labels)} are on exactly the same training "
+                                "images: the model cannot tell them apart"))
+    return findings
+
+
 def _skipped(folder: ImageFolder) -> list[Finding]:
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for item in folder.skipped:
@@ -283,10 +322,12 @@ def find_problems(folder: ImageFolder) -> CheckReport:
     counts = {c: {name: 0 for name, _ in splits} for c in folder.classes}
     for name, split in splits:
         for y in split.labels:
-            counts[folder.classes[y]][name] += 1
+            for label in (y if folder.multi_label else (y,)):  # a label set counts each label
+                counts[folder.classes[label]][name] += 1
     findings = [Finding(FATAL, "fatal", message) for message in folder.fatal]
     findings += _skipped(folder) + _duplicates(folder) + _near_duplicates(folder)
-    findings += _shapes(folder) + _imbalance(counts)
+    findings += _shapes(folder)
+    findings += _label_sets(folder, counts) if folder.multi_label else _imbalance(counts)
     order = {FATAL: 0, WARNING: 1, NOTE: 2}
     findings.sort(key=lambda f: order[f.severity])
     return CheckReport(str(folder.root), folder.split_source, counts, findings)

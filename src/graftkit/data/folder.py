@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Split:
-    """One split: parallel lists of file paths and integer labels."""
+    """One split: parallel lists of file paths and labels (a class index, or for multi-label
+    data a sorted tuple of label indices)."""
 
     paths: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,6 +54,14 @@ class ImageFolder:
     fatal: list[str] = field(default_factory=list)  # filled instead of raising when not strict
     test: Split = field(default_factory=Split)
     test_source: str | None = None  # where the test images came from; None: no test set
+    multi_label: bool = False  # labels are sets of indices into ``classes`` (the label names)
+
+    def label_text(self, label) -> str:
+        """A label as written in split.json and tables: the class, or the names joined by
+        spaces."""
+        if self.multi_label:
+            return " ".join(self.classes[i] for i in label)
+        return self.classes[label]
 
     def digests(self, split: Split) -> list[str]:
         """Content digests of a split's files (what caches key on), from the scan."""
@@ -273,7 +282,8 @@ def check_data_path(data: str | os.PathLike, what: str = "data folder") -> None:
 
 def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, seed: int = defaults.SEED,
          strict: bool = True, val: str | os.PathLike | None = None,
-         bars: ProgressFactory | None = None, test: str | os.PathLike | None = None) -> ImageFolder:
+         bars: ProgressFactory | None = None, test: str | os.PathLike | None = None,
+         multi_label: bool = False, label_sep: str = " ") -> ImageFolder:
     """Scan and check every image of a dataset.
 
     ``data_dir`` is a class folder, a folder with ``train/`` and ``val/`` class folders (and
@@ -283,6 +293,10 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     ``train/``) gives held-out images scored once at the end. With ``strict=False`` a fatal
     problem (fewer than two classes, a class without a readable image) is recorded in
     ``fatal`` instead of raised, for ``graft check`` to report.
+
+    Several labels per image come as a table with a ``labels`` column (or any table with
+    ``multi_label``), alone or as ``train.csv``/``val.csv``/``test.csv`` in a folder; label names
+    are separated by ``label_sep``.
     """
     from graftkit.data.sources import is_tfds, materialise_tfds
 
@@ -297,6 +311,13 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else _absolute(data_dir)
     if val is not None:
         val = materialise_tfds(str(val)) if is_tfds(val) else _absolute(val)
+    tables = _label_set_tables(root, val, test, multi_label)
+    if tables:
+        return _scan_label_sets(root, tables, val_split, seed, strict, label_sep, bars)
+    if multi_label:
+        raise UsageError(f"{root}: multi-label data comes as a .csv/.tsv with a header "
+                         "'path,labels' (label names separated by spaces): a folder of class "
+                         "folders gives one label per image")
     skipped: list[dict[str, str]] = []
     probes: dict[str, ImageProbe] = {}
     fatal: list[str] = []
@@ -347,4 +368,80 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     folder = ImageFolder(root, classes, train, val_items, skipped, source, probes, fatal)
     if test_src is not None:
         folder.test, folder.test_source = held_out(test_src, "test"), str(test_src)
+    return folder
+
+
+def _label_set_tables(root: Path, val, test, multi_label: bool) -> dict[str, Path]:
+    """The tables of a multi-label data set (empty: the data is single-label)."""
+    from graftkit.data.multilabel import is_label_set_table, split_tables
+
+    if root.is_file():
+        tables = {"train": root}
+    elif root.is_dir() and not find_split_dirs(root):
+        tables = split_tables(root)
+    else:
+        return {}
+    if not tables or not (multi_label or is_label_set_table(tables["train"])):
+        return {}
+    for name, given in (("val", val), ("test", test)):
+        if given is not None:
+            if not Path(given).is_file():
+                raise UsageError(f"--{name} {given}: multi-label data needs a table there too "
+                                 "(path,labels)")
+            tables[name] = Path(given)
+    return tables
+
+
+def _scan_label_sets(root: Path, tables: dict[str, Path], val_split: float, seed: int,
+                     strict: bool, sep: str, bars: ProgressFactory | None) -> ImageFolder:
+    """``scan`` for label sets: label names are the union of the training table's."""
+    from graftkit.data.multilabel import read_label_sets, seeded_split
+
+    skipped: list[dict[str, str]] = []
+    probes: dict[str, ImageProbe] = {}
+    fatal: list[str] = []
+    read = {name: read_label_sets(t, sep, skipped) for name, t in tables.items()}
+    readable = _probe_candidates({name: [p for p, _ in rows] for name, rows in read.items()},
+                                 skipped, probes, bars)
+    ok = {name: set(paths) for name, paths in readable.items()}
+    read = {name: [(p, ls) for p, ls in rows if p in ok[name]] for name, rows in read.items()}
+    classes = sorted({label for _, ls in read["train"] for label in ls})
+
+    def fail(message: str) -> None:
+        if strict:
+            raise DataError(message)
+        fatal.append(message)
+
+    if len(classes) < 2:
+        fail(f"{tables['train']} names {len(classes)} label(s): multi-label data needs at "
+             "least 2 label names")
+
+    def split_of(rows, where: Path) -> Split:
+        unknown = sorted({label for _, ls in rows for label in ls} - set(classes))
+        if unknown:
+            fail(f"{where} has labels missing from {tables['train']}: {', '.join(unknown)}; "
+                 "use the same label names in both")
+        out = Split()
+        for path, ls in rows:
+            out.paths.append(path)
+            out.labels.append(tuple(classes.index(x) for x in ls if x in classes))
+        return out
+
+    items = split_of(read["train"], tables["train"])
+    if "val" in read:
+        train, val = items, split_of(read["val"], tables["val"])
+        source = "tables" if tables["val"].parent == tables["train"].parent else \
+            f"validation from {tables['val']}"
+    else:
+        kept, held = seeded_split(list(zip(items.paths, items.labels)), val_split, seed)
+        train = Split([p for p, _ in kept], [ls for _, ls in kept])
+        val = Split([p for p, _ in held], [ls for _, ls in held])
+        source = f"seeded split ({val_split:.0%} validation, seed {seed})"
+    if not len(train) or not len(val):
+        fail(f"{tables['train']} has too few readable images for training and validation")
+    folder = ImageFolder(root, classes, train, val, skipped, source, probes, fatal,
+                         multi_label=True)
+    if "test" in read:
+        folder.test, folder.test_source = split_of(read["test"], tables["test"]), str(
+            tables["test"])
     return folder

@@ -79,7 +79,7 @@ def shard_by_data(dataset):
 
 def make_dataset(
     images: Sequence[str] | DecodedImages,
-    labels: Sequence[int] | None,
+    labels: Sequence[int] | np.ndarray | None,
     image_size: int,
     batch_size: int,
     shuffle: bool = False,
@@ -120,7 +120,9 @@ def make_dataset(
         ds = ds.map(lambda p: decode(p, tf.constant(0, tf.int64)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
-    ds = tf.data.Dataset.from_tensor_slices((source, np.asarray(labels, dtype=np.int32)))
+    y = np.asarray(labels)  # class indices, or multi-hot rows of label sets
+    y = y.astype(np.float32) if y.ndim == 2 else y.astype(np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((source, y))
     if shuffle:
         ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     # One random seed per image and epoch, independent of the order parallel calls finish in.

@@ -193,6 +193,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     check_request(fmt, quantize)
     run_dir = Path(run_dir)
     clf = load(run_dir)
+    clf.require_single_label("graft export")
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
     if clf.open_set is not None and clf._features is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from graftkit import defaults
+from graftkit.task import task_of
 
 if TYPE_CHECKING:
     import keras
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 # What the validation images decide in a run, so their accuracy is optimistic (metrics.json).
 VAL_CHOICES = ("the best epoch of each phase, head-only or fine-tuned (--mode), the temperature "
                "(--calibrate) and the open-set threshold")
+VAL_CHOICES_LABEL_SETS = ("the best epoch of each phase, head-only or fine-tuned (--mode), the "
+                          "threshold of each label (--threshold) and the open-set threshold")
 
 
 @dataclass
@@ -45,12 +48,13 @@ class FinalScores:
     """The final model on the validation images (temperature and threshold applied)."""
 
     probs: np.ndarray
-    result: dict[str, Any]  # graftkit.outputs.evaluation.scores of the probabilities
+    result: dict[str, Any]  # evaluation.scores (or multilabel.scores) of the probabilities
     calibration: dict[str, Any]
     open_set: OpenSet
     open_set_info: dict[str, Any]
     ood: np.ndarray
     test: TestScores | None
+    thresholds: np.ndarray | None = None  # multi-label: each label's decision threshold
 
 
 def final_pass(model: keras.Model, paths: Sequence[str], fast, bars: ProgressFactory | None,
@@ -126,11 +130,14 @@ def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenS
 
 def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, fast,
                 train_features: np.ndarray, calibrate: str,
-                bars: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
+                bars: ProgressFactory | None, log: Callable[[str], None],
+                threshold: float | str = "auto") -> FinalScores:
     """Validation scores of the final model, its calibration and open-set threshold (chosen
     on them), then the test images' scores under both."""
     from graftkit.outputs.evaluation import scores
 
+    if folder.multi_label:
+        return score_label_sets(featured, folder, fast, train_features, threshold, bars, log)
     features, raw_probs = final_pass(featured, folder.val.paths, fast, bars,
                                      "scoring the validation images")
     probs, cal, open_set, info, ood = calibrate_and_reject(
@@ -138,6 +145,73 @@ def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, 
     result = scores(folder.val.labels, probs, folder.classes)
     test = score_test(featured, folder, fast, open_set, bars, log)
     return FinalScores(probs, result, cal, open_set, info, ood, test)
+
+
+def _open_set(featured: keras.Model, features: np.ndarray, probs: np.ndarray,
+              train_features: np.ndarray, num_labels: int, log: Callable[[str], None]
+              ) -> tuple[OpenSet, dict, np.ndarray]:
+    """The open-set score of a multi-label run (k-NN on the features: it needs no labels)."""
+    from graftkit.graft import head_logits
+    from graftkit.outputs import open_set
+
+    detector = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features, None, num_labels,
+                                     k=defaults.OPEN_SET_K)
+    ood = detector.scores(features, probs, head_logits(featured, features))
+    detector.threshold = open_set.choose_threshold(ood, defaults.OPEN_SET_KEEP)
+    held_out = open_set.held_out_rejection(ood, np.zeros(len(ood), int), defaults.OPEN_SET_KEEP)
+    info = {**detector.describe(), "train_images": int(len(train_features)),
+            "val_rejected": float((ood > detector.threshold).mean()),
+            "val_rejected_held_out": held_out}
+    log(f"open set: {detector.method} score, threshold {detector.threshold:.4g} keeps "
+        f"{1 - info['val_rejected']:.1%} of the validation images")
+    return detector, info, ood
+
+
+def score_label_sets(featured: keras.Model, folder: ImageFolder, fast,
+                     train_features: np.ndarray, threshold: float | str,
+                     bars: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
+    """``score_final`` of a multi-label run: a threshold per label chosen on the validation
+    images (``--threshold``), mAP and F1s, the open-set score, then the test images."""
+    from graftkit.outputs import multilabel
+
+    features, probs = final_pass(featured, folder.val.paths, fast, bars,
+                                 "scoring the validation images")
+    truth = multilabel.multi_hot(folder.val.labels, len(folder.classes))
+    thresholds = multilabel.fit_thresholds(truth, probs, threshold)
+    result = multilabel.scores(folder.val.labels, probs, folder.classes, thresholds, threshold,
+                               cross_fit=True)
+    log(f"thresholds: {_threshold_line(result, threshold)}")
+    cal = {"mode": "none", "applied": False,
+           "reason": "multi-label runs keep each label's sigmoid as trained"}
+    detector, info, ood = _open_set(featured, features, probs, train_features,
+                                    len(folder.classes), log)
+    test = None
+    if folder.test_source and len(folder.test):
+        t_features, t_probs = final_pass(featured, folder.test.paths, fast, bars,
+                                         "scoring the test images")
+        t_ood = detector.scores(t_features, t_probs, _logits(featured, t_features))
+        record = multilabel.scores(folder.test.labels, t_probs, folder.classes, thresholds,
+                                   threshold)
+        record.update(num_images=len(folder.test), data=folder.test_source,
+                      rejected=float((t_ood > detector.threshold).mean()))
+        log(f"test: mAP {record['map']:.4f}, example-based F1 {record['example_f1']:.4f} on "
+            f"{len(folder.test)} held-out images (scored once, nothing chosen on them)")
+        test = TestScores(record, t_probs, t_ood)
+    return FinalScores(probs, result, cal, detector, info, ood, test, thresholds)
+
+
+def _logits(featured: keras.Model, features: np.ndarray) -> np.ndarray:
+    from graftkit.graft import head_logits
+
+    return head_logits(featured, features)
+
+
+def _threshold_line(result: dict, threshold: float | str) -> str:
+    if threshold != "auto":
+        return f"{float(threshold):g} for every label"
+    ts = [r["threshold"] for r in result["per_label"]]
+    return (f"one per label, best F1 on the validation images ({min(ts):.2f}-{max(ts):.2f}); "
+            f"F1s below are cross-fitted (each half decided by the other half's thresholds)")
 
 
 def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: FinalScores,
@@ -154,9 +228,11 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     run.save_model(model, run_dir / run.MODEL_FILE)
     write_json(run_dir / run.LABELS_FILE, folder.classes)
     write_json(run_dir / run.SPLIT_FILE, {
-        "train": [[p, folder.classes[y]] for p, y in zip(folder.train.paths, folder.train.labels)],
-        "val": [[p, folder.classes[y]] for p, y in zip(folder.val.paths, folder.val.labels)],
-        "test": [[p, folder.classes[y]] for p, y in zip(folder.test.paths, folder.test.labels)],
+        "train": [[p, folder.label_text(y)] for p, y in zip(folder.train.paths,
+                                                              folder.train.labels)],
+        "val": [[p, folder.label_text(y)] for p, y in zip(folder.val.paths, folder.val.labels)],
+        "test": [[p, folder.label_text(y)] for p, y in zip(folder.test.paths,
+                                                             folder.test.labels)],
         # Content digests: graft evaluate warns when its images are training images; a refit
         # tells new images from relabelled ones by them.
         "train_sha256": train_sha256,
@@ -164,23 +240,48 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)
+    if folder.multi_label:
+        _write_label_sets(run_dir, folder, final)
+    else:
+        _write_classes(run_dir, folder, final)
+    if issues is not None:
+        from graftkit.labels.issues import FILE, write_csv
+
+        write_csv(run_dir / FILE, issues.issues)
+    run.write_history(run_dir / run.HISTORY_FILE, history,
+                      task_of(folder.multi_label).history_columns)
+    mode = record.mode
+    kept = ("head",) if mode and mode.get("chosen") == "head" else ("head", "fine_tune")
+    plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))
+    if not folder.multi_label:
+        plot_confusion(final.result["confusion_matrix"], folder.classes,
+                       run_dir / run.CONFUSION_FILE)
+    metrics = record.to_json()
+    build_report(run_dir, metrics)
+    write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
+    return train_sha256
+
+
+def _write_classes(run_dir: Path, folder: ImageFolder, final: FinalScores) -> None:
+    from graftkit.outputs import run
+
+    open_set = final.open_set
     run.write_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths, folder.val.labels,
                           final.probs, folder.classes, final.ood, open_set.threshold)
     if final.test is not None:
         run.write_predictions(run_dir / run.TEST_PREDICTIONS_FILE, folder.test.paths,
                               folder.test.labels, final.test.probs, folder.classes,
                               final.test.ood, open_set.threshold)
-    if issues is not None:
-        from graftkit.labels.issues import FILE, write_csv
 
-        write_csv(run_dir / FILE, issues.issues)
-    run.write_history(run_dir / run.HISTORY_FILE, history, run.HISTORY_COLUMNS)
-    mode = record.mode
-    kept = ("head",) if mode and mode.get("chosen") == "head" else ("head", "fine_tune")
-    plot_history(history, run_dir / run.CURVES_FILE, best_row(history, kept))
-    plot_confusion(final.result["confusion_matrix"], folder.classes,
-                   run_dir / run.CONFUSION_FILE)
-    metrics = record.to_json()
-    build_report(run_dir, metrics)
-    write_json(run_dir / run.METRICS_FILE, metrics)  # last: its presence marks a finished run
-    return train_sha256
+
+def _write_label_sets(run_dir: Path, folder: ImageFolder, final: FinalScores) -> None:
+    from graftkit.outputs import run
+
+    threshold = final.open_set.threshold
+    run.write_label_set_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths,
+                                    folder.val.labels, final.probs, folder.classes,
+                                    final.thresholds, final.ood, threshold)
+    if final.test is not None:
+        run.write_label_set_predictions(run_dir / run.TEST_PREDICTIONS_FILE, folder.test.paths,
+                                        folder.test.labels, final.test.probs, folder.classes,
+                                        final.thresholds, final.test.ood, threshold)

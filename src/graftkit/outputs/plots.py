@@ -13,13 +13,18 @@ def save_figure(fig, path: Path) -> None:
 
 
 
+def score_key(row: dict) -> str:
+    """The score a history row holds: accuracy, or mAP ("map") in multi-label runs."""
+    return "map" if "val_map" in row else "accuracy"
+
+
 def best_row(rows: list[dict], phases=("head", "fine_tune")) -> int | None:
     """Index of the epoch whose weights a run keeps: best val accuracy, ties lower val loss."""
     best = None
     for i, r in enumerate(rows):
         if r["phase"] not in phases:
             continue
-        key = (float(r["val_accuracy"]), -float(r["val_loss"]))
+        key = (float(r[f"val_{score_key(r)}"]), -float(r["val_loss"]))
         if best is None or key > best[0]:
             best = (key, i)
     return None if best is None else best[1]
@@ -36,7 +41,7 @@ def plot_history(rows: list[dict], path: Path, best: int | None = None) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = list(range(1, len(rows) + 1))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", score_key(rows[0]) if rows else "accuracy")):
         ax.plot(steps, [r[key] for r in rows], "o-", label=f"train {key}")
         ax.plot(steps, [r[f"val_{key}"] for r in rows], "o-", label=f"val {key}")
         n_head = sum(r["phase"] == "head" for r in rows)

@@ -65,9 +65,16 @@ def _run_card(m: dict) -> str:
                    f"{len(m['skipped_files'])} skipped"),
         ("backbone", f"{m['backbone']} at {m['image_size']} px, preprocessing "
                      f"{m.get('preprocessing', '')}"),
-        ("final val accuracy", f"{m['val_accuracy']:.4f} (balanced "
-                               f"{m.get('balanced_accuracy', float('nan')):.4f})"),
     ]
+    score = "accuracy"
+    if m.get("multi_label"):
+        score = "mAP"
+        rows[1] = ("labels", ", ".join(m["classes"]) + " (several per image)")
+        rows.append(("final val mAP", f"{m['multi_label']['map']:.4f} (example-based F1 "
+                                      f"{m['multi_label']['example_f1']:.4f})"))
+    else:
+        rows.append(("final val accuracy", f"{m['val_accuracy']:.4f} (balanced "
+                                           f"{m.get('balanced_accuracy', float('nan')):.4f})"))
     frozen = m.get("frozen_outputs")
     if frozen and "seconds" in frozen:
         rows.append(("frozen pass", f"{frozen['computed']:,} outputs computed by "
@@ -75,7 +82,7 @@ def _run_card(m: dict) -> str:
                                     f"cache, {frozen['seconds']:.1f} s"))
     for p in m["phases"]:
         rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "
-                                          f"accuracy {p['best_val_accuracy']:.4f}. {p['note']}"))
+                                          f"{score} {p['best_val_accuracy']:.4f}. {p['note']}"))
     mode = m.get("mode")
     if mode:
         rows.append((f"mode {mode['requested']}", f"chose {mode['chosen'].replace('_', '-')}: "
@@ -340,6 +347,75 @@ def _test(m: dict) -> str:
             f"<h3>Per-class precision, recall, F1 (test)</h3>{_per_class(scored)}</div>")
 
 
+def _label_set_headline(m: dict) -> str:
+    s = m["multi_label"]
+    return (f"<p>validation mAP <b id=map>{s['map']:.4f}</b> (macro, {s['labels_scored']} "
+            f"labels), example-based F1 <b id=example-f1>{s['example_f1']:.4f}</b>, micro F1 "
+            f"{s['micro_f1']:.4f}, macro F1 {s['macro_f1']:.4f}, subset accuracy "
+            f"{s['subset_accuracy']:.4f} on {m['num_val']} images</p><p class=muted>"
+            f"{s['labels_per_image']:.2f} labels per image, {s['predicted_per_image']:.2f} given "
+            "by the model. The F1s decide each half of the images with thresholds chosen on the "
+            "other half; the stored thresholds (below) use all of them.</p>")
+
+
+def _per_label(s: dict) -> str:
+    def num(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    head = ("<tr><th class=l>label</th><th>AP</th><th>threshold</th><th>precision</th>"
+            "<th>recall</th><th>images</th><th>given</th></tr>")
+    body = "".join(
+        f"<tr><td class=l>{_e(r['label'])}</td><td>{num(r['average_precision'])}</td>"
+        f"<td>{r['threshold']:.3f}</td><td>{num(r['precision'])}</td><td>{num(r['recall'])}</td>"
+        f"<td>{r['positives']}</td><td>{r['predicted']}</td></tr>" for r in s["per_label"])
+    return f"<table id=per-label>{head}{body}</table>"
+
+
+def _missed_added(predictions: list[dict]) -> str:
+    missed: dict[str, int] = {}
+    added: dict[str, int] = {}
+    for r in predictions:
+        truth, said = set(r["labels"].split()), set(r["predicted"].split())
+        for x in truth - said:
+            missed[x] = missed.get(x, 0) + 1
+        for x in said - truth:
+            added[x] = added.get(x, 0) + 1
+    rows = "".join(f"<tr><td class=l>{_e(x)}</td><td>{missed.get(x, 0)}</td>"
+                   f"<td>{added.get(x, 0)}</td></tr>"
+                   for x in sorted(set(missed) | set(added),
+                                   key=lambda x: -(missed.get(x, 0) + added.get(x, 0))))
+    if not rows:
+        return "<p class=muted>every validation image got exactly its labels.</p>"
+    return ("<table id=missed-added><tr><th class=l>label</th><th>missed</th><th>added</th>"
+            f"</tr>{rows}</table>")
+
+
+def _label_set_tile(r: dict) -> str:
+    uri = _thumbnail(r["path"])
+    img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
+        "<div class=muted>(image no longer readable)</div>"
+    truth, said = set(r["labels"].split()), set(r["predicted"].split())
+    chips = " ".join(
+        f"<span class={'bad' if x not in truth else ''}>{_e(x)}</span>" for x in sorted(said))
+    return (f"<div class='tile{' wrong' if truth != said else ''}'>{img}<div>labels "
+            f"<b>{_e(' '.join(sorted(truth)) or '(none)')}</b></div><div>given {chips or '(none)'}"
+            f"</div><div class=muted><span class=n>loss {float(r['loss']):.3f}</span> &middot; "
+            f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
+
+
+def _label_set_body(m: dict, predictions: list[dict]) -> str:
+    by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
+    return (f"<h2>Per label: average precision, threshold, precision and recall</h2>"
+            f"{_per_label(m['multi_label'])}"
+            f"<h2>Labels most often missed and added (validation)</h2>"
+            f"{_missed_added(predictions)}"
+            f"<h2>Unknown images: the open-set score of the validation images</h2>"
+            f"{_open_set(m, predictions)}"
+            f"<h2>Top losses: the validation images whose labels the model fits worst</h2>"
+            f"<div class=grid id=top-losses>{''.join(_label_set_tile(r) for r in by_loss)}"
+            "</div>")
+
+
 def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` from the run's files (atomic)."""
     from graftkit.files import write_text
@@ -357,6 +433,22 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
     predictions = read_predictions(run_dir)
     curves = _png_data_uri(run_dir / CURVES_FILE)
     title = f"graftkit run: {Path(run_dir).resolve().name}"
+    curves_html = (f"<img id=curves src='{curves}' alt='training curves'>" if curves else
+                   "<p class=muted>curves.png is missing</p>")
+    if metrics.get("multi_label"):
+        page = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+{_label_set_headline(metrics)}
+<h2>Run card</h2>{_run_card(metrics)}
+<h2>Training curves</h2>{curves_html}
+{_label_set_body(metrics, predictions)}
+</body></html>
+"""
+        target = run_dir / REPORT_FILE
+        write_text(target, page)
+        return target
     page = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
 <body>

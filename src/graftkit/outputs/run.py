@@ -13,6 +13,7 @@ from pathlib import Path
 from graftkit.errors import RunError
 from graftkit.files import atomic_write, write_text
 from graftkit.outputs.record import RunRecord
+from graftkit.task import SINGLE_LABEL
 
 MODEL_FILE = "model.keras"
 
@@ -27,7 +28,7 @@ METRICS_FILE = "metrics.json"
 
 
 # history.csv's columns: one row per epoch of either phase.
-HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+HISTORY_COLUMNS = SINGLE_LABEL.history_columns  # multi-label runs log mAP ("map") instead
 HISTORY_FILE = "history.csv"
 
 
@@ -133,6 +134,29 @@ def write_predictions(path: Path, paths, labels, probs, classes, ood_scores=None
                          "" if score is None else f"{score:.6g}", known])
     write_text(path, buf.getvalue())
 
+
+
+def write_label_set_predictions(path: Path, paths, labels, probs, classes, thresholds,
+                                ood_scores, threshold: float) -> None:
+    """One row per image of a multi-label run: its labels, those the model gives it (above
+    each label's threshold), the loss (binary cross-entropy, summed over the labels), the
+    open-set score, and one probability column per label."""
+    import numpy as np
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "labels", "predicted", "loss", "ood_score", "known",
+                     *[f"p_{c}" for c in classes]])
+    for p, y, row, score in zip(paths, labels, probs, ood_scores):
+        truth = np.zeros(len(classes), bool)
+        truth[list(y)] = True
+        q = np.clip(row.astype(np.float64), 1e-12, 1 - 1e-12)
+        loss = -float(np.where(truth, np.log(q), np.log(1 - q)).sum())
+        said = [classes[j] for j in np.flatnonzero(row >= thresholds)]
+        writer.writerow([p, " ".join(classes[j] for j in y), " ".join(said), f"{loss:.6f}",
+                         f"{score:.6g}", str(bool(score <= threshold)).lower(),
+                         *[f"{v:.6f}" for v in row]])
+    write_text(path, buf.getvalue())
 
 
 def read_predictions(run_dir: Path) -> list[dict]:

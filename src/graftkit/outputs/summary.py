@@ -11,6 +11,8 @@ def _plural(n: int, word: str) -> str:
 
 def print_summary(m: dict, run_dir) -> None:
     print("\nsummary")
+    multi = m.get("multi_label")
+    score = "mAP" if multi else "accuracy"
     frozen = m.get("frozen_outputs")
     if frozen and "seconds" in frozen:  # the one pass of the frozen base, not head training
         print(f"  {'frozen pass':<20} {frozen['computed']:,} outputs computed, "
@@ -19,25 +21,30 @@ def print_summary(m: dict, run_dir) -> None:
     for p in m["phases"]:
         label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
         print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
-              f"best val accuracy {p['best_val_accuracy']:.4f}"
+              f"best val {score} {p['best_val_accuracy']:.4f}"
               + (f"  [{p['note']}]" if p["note"] else ""))
     if m.get("mode"):
         print(f"  mode {m['mode']['requested']:<15} chose {m['mode']['chosen'].replace('_', '-')}: "
               f"{m['mode']['reason']}")
     test = m.get("test")
-    if test:
+    if multi:
+        _label_set_lines(m, multi, test)
+    elif test:
         print(f"  test accuracy        {test['accuracy']:.4f} on {test['num_images']} held-out "
               f"images; balanced accuracy {test['balanced_accuracy']:.4f} (scored once, nothing "
               "chosen on them)")
-    print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
-          f"({m['total_seconds']:.1f} s in all); balanced accuracy {m['balanced_accuracy']:.4f}")
+    if not multi:
+        print(f"  final val accuracy   {m['val_accuracy']:.4f} on {m['num_val']} images "
+              f"({m['total_seconds']:.1f} s in all); balanced accuracy "
+              f"{m['balanced_accuracy']:.4f}")
     if "val_used_for" in m:
         print("  note                 the validation images chose " + m["val_used_for"]
-              + ": their accuracy is optimistic"
+              + f": their {'scores are' if multi else 'accuracy is'} optimistic"
               + ("" if test else "; a test/ folder beside train/ (or --test) gives a figure "
                                  "nothing was chosen on"))
-    recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
-    print(f"  recall per class     {recalls}")
+    if not multi:
+        recalls = ", ".join(f"{c} {v['recall']:.3f}" for c, v in m["per_class"].items())
+        print(f"  recall per class     {recalls}")
     if m.get("class_weight"):
         print("  class weights        " + ", ".join(f"{c} {w:.2f}" for c, w in m["class_weight"].items()))
     findings = m.get("check", {}).get("findings")
@@ -59,4 +66,18 @@ def print_summary(m: dict, run_dir) -> None:
           "metrics.json, history.csv, predictions.csv, "
           + ("test_predictions.csv, " if test else "")
           + ("label_issues.csv, " if issues else "")
-          + "split.json, curves.png, confusion_matrix.png)")
+          + "split.json, curves.png" + ("" if multi else ", confusion_matrix.png") + ")")
+
+
+def _label_set_lines(m: dict, s: dict, test: dict | None) -> None:
+    if test:
+        print(f"  test mAP             {test['map']:.4f} on {test['num_images']} held-out "
+              f"images; example-based F1 {test['example_f1']:.4f} (scored once, nothing chosen "
+              "on them)")
+    print(f"  final val mAP        {s['map']:.4f} on {m['num_val']} images "
+          f"({m['total_seconds']:.1f} s in all); example-based F1 {s['example_f1']:.4f}, "
+          f"micro F1 {s['micro_f1']:.4f}, macro F1 {s['macro_f1']:.4f}")
+    ts = [r["threshold"] for r in s["per_label"]]
+    print("  thresholds           "
+          + ("one per label" if s["thresholds"] == "auto" else "one for all")
+          + f", {min(ts):.2f}-{max(ts):.2f} (metrics.json multi_label.per_label)")

@@ -94,6 +94,7 @@ class Service:
 
         self.run_dir = Path(run_dir)
         self.classifier = load(run_dir, unsafe)
+        self.classifier.require_single_label("graft serve")
         size = self.classifier.image_size
         self.classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))  # traced once, now
         self.token = secrets.token_urlsafe(18)
@@ -146,6 +147,7 @@ class Service:
         from graftkit.serve.review import Review
 
         classifier = load(run_dir, self.unsafe)
+        classifier.require_single_label("graft serve")
         if list(classifier.classes) != list(self.classifier.classes):
             raise ValueError(f"{run_dir} has other classes ({', '.join(classifier.classes)}): "
                              f"restart graft serve on it")

@@ -18,8 +18,16 @@ import numpy as np
 from graftkit import defaults
 from graftkit.labels.issues import FILE as LABEL_ISSUES_FILE
 from graftkit.labels.issues import LabelIssues
-from graftkit.outputs.final import VAL_CHOICES, FinalScores, final_pass, score_final, write_run
+from graftkit.outputs.final import (
+    VAL_CHOICES,
+    VAL_CHOICES_LABEL_SETS,
+    FinalScores,
+    final_pass,
+    score_final,
+    write_run,
+)
 from graftkit.outputs.record import RunRecord
+from graftkit.task import task_of
 from graftkit.train.records import (
     CutPlan,
     FrozenOutputs,
@@ -69,7 +77,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
         frozen.release()  # the cached rows are done with: free them before the last pass
     release_memory()
     final = score_final(model, featured, folder, fast, train_features, built.options.calibrate,
-                        run.bars, run.log)
+                        run.bars, run.log, built.options.threshold)
     issues = _label_issues(run, built, data, training, pretrained)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
                         issues)
@@ -124,8 +132,10 @@ def _pretrained_features(built: ModelPlan, cut: CutPlan,
                          frozen: FrozenOutputs | None) -> np.ndarray | None:
     """The pretrained base's pooled features of every plain training and validation image,
     copied out of the cached rows before they are released (None: no label issues wanted)."""
+    from graftkit.graft import is_multi_label
+
     if not built.options.label_folds or frozen is None or frozen.train is None \
-            or frozen.val is None:
+            or frozen.val is None or is_multi_label(built.model):  # the rule: one class each
         return None
     k = 0 if cut.split.top is None else 1  # the pooled features among the frozen outputs
     out = []
@@ -182,10 +192,13 @@ def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: 
     folder, options, dist, plan, info = (data.folder, built.options, run.dist, training.plan,
                                          built.info)
     result, checked = final.result, data.checked
+    multi = folder.multi_label
     return RunRecord(
         test=final.test.record if final.test is not None else None,
-        val_accuracy=result["accuracy"],
-        balanced_accuracy=result["balanced_accuracy"],
+        val_accuracy=None if multi else result["accuracy"],
+        balanced_accuracy=None if multi else result["balanced_accuracy"],
+        task=task_of(multi).name,
+        multi_label=result if multi else None,
         backbone=info.name,
         image_size=info.image_size,
         data=str(folder.root),
@@ -211,14 +224,14 @@ def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: 
         options=dataclasses.asdict(options),
         class_weight=({folder.classes[c]: w for c, w in built.class_weight.items()}
                       if built.class_weight else None),
-        per_class=result["per_class"],
-        confusion_matrix=result["confusion_matrix"],
+        per_class={} if multi else result["per_class"],
+        confusion_matrix=[] if multi else result["confusion_matrix"],
         check={"status": checked.status,
                "findings": [g for g in checked.groups() if g["severity"] != "note"]},
         versions={"graftkit": __version__, "keras": keras.__version__,
                   "tensorflow": tf.__version__, "python": platform.python_version()},
         calibration=final.calibration,
         open_set=final.open_set_info,
-        val_used_for=VAL_CHOICES,
+        val_used_for=VAL_CHOICES_LABEL_SETS if multi else VAL_CHOICES,
         label_issues=issues.record(LABEL_ISSUES_FILE) if issues is not None else None,
     )

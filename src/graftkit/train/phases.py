@@ -20,15 +20,13 @@ import numpy as np
 
 from graftkit import defaults
 from graftkit.graft import HEAD_DENSE, HEAD_DROPOUT, build_head, freeze, unfreeze
-from graftkit.outputs.run import HISTORY_COLUMNS, HistoryLog  # history.csv: a row per epoch
+from graftkit.outputs.run import HistoryLog  # history.csv: a row per epoch
+from graftkit.task import SINGLE_LABEL, Task
 from graftkit.train.optimizer import Training, block_factors, loss, optimizer
 
 if TYPE_CHECKING:
     from graftkit.frozen.rows import DiskRows
     from graftkit.train.checkpoint import RunCheckpoint
-
-METRICS = ["accuracy"]
-
 
 @dataclass
 class PhaseResult:
@@ -42,7 +40,8 @@ class PhaseResult:
 
 @dataclass
 class Best:
-    """Best validation score seen so far, with the weights that gave it."""
+    """Best validation score seen so far (accuracy, or mAP for label sets), with the weights
+    that gave it."""
 
     val_accuracy: float = -1.0
     val_loss: float = float("inf")
@@ -53,15 +52,18 @@ class Best:
 
 
 class KeepBest(keras.callbacks.Callback):
-    """Track the best epoch by val accuracy (ties: lower val loss); restore it at the end.
+    """Track the best epoch by the task's validation score (ties: lower val loss); restore it
+    at the end.
 
     Unlike ``EarlyStopping(restore_best_weights=True)`` it starts from a previous phase's best,
     so a phase that never improves hands back the earlier weights untouched.
     """
 
-    def __init__(self, best: Best, patience: int | None = None, target: keras.Model | None = None):
+    def __init__(self, best: Best, patience: int | None = None, target: keras.Model | None = None,
+                 monitor: str = "accuracy"):
         super().__init__()
         self.best = best
+        self.monitor = f"val_{monitor}"
         self.patience = patience
         self.target = target  # whose weights to keep, when not the model being fit
         self.wait = 0
@@ -71,7 +73,7 @@ class KeepBest(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        acc, loss = float(logs["val_accuracy"]), float(logs["val_loss"])
+        acc, loss = float(logs[self.monitor]), float(logs["val_loss"])
         if self.best.beaten_by(acc, loss):
             self.best.val_accuracy, self.best.val_loss = acc, loss
             self.best.weights = self._owner().get_weights()
@@ -89,9 +91,11 @@ class KeepBest(keras.callbacks.Callback):
 class EpochLog(keras.callbacks.Callback):
     """One history row per epoch, with its phase and wall seconds."""
 
-    def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0, sink=None):
+    def __init__(self, phase: str, rows: list[dict], first_epoch: int = 0, sink=None,
+                 columns: tuple[str, ...] = SINGLE_LABEL.history_columns):
         super().__init__()
         self.phase, self.rows, self.first_epoch = phase, rows, first_epoch
+        self.columns = columns
         self.sink = sink  # e.g. graftkit.outputs.run.HistoryLog: each row on disk as the epoch ends
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -100,7 +104,7 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         row = {"phase": self.phase, "epoch": self.first_epoch + epoch + 1}
-        for key in HISTORY_COLUMNS[2:-1]:
+        for key in self.columns[2:-1]:
             row[key] = float(logs[key]) if key in logs else float("nan")
         row["seconds"] = round(time.perf_counter() - self._start, 3)
         self.rows.append(row)
@@ -129,6 +133,7 @@ class PhasePlan:
     heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
     history: list[dict] = field(default_factory=list)
     history_log: HistoryLog | None = None  # history.csv of the run folder
+    task: Task = SINGLE_LABEL
 
 
 def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 0,
@@ -139,7 +144,10 @@ def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 
         training = replace(training, schedule="constant")
     model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
                                       factors),
-                  loss=loss(plan.training.label_smoothing), metrics=METRICS)
+                  loss=(keras.losses.BinaryCrossentropy(
+                      label_smoothing=plan.training.label_smoothing) if plan.task.multi_label
+                        else loss(plan.training.label_smoothing)),
+                  metrics=plan.task.metrics(int(model.outputs[0].shape[-1])))
 
 
 def _batches(ds) -> int:
@@ -199,8 +207,9 @@ def _fit_phase(model, phase: str, train_ds, val_ds, epochs: int, plan: PhasePlan
     ``steps_per_epoch`` is needed). ``target`` is the model whose weights ``best`` holds, when
     ``model`` trains only part of it.
     """
-    keep = KeepBest(best, patience, target)
-    callbacks = [EpochLog(phase, plan.history, sink=plan.history_log), keep,
+    keep = KeepBest(best, patience, target, plan.task.monitor)
+    callbacks = [EpochLog(phase, plan.history, sink=plan.history_log,
+                          columns=plan.task.history_columns), keep,
                  *_tensorboard(plan, phase)]
     if plan.deadline is not None and phase == "fine_tune":
         callbacks.insert(0, TimeBudget(plan.deadline, steps_per_epoch or _batches(
@@ -254,11 +263,11 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
 
     from graftkit.data.pipeline import shard_by_data
 
-    y = np.asarray(labels, dtype=np.int32)
+    y = _targets(labels)
     w = None if class_weight is None else np.array(
         [class_weight[int(label)] for label in labels], dtype=np.float32)
     n, count = len(labels), len(views)
-    shape = tuple(views[0].shape[1:])
+    shape, y_type, y_shape = tuple(views[0].shape[1:]), tf.as_dtype(y.dtype), (None, *y.shape[1:])
 
     def rows_of(view, rows):  # reads the cached rows in place (memory or disk): no second copy
         rows = np.sort(rows)
@@ -272,9 +281,9 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
 
         def batch(rows):
             xb, yb, wb = tf.numpy_function(rows_of, [view, rows],
-                                           (tf.float32, tf.int32, tf.float32))
+                                           (tf.float32, y_type, tf.float32))
             xb.set_shape((None, *shape))
-            yb.set_shape((None,))
+            yb.set_shape(y_shape)
             wb.set_shape((None,))
             return (xb, yb) if w is None else (xb, yb, wb)
 
@@ -283,6 +292,12 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
 
     ds = tf.data.Dataset.range(initial_epoch, 1 << 30).flat_map(epoch)
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _targets(labels) -> np.ndarray:
+    """Class indices as int32; multi-hot rows (``graftkit.task``) as they are."""
+    y = np.asarray(labels)
+    return y.astype(np.float32) if y.ndim == 2 else y.astype(np.int32)
 
 
 def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
@@ -299,7 +314,8 @@ def _cycle(views: list, labels, batch_size: int, seed: int, plan: PhasePlan,
 def _head_like(model, feature_dim: int) -> keras.Model:
     """A stand-alone head shaped like ``model``'s, for training on pooled features."""
     dense = model.get_layer(HEAD_DENSE)
-    return build_head(feature_dim, dense.units, model.get_layer(HEAD_DROPOUT).rate)
+    return build_head(feature_dim, dense.units, model.get_layer(HEAD_DROPOUT).rate,
+                      dense.activation.__name__)
 
 
 def _rows(x, y, batch_size: int):
@@ -311,19 +327,19 @@ def _rows(x, y, batch_size: int):
 
     from graftkit.data.pipeline import shard_by_data
 
-    y = np.asarray(y, dtype=np.int32)
+    y = _targets(y)
     if isinstance(x, np.ndarray):
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         return shard_by_data(ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b)))
-    shape = tuple(x.shape[1:])
+    shape, y_type, y_shape = tuple(x.shape[1:]), tf.as_dtype(y.dtype), (None, *y.shape[1:])
 
     def rows_of(rows):
         return np.asarray(x[rows], dtype=np.float32), y[rows]
 
     def batch(rows):
-        xb, yb = tf.numpy_function(rows_of, [rows], (tf.float32, tf.int32))
+        xb, yb = tf.numpy_function(rows_of, [rows], (tf.float32, y_type))
         xb.set_shape((None, *shape))
-        yb.set_shape((None,))
+        yb.set_shape(y_shape)
         return xb, yb
 
     ds = tf.data.Dataset.range(len(y)).batch(batch_size).map(batch)
@@ -352,19 +368,21 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
         head = _head_like(model, train_views[0].shape[1])
         _compile(head, cast(float, plan.head_lr), plan, per_epoch * plan.head_epochs)
         head_best = Best()
-        log = EpochLog("head", plan.history, first_epoch=epochs, sink=plan.history_log)
+        log = EpochLog("head", plan.history, first_epoch=epochs, sink=plan.history_log,
+                       columns=plan.task.history_columns)
         hist = head.fit(
             _cycle(train_views, y_train, batch_size, seed + k, plan),
             steps_per_epoch=per_epoch, validation_data=val,
             epochs=plan.head_epochs, verbose=plan.verbose, shuffle=False,  # the cycle shuffles
-            callbacks=[log, KeepBest(head_best), *_tensorboard(plan, "head")],
+            callbacks=[log, KeepBest(head_best, monitor=plan.task.monitor),
+                       *_tensorboard(plan, "head")],
         )
         epochs += len(hist.epoch)
         kept.append(head.get_layer(HEAD_DENSE).get_weights())
     if len(kept) > 1:
         head.get_layer(HEAD_DENSE).set_weights([np.mean(w, axis=0) for w in zip(*kept)])
         scores = head.evaluate(val, verbose=0, return_dict=True)
-        head_best = Best(float(scores["accuracy"]), float(scores["loss"]))
+        head_best = Best(float(scores[plan.task.monitor]), float(scores["loss"]))
     model.get_layer(HEAD_DENSE).set_weights(head.get_layer(HEAD_DENSE).get_weights())
     best.val_accuracy, best.val_loss = head_best.val_accuracy, head_best.val_loss
     best.weights = model.get_weights()

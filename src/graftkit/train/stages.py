@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from graftkit import defaults
 from graftkit.errors import RunError, UsageError
+from graftkit.task import task_of
 from graftkit.train.records import (
     CutPlan,
     FrozenOutputs,
@@ -46,9 +47,12 @@ def scan_data(run: RunContext, options: FitOptions, data_dir) -> PreparedData:
     from graftkit.data.folder import scan
 
     folder = scan(data_dir, options.val_split, options.seed, val=options.val,
-                  bars=run.bars, test=options.test)
+                  bars=run.bars, test=options.test, multi_label=options.multi_label,
+                  label_sep=options.label_sep)
     held_out = f", {len(folder.test)} held-out test images" if folder.test_source else ""
-    run.log(f"data: {len(folder.classes)} classes, {len(folder.train)} training and "
+    kind = (f"{len(folder.classes)} labels (several per image)" if folder.multi_label
+            else f"{len(folder.classes)} classes")
+    run.log(f"data: {kind}, {len(folder.train)} training and "
             f"{len(folder.val)} validation images ({folder.split_source}){held_out}; "
             f"{len(folder.skipped)} files skipped")
     if run.previous is not None:
@@ -59,6 +63,12 @@ def scan_data(run: RunContext, options: FitOptions, data_dir) -> PreparedData:
             run.log(f"  check: {g['kind']}: {g['message']}"
                     + (f" (e.g. {Path(g['examples'][0]).name})" if g["examples"] else ""))
     return PreparedData(folder, checked)
+
+
+def targets(folder: ImageFolder, split: str):
+    """What the phases learn of a split: class indices, or multi-hot rows for label sets."""
+    return task_of(folder.multi_label).targets(getattr(folder, split).labels,
+                                               len(folder.classes))
 
 
 def changes_since(previous: Path, folder: ImageFolder) -> str:
@@ -82,7 +92,7 @@ def changes_since(previous: Path, folder: ImageFolder) -> str:
         for path, digest, y in zip(s.paths, folder.digests(s), s.labels):
             old_style = f"path:{path}"
             now[old_style if digest not in before and old_style in before else digest] = \
-                folder.classes[y]
+                folder.label_text(y)
     new = sum(k not in before for k in now)
     relabelled = sum(k in before and before[k] != label for k, label in now.items())
     gone = sum(k not in now for k in before)
@@ -212,7 +222,8 @@ def build_model(run: RunContext, options: FitOptions, data: PreparedData, resume
         base_model, info = load_base(options.base, image_size, options.weights, unsafe)
         resolved = resolve_auto(options, len(folder.train), info.image_size)
         options = resolved.options
-        model = build_classifier(base_model, len(folder.classes), cast(float, options.dropout))
+        model = build_classifier(base_model, len(folder.classes), cast(float, options.dropout),
+                                 task_of(folder.multi_label).activation)
     if run.dist.chief:
         _check_free_space(run.run_dir, model)
     run.log(f"base: {info.name} at {info.image_size}x{info.image_size}"
@@ -220,7 +231,8 @@ def build_model(run: RunContext, options: FitOptions, data: PreparedData, resume
             + f" (preprocessing {info.preprocessing})")
     if resolved.unfreeze_reason != "given" and options.fine_tunes:
         run.log(f"unfreeze auto: {options.unfreeze} ({resolved.unfreeze_reason})")
-    weights = class_weights(folder.train.labels, len(folder.classes), options.class_weight)
+    weights = None if folder.multi_label else class_weights(
+        folder.train.labels, len(folder.classes), options.class_weight)
     if weights:
         run.log("  class weights (imbalanced training set): "
                 + ", ".join(f"{folder.classes[c]} {w:.2f}" for c, w in weights.items()))
@@ -250,7 +262,8 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
         whole_batches=dist.replicas > 1,
         val_batch_size=eval_batch_size(len(data.folder.val), batch_size, dist.replicas),
         training=options.training(), heads=options.heads,
-        deadline=None if options.time_budget is None else run.started + options.time_budget)
+        deadline=None if options.time_budget is None else run.started + options.time_budget,
+        task=task_of(data.folder.multi_label))
     if options.mode == "fine-tune":
         plan.patience = None  # every epoch runs; the best weights are still kept
     training = Training(batch_size, plan, Best())
@@ -262,9 +275,9 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
                                  resume.state["best"]["val_loss"],
                                  resume.checkpoint.best_weights())
     if dist.chief and run.writes:
-        from graftkit.outputs.run import HISTORY_COLUMNS, HISTORY_FILE, HistoryLog
+        from graftkit.outputs.run import HISTORY_FILE, HistoryLog
 
-        plan.history_log = HistoryLog(run.run_dir / HISTORY_FILE, HISTORY_COLUMNS)
+        plan.history_log = HistoryLog(run.run_dir / HISTORY_FILE, plan.task.history_columns)
         plan.history_log.reset(plan.history)
     return training
 
@@ -388,7 +401,7 @@ def head_range_test(run: RunContext, built: ModelPlan, data: PreparedData,
     from graftkit.train.phases import find_head_lr
 
     pooled, _ = _pooled(cut, frozen)
-    test = find_head_lr(built.model, pooled, data.folder.train.labels, training.plan,
+    test = find_head_lr(built.model, pooled, targets(data.folder, "train"), training.plan,
                         training.batch_size, built.options.seed)
     training.plan.head_lr = test.suggestion
     training.lr_tests["head"] = _lr_test_done(run, test, "head")
@@ -402,7 +415,7 @@ def fine_tune_range_test(run: RunContext, built: ModelPlan, data: PreparedData,
 
     train_ex, _ = _rows(frozen)
     test = find_top_lr(built.model, built.base_model, built.info.block_pattern, cut.split.top,
-                       train_ex.output(0), data.folder.train.labels, training.plan,
+                       train_ex.output(0), targets(data.folder, "train"), training.plan,
                        training.batch_size, built.options.seed)
     training.plan.fine_tune_lr = test.suggestion
     training.lr_tests["fine_tune"] = _lr_test_done(run, test, "fine_tune")
@@ -423,7 +436,7 @@ def train_head_phase(run: RunContext, built: ModelPlan, data: PreparedData,
     if training.phases:
         built.model.set_weights(training.best.weights)
         return
-    y_train, y_val = folder.train.labels, folder.val.labels
+    y_train, y_val = targets(folder, "train"), targets(folder, "val")
     if not options.augment_head:
         plan.history = []  # phase 1 on features is quick: it runs again from the start
         if plan.history_log is not None:
@@ -479,8 +492,8 @@ def _fine_tune_cached(run: RunContext, built: ModelPlan, data: PreparedData,
             "cached activations, BatchNormalization frozen")
     training.phases.append(fine_tune_on_activations(
         built.model, built.base_model, built.info.block_pattern, cut.split.top,
-        train_ex.output(0), data.folder.train.labels, val_ex.views[0][0],
-        data.folder.val.labels, training.plan, training.best, training.batch_size,
+        train_ex.output(0), targets(data.folder, "train"), val_ex.views[0][0],
+        targets(data.folder, "val"), training.plan, training.best, training.batch_size,
         built.options.seed))
 
 
@@ -494,11 +507,12 @@ def _fine_tune_whole(run: RunContext, built: ModelPlan, data: PreparedData,
             "BatchNormalization frozen")
     decoded = DecodedImages(folder.train.paths, built.size, bars=run.bars)
     try:
-        train_ds = make_dataset(decoded, folder.train.labels, built.size, training.batch_size,
+        train_ds = make_dataset(decoded, targets(folder, "train"), built.size,
+                                training.batch_size,
                                 shuffle=True, augment=built.options.augment or None,
                                 seed=built.options.seed + resume.epochs,
                                 drop_remainder=plan.whole_batches)
-        val_ds = make_dataset(folder.val.paths, folder.val.labels, built.size,
+        val_ds = make_dataset(folder.val.paths, targets(folder, "val"), built.size,
                               cast(int, plan.val_batch_size))
         training.phases.append(fine_tune(built.model, built.base_model, built.info.block_pattern,
                                          train_ds, val_ds, plan, training.best))
@@ -530,7 +544,7 @@ def choose_mode(run: RunContext, options: FitOptions, training: Training, cut: C
 
 
 def _fine_tune_verdict(out: dict, head, ft, ft_epochs: int, plan) -> dict:
-    own = [r["val_accuracy"] for r in plan.history if r["phase"] == "fine_tune"]
+    own = [r[f"val_{plan.task.monitor}"] for r in plan.history if r["phase"] == "fine_tune"]
     out["fine_tune_val_accuracy"] = max(own) if own else None
     out["fine_tune_seconds"] = round(ft.seconds, 2)
     stopped = ""

@@ -49,6 +49,8 @@ class FitOptions:
     val: str | None = _D("val")
     test: str | None = _D("test")
     val_split: float = _D("val_split")
+    multi_label: bool = _D("multi_label")
+    label_sep: str = _D("label_sep")
     seed: int = _D("seed")
     class_weight: str = _D("class_weight")
     label_folds: int = _D("label_folds")
@@ -64,6 +66,7 @@ class FitOptions:
     unfreeze_schedule: str = _D("unfreeze_schedule")
     heads: int = _D("heads")
     calibrate: str = _D("calibrate")
+    threshold: float | str = _D("threshold")  # multi-label: one for all labels, or "auto"
     lr: float | str = _D("lr")  # a rate, or "auto": the range test's
     fine_tune_lr: float | str = _D("fine_tune_lr")
     schedule: str = _D("schedule")
@@ -139,6 +142,9 @@ def make_options(**given) -> FitOptions:
         "weights": None if v["weights"] is None else str(v["weights"]),
         "unfreeze": parse_unfreeze(v["unfreeze"]),
         "lr": number_or_auto(v["lr"], "--lr"),
+        "threshold": number_or_auto(v["threshold"], "--threshold"),
+        "multi_label": bool(v["multi_label"]),
+        "label_sep": str(v["label_sep"]),
         "fine_tune_lr": number_or_auto(v["fine_tune_lr"], "--fine-tune-lr"),
         "augment": (check_augment(dict(v["augment"])) if isinstance(v["augment"], dict)
                     else parse_augment(v["augment"])),

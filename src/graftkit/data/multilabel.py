@@ -1,0 +1,90 @@
+"""Several labels per image: a CSV/TSV whose label column is ``labels`` (names separated by
+spaces, or ``--label-sep``). A folder tree cannot say it, so label sets always come as a table.
+
+A table is multi-label when its header names the column ``labels`` (``path,labels``), or when
+the run asks for it (``--multi-label``: then a ``path,label`` table's cells are read as sets).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+from graftkit.defaults import IMAGE_EXTENSIONS
+from graftkit.errors import DataError, UsageError
+
+LABELS_COLUMN = "labels"
+DEFAULT_SEP = " "
+TABLE_NAMES = ("train", "val", "test")  # a folder of tables: train.csv, val.csv, test.csv
+
+
+def _rows(table: Path) -> list[list[str]]:
+    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    try:
+        with open(table, encoding="utf-8-sig", newline="") as f:
+            return [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {table}: {exc}") from None
+
+
+def is_label_set_table(table: Path) -> bool:
+    """The header says ``path,labels``: one row per image, a set of label names in the cell."""
+    rows = _rows(table)
+    return bool(rows) and [c.strip().lower() for c in rows[0][:2]] == ["path", LABELS_COLUMN]
+
+
+def split_tables(root: Path) -> dict[str, Path]:
+    """``{"train": .., "val": .., "test": ..}`` of the tables in ``root`` (train required)."""
+    found = {}
+    for name in TABLE_NAMES:
+        for suffix in (".csv", ".tsv"):
+            if (root / f"{name}{suffix}").is_file():
+                found[name] = root / f"{name}{suffix}"
+                break
+    return found if "train" in found else {}
+
+
+def read_label_sets(table: Path, sep: str = DEFAULT_SEP,
+                    skipped: list[dict[str, str]] | None = None) -> list[tuple[str, list[str]]]:
+    """``[(absolute image path, [label names])]`` of a table, in its row order.
+
+    A row with an empty label cell is an image with none of the labels (kept: it teaches
+    every label's "no"). Files that are not images go to ``skipped``."""
+    from graftkit.data.folder import _check_class_name
+
+    if not sep:
+        raise UsageError("--label-sep must be at least one character")
+    rows = _rows(table)
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", LABELS_COLUMN],
+                                                              ["path", "label"]):
+        rows = rows[1:]
+    out = []
+    for n, row in enumerate(rows, start=1):
+        if not row[0].strip():
+            raise DataError(f"{table} row {n}: no path; expected 'path,labels' "
+                            f"(label names separated by {sep!r})")
+        path = row[0].strip()
+        cell = row[1] if len(row) > 1 else ""
+        names = sorted({name.strip() for name in cell.split(sep) if name.strip()})
+        for name in names:
+            _check_class_name(name, table)
+        full = Path(path) if os.path.isabs(path) else table.parent / path
+        if full.suffix.lower() not in IMAGE_EXTENSIONS:
+            if skipped is not None:
+                skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
+            continue
+        out.append((str(full), names))
+    return out
+
+
+def seeded_split(items: list[tuple[str, tuple[int, ...]]], val_split: float,
+                 seed: int) -> tuple[list, list]:
+    """A seeded random split of (path, label set) items; at least one image each side."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(order) * val_split))
+    if len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    return order[n_val:], order[:n_val]
