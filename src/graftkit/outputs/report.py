@@ -148,10 +148,14 @@ def _pairs(m: dict) -> str:
             f"{body}</table>")
 
 
+def _image_tag(path: str) -> str:
+    uri = _thumbnail(path)
+    return (f"<img src='{uri}' alt='{_e(Path(path).name)}'>" if uri else
+            "<div class=muted>(image no longer readable)</div>")
+
+
 def _tile(r: dict) -> str:
-    uri = _thumbnail(r["path"])
-    img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
-        "<div class=muted>(image no longer readable)</div>"
+    img = _image_tag(r["path"])
     wrong = r["label"] != r["predicted"]
     return (f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
             f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
@@ -391,9 +395,7 @@ def _missed_added(predictions: list[dict]) -> str:
 
 
 def _label_set_tile(r: dict) -> str:
-    uri = _thumbnail(r["path"])
-    img = f"<img src='{uri}' alt='{_e(Path(r['path']).name)}'>" if uri else \
-        "<div class=muted>(image no longer readable)</div>"
+    img = _image_tag(r["path"])
     truth, said = set(r["labels"].split()), set(r["predicted"].split())
     chips = " ".join(
         f"<span class={'bad' if x not in truth else ''}>{_e(x)}</span>" for x in sorted(said))

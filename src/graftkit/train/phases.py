@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from graftkit.frozen.rows import DiskRows
     from graftkit.train.checkpoint import RunCheckpoint
 
+
 @dataclass
 class PhaseResult:
     name: str  # "head" or "fine_tune"
@@ -144,10 +145,15 @@ def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 
         training = replace(training, schedule="constant")
     model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
                                       factors),
-                  loss=(keras.losses.BinaryCrossentropy(
-                      label_smoothing=plan.training.label_smoothing) if plan.task.multi_label
-                        else loss(plan.training.label_smoothing)),
-                  metrics=plan.task.metrics(int(model.outputs[0].shape[-1])))
+                  loss=_loss(plan), metrics=plan.task.metrics(int(model.outputs[0].shape[-1])))
+
+
+def _loss(plan: PhasePlan):
+    """Cross-entropy over the classes, or binary cross-entropy per label (label sets)."""
+    smoothing = plan.training.label_smoothing
+    if plan.task.multi_label:
+        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+    return loss(smoothing)
 
 
 def _batches(ds) -> int:
