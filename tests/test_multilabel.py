@@ -228,9 +228,23 @@ def test_fit_multi_label_end_to_end(tmp_path):
     report = (run / "report.html").read_text()
     assert "id=per-label" in report and "id=missed-added" in report
     assert clf.metrics["multi_label"]["map"] == s["map"]
-    # what answers one class per image refuses, never an argmax of sigmoids
+    # predictions: the labels above their thresholds, every label's probability
+    import graftkit
     from graftkit.errors import RunError
 
-    assert clf.multi_label and clf.predict_proba([str(root / "images/val_000.png")]).shape == (1, 3)
+    loaded = graftkit.load(run)
+    image = str(root / "images/val_000.png")
+    probs = loaded.predict_proba([image])[0]
+    answer = loaded.predict(image)[0]
+    assert set(answer.probabilities) == {"blue", "green", "red"}
+    expected = [c for c, p, t in zip(loaded.classes, probs, loaded.thresholds) if p >= t]
+    assert sorted(answer.labels) == sorted(expected)
+    assert answer.as_dict()["labels"] == answer.labels
+    # evaluate: the same scores as the fit's at the stored thresholds (the fit's F1s are
+    # cross-fitted, so only mAP must agree)
+    scored = loaded.evaluate(root)
+    assert scored["map"] == pytest.approx(s["map"], abs=1e-6)
+    assert scored["chosen_on"]["count"] == 24 and scored["num_images"] == 24
+    # what answers one class per image refuses, never an argmax of sigmoids
     with pytest.raises(RunError, match="multi-label run"):
-        clf.predict(str(root / "images/val_000.png"))
+        loaded.suggest(str(root / "images"))

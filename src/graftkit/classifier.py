@@ -34,6 +34,10 @@ class Prediction:
     """One image's answer: the closest class, its probability and the ``top_k`` (label, p)
     pairs; ``known`` is False when the image is unlike the training images (its ``ood_score``,
     higher = less like them, is above the run's threshold); ``label`` stays the closest class.
+
+    In a multi-label run, ``labels`` are the labels given (each above its threshold, most
+    likely first; possibly none) and ``probabilities`` every label's; ``label`` is the most
+    likely one (given or not).
     """
 
     path: str
@@ -42,13 +46,22 @@ class Prediction:
     top_k: list[tuple[str, float]]
     known: bool = True
     ood_score: float | None = None
+    labels: list[str] | None = None
+    probabilities: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "probability": self.probability,
-                "top_k": [[lab, p] for lab, p in self.top_k], "known": self.known,
-                "ood_score": self.ood_score}
+        out = {"path": self.path, "label": self.label, "probability": self.probability,
+               "top_k": [[lab, p] for lab, p in self.top_k], "known": self.known,
+               "ood_score": self.ood_score}
+        if self.labels is not None:
+            out.update(labels=self.labels, probabilities=self.probabilities)
+        return out
 
     def __str__(self) -> str:
+        if self.labels is not None:
+            said = ", ".join(f"{x} {self.probabilities[x]:.2f}"  # type: ignore[index]
+                             for x in self.labels) or "no label"
+            return said if self.known else f"unknown (closest: {said})"
         if self.known:
             return self.label
         return f"unknown (closest: {self.label} {self.probability:.2f})"
@@ -124,6 +137,15 @@ class Classifier:
         """Several labels per image (sigmoid outputs): ``predict_proba`` gives each label's
         probability; the thresholds are in ``metrics["multi_label"]["per_label"]``."""
         return self.record.task == "multi_label"
+
+    @cached_property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label runs: each label's threshold (metrics.json), in output order."""
+        if not self.multi_label:
+            return None
+        per_label = {r["label"]: r["threshold"] for r in (self.record.multi_label or {}).get(
+            "per_label", [])}
+        return np.array([per_label.get(c, 0.5) for c in self.classes], dtype=np.float64)
 
     def require_single_label(self, what: str) -> None:
         """Refuse, with one clear message, what answers one class per image on a run that
@@ -283,7 +305,8 @@ class Classifier:
             progress: ``progress(done, total)`` called as batches finish. Defaults to None.
 
         Returns:
-            A float array of shape ``(images, len(classes))``; rows sum to 1.
+            A float array of shape ``(images, len(classes))``; rows sum to 1 (multi-label
+            runs: each label's own probability).
         """
         return self.scored(images, batch_size, tta, progress)[0]
 
@@ -313,7 +336,6 @@ class Classifier:
             >>> clf.predict("photo.jpg")[0].label  # doctest: +SKIP
             >>> clf.predict(PIL.Image.open("photo.jpg"), top_k=3)  # doctest: +SKIP
         """
-        self.require_single_label("predict")
         parse_reject(reject)  # a bad value fails before the images are scored
         inputs = self._gathered(images)
         out = Predictions()
@@ -367,11 +389,15 @@ class Classifier:
         k = max(1, min(top_k, len(self.classes)))
         out = []
         for i, (name, p) in enumerate(zip(names, probs)):
-            order = np.argsort(-p)[:k]
-            top = [(self.classes[j], float(p[j])) for j in order]
+            order = np.argsort(-p, kind="stable")
+            top = [(self.classes[j], float(p[j])) for j in order[:k]]
             score = None if ood is None else float(ood[i])
             known = score is None or score <= limit
-            out.append(Prediction(str(name), top[0][0], top[0][1], top, known, score))
+            answer = Prediction(str(name), top[0][0], top[0][1], top, known, score)
+            if self.thresholds is not None:
+                answer.labels = [self.classes[j] for j in order if p[j] >= self.thresholds[j]]
+                answer.probabilities = {c: float(q) for c, q in zip(self.classes, p)}
+            out.append(answer)
         return out
 
     def evaluate(self, data_dir: str | os.PathLike, batch_size: int = defaults.BATCH_SIZE,
@@ -392,11 +418,15 @@ class Classifier:
             ``classes``, ``data``, ``skipped_files``, ``overlap`` (evaluation images that are
             training images of this run), ``chosen_on`` (images that are its validation
             images, which its choices were made on) and, with ``tta``, ``tta``.
+            A multi-label run takes a ``path,labels`` table (or a folder of them: its
+            ``test.csv``, else its ``val.csv``) and gives ``graftkit.outputs.multilabel``'s
+            scores (mAP, F1s, per label) at the run's thresholds instead of accuracies.
         """
-        self.require_single_label("evaluate")
         from graftkit.data.inputs import Inputs
         from graftkit.outputs.evaluation import scores
 
+        if self.multi_label:
+            return self._evaluate_label_sets(data_dir, batch_size, tta)
         paths, labels, folder, skipped, digests = self._labelled(data_dir)
         probs, ood = self.scored(Inputs.of_files(paths), batch_size)
         result = scores(labels, probs, self.classes)
@@ -418,6 +448,60 @@ class Classifier:
         result["chosen_on"] = self._chosen_on(paths)
         return result
 
+    def _evaluate_label_sets(self, data_dir, batch_size: int, tta: bool) -> dict:
+        from graftkit.data.inputs import Inputs
+        from graftkit.outputs.multilabel import scores
+
+        paths, labels, table, skipped, digests = self._labelled_sets(data_dir)
+        probs, ood = self.scored(Inputs.of_files(paths), batch_size)
+        assert self.thresholds is not None  # a multi-label run
+        how = self.record.option("threshold")
+        result = scores(labels, probs, self.classes, self.thresholds, how)
+        result["num_images"] = len(paths)
+        result["rejected"] = self._rejected(ood)
+        if tta:
+            augmented = scores(labels, self.predict_proba(Inputs.of_files(paths), batch_size,
+                                                          tta=True), self.classes,
+                               self.thresholds, how)
+            result["tta"] = {
+                "method": "mean of the image's and its mirror image's probabilities",
+                "map": augmented["map"], "example_f1": augmented["example_f1"],
+                "gain": (augmented["map"] or 0.0) - (result["map"] or 0.0),
+            }
+        result.update(data=str(table), skipped_files=skipped,
+                      overlap=self._overlap(paths, digests), chosen_on=self._chosen_on(paths))
+        return result
+
+    def _labelled_sets(self, data_dir):
+        """``(paths, label index sets, table, skipped, digests)`` of a multi-label table."""
+        from graftkit.data.folder import check_data_path, probe_candidates
+        from graftkit.data.multilabel import read_label_sets, split_tables
+
+        check_data_path(data_dir)
+        root = Path(data_dir)
+        if root.is_dir():
+            tables = split_tables(root)
+            table = tables.get("test") or tables.get("val")
+            if table is None:
+                raise DataError(f"{root} has no test.csv or val.csv: this run has several "
+                                "labels per image, so it is evaluated on a path,labels table")
+        else:
+            table = root
+        skipped: list[dict[str, str]] = []
+        probes: dict = {}
+        rows = read_label_sets(table, self.record.option("label_sep") or " ", skipped)
+        readable = set(probe_candidates({"all": [p for p, _ in rows]}, skipped, probes)["all"])
+        rows = [(p, ls) for p, ls in rows if p in readable]
+        if not rows:
+            raise DataError(f"{table} has no readable image")
+        unknown = sorted({x for _, ls in rows for x in ls} - set(self.classes))
+        if unknown:
+            raise DataError(f"{table} has labels the model was not trained on: "
+                            f"{', '.join(unknown)}; the model knows {', '.join(self.classes)}")
+        paths = [p for p, _ in rows]
+        labels = [tuple(self.classes.index(x) for x in ls) for _, ls in rows]
+        return paths, labels, table, skipped, [probes[p].sha256 for p in paths]
+
     def _chosen_on(self, paths: list[str]) -> dict:
         """Evaluation images that are the run's validation images: they chose the best epoch,
         the mode, the temperature and the threshold, so their accuracy is optimistic."""
@@ -433,7 +517,8 @@ class Classifier:
         count = sum(os.path.abspath(p) in val for p in paths)
         message = "" if not count else (
             f"{count} of {len(paths)} images are the run's own validation images: they chose "
-            "its best epoch, mode, temperature and open-set threshold, so this accuracy is "
+            f"its best epoch, mode, {'thresholds' if self.multi_label else 'temperature'} and "
+            f"open-set threshold, so this {'score' if self.multi_label else 'accuracy'} is "
             "optimistic; evaluate on images the run never saw (a test/ folder, or --test when "
             "fitting)")
         return {"count": count, "message": message}

@@ -64,12 +64,21 @@ def cmd_predict(args) -> int:
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"])
+        multi = clf.multi_label
+        w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"]
+                   + (["labels", *[f"p_{c}" for c in clf.classes]] if multi else []))
         for p in preds:
             w.writerow([p.path, p.label, f"{p.probability:.6f}",
                         ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k),
-                        str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"])
+                        str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"]
+                       + ([" ".join(p.labels or []),
+                           *[f"{(p.probabilities or {})[c]:.6f}" for c in clf.classes]]
+                          if multi else []))
         text = buf.getvalue()
+    elif clf.multi_label:
+        rows = [[p.path, str(p), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
+                for p in preds]
+        text = table(rows, ["path", "labels (above their thresholds)", "ood score"]) + "\n"
     else:
         rows = [[p.path, str(p), f"{p.probability:.4f}",
                  ", ".join(f"{lab} {q:.3f}" for lab, q in p.top_k),
@@ -88,6 +97,30 @@ def cmd_predict(args) -> int:
         print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _print_label_set_scores(result: dict) -> int:
+    """``graft evaluate`` of a multi-label run: mAP, F1s, then a row per label."""
+    def num(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"mAP {num(result['map'])} ({result['labels_scored']} labels), example-based F1 "
+          f"{result['example_f1']:.4f}, micro F1 {result['micro_f1']:.4f}, macro F1 "
+          f"{result['macro_f1']:.4f}, subset accuracy {result['subset_accuracy']:.4f} on "
+          f"{result['num_images']} images of {result['data']} (at the run's thresholds)")
+    if "tta" in result:
+        print(f"with --tta: mAP {num(result['tta']['map'])} (gain {result['tta']['gain']:+.4f})")
+    rejected = result["rejected"]
+    if rejected["share"] is not None:
+        print(f"unknown: {rejected['count']} of {result['num_images']} images "
+              f"({rejected['share']:.1%}) score above the run's threshold")
+    rows = [[r["label"], num(r["average_precision"]), f"{r['threshold']:.3f}",
+             num(r["precision"]), num(r["recall"]), r["positives"], r["predicted"]]
+            for r in result["per_label"]]
+    print(table(rows, ["label", "AP", "threshold", "precision", "recall", "images", "given"]))
+    for item in result["skipped_files"]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     return 0
 
 
@@ -113,6 +146,8 @@ def cmd_evaluate(args) -> int:
     if args.format == "json":
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
+    if "map" in result:
+        return _print_label_set_scores(result)
     print(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {result['data']}")
     if "tta" in result:
         t = result["tta"]

@@ -116,7 +116,7 @@ def _class_dirs(folder: Path, skipped: list[dict[str, str]]) -> list[Path]:
 
 
 
-def _probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
+def probe_candidates(candidates: dict[str, list[str]], skipped: list[dict[str, str]],
                       probes: dict[str, ImageProbe] | None,
                       bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """Decode every candidate once (in threads); keep the readable ones.
@@ -162,7 +162,7 @@ def scan_classes(folder: Path, skipped: list[dict[str, str]],
             else:
                 paths.append(str(f))
         candidates[class_dir.name] = paths
-    return _probe_candidates(candidates, skipped, probes, bars)
+    return probe_candidates(candidates, skipped, probes, bars)
 
 
 
@@ -191,7 +191,7 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
             skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
             continue
         candidates.setdefault(label, []).append(str(full))
-    return _probe_candidates(dict(sorted(candidates.items())), skipped, probes, bars)
+    return probe_candidates(dict(sorted(candidates.items())), skipped, probes, bars)
 
 
 
@@ -401,7 +401,7 @@ def _scan_label_sets(root: Path, tables: dict[str, Path], val_split: float, seed
     probes: dict[str, ImageProbe] = {}
     fatal: list[str] = []
     read = {name: read_label_sets(t, sep, skipped) for name, t in tables.items()}
-    readable = _probe_candidates({name: [p for p, _ in rows] for name, rows in read.items()},
+    readable = probe_candidates({name: [p for p, _ in rows] for name, rows in read.items()},
                                  skipped, probes, bars)
     ok = {name: set(paths) for name, paths in readable.items()}
     read = {name: [(p, ls) for p, ls in rows if p in ok[name]] for name, rows in read.items()}
