@@ -248,3 +248,36 @@ def test_fit_multi_label_end_to_end(tmp_path):
     # what answers one class per image refuses, never an argmax of sigmoids
     with pytest.raises(RunError, match="multi-label run"):
         loaded.suggest(str(root / "images"))
+
+
+@pytest.mark.integration
+def test_serve_a_multi_label_run(tmp_path):
+    """POST /predict answers with the labels above their thresholds; /info says the task; the
+    review page, which moves files between class folders, stays unavailable and says why;
+    --inbox, which suggests one class, refuses."""
+    from fastapi.testclient import TestClient
+
+    from graftkit.errors import RunError
+    from graftkit.serve.server import Service
+    from graftkit.train.workflow import fit
+
+    root = make_table_folder(tmp_path / "d", n_train=30, n_val=15)
+    run = tmp_path / "run"
+    fit(root, run, image_size=32, head_epochs=8, fine_tune_epochs=0, batch_size=8, lr=1e-2,
+        verbose=0, log=lambda _m: None, label_folds=0)
+    service = Service(run, data=str(root))
+    try:
+        client = TestClient(service.app, base_url="http://127.0.0.1")
+        image = root / "images" / "val_001.png"
+        got = client.post("/predict", files={"file": (image.name, image.read_bytes())}).json()
+        p = got["predictions"][0]
+        want = service.classifier.predict(str(image))[0]
+        assert p["labels"] == want.labels and set(p["probabilities"]) == {"blue", "green", "red"}
+        info = client.get("/info").json()
+        assert info["task"] == "multi_label" and info["val_map"] > 0.5
+        state = client.get("/review/api/items", headers={"X-Graft-Token": service.token}).json()
+        assert state["state"] == "unavailable" and "edit the table" in state["message"]
+    finally:
+        service.batcher.close()
+    with pytest.raises(RunError, match="--inbox answers one class per image"):
+        Service(run, inbox=str(root / "images"))

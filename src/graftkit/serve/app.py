@@ -80,6 +80,10 @@ class PredictionOut(BaseModel):
     top_k: list[tuple[str, float]]
     known: bool
     ood_score: float | None
+    labels: list[str] | None = Field(
+        None, description="multi-label runs: the labels above their thresholds, most likely first")
+    probabilities: dict[str, float] | None = Field(
+        None, description="multi-label runs: every label's probability")
 
 
 class Predictions(BaseModel):
@@ -113,6 +117,8 @@ class Info(BaseModel):
     image_size: int
     val_accuracy: float | None
     balanced_accuracy: float | None
+    task: Literal["single_label", "multi_label"]
+    val_map: float | None = Field(description="multi-label runs: validation mAP")
     open_set: OpenSetInfo | None
     max_upload_mb: float
     max_files: int
@@ -373,7 +379,8 @@ def _prediction_routes(app: FastAPI, service) -> None:
         """The run being served: classes, backbone, image size, validation accuracy, limits."""
         return service.info()
 
-    @app.post("/predict", response_model=Predictions, responses=_errors(400, 413))
+    @app.post("/predict", response_model=Predictions, responses=_errors(400, 413),
+              response_model_exclude_unset=True)  # labels/probabilities: multi-label runs
     async def predict(
             file: Annotated[list[UploadFile], File(
                 min_length=1, max_length=service.max_files,

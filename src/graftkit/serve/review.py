@@ -149,6 +149,10 @@ class Review(Background):
         self.recorded = record.data  # where predictions.csv's paths point
         self.source = str(data) if data else self.recorded
         self.root, self.why_read_only = _where(self.source, self.recorded)
+        if record.task == "multi_label":  # labels in a table, not class folders
+            self.root, self.why_read_only = None, (
+                "this run has several labels per image, kept in a table: the review page "
+                "moves images between class folders, so edit the table, then graft refit")
         self.state = "checking" if self.root is not None else "unavailable"
         self.message = "" if self.root is not None else self.why_read_only
         self.items: dict[str, Item] = {}

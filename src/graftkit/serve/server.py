@@ -94,7 +94,8 @@ class Service:
 
         self.run_dir = Path(run_dir)
         self.classifier = load(run_dir, unsafe)
-        self.classifier.require_single_label("graft serve")
+        if inbox is not None:
+            self.classifier.require_single_label("--inbox")
         size = self.classifier.image_size
         self.classifier.scored_pixels(np.zeros((1, size, size, 3), np.uint8))  # traced once, now
         self.token = secrets.token_urlsafe(18)
@@ -147,7 +148,6 @@ class Service:
         from graftkit.serve.review import Review
 
         classifier = load(run_dir, self.unsafe)
-        classifier.require_single_label("graft serve")
         if list(classifier.classes) != list(self.classifier.classes):
             raise ValueError(f"{run_dir} has other classes ({', '.join(classifier.classes)}): "
                              f"restart graft serve on it")
@@ -176,6 +176,8 @@ class Service:
                 "backbone": record.backbone, "image_size": self.classifier.image_size,
                 "val_accuracy": record.val_accuracy,
                 "balanced_accuracy": record.balanced_accuracy,
+                "task": record.task,
+                "val_map": (record.multi_label or {}).get("map"),
                 "open_set": None if open_set is None else
                 {"method": open_set.method, "threshold": open_set.threshold},
                 "max_upload_mb": self.max_upload_mb, "max_files": self.max_files,
@@ -256,8 +258,11 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
     base = f"http://{url_host(host)}:{port}"
     info = service.info()
     accuracy = info["val_accuracy"]
-    log(f"graft serve: {run_dir} ({info['backbone']}, {len(info['classes'])} classes"
+    multi = info["task"] == "multi_label"
+    log(f"graft serve: {run_dir} ({info['backbone']}, {len(info['classes'])} "
+        + ("labels, several per image" if multi else "classes")
         + (f", val accuracy {accuracy:.4f}" if isinstance(accuracy, float) else "")
+        + (f", val mAP {info['val_map']:.4f}" if isinstance(info["val_map"], float) else "")
         + f"), ready in {time.perf_counter() - start:.1f} s")
     log(f"  try page     {base}/")
     review = service.review

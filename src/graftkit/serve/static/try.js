@@ -13,10 +13,22 @@ function el(tag, cls, text) {
 }
 
 fetch("/info").then(r => r.json()).then(info => {
+  const multi = info.task === "multi_label";
   const acc = typeof info.val_accuracy === "number" ? `, validation accuracy ${(100 * info.val_accuracy).toFixed(1)}%` : "";
+  const map = typeof info.val_map === "number" ? `, validation mAP ${(100 * info.val_map).toFixed(1)}%` : "";
   document.getElementById("run").textContent =
-    `${info.backbone}, ${info.classes.length} classes (${info.classes.join(", ")})${acc}`;
+    `${info.backbone}, ${info.classes.length} ${multi ? "labels, several per image" : "classes"} (${info.classes.join(", ")})${acc}${map}`;
 });
+
+// Multi-label runs: one chip per label given (above its threshold).
+function chips(card, labels, probabilities) {
+  const row = el("div", "chips");
+  if (!labels.length) row.append(el("span", "muted", "no label above its threshold"));
+  for (const label of labels) {
+    row.append(el("span", "chip", `${label} ${(100 * probabilities[label]).toFixed(0)}%`));
+  }
+  card.append(row);
+}
 
 function bars(card, topK) {
   for (const [label, p] of topK) {
@@ -52,10 +64,16 @@ async function classify(blob, name) {
     }
     const p = body.predictions[0];
     status.className = p.known ? "label" : "label unknown";
-    status.textContent = p.known ? p.label : `unknown (closest: ${p.label})`;
-    card.dataset.label = p.label;
     card.dataset.known = String(p.known);
-    bars(card, p.top_k);
+    if (p.labels) {
+      status.textContent = p.known ? "labels" : "unknown (closest labels below)";
+      card.dataset.labels = p.labels.join(" ");
+      chips(card, p.labels, p.probabilities);
+    } else {
+      status.textContent = p.known ? p.label : `unknown (closest: ${p.label})`;
+      card.dataset.label = p.label;
+      bars(card, p.top_k);
+    }
     if (p.ood_score !== null) card.append(el("div", "name", `open-set score ${p.ood_score.toFixed(3)}`));
   } catch (err) {
     status.className = "label error";
