@@ -248,6 +248,13 @@ def test_fit_multi_label_end_to_end(tmp_path):
     # what answers one class per image refuses, never an argmax of sigmoids
     with pytest.raises(RunError, match="multi-label run"):
         loaded.suggest(str(root / "images"))
+    # export: sigmoid outputs checked label by label, the thresholds in export.json
+    exported = graftkit.export(run, fmt="tflite")
+    assert exported.labels["same_labels_clear"] == 1.0 and exported.accuracy is None
+    written = json.loads((run / "export" / "tflite" / "export.json").read_text())
+    assert written["labels"]["thresholds"] == dict(zip(loaded.classes,
+                                                       map(float, loaded.thresholds)))
+    assert (run / "export" / "tflite" / "labels.txt").read_text().split() == loaded.classes
 
 
 @pytest.mark.integration

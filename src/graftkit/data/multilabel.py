@@ -70,6 +70,10 @@ def read_label_sets(table: Path, sep: str = DEFAULT_SEP,
         names = sorted({name.strip() for name in cell.split(sep) if name.strip()})
         for name in names:
             _check_class_name(name, table)
+            if any(c.isspace() for c in name):
+                raise DataError(f"{table} row {n}: label {name!r} has a space; spaces separate "
+                                "labels in graftkit's outputs (predictions.csv, split.json): "
+                                f"write it as {'-'.join(name.split())!r}")
         full = Path(path) if os.path.isabs(path) else table.parent / path
         if full.suffix.lower() not in IMAGE_EXTENSIONS:
             if skipped is not None:

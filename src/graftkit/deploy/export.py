@@ -51,9 +51,9 @@ class ExportResult:
     keras_size_bytes: int
     images_checked: int
     max_abs_diff: float
-    top1_agreement: float
-    accuracy: float
-    keras_accuracy: float
+    top1_agreement: float  # multi-label: images given the same labels (at the thresholds)
+    accuracy: float | None  # multi-label: None (see ``labels``)
+    keras_accuracy: float | None
     # The "unknown" answer: the export's second output, and how it matched graft predict.
     rejection: dict | None = None
     ood_max_abs_diff: float | None = None
@@ -65,6 +65,8 @@ class ExportResult:
     calibration_images: int | None = None  # int8: training images it was calibrated on
     calibration_sample: str | None = None
     input: dict | None = None  # what the exported model takes
+    # multi-label runs: each label's threshold, and the export's decisions against Keras'
+    labels: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +195,6 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     check_request(fmt, quantize)
     run_dir = Path(run_dir)
     clf = load(run_dir)
-    clf.require_single_label("graft export")
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
     if clf.open_set is not None and clf._features is not None:
@@ -219,7 +220,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
         outputs = _run_checked(run, built, x, name)
-        result = _compared(clf, x, labels, outputs["probabilities"], fmt, quantize)
+        result = (_compared_label_sets if clf.multi_label else _compared)(
+            clf, x, labels, outputs["probabilities"], fmt, quantize)
         result.size_bytes = _size(built)
         result.keras_size_bytes = (run_dir / MODEL_FILE).stat().st_size
         result.check_sample = _sample_note(len(x), len(split["val"]), seed, "validation images")
@@ -227,8 +229,9 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             result.calibration_images = len(calibration)
             result.calibration_sample = _sample_note(len(calibration), len(split["train"]), seed,
                                                      "training images")
-        if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE
-                                   or result.top1_agreement < 1.0):
+        same = (result.labels["same_labels_clear"] if result.labels
+                else result.top1_agreement)  # multi-label: labels near a threshold excepted
+        if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE or same < 1.0):
             raise ExportError(
                 f"the {fmt} export disagrees with the Keras model (max difference "
                 f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
@@ -268,6 +271,36 @@ def _compared(clf, x: np.ndarray, labels: list[str], got: np.ndarray, fmt: str,
         accuracy=float((got.argmax(1) == y).mean()),
         keras_accuracy=float((ref.argmax(1) == y).mean()),
         input={"size": [size, size], "channels": 3, "how": INPUT_NOTE})
+
+
+def _compared_label_sets(clf, x: np.ndarray, labels: list[str], got: np.ndarray, fmt: str,
+                         quantize: str) -> ExportResult:
+    """A multi-label export against the Keras model: probabilities, and the labels each
+    gives at the run's thresholds (a float32 export must give the same ones, labels closer to
+    their threshold than the tolerance excepted)."""
+    from graftkit.outputs.multilabel import f1_scores, multi_hot
+
+    ref = clf.model.predict(x, verbose=0)
+    thresholds = clf.thresholds
+    truth = multi_hot([[clf.classes.index(n) for n in text.split()] for text in labels],
+                      len(clf.classes))
+    given, expected = got >= thresholds, ref >= thresholds
+    clear = np.abs(ref - thresholds) > FP32_TOLERANCE
+    same = given == expected
+    size = clf.image_size
+    result = ExportResult(
+        path="", format=fmt, quantize=quantize, size_bytes=0, keras_size_bytes=0,
+        images_checked=len(x), max_abs_diff=float(np.abs(got - ref).max()),
+        top1_agreement=float(same.all(axis=1).mean()), accuracy=None, keras_accuracy=None,
+        input={"size": [size, size], "channels": 3, "how": INPUT_NOTE},
+        labels={"thresholds": dict(zip(clf.classes, map(float, thresholds))),
+                "how": "output probabilities holds one sigmoid per label (labels.txt order); "
+                       "a label is given when its probability >= its threshold",
+                "same_labels": float(same.all(axis=1).mean()),
+                "same_labels_clear": float(same[clear].all()) if clear.any() else 1.0,
+                "example_f1": f1_scores(truth, given)["example_f1"],
+                "keras_example_f1": f1_scores(truth, expected)["example_f1"]})
+    return result
 
 
 def _run_checked(run, built: Path, x: np.ndarray, name: str) -> dict[str, np.ndarray]:
@@ -467,8 +500,15 @@ def summary(result: ExportResult) -> str:
         f"  checked with its own runtime on {result.check_sample}: max "
         f"probability difference {result.max_abs_diff:.2e}, top-1 agreement "
         f"{result.top1_agreement:.4f}",
-        f"  accuracy {result.accuracy:.4f} (Keras model {result.keras_accuracy:.4f})",
     ]
+    if result.labels:
+        lines[-1] = lines[-1].replace("top-1 agreement", "same labels on")
+        lines.append(f"  example-based F1 {result.labels['example_f1']:.4f} (Keras model "
+                     f"{result.labels['keras_example_f1']:.4f}); thresholds per label in "
+                     "export.json")
+    else:
+        lines.append(f"  accuracy {result.accuracy:.4f} (Keras model "
+                     f"{result.keras_accuracy:.4f})")
     if result.calibration_sample:
         lines.append(f"  int8 calibrated on {result.calibration_sample}")
     if result.rejection:
