@@ -226,7 +226,8 @@ def test_fit_multi_label_end_to_end(tmp_path):
     assert json.loads((run / "split.json").read_text())["val"][0][1] == \
         (root / "val.csv").read_text().splitlines()[1].split(",")[1]
     report = (run / "report.html").read_text()
-    assert "id=per-label" in report and "id=missed-added" in report
+    assert "id=per-label" in report and "id=missed-added" in report and "id=pr-curves" in report
+    assert (run / "pr_curves.png").stat().st_size > 1000
     assert clf.metrics["multi_label"]["map"] == s["map"]
     # predictions: the labels above their thresholds, every label's probability
     import graftkit

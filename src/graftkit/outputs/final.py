@@ -276,6 +276,11 @@ def _write_classes(run_dir: Path, folder: ImageFolder, final: FinalScores) -> No
 
 def _write_label_sets(run_dir: Path, folder: ImageFolder, final: FinalScores) -> None:
     from graftkit.outputs import run
+    from graftkit.outputs.multilabel import multi_hot
+    from graftkit.outputs.plots import plot_pr_curves
+
+    plot_pr_curves(multi_hot(folder.val.labels, len(folder.classes)), final.probs,
+                   folder.classes, final.thresholds, run_dir / run.PR_CURVES_FILE)
 
     threshold = final.open_set.threshold
     run.write_label_set_predictions(run_dir / run.PREDICTIONS_FILE, folder.val.paths,

@@ -1,4 +1,5 @@
-"""The run's figures: learning curves with the kept epoch starred, and the confusion matrix.
+"""The run's figures: learning curves with the kept epoch starred, the confusion matrix, and
+for multi-label runs a precision-recall curve per label.
 """
 
 from __future__ import annotations
@@ -77,5 +78,45 @@ def plot_confusion(matrix, classes: list[str], path: Path) -> None:
             ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
                     color="white" if matrix[i][j] > top / 2 else "black", fontsize=8)
     ax.set_title("validation confusion matrix")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_pr_curves(truth, probs, classes: list[str], thresholds, path: Path) -> None:
+    """One small precision-recall curve per label (validation), its AP in the title and the
+    point its threshold gives marked: where the decisions sit on the curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    n = len(classes)
+    cols = min(6, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.1 * rows), squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= n:
+            ax.axis("off")
+            continue
+        t = np.asarray(truth[:, j], bool)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(labelsize=7)
+        if not t.any():
+            ax.set_title(f"{classes[j]}: no positive", fontsize=8)
+            continue
+        precision, recall, _ = precision_recall_curve(t, probs[:, j])
+        ax.plot(recall, precision, color="#4a7ab5")
+        given = probs[:, j] >= thresholds[j]
+        if given.any():
+            ax.plot([(given & t).sum() / t.sum()], [(given & t).sum() / given.sum()], "o",
+                    color="crimson", markersize=5)
+        ax.set_title(f"{classes[j]} (AP {average_precision_score(t, probs[:, j]):.3f})",
+                     fontsize=8)
+    fig.supxlabel("recall", fontsize=9)
+    fig.supylabel("precision", fontsize=9)
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

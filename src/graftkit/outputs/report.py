@@ -405,11 +405,17 @@ def _label_set_tile(r: dict) -> str:
             f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
 
 
-def _label_set_body(m: dict, predictions: list[dict]) -> str:
+def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
+    from graftkit.outputs.run import PR_CURVES_FILE
+
     by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
+    curves = _png_data_uri(run_dir / PR_CURVES_FILE)
     return (f"<h2>Per label: average precision, threshold, precision and recall</h2>"
             f"{_per_label(m['multi_label'])}"
-            f"<h2>Labels most often missed and added (validation)</h2>"
+            "<h2>Precision-recall curves (validation; the dot: each label's threshold)</h2>"
+            + (f"<img id=pr-curves src='{curves}' alt='precision-recall curves'>" if curves
+               else f"<p class=muted>{PR_CURVES_FILE} is missing</p>")
+            + f"<h2>Labels most often missed and added (validation)</h2>"
             f"{_missed_added(predictions)}"
             f"<h2>Unknown images: the open-set score of the validation images</h2>"
             f"{_open_set(m, predictions)}"
@@ -445,7 +451,7 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 {_label_set_headline(metrics)}
 <h2>Run card</h2>{_run_card(metrics)}
 <h2>Training curves</h2>{curves_html}
-{_label_set_body(metrics, predictions)}
+{_label_set_body(metrics, predictions, run_dir)}
 </body></html>
 """
         target = run_dir / REPORT_FILE

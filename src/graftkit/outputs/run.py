@@ -38,6 +38,7 @@ CURVES_FILE = "curves.png"
 
 
 CONFUSION_FILE = "confusion_matrix.png"
+PR_CURVES_FILE = "pr_curves.png"  # multi-label runs: a precision-recall curve per label
 
 
 

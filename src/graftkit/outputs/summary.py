@@ -66,7 +66,8 @@ def print_summary(m: dict, run_dir) -> None:
           "metrics.json, history.csv, predictions.csv, "
           + ("test_predictions.csv, " if test else "")
           + ("label_issues.csv, " if issues else "")
-          + "split.json, curves.png" + ("" if multi else ", confusion_matrix.png") + ")")
+          + "split.json, curves.png, " + ("pr_curves.png" if multi else "confusion_matrix.png")
+          + ")")
 
 
 def _label_set_lines(m: dict, s: dict, test: dict | None) -> None:
