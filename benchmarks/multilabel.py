@@ -116,10 +116,27 @@ def fit(settings: list[str], seeds: list[int], cold: bool) -> None:
                     "cold": cold, "seconds": round(seconds, 1),
                     "frozen_seconds": (m.get("frozen_outputs") or {}).get("seconds"),
                     "image_size": m["image_size"], "mode": m["mode"]["chosen"],
+                    "calibrated": _calibrated(m.get("calibration") or {}),
                     **{k: s[k] for k in ("map", "example_f1", "micro_f1", "macro_f1",
                                          "subset_accuracy")}})
             log(f"{name} s{seed}{' cold' if cold else ''}: mAP {s['map']:.4f}, example F1 "
                 f"{s['example_f1']:.4f} ({seconds:.0f} s)")
+
+
+def _calibrated(c: dict) -> dict:
+    """How many labels kept a temperature, and the mean held-out log-loss and ECE over the
+    labels measured, before and after."""
+    rows = [r for r in c.get("per_label", []) if "nll_after" in r]
+    if not rows:
+        return {"labels": 0}
+
+    def mean(key, after=False):
+        return float(np.mean([r[key if not after or r["applied"] else key.replace("after",
+                                                                                 "before")]
+                              for r in rows]))
+    return {"labels": sum(r["applied"] for r in c["per_label"]), "measured": len(rows),
+            "nll_before": mean("nll_before"), "nll_after": mean("nll_after", True),
+            "ece_before": mean("ece_before"), "ece_after": mean("ece_after", True)}
 
 
 def _mean(values, digits: int = 4) -> str:

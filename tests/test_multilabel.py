@@ -185,6 +185,29 @@ def test_scores_of_perfect_and_imperfect_predictions():
     np.testing.assert_allclose(fit_thresholds(truth, worse, 0.3), [0.3, 0.3])
 
 
+def test_a_temperature_per_label_is_kept_only_where_it_helps():
+    from graftkit.graft import build_head
+    from graftkit.outputs.multilabel import calibrate_labels, fold_label_temperatures
+
+    rng = np.random.default_rng(0)
+    n = 600
+    true_logits = rng.normal(0, 2, (n, 2))
+    truth = rng.random((n, 2)) < 1 / (1 + np.exp(-true_logits))
+    logits = true_logits * np.array([3.0, 1.0])  # label 0 over-confident, label 1 as it is
+    cal = calibrate_labels(logits, truth, ["over", "fine"])
+    over, fine = cal["per_label"]
+    assert over["applied"] and 2.4 < over["temperature"] < 3.6
+    assert over["nll_after"] < over["nll_before"]
+    assert fine["temperature"] == 1.0 or abs(fine["temperature"] - 1) < 0.15
+    assert calibrate_labels(logits, truth, ["over", "fine"], "none")["applied"] is False
+    head = build_head(3, 2, 0.0, "sigmoid")
+    kernel, bias = head.get_layer("head_dense").get_weights()
+    fold_label_temperatures(head, [2.0, 1.0])
+    k2, b2 = head.get_layer("head_dense").get_weights()
+    np.testing.assert_allclose(k2, kernel / [2.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(b2, bias / [2.0, 1.0], rtol=1e-6)
+
+
 def test_cross_fitted_f1_does_not_see_its_own_images():
     """Thresholds fitted on the very images they score overstate F1; the cross-fitted
     figure, on noise, does not."""
@@ -227,6 +250,7 @@ def test_fit_multi_label_end_to_end(tmp_path):
         (root / "val.csv").read_text().splitlines()[1].split(",")[1]
     report = (run / "report.html").read_text()
     assert "id=per-label" in report and "id=missed-added" in report and "id=pr-curves" in report
+    assert "id=label-calibration" in report and m["calibration"]["method"].endswith("per label")
     assert (run / "pr_curves.png").stat().st_size > 1000
     assert clf.metrics["multi_label"]["map"] == s["map"]
     # predictions: the labels above their thresholds, every label's probability

@@ -137,7 +137,8 @@ def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, 
     from graftkit.outputs.evaluation import scores
 
     if folder.multi_label:
-        return score_label_sets(featured, folder, fast, train_features, threshold, bars, log)
+        return score_label_sets(model, featured, folder, fast, train_features, calibrate,
+                                threshold, bars, log)
     features, raw_probs = final_pass(featured, folder.val.paths, fast, bars,
                                      "scoring the validation images")
     probs, cal, open_set, info, ood = calibrate_and_reject(
@@ -167,22 +168,27 @@ def _open_set(featured: keras.Model, features: np.ndarray, probs: np.ndarray,
     return detector, info, ood
 
 
-def score_label_sets(featured: keras.Model, folder: ImageFolder, fast,
-                     train_features: np.ndarray, threshold: float | str,
+def score_label_sets(model: keras.Model, featured: keras.Model, folder: ImageFolder, fast,
+                     train_features: np.ndarray, calibrate: str, threshold: float | str,
                      bars: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
-    """``score_final`` of a multi-label run: a threshold per label chosen on the validation
-    images (``--threshold``), mAP and F1s, the open-set score, then the test images."""
+    """``score_final`` of a multi-label run: a temperature per label where it helps
+    (``--calibrate``), a threshold per label chosen on the validation images
+    (``--threshold``), mAP and F1s, the open-set score, then the test images."""
     from graftkit.outputs import multilabel
 
     features, probs = final_pass(featured, folder.val.paths, fast, bars,
                                  "scoring the validation images")
     truth = multilabel.multi_hot(folder.val.labels, len(folder.classes))
+    logits = _logits(featured, features)
+    cal = multilabel.calibrate_labels(logits, truth, folder.classes, calibrate)
+    if cal["applied"]:  # a monotone change per label: AP unchanged, thresholds fitted after it
+        multilabel.fold_label_temperatures(model, cal["temperatures"])
+        probs = multilabel.sigmoid(logits / np.asarray(cal["temperatures"])).astype(np.float32)
+    log(f"calibration: {cal['reason']}")
     thresholds = multilabel.fit_thresholds(truth, probs, threshold)
     result = multilabel.scores(folder.val.labels, probs, folder.classes, thresholds, threshold,
                                cross_fit=True)
     log(f"thresholds: {_threshold_line(result, threshold)}")
-    cal = {"mode": "none", "applied": False,
-           "reason": "multi-label runs keep each label's sigmoid as trained"}
     detector, info, ood = _open_set(featured, features, probs, train_features,
                                     len(folder.classes), log)
     test = None

@@ -12,6 +12,7 @@ the thresholds fitted on the other half (the stored thresholds use all of them).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,3 +132,86 @@ def scores(labels: Sequence[Sequence[int]], probs: np.ndarray, classes: list[str
         "thresholds": how if isinstance(how, str) else float(how),
         "per_label": per_label,
     }
+
+
+# --- calibration: one temperature per label -------------------------------------------------
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def bce(logits: np.ndarray, truth: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean binary cross-entropy of ``sigmoid(logits / T)`` (from logits: no clipping)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return float(np.mean(np.logaddexp(0.0, z) - truth * z))
+
+
+def binary_ece(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
+    """|mean probability - share of positives| per equal-width probability bin, weighted."""
+    which = np.clip((probs * bins).astype(int), 0, bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        total += inside.mean() * abs(probs[inside].mean() - truth[inside].mean())
+    return float(total)
+
+
+def fit_label_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
+    from scipy.optimize import minimize_scalar
+
+    from graftkit.outputs.calibration import T_RANGE
+
+    found = minimize_scalar(lambda s: bce(logits, truth, float(np.exp(s))),
+                            bounds=tuple(np.log(T_RANGE)), method="bounded",
+                            options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
+def calibrate_labels(logits: np.ndarray, truth: np.ndarray, classes: list[str],
+                     mode: str = "auto") -> dict:
+    """Each label's temperature and its measured effect (``metrics.json``'s calibration).
+
+    As for one class per image: a label keeps its temperature only when the held-out ECE and
+    log-loss (each half of the validation images under the other half's ``T``) both drop;
+    labels with fewer than ``MIN_POSITIVES`` positives in either half keep ``T`` = 1."""
+    logits = np.asarray(logits, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    second = halves(len(truth))
+    rows, temperatures = [], np.ones(len(classes))
+    for j, name in enumerate(classes):
+        z, y = logits[:, j], truth[:, j]
+        nll, calib = bce(z, y), binary_ece(sigmoid(z), y)
+        row: dict[str, Any] = {"label": name, "nll_before": nll, "ece_before": calib,
+                               "temperature": 1.0, "applied": False}
+        enough = min(y[second].sum(), y[~second].sum()) >= MIN_POSITIVES
+        if mode != "none" and enough:
+            held = np.empty_like(z)
+            for part in (second, ~second):
+                held[part] = z[part] / fit_label_temperature(z[~part], y[~part])
+            nll_after, ece_after = bce(held, y), binary_ece(sigmoid(held), y)
+            fitted = fit_label_temperature(z, y)
+            row.update(nll_after=nll_after, ece_after=ece_after, fitted_temperature=fitted)
+            if nll_after <= nll and ece_after < calib:
+                row.update(applied=True, temperature=fitted)
+                temperatures[j] = fitted
+        rows.append(row)
+    kept = [str(r["label"]) for r in rows if r["applied"]]
+    reason = ("--calibrate none" if mode == "none" else
+              f"a temperature kept for {len(kept)} of {len(classes)} labels (those whose "
+              "held-out ECE and log-loss both dropped)" + (f": {', '.join(kept)}" if kept else ""))
+    return {"mode": mode, "method": "temperature scaling per label", "images": int(len(truth)),
+            "applied": bool(kept), "reason": reason, "temperatures": temperatures.tolist(),
+            "per_label": rows}
+
+
+def fold_label_temperatures(model, temperatures) -> None:
+    """Divide each label's column of the final Dense by its ``T``: stock layers still."""
+    from graftkit.graft import HEAD_DENSE
+
+    t = np.asarray(temperatures, dtype=np.float32)
+    if np.all(t == 1.0):
+        return
+    dense = model.get_layer(HEAD_DENSE)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel / t[None, :], bias / t])

@@ -405,6 +405,27 @@ def _label_set_tile(r: dict) -> str:
             f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
 
 
+def _label_calibration(m: dict) -> str:
+    c = m.get("calibration") or {}
+    rows = c.get("per_label")
+    if not rows:
+        return "<p class=muted>no calibration recorded.</p>"
+
+    def num(r, key):
+        return f"{r[key]:.4f}" if key in r else "-"
+
+    body = "".join(
+        f"<tr><td class=l>{_e(r['label'])}</td><td>{num(r, 'nll_before')}</td>"
+        f"<td>{num(r, 'nll_after')}</td><td>{num(r, 'ece_before')}</td>"
+        f"<td>{num(r, 'ece_after')}</td><td>{r['temperature']:.3f}"
+        f"{'' if r['applied'] else ' (not kept)' if 'fitted_temperature' in r else ''}</td></tr>"
+        for r in rows)
+    return (f"<p>{_e(c.get('reason', ''))}. After: each half of the validation images under the "
+            "temperature fitted on the other half; '-': too few positives to measure.</p>"
+            "<table id=label-calibration><tr><th class=l>label</th><th>log-loss</th><th>after"
+            "</th><th>ECE</th><th>after</th><th>T</th></tr>" + body + "</table>")
+
+
 def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
     from graftkit.outputs.run import PR_CURVES_FILE
 
@@ -415,6 +436,8 @@ def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
             "<h2>Precision-recall curves (validation; the dot: each label's threshold)</h2>"
             + (f"<img id=pr-curves src='{curves}' alt='precision-recall curves'>" if curves
                else f"<p class=muted>{PR_CURVES_FILE} is missing</p>")
+            + "<h2>Calibration: a temperature per label, kept where it helps</h2>"
+            + _label_calibration(m)
             + f"<h2>Labels most often missed and added (validation)</h2>"
             f"{_missed_added(predictions)}"
             f"<h2>Unknown images: the open-set score of the validation images</h2>"
