@@ -165,7 +165,7 @@ def test_mode_fine_tune_plans_every_epoch(tmp_path, mode, patience):
     from graftkit.train.records import PreparedData, Resume
 
     run, _ = _run(tmp_path)
-    built = ModelPlan(_options(mode=mode, unfreeze=2), None, None, BaseInfo("base", 32, "", ""))
+    built = ModelPlan(_options(mode=mode, unfreeze=2, fine_tune_lr=1e-4), None, None, BaseInfo("base", 32, "", ""))
     data = PreparedData(SimpleNamespace(val=[0] * 6, multi_label=False), None)
     training = stages.plan_phases(run, built, data, Resume(None), tensorboard=False)
     assert training.plan.patience == (None if patience is None else defaults.PATIENCE)

@@ -207,9 +207,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
            valid=Interval(0, 1, "neither"), auto=True),
     Option("lr", defaults.HEAD_LR, "phase 1 learning rate, or auto: the range test chooses "
            "(graft lr-find)", "optimizer", valid=Interval(0, 1, "neither"), auto=True),
-    Option("fine_tune_lr", defaults.FINE_TUNE_LR,
-           "phase 2 learning rate, or auto (with --unfreeze N)", "optimizer",
-           valid=Interval(0, 1, "neither"), auto=True),
+    Option("fine_tune_lr", None,
+           f"phase 2 learning rate (default {defaults.FINE_TUNE_LR:g}; "
+           f"{defaults.FINE_TUNE_LR_MULTI_LABEL:g} with several labels per image), or auto "
+           "(with --unfreeze N)", "optimizer", valid=Interval(0, 1, "neither"), auto=True),
     Option("schedule", defaults.LR_SCHEDULE,
            "learning rate over each phase: cosine (5% warm-up, then cosine decay), one-cycle "
            "(25% up from lr/25, then down) or constant", "optimizer",

@@ -174,9 +174,14 @@ class Resolved:
     unfreeze_reason: str = "given"
 
 
-def resolve_auto(options: FitOptions, num_train: int, size: int) -> Resolved:
-    """The "auto" options as values for ``num_train`` images at ``size`` px (no model needed)."""
+def resolve_auto(options: FitOptions, num_train: int, size: int,
+                 multi_label: bool = False) -> Resolved:
+    """The "auto" options as values for ``num_train`` images at ``size`` px (no model needed),
+    and the phase 2 rate of the task when none was given."""
     reason = "given"
+    if options.fine_tune_lr is None:
+        options = dataclasses.replace(options, fine_tune_lr=(
+            defaults.FINE_TUNE_LR_MULTI_LABEL if multi_label else defaults.FINE_TUNE_LR))
     if options.unfreeze == "auto":
         resolved, reason = auto_unfreeze(num_train, size)
         options = dataclasses.replace(options, unfreeze=resolved)
@@ -220,7 +225,8 @@ def build_model(run: RunContext, options: FitOptions, data: PreparedData, resume
         image_size, size_reason = auto_image_size(folder, REGISTRY[options.base].input_size)
     with run.dist.scope():  # variables made here are mirrored over the replicas
         base_model, info = load_base(options.base, image_size, options.weights, unsafe)
-        resolved = resolve_auto(options, len(folder.train), info.image_size)
+        resolved = resolve_auto(options, len(folder.train), info.image_size,
+                                folder.multi_label)
         options = resolved.options
         model = build_classifier(base_model, len(folder.classes), cast(float, options.dropout),
                                  task_of(folder.multi_label).activation)

@@ -68,7 +68,7 @@ class FitOptions:
     calibrate: str = _D("calibrate")
     threshold: float | str = _D("threshold")  # multi-label: one for all labels, or "auto"
     lr: float | str = _D("lr")  # a rate, or "auto": the range test's
-    fine_tune_lr: float | str = _D("fine_tune_lr")
+    fine_tune_lr: float | str | None = _D("fine_tune_lr")  # None: the task's default
     schedule: str = _D("schedule")
     weight_decay: float = _D("weight_decay")
     label_smoothing: float | str = _D("label_smoothing")
@@ -145,7 +145,8 @@ def make_options(**given) -> FitOptions:
         "threshold": number_or_auto(v["threshold"], "--threshold"),
         "multi_label": bool(v["multi_label"]),
         "label_sep": str(v["label_sep"]),
-        "fine_tune_lr": number_or_auto(v["fine_tune_lr"], "--fine-tune-lr"),
+        "fine_tune_lr": (None if v["fine_tune_lr"] is None
+                         else number_or_auto(v["fine_tune_lr"], "--fine-tune-lr")),
         "augment": (check_augment(dict(v["augment"])) if isinstance(v["augment"], dict)
                     else parse_augment(v["augment"])),
         "val": None if val is None else (str(val) if str(val).startswith("tfds:")
