@@ -23,7 +23,10 @@ def cmd_check(args) -> int:
 
         import_tensorflow()
     folder = scan(args.data_dir, args.val_split, args.seed, strict=False, val=args.val,
-                  test=args.test)
+                  test=args.test, multi_label=args.multi_label, label_sep=args.label_sep)
+    if args.labels and folder.multi_label:
+        raise UsageError("--labels looks for images whose one class looks wrong: these images "
+                         "have several labels each; drop --labels")
     rep = find_problems(folder)
     issues = _label_issues(args, folder, rep) if args.labels else None
     if args.format == "json":
@@ -36,7 +39,7 @@ def cmd_check(args) -> int:
     print(f"{rep.data}: {rep.split}")
     columns = list(next(iter(rep.counts.values()), {"train": 0, "val": 0}))
     rows = [[c, *(n[k] for k in columns)] for c, n in rep.counts.items()]
-    print(table(rows, ["class", *columns]))
+    print(table(rows, ["label (images)" if folder.multi_label else "class", *columns]))
 
     def short(path: str) -> str:  # paths are absolute; inside the data folder, say less
         rel = os.path.relpath(path, rep.data)
@@ -213,6 +216,11 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", help="held-out test data: a class folder or a CSV/TSV (default: "
                                   "DATA/test/ beside DATA/train/)")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--multi-label", action="store_true",
+                   help="several labels per image: implied by a table whose label column is "
+                        "named labels")
+    p.add_argument("--label-sep", default=" ",
+                   help="separator of the label names in a multi-label table's cell")
     p.add_argument("--val-split", type=float, default=defaults.VAL_SPLIT)
     p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--labels", action="store_true",

@@ -335,7 +335,8 @@ def find_problems(folder: ImageFolder) -> CheckReport:
 
 def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
           seed: int = defaults.SEED, val: str | os.PathLike | None = None,
-          test: str | os.PathLike | None = None) -> CheckReport:
+          test: str | os.PathLike | None = None, multi_label: bool = False,
+          label_sep: str = " ") -> CheckReport:
     """Look for what would spoil training on a data folder, without training.
 
     Finds unreadable or skipped files, exact and near duplicates (also across the split and
@@ -350,6 +351,9 @@ def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
         val: a separate validation folder or table. Defaults to None.
         test: a held-out test folder or table (default: ``test/`` beside ``train/``).
             Defaults to None.
+        multi_label: read a ``path,label`` table's cells as sets of labels (a ``path,labels``
+            table is multi-label anyway). Defaults to False.
+        label_sep: the separator of those labels. Defaults to " ".
 
     Returns:
         A ``CheckReport``: ``findings`` (each with ``severity``, ``kind``, ``message``,
@@ -359,4 +363,5 @@ def check(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT,
         >>> report = graftkit.check("photos/")  # doctest: +SKIP
         >>> [f.message for f in report.findings]  # doctest: +SKIP
     """
-    return find_problems(scan(data_dir, val_split, seed, strict=False, val=val, test=test))
+    return find_problems(scan(data_dir, val_split, seed, strict=False, val=val, test=test,
+                              multi_label=multi_label, label_sep=label_sep))
