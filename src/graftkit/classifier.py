@@ -450,9 +450,11 @@ class Classifier:
 
     def _evaluate_label_sets(self, data_dir, batch_size: int, tta: bool) -> dict:
         from graftkit.data.inputs import Inputs
+        from graftkit.data.multilabel import read_labelled
         from graftkit.outputs.multilabel import scores
 
-        paths, labels, table, skipped, digests = self._labelled_sets(data_dir)
+        paths, labels, table, skipped, digests = read_labelled(
+            data_dir, self.classes, self.record.option("label_sep") or " ")
         probs, ood = self.scored(Inputs.of_files(paths), batch_size)
         assert self.thresholds is not None  # a multi-label run
         how = self.record.option("threshold")
@@ -471,36 +473,6 @@ class Classifier:
         result.update(data=str(table), skipped_files=skipped,
                       overlap=self._overlap(paths, digests), chosen_on=self._chosen_on(paths))
         return result
-
-    def _labelled_sets(self, data_dir):
-        """``(paths, label index sets, table, skipped, digests)`` of a multi-label table."""
-        from graftkit.data.folder import check_data_path, probe_candidates
-        from graftkit.data.multilabel import read_label_sets, split_tables
-
-        check_data_path(data_dir)
-        root = Path(data_dir)
-        if root.is_dir():
-            tables = split_tables(root)
-            table = tables.get("test") or tables.get("val")
-            if table is None:
-                raise DataError(f"{root} has no test.csv or val.csv: this run has several "
-                                "labels per image, so it is evaluated on a path,labels table")
-        else:
-            table = root
-        skipped: list[dict[str, str]] = []
-        probes: dict = {}
-        rows = read_label_sets(table, self.record.option("label_sep") or " ", skipped)
-        readable = set(probe_candidates({"all": [p for p, _ in rows]}, skipped, probes)["all"])
-        rows = [(p, ls) for p, ls in rows if p in readable]
-        if not rows:
-            raise DataError(f"{table} has no readable image")
-        unknown = sorted({x for _, ls in rows for x in ls} - set(self.classes))
-        if unknown:
-            raise DataError(f"{table} has labels the model was not trained on: "
-                            f"{', '.join(unknown)}; the model knows {', '.join(self.classes)}")
-        paths = [p for p, _ in rows]
-        labels = [tuple(self.classes.index(x) for x in ls) for _, ls in rows]
-        return paths, labels, table, skipped, [probes[p].sha256 for p in paths]
 
     def _chosen_on(self, paths: list[str]) -> dict:
         """Evaluation images that are the run's validation images: they chose the best epoch,

@@ -300,13 +300,7 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     """
     from graftkit.data.sources import is_tfds, materialise_tfds
 
-    check_data_path(data_dir)
-    if val is not None:
-        check_data_path(val, "validation data")
-    if test is not None:
-        check_data_path(test, "test data")
-    if not 0.0 < val_split < 1.0:
-        raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
+    _check_sources(data_dir, val, test, val_split)
     # Absolute paths: the run folder's split, predictions and report work from any folder.
     root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else _absolute(data_dir)
     if val is not None:
@@ -314,10 +308,6 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     tables = _label_set_tables(root, val, test, multi_label)
     if tables:
         return _scan_label_sets(root, tables, val_split, seed, strict, label_sep, bars)
-    if multi_label:
-        raise UsageError(f"{root}: multi-label data comes as a .csv/.tsv with a header "
-                         "'path,labels' (label names separated by spaces): a folder of class "
-                         "folders gives one label per image")
     skipped: list[dict[str, str]] = []
     probes: dict[str, ImageProbe] = {}
     fatal: list[str] = []
@@ -371,6 +361,16 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     return folder
 
 
+def _check_sources(data_dir, val, test, val_split: float) -> None:
+    check_data_path(data_dir)
+    if val is not None:
+        check_data_path(val, "validation data")
+    if test is not None:
+        check_data_path(test, "test data")
+    if not 0.0 < val_split < 1.0:
+        raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
+
+
 def _label_set_tables(root: Path, val, test, multi_label: bool) -> dict[str, Path]:
     """The tables of a multi-label data set (empty: the data is single-label)."""
     from graftkit.data.multilabel import is_label_set_table, split_tables
@@ -380,8 +380,12 @@ def _label_set_tables(root: Path, val, test, multi_label: bool) -> dict[str, Pat
     elif root.is_dir() and not find_split_dirs(root):
         tables = split_tables(root)
     else:
-        return {}
+        tables = {}
     if not tables or not (multi_label or is_label_set_table(tables["train"])):
+        if multi_label:
+            raise UsageError(f"{root}: multi-label data comes as a .csv/.tsv with a header "
+                             "'path,labels' (label names separated by spaces): a folder of "
+                             "class folders gives one label per image")
         return {}
     for name, given in (("val", val), ("test", test)):
         if given is not None:

@@ -83,6 +83,37 @@ def read_label_sets(table: Path, sep: str = DEFAULT_SEP,
     return out
 
 
+def read_labelled(data_dir, classes: list[str], sep: str = DEFAULT_SEP):
+    """``(paths, label index sets, table, skipped, digests)`` of a table to evaluate a
+    multi-label run on (a folder: its ``test.csv``, else its ``val.csv``)."""
+    from graftkit.data.folder import check_data_path, probe_candidates
+
+    check_data_path(data_dir)
+    root = Path(data_dir)
+    if root.is_dir():
+        tables = split_tables(root)
+        table = tables.get("test") or tables.get("val")
+        if table is None:
+            raise DataError(f"{root} has no test.csv or val.csv: this run has several labels "
+                            "per image, so it is evaluated on a path,labels table")
+    else:
+        table = root
+    skipped: list[dict[str, str]] = []
+    probes: dict = {}
+    rows = read_label_sets(table, sep, skipped)
+    readable = set(probe_candidates({"all": [p for p, _ in rows]}, skipped, probes)["all"])
+    rows = [(p, ls) for p, ls in rows if p in readable]
+    if not rows:
+        raise DataError(f"{table} has no readable image")
+    unknown = sorted({x for _, ls in rows for x in ls} - set(classes))
+    if unknown:
+        raise DataError(f"{table} has labels the model was not trained on: {', '.join(unknown)}; "
+                        f"the model knows {', '.join(classes)}")
+    paths = [p for p, _ in rows]
+    labels = [tuple(classes.index(x) for x in ls) for _, ls in rows]
+    return paths, labels, table, skipped, [probes[p].sha256 for p in paths]
+
+
 def seeded_split(items: list[tuple[str, tuple[int, ...]]], val_split: float,
                  seed: int) -> tuple[list, list]:
     """A seeded random split of (path, label set) items; at least one image each side."""

@@ -193,8 +193,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     from graftkit.outputs.run import MODEL_FILE, read_split
 
     check_request(fmt, quantize)
-    run_dir = Path(run_dir)
-    clf = load(run_dir)
+    clf = load(run_dir := Path(run_dir))
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
     if clf.open_set is not None and clf._features is not None:
@@ -229,8 +228,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             result.calibration_images = len(calibration)
             result.calibration_sample = _sample_note(len(calibration), len(split["train"]), seed,
                                                      "training images")
-        same = (result.labels["same_labels_clear"] if result.labels
-                else result.top1_agreement)  # multi-label: labels near a threshold excepted
+        same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
         if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE or same < 1.0):
             raise ExportError(
                 f"the {fmt} export disagrees with the Keras model (max difference "
