@@ -138,7 +138,9 @@ def scores(labels: Sequence[Sequence[int]], probs: np.ndarray, classes: list[str
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    from scipy.special import expit  # no overflow for very negative logits
+
+    return expit(z)
 
 
 def bce(logits: np.ndarray, truth: np.ndarray, temperature: float = 1.0) -> float:
