@@ -313,3 +313,14 @@ def test_serve_a_multi_label_run(tmp_path):
         service.batcher.close()
     with pytest.raises(RunError, match="--inbox answers one class per image"):
         Service(run, inbox=str(root / "images"))
+
+    # graft refit after the table was edited: one image relabelled, counted by content
+    rows = (root / "train.csv").read_text().splitlines()
+    path, labels = rows[1].split(",")
+    rows[1] = f"{path},{'red' if labels != 'red' else 'blue'}"
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    from graftkit.cli import main
+
+    assert main(["refit", str(run)]) == 0
+    refit = json.loads((tmp_path / "run-2" / "metrics.json").read_text())
+    assert refit["task"] == "multi_label" and refit["options"]["fine_tune_epochs"] == 0
