@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from defaults import SHARED, source_commit  # noqa: E402
-from serve import cpu_flags  # noqa: E402
+from defaults import SHARED  # noqa: E402
+from rows import append, log, mean_sd  # noqa: E402
 
 RESULTS = HERE / "label-noise-runs.jsonl"
 SCRATCH = Path(tempfile.gettempdir()) / "graftkit-bench" / "label-noise"
@@ -63,15 +63,6 @@ LOOKALIKE = {"flowers5": [("roses", "tulips")], "pacs_art": [("dog", "horse")],
 KINDS = ("symmetric-10", "symmetric-20", "lookalike-10")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def record(row: dict) -> None:
-    row = {**row, "commit": source_commit(), "cpu_flags": cpu_flags(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 # --- data --------------------------------------------------------------------------------
@@ -385,15 +376,6 @@ def inbox(seeds: list[int], per_class: int = 20, rounds: int = 4, batch: int = 2
 # --- the tables --------------------------------------------------------------------------
 
 
-def _mean(values, digits: int = 3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    m = statistics.mean(values)
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
-
 
 def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()
@@ -454,6 +436,14 @@ def table() -> str:
     flags = sorted({r["cpu_flags"] for r in rows})
     out += ["", f"CPU flags: {'; '.join(flags) or '-'}"]
     return "\n".join(out)
+
+
+def record(row: dict) -> None:
+    append(RESULTS, row)
+
+
+def _mean(values, digits: int = 3) -> str:
+    return mean_sd(values, digits)
 
 
 def main() -> None:

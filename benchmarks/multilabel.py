@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from defaults import SHARED, source_commit  # noqa: E402
-from serve import cpu_flags  # noqa: E402
+from defaults import SHARED  # noqa: E402
+from rows import append, log, mean_sd  # noqa: E402
 
 DATA = SHARED / "ucm_multilabel"
 RESULTS = HERE / "multilabel-runs.jsonl"
@@ -78,15 +78,6 @@ def _patched_loss(power: float):
     return original
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def record(row: dict) -> None:
-    row = {**row, "commit": source_commit(), "cpu_flags": cpu_flags(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _scores(labels, probs, classes, thresholds, cross_fit) -> dict:
@@ -174,14 +165,6 @@ def _calibrated(c: dict) -> dict:
             "ece_before": mean("ece_before"), "ece_after": mean("ece_after", True)}
 
 
-def _mean(values, digits: int = 4) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
-
 
 def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()
@@ -205,6 +188,14 @@ def table() -> str:
                    f"| {_mean([r['micro_f1'] for r in mine])} | "
                    f"{_mean([r['macro_f1'] for r in mine])} | {seconds} |")
     return "\n".join(out)
+
+
+def record(row: dict) -> None:
+    append(RESULTS, row)
+
+
+def _mean(values, digits: int = 4) -> str:
+    return mean_sd(values, digits)
 
 
 def main() -> None:
