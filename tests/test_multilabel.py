@@ -187,7 +187,8 @@ def test_scores_of_perfect_and_imperfect_predictions():
 
 def test_a_temperature_per_label_is_kept_only_where_it_helps():
     from graftkit.graft import build_head
-    from graftkit.outputs.multilabel import calibrate_labels, fold_label_temperatures
+    from graftkit.outputs.calibration import fold_temperature
+    from graftkit.outputs.multilabel import calibrate_labels
 
     rng = np.random.default_rng(0)
     n = 600
@@ -202,7 +203,7 @@ def test_a_temperature_per_label_is_kept_only_where_it_helps():
     assert calibrate_labels(logits, truth, ["over", "fine"], "none")["applied"] is False
     head = build_head(3, 2, 0.0, "sigmoid")
     kernel, bias = head.get_layer("head_dense").get_weights()
-    fold_label_temperatures(head, [2.0, 1.0])
+    fold_temperature(head, [2.0, 1.0])
     k2, b2 = head.get_layer("head_dense").get_weights()
     np.testing.assert_allclose(k2, kernel / [2.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(b2, bias / [2.0, 1.0], rtol=1e-6)

@@ -170,15 +170,9 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
                probes: dict[str, ImageProbe] | None = None,
                bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """A CSV or TSV of ``path,label`` rows (a header row is optional; paths relative to it)."""
-    import csv
-
     delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
-    try:
-        with open(table, encoding="utf-8-sig", newline="") as f:
-            rows = [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {table}: {exc}") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+    rows = table_rows(table)
+    if table_header(rows) == ["path", "label"]:
         rows = rows[1:]
     candidates: dict[str, list[str]] = {}
     for n, row in enumerate(rows, start=1):
@@ -186,12 +180,38 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
             raise DataError(f"{table} row {n}: expected 'path{delimiter}label', got {row!r}")
         path, label = row[0].strip(), row[1].strip()
         _check_class_name(label, table)
-        full = Path(path) if os.path.isabs(path) else table.parent / path
-        if full.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
-            continue
-        candidates.setdefault(label, []).append(str(full))
+        full = table_image(table, path, skipped)
+        if full is not None:
+            candidates.setdefault(label, []).append(full)
     return probe_candidates(dict(sorted(candidates.items())), skipped, probes, bars)
+
+
+def table_rows(table: Path) -> list[list[str]]:
+    """The non-empty rows of a CSV (or, by its suffix, TSV) file; one error if unreadable."""
+    import csv
+
+    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    try:
+        with open(table, encoding="utf-8-sig", newline="") as f:
+            return [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {table}: {exc}") from None
+
+
+def table_header(rows: list[list[str]]) -> list[str]:
+    """The first two cells of the first row, as a header would name them."""
+    return [c.strip().lower() for c in rows[0][:2]] if rows else []
+
+
+def table_image(table: Path, path: str, skipped: list[dict[str, str]] | None) -> str | None:
+    """A table's path cell as an absolute path (relative to the table), or None for a file
+    that is not an image (told in ``skipped``)."""
+    full = Path(path) if os.path.isabs(path) else table.parent / path
+    if full.suffix.lower() not in IMAGE_EXTENSIONS:
+        if skipped is not None:
+            skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
+        return None
+    return str(full)
 
 
 

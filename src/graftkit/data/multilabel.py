@@ -7,12 +7,9 @@ the run asks for it (``--multi-label``: then a ``path,label`` table's cells are 
 
 from __future__ import annotations
 
-import csv
-import os
 import random
 from pathlib import Path
 
-from graftkit.defaults import IMAGE_EXTENSIONS
 from graftkit.errors import DataError, UsageError
 
 LABELS_COLUMN = "labels"
@@ -20,19 +17,11 @@ DEFAULT_SEP = " "
 TABLE_NAMES = ("train", "val", "test")  # a folder of tables: train.csv, val.csv, test.csv
 
 
-def _rows(table: Path) -> list[list[str]]:
-    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
-    try:
-        with open(table, encoding="utf-8-sig", newline="") as f:
-            return [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {table}: {exc}") from None
-
-
 def is_label_set_table(table: Path) -> bool:
     """The header says ``path,labels``: one row per image, a set of label names in the cell."""
-    rows = _rows(table)
-    return bool(rows) and [c.strip().lower() for c in rows[0][:2]] == ["path", LABELS_COLUMN]
+    from graftkit.data.folder import table_header, table_rows
+
+    return table_header(table_rows(table)) == ["path", LABELS_COLUMN]
 
 
 def split_tables(root: Path) -> dict[str, Path]:
@@ -52,13 +41,12 @@ def read_label_sets(table: Path, sep: str = DEFAULT_SEP,
 
     A row with an empty label cell is an image with none of the labels (kept: it teaches
     every label's "no"). Files that are not images go to ``skipped``."""
-    from graftkit.data.folder import _check_class_name
+    from graftkit.data.folder import _check_class_name, table_header, table_image, table_rows
 
     if not sep:
         raise UsageError("--label-sep must be at least one character")
-    rows = _rows(table)
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", LABELS_COLUMN],
-                                                              ["path", "label"]):
+    rows = table_rows(table)
+    if table_header(rows) in (["path", LABELS_COLUMN], ["path", "label"]):
         rows = rows[1:]
     out = []
     for n, row in enumerate(rows, start=1):
@@ -74,12 +62,9 @@ def read_label_sets(table: Path, sep: str = DEFAULT_SEP,
                 raise DataError(f"{table} row {n}: label {name!r} has a space; spaces separate "
                                 "labels in graftkit's outputs (predictions.csv, split.json): "
                                 f"write it as {'-'.join(name.split())!r}")
-        full = Path(path) if os.path.isabs(path) else table.parent / path
-        if full.suffix.lower() not in IMAGE_EXTENSIONS:
-            if skipped is not None:
-                skipped.append({"path": str(full), "reason": f"not an image file ({full.suffix})"})
-            continue
-        out.append((str(full), names))
+        full = table_image(table, path, skipped)
+        if full is not None:
+            out.append((full, names))
     return out
 
 

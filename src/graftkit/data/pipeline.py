@@ -77,6 +77,12 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
+def as_targets(labels) -> np.ndarray:
+    """Class indices as int32; multi-hot rows of label sets (``graftkit.task``) as float32."""
+    y = np.asarray(labels)
+    return y.astype(np.float32) if y.ndim == 2 else y.astype(np.int32)
+
+
 def make_dataset(
     images: Sequence[str] | DecodedImages,
     labels: Sequence[int] | np.ndarray | None,
@@ -120,9 +126,7 @@ def make_dataset(
         ds = ds.map(lambda p: decode(p, tf.constant(0, tf.int64)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return shard_by_data(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
-    y = np.asarray(labels)  # class indices, or multi-hot rows of label sets
-    y = y.astype(np.float32) if y.ndim == 2 else y.astype(np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((source, y))
+    ds = tf.data.Dataset.from_tensor_slices((source, as_targets(labels)))
     if shuffle:
         ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     # One random seed per image and epoch, independent of the order parallel calls finish in.

@@ -65,12 +65,16 @@ def reliability(probs: np.ndarray, labels, bins: int = ECE_BINS) -> list[dict]:
 
 def fit_temperature(logits: np.ndarray, labels) -> float:
     """The ``T`` that minimises the NLL of ``softmax(logits / T)`` (a 1-D search on log T)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return best_temperature(lambda t: nll(logits, labels, t))
+
+
+def best_temperature(loss) -> float:
+    """The ``T`` in ``T_RANGE`` that minimises ``loss(T)``: a bounded 1-D search on log T."""
     from scipy.optimize import minimize_scalar
 
-    logits = np.asarray(logits, dtype=np.float64)
-    found = minimize_scalar(lambda s: nll(logits, labels, float(np.exp(s))),
-                            bounds=tuple(np.log(T_RANGE)), method="bounded",
-                            options={"xatol": 1e-4})
+    found = minimize_scalar(lambda s: loss(float(np.exp(s))), bounds=tuple(np.log(T_RANGE)),
+                            method="bounded", options={"xatol": 1e-4})
     return float(np.exp(found.x))
 
 
@@ -137,12 +141,14 @@ def calibrate(logits: np.ndarray, labels, mode: str = "auto") -> dict:
             "reliability_after": reliability(held_out, labels)}
 
 
-def fold_temperature(model, temperature: float) -> None:
-    """Divide the final Dense's kernel and bias by ``T``: ``softmax(z / T)`` in stock layers."""
+def fold_temperature(model, temperature) -> None:
+    """Divide the final Dense's kernel and bias by ``T``: ``softmax(z / T)`` in stock layers.
+    ``T`` may also be one temperature per output (multi-label: each label's sigmoid)."""
     from graftkit.graft import HEAD_DENSE
 
-    if temperature == 1.0:
+    t = np.asarray(temperature, dtype=np.float32)
+    if np.all(t == 1.0):
         return
     dense = model.get_layer(HEAD_DENSE)
     kernel, bias = dense.get_weights()
-    dense.set_weights([kernel / np.float32(temperature), bias / np.float32(temperature)])
+    dense.set_weights([kernel / t, bias / t])

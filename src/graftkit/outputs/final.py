@@ -79,7 +79,7 @@ def calibrate_and_reject(model: keras.Model, featured: keras.Model, features: np
     """Fold a temperature into the head (``--calibrate``) and fit the open-set score on the
     training features; ``(probabilities, calibration, open set, its summary, val scores)``."""
     from graftkit.graft import head_logits
-    from graftkit.outputs import calibration, open_set
+    from graftkit.outputs import calibration
 
     labels = np.asarray(folder.val.labels)
     logits = head_logits(featured, features)
@@ -90,19 +90,32 @@ def calibrate_and_reject(model: keras.Model, featured: keras.Model, features: np
         logits = head_logits(featured, features)
         probs = calibration.softmax(logits).astype(np.float32)
     log(f"calibration: {cal['reason']}")
-    detector = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features,
-                                   folder.train.labels, len(folder.classes),
-                                   k=defaults.OPEN_SET_K)
+    detector, info, scores = fit_rejection(features, probs, logits, train_features,
+                                           folder.train.labels, labels, len(folder.classes),
+                                           log)
+    return probs, cal, detector, info, scores
+
+
+def fit_rejection(features: np.ndarray, probs: np.ndarray, logits: np.ndarray,
+                  train_features: np.ndarray, train_labels, val_labels, num_classes: int,
+                  log: Callable[[str], None]) -> tuple[OpenSet, dict, np.ndarray]:
+    """The open-set score fitted on the training features, its threshold chosen on the
+    validation images' scores; ``(detector, its summary, val scores)``. ``val_labels``
+    stratify the halves its held-out rejection is measured on."""
+    from graftkit.outputs import open_set
+
+    detector = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features, train_labels,
+                                     num_classes, k=defaults.OPEN_SET_K)
     scores = detector.scores(features, probs, logits)
     detector.threshold = open_set.choose_threshold(scores, defaults.OPEN_SET_KEEP)
-    held_out = open_set.held_out_rejection(scores, labels, defaults.OPEN_SET_KEEP)
+    held_out = open_set.held_out_rejection(scores, val_labels, defaults.OPEN_SET_KEEP)
     info = {**detector.describe(), "train_images": int(len(train_features)),
             "val_rejected": float((scores > detector.threshold).mean()),
             "val_rejected_held_out": held_out}
     log(f"open set: {detector.method} score, threshold {detector.threshold:.4g} keeps "
         f"{1 - info['val_rejected']:.1%} of the validation images"
         + ("" if held_out is None else f" ({1 - held_out:.1%} of those it was not chosen on)"))
-    return probs, cal, detector, info, scores
+    return detector, info, scores
 
 
 def score_test(featured: keras.Model, folder: ImageFolder, fast, open_set: OpenSet,
@@ -148,54 +161,39 @@ def score_final(model: keras.Model, featured: keras.Model, folder: ImageFolder, 
     return FinalScores(probs, result, cal, open_set, info, ood, test)
 
 
-def _open_set(featured: keras.Model, features: np.ndarray, probs: np.ndarray,
-              train_features: np.ndarray, num_labels: int, log: Callable[[str], None]
-              ) -> tuple[OpenSet, dict, np.ndarray]:
-    """The open-set score of a multi-label run (k-NN on the features: it needs no labels)."""
-    from graftkit.graft import head_logits
-    from graftkit.outputs import open_set
-
-    detector = open_set.fit_open_set(defaults.OPEN_SET_METHOD, train_features, None, num_labels,
-                                     k=defaults.OPEN_SET_K)
-    ood = detector.scores(features, probs, head_logits(featured, features))
-    detector.threshold = open_set.choose_threshold(ood, defaults.OPEN_SET_KEEP)
-    held_out = open_set.held_out_rejection(ood, np.zeros(len(ood), int), defaults.OPEN_SET_KEEP)
-    info = {**detector.describe(), "train_images": int(len(train_features)),
-            "val_rejected": float((ood > detector.threshold).mean()),
-            "val_rejected_held_out": held_out}
-    log(f"open set: {detector.method} score, threshold {detector.threshold:.4g} keeps "
-        f"{1 - info['val_rejected']:.1%} of the validation images")
-    return detector, info, ood
-
-
 def score_label_sets(model: keras.Model, featured: keras.Model, folder: ImageFolder, fast,
                      train_features: np.ndarray, calibrate: str, threshold: float | str,
                      bars: ProgressFactory | None, log: Callable[[str], None]) -> FinalScores:
     """``score_final`` of a multi-label run: a temperature per label where it helps
     (``--calibrate``), a threshold per label chosen on the validation images
     (``--threshold``), mAP and F1s, the open-set score, then the test images."""
+    from graftkit.graft import head_logits
     from graftkit.outputs import multilabel
+    from graftkit.outputs.calibration import fold_temperature
 
     features, probs = final_pass(featured, folder.val.paths, fast, bars,
                                  "scoring the validation images")
     truth = multilabel.multi_hot(folder.val.labels, len(folder.classes))
-    logits = _logits(featured, features)
+    logits = head_logits(featured, features)
     cal = multilabel.calibrate_labels(logits, truth, folder.classes, calibrate)
     if cal["applied"]:  # a monotone change per label: AP unchanged, thresholds fitted after it
-        multilabel.fold_label_temperatures(model, cal["temperatures"])
-        probs = multilabel.sigmoid(logits / np.asarray(cal["temperatures"])).astype(np.float32)
+        fold_temperature(model, cal["temperatures"])
+        logits = logits / np.asarray(cal["temperatures"])
+        probs = multilabel.sigmoid(logits).astype(np.float32)
     log(f"calibration: {cal['reason']}")
     thresholds = multilabel.fit_thresholds(truth, probs, threshold)
     result = multilabel.scores(folder.val.labels, probs, folder.classes, thresholds, threshold,
                                cross_fit=True)
     log(f"thresholds: {_threshold_line(result, threshold)}")
-    detector, info, ood = _open_set(featured, features, probs, train_features,
-                                    len(folder.classes), log)
+    # k-NN on the features: the labels only stratify (here: none) the held-out halves
+    detector, info, ood = fit_rejection(features, probs, logits, train_features, None,
+                                        np.zeros(len(probs), np.int64), len(folder.classes),
+                                        log)
     test = None
     if folder.test_source and len(folder.test):
         t_features, t_probs = final_pass(featured, folder.test.paths, fast, bars,
                                          "scoring the test images")
-        t_ood = detector.scores(t_features, t_probs, _logits(featured, t_features))
+        t_ood = detector.scores(t_features, t_probs, head_logits(featured, t_features))
         record = multilabel.scores(folder.test.labels, t_probs, folder.classes, thresholds,
                                    threshold)
         record.update(num_images=len(folder.test), data=folder.test_source,
@@ -204,12 +202,6 @@ def score_label_sets(model: keras.Model, featured: keras.Model, folder: ImageFol
             f"{len(folder.test)} held-out images (scored once, nothing chosen on them)")
         test = TestScores(record, t_probs, t_ood)
     return FinalScores(probs, result, cal, detector, info, ood, test, thresholds)
-
-
-def _logits(featured: keras.Model, features: np.ndarray) -> np.ndarray:
-    from graftkit.graft import head_logits
-
-    return head_logits(featured, features)
 
 
 def _threshold_line(result: dict, threshold: float | str) -> str:

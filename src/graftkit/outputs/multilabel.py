@@ -62,11 +62,12 @@ def fit_thresholds(truth: np.ndarray, probs: np.ndarray, how: str | float = "aut
     return np.array([best_threshold(truth[:, j], probs[:, j]) for j in range(probs.shape[1])])
 
 
-def halves(n: int, seed: int = 0) -> np.ndarray:
-    """A fixed split of ``n`` images in two (True: the second half)."""
-    second = np.zeros(n, bool)
-    second[np.random.RandomState(seed).permutation(n)[n // 2:]] = True
-    return second
+def halves(n: int) -> np.ndarray:
+    """A fixed split of ``n`` images in two (True: the second half): calibration's, with
+    every image in one stratum."""
+    from graftkit.outputs.calibration import halves as stratified_halves
+
+    return stratified_halves(np.zeros(n, dtype=np.int64))
 
 
 def cross_fitted_decisions(truth: np.ndarray, probs: np.ndarray, how: str | float = "auto"
@@ -160,14 +161,9 @@ def binary_ece(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
 
 
 def fit_label_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
-    from scipy.optimize import minimize_scalar
+    from graftkit.outputs.calibration import best_temperature
 
-    from graftkit.outputs.calibration import T_RANGE
-
-    found = minimize_scalar(lambda s: bce(logits, truth, float(np.exp(s))),
-                            bounds=tuple(np.log(T_RANGE)), method="bounded",
-                            options={"xatol": 1e-4})
-    return float(np.exp(found.x))
+    return best_temperature(lambda t: bce(logits, truth, t))
 
 
 def calibrate_labels(logits: np.ndarray, truth: np.ndarray, classes: list[str],
@@ -206,14 +202,3 @@ def calibrate_labels(logits: np.ndarray, truth: np.ndarray, classes: list[str],
             "applied": bool(kept), "reason": reason, "temperatures": temperatures.tolist(),
             "per_label": rows}
 
-
-def fold_label_temperatures(model, temperatures) -> None:
-    """Divide each label's column of the final Dense by its ``T``: stock layers still."""
-    from graftkit.graft import HEAD_DENSE
-
-    t = np.asarray(temperatures, dtype=np.float32)
-    if np.all(t == 1.0):
-        return
-    dense = model.get_layer(HEAD_DENSE)
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel / t[None, :], bias / t])

@@ -467,29 +467,11 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
     curves_html = (f"<img id=curves src='{curves}' alt='training curves'>" if curves else
                    "<p class=muted>curves.png is missing</p>")
     if metrics.get("multi_label"):
-        page = f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-{_label_set_headline(metrics)}
-<h2>Run card</h2>{_run_card(metrics)}
-<h2>Training curves</h2>{curves_html}
-{_label_set_body(metrics, predictions, run_dir)}
-</body></html>
-"""
-        target = run_dir / REPORT_FILE
-        write_text(target, page)
-        return target
-    page = f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-{_headline(metrics)}
-{_test(metrics)}
-<h2>Run card</h2>{_run_card(metrics)}
-<h2>Training curves</h2>{f"<img id=curves src='{curves}' alt='training curves'>" if curves else
-"<p class=muted>curves.png is missing</p>"}
-<h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
+        headline = _label_set_headline(metrics)
+        details = _label_set_body(metrics, predictions, run_dir)
+    else:
+        headline = f"{_headline(metrics)}\n{_test(metrics)}"
+        details = f"""<h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
 <h2>Per-class precision, recall, F1</h2>{_per_class(metrics)}
 <h2>Most confused pairs</h2>{_pairs(metrics)}
 <h2>Calibration: are the probabilities right?</h2>{_calibration(metrics)}
@@ -497,7 +479,15 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
 {_open_set(metrics, predictions)}
 <h2>Top losses: validation images the model gets wrong, then those it is least sure of</h2>
 {_top_losses(predictions)}
-<h2>Likely wrong labels: given &rarr; suggested</h2>{_label_issues(run_dir, metrics)}
+<h2>Likely wrong labels: given &rarr; suggested</h2>{_label_issues(run_dir, metrics)}"""
+    page = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+{headline}
+<h2>Run card</h2>{_run_card(metrics)}
+<h2>Training curves</h2>{curves_html}
+{details}
 </body></html>
 """
     target = run_dir / REPORT_FILE

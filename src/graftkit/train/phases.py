@@ -267,9 +267,9 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
     """
     import tensorflow as tf
 
-    from graftkit.data.pipeline import shard_by_data
+    from graftkit.data.pipeline import as_targets, shard_by_data
 
-    y = _targets(labels)
+    y = as_targets(labels)
     w = None if class_weight is None else np.array(
         [class_weight[int(label)] for label in labels], dtype=np.float32)
     n, count = len(labels), len(views)
@@ -300,12 +300,6 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def _targets(labels) -> np.ndarray:
-    """Class indices as int32; multi-hot rows (``graftkit.task``) as they are."""
-    y = np.asarray(labels)
-    return y.astype(np.float32) if y.ndim == 2 else y.astype(np.int32)
-
-
 def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
     return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
@@ -331,9 +325,9 @@ def _rows(x, y, batch_size: int):
     """
     import tensorflow as tf
 
-    from graftkit.data.pipeline import shard_by_data
+    from graftkit.data.pipeline import as_targets, shard_by_data
 
-    y = _targets(y)
+    y = as_targets(y)
     if isinstance(x, np.ndarray):
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         return shard_by_data(ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b)))
