@@ -494,40 +494,40 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             assert label != target and moved.parent.name == target
             page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
 
-            # relabel -> set aside -> undo -> undo: back home (undo went one level deep)
-            page.locator("#top_losses .card").first.locator(".set-aside").click()
-            until(page, "() => document.getElementById('message').textContent"
-                        ".startsWith('set aside')")
+            # relabel -> set aside -> undo -> undo: back home (undo went one level deep). The
+            # notice shows once the page is drawn again, so each click is on a card drawn after
+            # the action before it.
+            def notice(start: str) -> None:
+                until(page, "() => { const m = document.getElementById('message');"
+                            f" return !m.hidden && m.textContent.startsWith('{start}'); }}")
+
+            cards = page.locator("#top_losses .card")
+            cards.first.locator(".set-aside").click()
+            notice("set aside")
             assert not moved.exists()
             for _ in range(2):
-                page.locator("#top_losses .card").first.locator(".undo").click()
-                until(page, "() => document.getElementById('message').textContent"
-                            ".startsWith('undone')")
-                page.wait_for_timeout(300)
+                cards.first.locator(".undo").click()
+                notice("undone")
             assert (data / path).is_file() and not moved.exists()
 
             # two moves, then "Restore" on the card takes both back at once
-            page.locator("#top_losses .card").first.locator("select").select_option(index=1)
-            page.locator("#top_losses .card").first.locator(".relabel").click()
-            until(page, "() => document.querySelector('#top_losses .card .set-aside') !== null")
-            page.wait_for_timeout(300)
-            page.locator("#top_losses .card").first.locator(".set-aside").click()
-            page.wait_for_selector("#top_losses .card .restore")
-            page.locator("#top_losses .card").first.locator(".restore").click()
-            until(page, "() => document.getElementById('message').textContent"
-                        ".startsWith('undone')")
+            cards.first.locator("select").select_option(index=1)
+            cards.first.locator(".relabel").click()
+            notice("relabelled")
+            cards.first.locator(".set-aside").click()
+            notice("set aside")
+            cards.first.locator(".restore").click()
+            notice("undone")
             assert (data / path).is_file()
 
             # "Restore every image" after moves of two images
-            cards = page.locator("#top_losses .card")
             cards.nth(0).locator("select").select_option(index=1)
             cards.nth(0).locator(".relabel").click()
-            page.wait_for_timeout(500)
+            notice("relabelled")
             cards.nth(1).locator(".set-aside").click()
-            page.wait_for_timeout(500)
+            notice("set aside")
             page.click("#restore-all")
-            until(page, "() => document.getElementById('message').textContent"
-                        ".startsWith('restored 2 image(s)')")
+            notice("restored 2 image(s)")
             assert (data / path).is_file()
             assert not list((data / SET_ASIDE).rglob("*.png"))
 

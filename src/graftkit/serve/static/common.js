@@ -68,17 +68,24 @@ const graft = (() => {
     box.append(el("span", "muted", "suggestion probability at least "), input, button);
   }
 
-  // The notice after an action, then the page drawn again by ``reload``.
+  // The page drawn again by ``reload``, then the notice after the action: a notice on screen
+  // describes the page under it (a click on a card the notice announced is a click on a card
+  // drawn after the action, never on one about to be replaced).
   async function act(messageBox, path, body, describe, reload) {
+    messageBox.hidden = true;
+    messageBox.textContent = "";
+    let text, kind;
     try {
-      messageBox.textContent = describe(await call(path, body));
-      messageBox.className = "notice done";
+      text = describe(await call(path, body));
+      kind = "notice done";
     } catch (err) {
-      messageBox.textContent = err.message;
-      messageBox.className = "notice error";
+      text = err.message;
+      kind = "notice error";
     }
-    messageBox.hidden = false;
     await reload();
+    messageBox.textContent = text;
+    messageBox.className = kind;
+    messageBox.hidden = false;
   }
 
   return {token, el, call, thumbnail, acceptAllBox, act};
