@@ -165,7 +165,7 @@ def run(run_dir: Path, data: Path, work: Path) -> list[str]:
     problems += [f"left in .graft-set-aside: {p.relative_to(copy)}" for p in left]
     log = subprocess.run([*GRAFT, "review", "log", str(copy)], capture_output=True, text=True,
                          timeout=120)
-    if "no move to undo" not in log.stdout:
+    if "nothing to undo" not in log.stdout:
         problems.append(f"graft review log still lists moves:\n{log.stdout}")
     if "could not be read" not in log.stderr:
         problems.append(f"the cut journal line was not reported: {log.stderr!r}")

@@ -4,6 +4,7 @@ thresholds, and a real fit on generated images (integration)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -286,8 +287,8 @@ def test_fit_multi_label_end_to_end(tmp_path):
 @pytest.mark.integration
 def test_serve_a_multi_label_run(tmp_path):
     """POST /predict answers with the labels above their thresholds; /info says the task; the
-    review page, which moves files between class folders, stays unavailable and says why;
-    --inbox, which suggests one class, refuses."""
+    review page edits the table in a browser (a label added, one taken away, undone); --inbox,
+    which suggests one class, refuses."""
     from fastapi.testclient import TestClient
 
     from graftkit.errors import RunError
@@ -308,9 +309,14 @@ def test_serve_a_multi_label_run(tmp_path):
         assert p["labels"] == want.labels and set(p["probabilities"]) == {"blue", "green", "red"}
         info = client.get("/info").json()
         assert info["task"] == "multi_label" and info["val_map"] > 0.5
+        service.review.wait(60)
         state = client.get("/review/api/items", headers={"X-Graft-Token": service.token}).json()
-        assert state["state"] == "unavailable" and "edit the table" in state["message"]
+        assert state["state"] == "ready" and state["mode"] == "table" and state["can_move"]
+        before = (root / "val.csv").read_text()
+        _edit_labels_in_the_browser(service, root)
+        assert (root / "val.csv").read_text() == before
     finally:
+        service.stop()
         service.batcher.close()
     with pytest.raises(RunError, match="--inbox answers one class per image"):
         Service(run, inbox=str(root / "images"))
@@ -325,3 +331,60 @@ def test_serve_a_multi_label_run(tmp_path):
     assert main(["refit", str(run)]) == 0
     refit = json.loads((tmp_path / "run-2" / "metrics.json").read_text())
     assert refit["task"] == "multi_label" and refit["options"]["fine_tune_epochs"] == 0
+
+
+def _edit_labels_in_the_browser(service, root: Path) -> None:
+    """The review page on a multi-label table: add the model's extra label (or one from the
+    menu), take a label away, then undo both from the card; the table follows each click."""
+    from tests.test_report import CHROMIUM
+    from tests.test_serve import browser_or_skip, until
+
+    sync_playwright = browser_or_skip()
+    base = service.start()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox",
+                                                                    "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text))
+        page.goto(f"{base}/review?token={service.token}")
+        page.wait_for_selector("#top_losses .card .chips", timeout=60_000)
+
+        def notice(start: str) -> None:
+            until(page, "() => { const m = document.getElementById('message');"
+                        f" return !m.hidden && m.textContent.startsWith('{start}'); }}")
+
+        card = next(c for c in page.locator("#top_losses .card").all()  # one with a label to add
+                    if c.locator("select option").count() > 1 and c.locator(".chip").count())
+        key = card.get_attribute("data-key")
+        row = key  # the table's path cells are relative to it, as the keys are
+        table = root / "val.csv"
+
+        def labels_now() -> list[str]:
+            cell = next(line.split(",")[1] for line in table.read_text().splitlines()
+                        if line.split(",")[0] == row)
+            return sorted(cell.split())
+
+        given = labels_now()
+        menu = card.locator("select")
+        extra = next(o.get_attribute("value") for o in menu.locator("option").all()
+                     if o.get_attribute("value"))
+        menu.select_option(extra)
+        card.locator("button.add").click()
+        notice("edited")
+        assert labels_now() == sorted([*given, extra])
+        chips = card.locator(".chip")
+        assert sorted(c.get_attribute("data-label") for c in chips.all()) == labels_now()
+        gone = given[0]
+        card.locator(f".chip[data-label='{gone}'] button.remove").click()
+        notice("edited")
+        assert gone not in labels_now()
+        shots = os.environ.get("GRAFTKIT_SCREENSHOTS")
+        if shots:  # for looking at the page by eye
+            page.screenshot(path=str(Path(shots) / "review-labels.png"), full_page=True)
+        card.locator(".restore").click()  # both edits of this image, undone at once
+        notice("undone")
+        assert labels_now() == given
+        assert page.locator("#recent").is_hidden()
+        assert [m for m in console if "Content Security Policy" in m] == []
+        browser.close()

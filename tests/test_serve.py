@@ -332,10 +332,15 @@ def test_review_of_data_it_cannot_move(service, tmp_path, trained_run, monkeypat
     table = tmp_path / "labels.csv"
     table.write_text("".join(f"{p},{p.parent.name}\n"
                              for p in sorted((trained_run / "data").rglob("*.png"))))
+    writable = os.access
+    monkeypatch.setattr("graftkit.serve.review.os.access",  # a table this user cannot write
+                        lambda path, mode: writable(path, mode) and Path(path) != table)
     r = Review(service.run_dir, service.classifier.classes, m, str(table))
+    monkeypatch.undo()
     r.load()
     s = r.summary()
-    assert s["state"] == "ready" and not s["can_move"] and "CSV/TSV" in s["read_only"]
+    assert s["state"] == "ready" and not s["can_move"] and "read-only" in s["read_only"]
+    assert s["mode"] == "table"
     with pytest.raises(Exception, match="cannot be moved"):
         r.set_aside(next(iter(r.items)))
     gone = Review(service.run_dir, service.classifier.classes, m, str(tmp_path / "nowhere"))

@@ -102,12 +102,14 @@ def cmd_review(args) -> int:
     from graftkit.serve.journal import JOURNAL, Journal, JournalError, parse_time
 
     data = Path(args.data_dir)
+    if data.is_file():  # a table: its journal is beside it
+        data = data.parent
     if not data.is_dir():
         raise DataError(f"no such data folder: {data}")
     journal = Journal(data)
     if not journal.path.is_file():
-        raise DataError(f"{data} has no {JOURNAL}: graft serve's review page never moved a file "
-                        "there, so there is nothing to undo")
+        raise DataError(f"{data} has no {JOURNAL}: graft serve's review page never changed "
+                        "anything there, so there is nothing to undo")
     chosen = sum(bool(x) for x in (args.ids, args.all, args.since, args.image))
     if args.action == "log" and chosen:
         raise UsageError("graft review log takes only the data folder")
@@ -136,19 +138,27 @@ def cmd_review(args) -> int:
         raise DataError(f"cannot change {data}: {exc.strerror}: run as a user who can write "
                         "there") from None
     for entry in done:
-        print(f"put back: {entry['from']} -> {entry['to']}  (undoes {', '.join(entry['undoes'])})")
+        print(f"put back: {_change(entry)}  (undoes {', '.join(entry['undoes'])})")
     print(f"{len(done)} image(s) put back" + (f", {len(problems)} could not be" if problems else ""))
     if problems:
         raise DataError("not put back: " + "; ".join(problems))
     return 0
 
 
+def _change(entry: dict) -> str:
+    """A journal entry's change: a move's paths, or a table edit's labels."""
+    if entry["action"] == "edit":
+        return (f"{entry['key']}: {' '.join(entry['before']) or '(no label)'} -> "
+                f"{' '.join(entry['after']) or '(no label)'} in {entry['table']}")
+    return f"{entry['from']} -> {entry['to']}"
+
+
 def _review_log(journal) -> int:
     history = journal.history()
-    rows = [[a["time"], a["id"], a["action"].replace("_", " "), f"{a['from']} -> {a['to']}"]
+    rows = [[a["time"], a["id"], a["action"].replace("_", " "), _change(a)]
             for a in history.standing()]
-    print(table(rows, ["time", "id", "action", "move"]) if rows else
-          "every image is where it was: no move to undo")
+    print(table(rows, ["time", "id", "action", "change"]) if rows else
+          "every image is as it was: nothing to undo")
     if history.bad_lines:
         print(f"warning: line(s) {', '.join(map(str, history.bad_lines))} of {journal.path} could "
               "not be read and were skipped", file=sys.stderr)
@@ -235,12 +245,12 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
 
 def _review_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("log", "undo"))
-    p.add_argument("data_dir", help="the data folder the review page changed")
+    p.add_argument("data_dir", help="the data folder (or table) the review page changed")
     p.add_argument("ids", nargs="*", help="action IDs to undo (graft review log lists them)")
-    p.add_argument("--all", action="store_true", help="undo every move")
-    p.add_argument("--since", metavar="TIME", help="undo the moves since TIME (ISO time, or 30m, "
-                                                   "2h, 1d back from now)")
-    p.add_argument("--image", metavar="PATH", help="put this image back where it was listed "
+    p.add_argument("--all", action="store_true", help="undo every move and edit")
+    p.add_argument("--since", metavar="TIME", help="undo the changes since TIME (ISO time, or "
+                                                   "30m, 2h, 1d back from now)")
+    p.add_argument("--image", metavar="PATH", help="put this image back as it was listed "
                                                    "(its path inside the data folder)")
 
 
@@ -266,7 +276,8 @@ exit codes of check: 0 clean, 1 warnings, 2 fatal (e.g. fewer than 2 classes)
 """,
     ),
     Command(
-        "review", "list or undo the moves graft serve's review page made in a data folder",
+        "review", "list or undo what graft serve's review page changed: moves of files in a "
+        "data folder, edits of a table's labels",
         run=cmd_review, arguments=_review_arguments,
         examples="""
 graft review log photos/                         # the moves that can be undone, newest first
@@ -274,6 +285,7 @@ graft review undo photos/ --all                  # every image back where it was
 graft review undo photos/ --since 2h             # every move of the last two hours (or --since 2026-12-04T14:30)
 graft review undo photos/ --image val/ants/x.jpg # one image back where it was listed
 graft review undo photos/ 3f9c2a1b7d04           # one move (and later moves of the same image)
+graft review undo aerial/train.csv --all         # every label edit of a table undone
 """,
     ),
 )

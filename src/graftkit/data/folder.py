@@ -325,7 +325,7 @@ def scan(data_dir: str | os.PathLike, val_split: float = defaults.VAL_SPLIT, see
     root = materialise_tfds(str(data_dir)) if is_tfds(data_dir) else _absolute(data_dir)
     if val is not None:
         val = materialise_tfds(str(val)) if is_tfds(val) else _absolute(val)
-    tables = _label_set_tables(root, val, test, multi_label)
+    tables = label_set_tables(root, val, test, multi_label)
     if tables:
         return _scan_label_sets(root, tables, val_split, seed, strict, label_sep, bars)
     skipped: list[dict[str, str]] = []
@@ -391,7 +391,7 @@ def _check_sources(data_dir, val, test, val_split: float) -> None:
         raise UsageError(f"--val-split must be between 0 and 1 (got {val_split})")
 
 
-def _label_set_tables(root: Path, val, test, multi_label: bool) -> dict[str, Path]:
+def label_set_tables(root: Path, val, test, multi_label: bool) -> dict[str, Path]:
     """The tables of a multi-label data set (empty: the data is single-label)."""
     from graftkit.data.multilabel import is_label_set_table, split_tables
 

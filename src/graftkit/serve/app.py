@@ -24,7 +24,7 @@ from fastapi import Body, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 from starlette.concurrency import run_in_threadpool
 
 from graftkit.serve.guard import TOKEN_HEADER
@@ -131,11 +131,14 @@ class Action(BaseModel):
 
     id: str
     time: str
-    action: Literal["relabel", "set_aside", "accept", "undo"]
+    action: Literal["relabel", "set_aside", "accept", "undo", "edit"]
     key: str
     from_: str = Field(alias="from")
     to: str
     undoes: list[str] | str | None = None
+    table: str | None = Field(None, description="edit: the table whose row changed")
+    before: list[str] | None = Field(None, description="edit: the image's labels before")
+    after: list[str] | None = Field(None, description="edit: the image's labels after")
 
 
 class ReviewItem(BaseModel):
@@ -156,6 +159,10 @@ class ReviewItem(BaseModel):
     image: bool
     undo: str | None = Field(description="the image's last move, to undo it")
     moves: int = Field(description="moves that stand between the image and where it was listed")
+    labels: list[str] | None = Field(description="table data: the labels its row holds now")
+    editable: bool = Field(description="table data: the image's row can be edited")
+    added: list[str] = Field(description="multi-label: labels the model gives, not given")
+    missed: list[str] = Field(description="multi-label: labels given that the model misses")
 
 
 class ReviewGroup(BaseModel):
@@ -171,6 +178,10 @@ class ReviewSummary(BaseModel):
     root: str
     can_move: bool
     read_only: str  # why files cannot be moved there ("" when they can)
+    mode: Literal["folders", "table"] = Field(
+        description="folders: relabel moves files; table: it edits the image's row")
+    multi_label: bool
+    tables: dict[str, str] = Field(description="table data: split -> its table")
     classes: list[str]
     groups: list[ReviewGroup]
     actions: list[Action]
@@ -415,6 +426,11 @@ def _review_routes(app: FastAPI, service) -> None:
         "RelabelBody", key=(Key, ...),
         to=(Literal[tuple(service.classifier.classes)],  # type: ignore[arg-type]  # made at run time
             Field(description="the new class")))
+    Labels = create_model(  # noqa: N806 - the same, for a label of a multi-label run
+        "LabelsBody", key=(Key, ...),
+        label=(Literal[tuple(service.classifier.classes)],  # type: ignore[arg-type]
+               Field(description="the label to add or take away")),
+        present=(StrictBool, Field(description="true: add the label; false: take it away")))
 
     @app.get("/review/api/items", response_model=ReviewSummary, responses=_errors(403), **token)
     def items():
@@ -441,6 +457,12 @@ def _review_routes(app: FastAPI, service) -> None:
     def relabel(body: Annotated[Relabel, Body()]):  # type: ignore[valid-type]
         """Move a listed image to another class folder of its split."""
         return service.review.relabel(body.key, body.to)  # type: ignore[attr-defined]
+
+    @app.post("/review/api/labels", response_model=Action, responses=moves, **token)
+    def labels(body: Annotated[Labels, Body()]):  # type: ignore[valid-type]
+        """Multi-label table data: add a label to a listed image's row, or take one away."""
+        return service.review.edit_label(body.key, body.label,  # type: ignore[attr-defined]
+                                         body.present)  # type: ignore[attr-defined]
 
     @app.post("/review/api/set-aside", response_model=Action, responses=moves, **token)
     def set_aside(body: KeyBody):

@@ -44,6 +44,9 @@ class Inbox(Background):
         self.skipped: list[dict] = []
         self.lock = review.lock  # one lock for every move of the data folder
         why = review.why_read_only if review.root is not None else review.message
+        if not why and review.tables:
+            why = ("the data is a table: add a row for each new image to it (the suggestions "
+                   "are listed here); the inbox files images into class folders only")
         if not why and not os.access(self.folder, os.W_OK | os.X_OK):
             why = f"{self.folder} is read-only for this user: suggestions only"
         self.why_read_only = why

@@ -2,7 +2,10 @@
 
 Every move the review makes (relabel, set aside, undo) is one line appended to
 ``DATA/.graft-journal.jsonl`` before the file moves, and a second line marking it done or
-failed after. The journal alone says where every image is: replaying its finished actions in
+failed after. Data kept in a CSV/TSV table is changed the same way, row by row: an edit of an
+image's labels is journalled, the table rewritten in one rename, and marked done.
+
+The journal alone says where every image is: replaying its finished actions in
 order gives each image (its ``key``: where it was when first listed) a stack of the moves that
 still stand, and an undo takes moves off that stack. So undo goes all the way back, after
 restarts and from several servers at once: every change to the journal and the files happens
@@ -33,6 +36,11 @@ JOURNAL = ".graft-journal.jsonl"
 LOCK = ".graft-journal.lock"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # reads +01:00 and +0100 alike
 MOVES = ("relabel", "set_aside", "accept")  # accept: an inbox image into a class folder
+# A change of an image's labels in a CSV/TSV table of the data (the file does not move: its
+# ``from`` and ``to`` are its key). The entry names the table, the row's path cell, the label
+# separator (None: one label per image) and the labels before and after; an undo is an edit
+# back, with ``undoes``.
+EDIT = "edit"
 # Paths under this first segment are in the inbox folder of ``graft serve --inbox``, which lies
 # outside the data folder; each entry that names one records the inbox's absolute path, so an
 # undo (from the CLI too) knows where to put the image back.
@@ -165,9 +173,15 @@ def _valid_action(e: dict) -> bool:
         checked_path(e["key"])
         checked_path(e["from"])
         checked_path(e["to"])
-    except (JournalError, KeyError):
+        if e["action"] == EDIT:
+            checked_path(e["table"])
+            labels = (*e["before"], *e["after"])
+            if not isinstance(e["row"], str) or not all(isinstance(x, str) for x in labels) \
+                    or not (e["sep"] is None or isinstance(e["sep"], str) and e["sep"]):
+                return False
+    except (JournalError, KeyError, TypeError):
         return False
-    return isinstance(e["id"], str) and e["action"] in (*MOVES, "undo")
+    return isinstance(e["id"], str) and e["action"] in (*MOVES, EDIT, "undo")
 
 
 class Journal:
@@ -281,9 +295,11 @@ class Journal:
             if not mark.get("done"):
                 continue
             stack = stacks.setdefault(e["key"], [])
-            if e["action"] == "undo":
-                undone = e.get("undoes")
-                undone = {undone} if isinstance(undone, str) else set(undone or ())
+            undoes = e.get("undoes")
+            undone = {undoes} if isinstance(undoes, str) else set(undoes or ())
+            if e["action"] == EDIT and undone:  # an edit back: the file never moved
+                stack[:] = [a for a in stack if a["id"] not in undone]
+            elif e["action"] == "undo":
                 stack[:] = [a for a in stack if a["id"] not in undone]
                 home = stack[-1]["to"] if stack else e["key"]
                 if e["to"] != home:  # put back beside its place (another file had its name):
@@ -324,6 +340,61 @@ class Journal:
         self.append({"id": entry["id"], "done": True})
         return entry
 
+    def edit(self, key: str, table: str, row: str, sep: str | None, before: list[str],
+             after: list[str], **extra) -> dict:
+        """Journal, rewrite the row's labels in ``table`` (relative to the data folder), mark
+        done (call under ``locked``). Refused when the row no longer holds ``before`` (the table
+        was edited by hand since): the journal never writes over a change it did not make."""
+        from graftkit.data.table_edit import row_labels, set_row_labels
+        from graftkit.errors import DataError
+
+        path = self.root / checked_path(table)
+        if not within(path, self.root):
+            raise JournalError("refused: the table leads outside the data folder (symbolic "
+                               "link)", 403)
+        try:
+            now = row_labels(path, row, sep)
+        except DataError as exc:
+            raise JournalError(str(exc), 409) from None
+        if now is None:
+            raise JournalError(f"{table} has no row for {row} any more: edit the table by hand",
+                               409)
+        if now != sorted(before):
+            raise JournalError(f"{table}: the labels of {row} were changed by hand since "
+                               f"({' '.join(now) or 'none'}): reload the page", 409)
+        entry = {"id": uuid.uuid4().hex[:12],
+                 "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                 "action": EDIT, "key": key, "from": key, "to": key, "table": table, "row": row,
+                 "sep": sep, "before": sorted(before), "after": sorted(after), **extra}
+        self.append(entry)
+        try:
+            set_row_labels(path, row, after, sep)
+        except (OSError, DataError) as exc:
+            self.append({"id": entry["id"], "failed": str(exc)})
+            raise JournalError(f"cannot write {table}: {getattr(exc, 'strerror', None) or exc}",
+                               409) from None
+        self.append({"id": entry["id"], "done": True})
+        return entry
+
+    def _settle_edit(self, e: dict) -> None:
+        """An edit a crash cut short: done if the table holds its labels (the rename is
+        atomic: the table is the old one or the new one), failed otherwise."""
+        from graftkit.data.table_edit import leftover_temp_files, row_labels
+        from graftkit.errors import DataError
+
+        path = self.root / e["table"]
+        try:
+            now = row_labels(path, e["row"], e["sep"])
+        except DataError:
+            now = None
+        for tmp in leftover_temp_files(path):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if now is not None and now == sorted(e["after"]) != sorted(e["before"]):
+            self.append({"id": e["id"], "done": True})
+        else:
+            self.append({"id": e["id"], "failed": "interrupted before the table was written"})
+
     def recover(self) -> int:
         """Finish or drop actions a crash cut short; returns how many were settled."""
         if not self.path.is_file():  # nothing was ever moved here: leave the folder as it is
@@ -331,6 +402,9 @@ class Journal:
         with self.locked():
             unsettled = self.history().unsettled
             for e in unsettled:
+                if e["action"] == EDIT:
+                    self._settle_edit(e)
+                    continue
                 try:
                     src, dst = self.resolve(e["from"], e), self.resolve(e["to"], e)
                 except JournalError:
@@ -407,10 +481,17 @@ class Journal:
             position = self._position(stack, since)
             if position is not None and key not in failed:
                 pending[key] = (key, stack, position)
-        leaving = {stack[-1]["to"] for _, stack, _ in pending.values()}
+        leaving = {stack[-1]["to"] for _, stack, _ in pending.values()
+                   if stack[-1]["action"] != EDIT}
         waiting = {}
         for key, (_, stack, position) in pending.items():
             home = stack[position]["from"]
+            if stack[position]["action"] == EDIT:  # a row of a table: no place to wait for
+                try:
+                    done.append(self._back(key, stack, position))
+                except JournalError as exc:
+                    failed[key] = str(exc)
+                continue
             if os.path.lexists(self.resolve(home, stack[position])):
                 if home in leaving:
                     waiting[key] = pending[key]
@@ -425,6 +506,10 @@ class Journal:
 
     def _back(self, key: str, stack: list[dict], position: int) -> dict:
         first = stack[position]
+        if first["action"] == EDIT:  # the labels before the first undone edit, written back
+            last = stack[-1]
+            return self.edit(key, first["table"], first["row"], first["sep"], last["after"],
+                             first["before"], undoes=[a["id"] for a in stack[position:]])
         now = stack[-1]["to"]
         inbox = next((a["inbox"] for a in reversed(stack) if a.get("inbox")), None)
         context = {"inbox": inbox} if inbox else None

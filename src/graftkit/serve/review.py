@@ -36,6 +36,7 @@ from graftkit.serve.journal import (
 )
 
 TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
+ELSEWHERE = "elsewhere"  # keys of images a table names outside the data folder
 
 # Page groups: which check findings go where, with the group's title.
 GROUPS = {
@@ -68,6 +69,8 @@ class Item:
     p_suggested: float | None = None
     p_given: float | None = None
     rank: int | None = None
+    added: list[str] = field(default_factory=list)  # label sets: the model's, not given
+    missed: list[str] = field(default_factory=list)  # given, not the model's
 
 
 def _rel(path: str | os.PathLike, root: Path) -> str | None:
@@ -94,15 +97,40 @@ def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
         hint = "" if source != recorded else " (the run was made elsewhere?)"
         return None, (f"the data folder {path} is not here{hint}: start graft serve with "
                       "--data DATA_DIR")
-    if path.is_file():
-        return path.parent, ("the data is a CSV/TSV table: relabel by editing its rows; the "
-                             "review lists the findings only")
+    if path.is_file():  # a table: its rows are edited, its folder holds the journal
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            return path.parent, (f"{path} (or its folder) is read-only for this user: the "
+                                 "review lists the findings only")
+        return path.parent, ""
     cache = Path(os.path.abspath(defaults.cache_dir()))
     if path == cache or cache in path.parents:
         return path, "the data lives in graftkit's cache (tfds:): findings only"
     if not os.access(path, os.W_OK | os.X_OK):
         return path, f"{path} is read-only for this user: the review lists the findings only"
     return path, ""
+
+
+def _tables(source: str | None, options: dict, multi_label: bool) -> dict[str, Path]:
+    """The tables the data's labels are kept in (split -> table); {} for class folders."""
+    from graftkit.data.folder import label_set_tables
+    from graftkit.errors import GraftError
+
+    if not source:
+        return {}
+    path = Path(os.path.abspath(os.path.expanduser(source)))
+    given = {name: options.get(name) for name in ("val", "test")}
+    if multi_label:
+        try:
+            return label_set_tables(path, given["val"], given["test"], True)
+        except GraftError:
+            return {}
+    if not path.is_file():
+        return {}
+    tables = {"train": path}
+    for name, other in given.items():
+        if other and Path(other).is_file():
+            tables[name] = Path(os.path.abspath(other))
+    return tables
 
 
 class Background:
@@ -149,10 +177,15 @@ class Review(Background):
         self.recorded = record.data  # where predictions.csv's paths point
         self.source = str(data) if data else self.recorded
         self.root, self.why_read_only = _where(self.source, self.recorded)
-        if record.task == "multi_label":  # labels in a table, not class folders
-            self.root, self.why_read_only = None, (
-                "this run has several labels per image, kept in a table: the review page "
-                "moves images between class folders, so edit the table, then graft refit")
+        self.multi_label = record.task == "multi_label"
+        # Data in tables (split -> table): labels are edited in their rows, files never move.
+        self.tables = _tables(self.source, record.options if self.source == self.recorded
+                              else {}, self.multi_label) if self.root is not None else {}
+        self.sep: str | None = record.options.get("label_sep") or " " if self.multi_label \
+            else None
+        self.rows: dict[str, dict[str, tuple[str, str]]] = {}  # key -> split -> (table, row)
+        self.elsewhere: dict[str, str] = {}  # key -> a table's image outside the data folder
+        self._read_tables: dict[str, tuple[tuple, dict[str, str]]] = {}
         self.state = "checking" if self.root is not None else "unavailable"
         self.message = "" if self.root is not None else self.why_read_only
         self.items: dict[str, Item] = {}
@@ -189,16 +222,19 @@ class Review(Background):
         val = options.get("val") if self.source == self.recorded else None
         test = options.get("test") if self.source == self.recorded else None
         folder = scan(self.source, options.get("val_split", defaults.VAL_SPLIT),
-                      options.get("seed", defaults.SEED), strict=False, val=val, test=test)
+                      options.get("seed", defaults.SEED), strict=False, val=val, test=test,
+                      multi_label=self.multi_label, label_sep=self.sep or " ")
         report = find_problems(folder)
-        dirs = find_split_dirs(self.folder) if self.folder.is_dir() else None
+        dirs = find_split_dirs(self.folder) if self.folder.is_dir() and not self.tables else None
+        rows = self._index_rows()
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
             self.items, self.groups = {}, {g: [] for g in GROUPS}
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
+            self.rows = rows
             split = {p: "train" for p in folder.train.paths}
             split.update({p: "val" for p in folder.val.paths})
             split.update({p: "test" for p in folder.test.paths})
-            labels = {p: folder.classes[y] for s in (folder.train, folder.val, folder.test)
+            labels = {p: folder.label_text(y) for s in (folder.train, folder.val, folder.test)
                       for p, y in zip(s.paths, s.labels)}
             self._add_label_issues()
             self._add_predictions()
@@ -212,6 +248,74 @@ class Review(Background):
                     why = finding.message + (f" (with {', '.join(others)})" if others else "")
                     self._add(group, path, split.get(path, "?"), labels.get(path), why, by_location)
 
+    def _index_rows(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """Where each image of the tables is written: key -> split -> (table, path cell).
+        Tables outside the data folder, and rows naming images outside it, cannot be edited."""
+        from graftkit.data.folder import table_image
+        from graftkit.data.table_edit import row_cells
+        from graftkit.errors import DataError
+
+        rows: dict[str, dict[str, tuple[str, str]]] = {}
+        for split, table in self.tables.items():
+            where = _rel(table, self.folder)
+            if where is None or not within(table, self.folder):
+                continue
+            try:
+                cells = row_cells(table)
+            except DataError:
+                continue
+            for cell in cells:
+                image = table_image(table, cell, None)
+                key = self._key(image) if image else None
+                if key is not None:
+                    rows.setdefault(key, {}).setdefault(split, (where, cell))
+        return rows
+
+    def _row(self, key: str) -> tuple[str, str]:
+        """``(table, path cell)`` of a listed image of table data: the table of its split."""
+        where = self.rows.get(key)
+        if not where:
+            raise ReviewError(f"{key} is in no table inside {self.folder}: edit its row by hand",
+                              409)
+        return where.get(self.items[key].split) or next(iter(where.values()))
+
+    def labels_now(self, key: str) -> list[str] | None:
+        """The labels the table holds for a listed image now (None: not in an editable row)."""
+        from graftkit.data.table_edit import cell_labels
+        from graftkit.errors import DataError
+
+        try:
+            table, row = self._row(key)
+            cell = self._cells(table).get(row)
+        except (ReviewError, DataError, OSError):
+            return None
+        return None if cell is None else cell_labels(cell, self.sep)
+
+    def _cells(self, table: str) -> dict[str, str]:
+        """A table's rows (path cell -> label cell), read again only when the file changed."""
+        from graftkit.data.table_edit import row_cells
+
+        path = self.folder / table
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._read_tables.get(table)
+        if cached is None or cached[0] != stamp:
+            cached = self._read_tables[table] = (stamp, row_cells(path))
+        return cached[1]
+
+    def _key(self, path: str) -> str | None:
+        """A listed image's key: its path inside the data folder. A table may name images
+        elsewhere: their rows are edited all the same, under a key made from the path."""
+        rel = _rel(path, self.folder)
+        if rel is not None or not self.tables:
+            return rel
+        import hashlib
+
+        full = os.path.abspath(path)
+        key = f"{ELSEWHERE}/{hashlib.sha256(full.encode('utf-8')).hexdigest()[:16]}"
+        self.elsewhere[key] = full
+        return key
+
     def _shown(self, path: str) -> str:
         rel = _rel(path, self.folder)
         return rel if rel is not None else str(path)
@@ -219,7 +323,7 @@ class Review(Background):
     def _add(self, group: str, path: str, split: str, label: str | None, why: str,
              by_location: dict[str, str] | None = None) -> Item:
         rel = _rel(path, self.folder)
-        key = rel if rel is not None else f"outside/{len(self.items)}"
+        key = self._key(path) or f"outside/{len(self.items)}"
         key = (by_location or {}).get(key, key)
         item = self.items.get(key)
         if item is None:
@@ -265,6 +369,9 @@ class Review(Background):
         except (RunError, OSError, ValueError):
             return
         rows.sort(key=lambda r: -float(r["loss"]))
+        if self.multi_label:
+            self._add_label_set_predictions(rows)
+            return
         wrong = [r for r in rows if r["label"] != r["predicted"]]
         shown = wrong + [r for r in rows[:TOP_LOSSES] if r["label"] == r["predicted"]]
         shown.sort(key=lambda r: -float(r["loss"]))
@@ -276,6 +383,21 @@ class Review(Background):
                    f"right, but unsure: {r['label']} at {float(r['true_probability']):.2f}")
             item = self._add("top_losses", path, "val", r["label"], f"{why}; loss {loss:.2f}")
             item.predicted, item.probability, item.loss = r["predicted"], p, loss
+
+    def _add_label_set_predictions(self, rows: list[dict]) -> None:
+        """Multi-label runs: the validation images with the largest losses (most of them with
+        labels the model missed or added), each with what it would add and take away."""
+        for r in rows[:2 * TOP_LOSSES]:
+            given, said = r["labels"].split(), r["predicted"].split()
+            missed = [x for x in given if x not in said]
+            added = [x for x in said if x not in given]
+            parts = ([f"missed: {', '.join(missed)}"] if missed else []) + \
+                ([f"added: {', '.join(added)}"] if added else [])
+            why = "; ".join(parts) or "right, but unsure"
+            item = self._add("top_losses", self._here(r["path"]), "val", r["labels"],
+                             f"{why}; loss {float(r['loss']):.2f}")
+            item.predicted, item.loss = r["predicted"] or "(no label)", float(r["loss"])
+            item.added, item.missed = added, missed
 
     # --- where listed files are now ------------------------------------------------------------
 
@@ -300,8 +422,8 @@ class Review(Background):
         if key not in self.items or self.root is None or key.startswith("outside/"):
             raise ReviewError("not an image this review lists", 404)
         now = (history or self.history()).where(key)
-        path = self.root / now
-        if not within(path, self.root):
+        path = Path(self.elsewhere[key]) if key in self.elsewhere else self.root / now
+        if key not in self.elsewhere and not within(path, self.root):
             raise ReviewError("refused: the file leads outside the data folder (symbolic link)", 403)
         if not path.is_file():
             raise ReviewError(f"{now} is no longer in the data folder", 404)
@@ -326,6 +448,11 @@ class Review(Background):
 
     def _relabel(self, journal: Journal, key: str, to: str, history: History) -> dict:
         """``relabel`` under the locks."""
+        if self.tables:
+            if self.multi_label:
+                raise ReviewError("this run has several labels per image: add or remove a "
+                                  "label instead", 409)
+            return self._edit(journal, key, lambda labels: [to])
         now = self.file(key, history).relative_to(self.folder).as_posix()
         split, label, rest = self._parts(now)
         if label == to and not now.startswith(SET_ASIDE + "/"):
@@ -360,9 +487,43 @@ class Review(Background):
         return {"accepted": len(done), "actions": [_public(a) for a in done],
                 "problems": problems}
 
+    def edit_label(self, key: str, label: str, present: bool) -> dict:
+        """Add ``label`` to a listed image's row of a multi-label table (``present``), or
+        take it away."""
+        journal = self._writable()
+        if not self.multi_label:
+            raise ReviewError("this run has one label per image: relabel it instead", 409)
+        if label not in self.classes:
+            raise ReviewError(f"unknown label {label!r}: choose one of {', '.join(self.classes)}")
+
+        def change(labels: list[str]) -> list[str]:
+            if (label in labels) == present:
+                raise ReviewError(f"the image {'has' if present else 'does not have'} the "
+                                  f"label {label} already", 409)
+            return [x for x in labels if x != label] + ([label] if present else [])
+
+        with self.lock, journal.locked():
+            return self._edit(journal, key, change)
+
+    def _edit(self, journal: Journal, key: str, change) -> dict:
+        """The labels of a listed image's table row, changed by ``change`` (under the locks)."""
+        if key not in self.items:
+            raise ReviewError("not an image this review lists", 404)
+        table, row = self._row(key)
+        before = self.labels_now(key)
+        if before is None:
+            raise ReviewError(f"{table} has no row for {row} any more: edit it by hand", 409)
+        after = change(before)
+        if sorted(after) == before:
+            raise ReviewError(f"the image is already labelled {' '.join(before)}", 409)
+        return journal.edit(key, table, row, self.sep, before, after)
+
     def set_aside(self, key: str) -> dict:
         """Move a listed image into ``.graft-set-aside/``, out of every later scan."""
         journal = self._writable()
+        if self.tables:
+            raise ReviewError("the data is a table: to leave an image out, delete its row from "
+                              "the table (the review edits labels only)", 409)
         with self.lock, journal.locked():
             now = self.file(key, journal.history()).relative_to(self.folder).as_posix()
             if now.startswith(SET_ASIDE + "/"):
@@ -395,11 +556,22 @@ class Review(Background):
         stack = history.stacks.get(key, [])
         now = history.where(key) if not key.startswith("outside/") else None
         aside = bool(now and now.startswith(SET_ASIDE + "/"))
-        label = self._parts(now)[1] if now else item.label
-        status = "set aside" if aside else (f"relabelled {item.label} -> {label}"
-                                            if label != item.label else "")
-        return {"key": key, "path": now or key, "split": item.split, "label": item.label,
+        if self.tables:
+            held = self.labels_now(key) if now else None
+            label = " ".join(held) if held is not None else item.label
+            given = sorted(item.label.split()) if self.multi_label else [item.label]
+            status = f"edited: {item.label or '(none)'} -> {label or '(none)'}" \
+                if held is not None and held != given else ""
+        else:
+            held = None
+            label = self._parts(now)[1] if now else item.label
+            status = "set aside" if aside else (f"relabelled {item.label} -> {label}"
+                                                if label != item.label else "")
+        return {"key": key, "path": self.elsewhere.get(key) or now or key, "split": item.split,
+                "label": item.label,
                 "now": label, "status": status, "predicted": item.predicted,
+                "labels": held, "editable": held is not None,
+                "added": item.added, "missed": item.missed,
                 "probability": item.probability, "loss": item.loss,
                 "suggested": item.suggested, "p_suggested": item.p_suggested,
                 "p_given": item.p_given, "rank": item.rank,
@@ -420,6 +592,9 @@ class Review(Background):
                    "the moves they recorded cannot be undone from here") if bad else ""
         return {"state": self.state, "message": self.message, "data": data,
                 "root": str(self.root or ""), "can_move": self.can_move,
+                "mode": "table" if self.tables else "folders", "multi_label": self.multi_label,
+                "tables": {split: _rel(t, self.folder) or str(t)
+                           for split, t in self.tables.items()} if self.root else {},
                 "read_only": self.why_read_only, "classes": self.classes, "groups": groups,
                 "actions": [_public(a) for a in history.standing()],
                 "journal_problem": problem,
