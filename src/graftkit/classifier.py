@@ -11,7 +11,6 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,60 +21,15 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.frozen.cut import SplitClassifier
+    from graftkit.outputs.heatmaps import FeatureMaps
     from graftkit.outputs.open_set import OpenSet
 
 from graftkit import defaults
 from graftkit.errors import DataError, UsageError
+from graftkit.outputs.answers import Explanation, Prediction, Predictions
 from graftkit.outputs.record import RunRecord
 
-
-@dataclass
-class Prediction:
-    """One image's answer: the closest class, its probability and the ``top_k`` (label, p)
-    pairs; ``known`` is False when the image is unlike the training images (its ``ood_score``,
-    higher = less like them, is above the run's threshold); ``label`` stays the closest class.
-
-    In a multi-label run, ``labels`` are the labels given (each above its threshold, most
-    likely first; possibly none) and ``probabilities`` every label's; ``label`` is the most
-    likely one (given or not).
-    """
-
-    path: str
-    label: str
-    probability: float
-    top_k: list[tuple[str, float]]
-    known: bool = True
-    ood_score: float | None = None
-    labels: list[str] | None = None
-    probabilities: dict[str, float] | None = None
-
-    def as_dict(self) -> dict:
-        out = {"path": self.path, "label": self.label, "probability": self.probability,
-               "top_k": [[lab, p] for lab, p in self.top_k], "known": self.known,
-               "ood_score": self.ood_score}
-        if self.labels is not None:
-            out.update(labels=self.labels, probabilities=self.probabilities)
-        return out
-
-    def __str__(self) -> str:
-        if self.labels is not None:
-            said = ", ".join(f"{x} {self.probabilities[x]:.2f}"  # type: ignore[index]
-                             for x in self.labels) or "no label"
-            return said if self.known else f"unknown (closest: {said})"
-        if self.known:
-            return self.label
-        return f"unknown (closest: {self.label} {self.probability:.2f})"
-
-
-class Predictions(list):
-    """``predict``'s answers, a list of ``Prediction``; ``skipped``: the files that could not be
-    read (``{"path", "reason"}``), left out of the list."""
-
-    skipped: list[dict[str, str]]
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.skipped = []
+__all__ = ["Classifier", "Explanation", "Prediction", "Predictions", "load", "parse_reject"]
 
 
 def parse_reject(value) -> str | float:
@@ -131,6 +85,7 @@ class Classifier:
         self._split_made = False  # the fast path is looked for once, on the first call
         self._split: SplitClassifier | None = None
         self._calls: dict = {}  # compiled functions of models that do not split
+        self._maps: FeatureMaps | None = None  # explain's feature maps, built on first use
 
     @property
     def multi_label(self) -> bool:
@@ -344,6 +299,85 @@ class Classifier:
             probs, ood, _ = self._scored(inputs, batch_size, tta, progress)
             out.extend(self.answers(inputs.names, probs, ood, top_k, reject))
         return out
+
+    def explain(self, images, label: str | None = None, k: int = defaults.EXPLAIN_CLOSEST,
+                top_k: int = 1, batch_size: int = defaults.BATCH_SIZE,
+                reject: str | float = "auto", progress=None) -> list[Explanation]:
+        """Why each image got its answer: where the model looked and which training images it
+        resembles.
+
+        Args:
+            images: anything ``predict`` takes.
+            label: the class (or label) to explain; None: the predicted one (in a multi-label
+                run, each label given, or the likeliest when none is).
+            k: closest training images per image. Defaults to 3.
+            top_k, batch_size, reject, progress: as in ``predict``.
+
+        Returns:
+            One ``Explanation`` per readable image: the prediction (from the same pass), a
+            heatmap per explained label at the model's input size, and the closest training
+            images. The list's ``skipped`` names the files that could not be read.
+        """
+        from graftkit.outputs.closest import Closest
+        from graftkit.outputs.heatmaps import explain_batch
+
+        parse_reject(reject)
+        if label is not None and label not in self.classes:
+            raise UsageError(f"unknown label {label!r}: the run knows {', '.join(self.classes)}")
+        inputs = self._gathered(images)
+        bank = Closest.load(self.run_dir) if k > 0 else None
+        out = Predictions()
+        out.skipped = inputs.skipped
+        runner = self._feature_maps()
+        kernel, bias = self.model.get_layer("head_dense").get_weights()
+        runner.plan(len(inputs.names))
+        for first in range(0, len(inputs.names), batch_size):
+            rows = range(first, min(first + batch_size, len(inputs.names)))
+            pixels = np.stack([self._pixels(inputs, i) for i in rows])
+            batch = explain_batch(runner(pixels), kernel, bias, self.multi_label)
+            ood = self._ood_of(batch.features, batch.probs, batch.logits)
+            answers = self.answers([inputs.names[i] for i in rows], batch.probs, ood, top_k,
+                                   reject)
+            closest = bank.query(batch.features, k) if bank is not None else None
+            for j, answer in enumerate(answers):
+                wanted = [label] if label is not None else (
+                    (answer.labels or [answer.label]) if self.multi_label else [answer.label])
+                heat, peaks = batch.heatmaps(j, [self.classes.index(x) for x in wanted],
+                                             self.image_size)
+                out.append(Explanation(answer, dict(zip(wanted, heat)), pixels[j],
+                                       closest[j] if closest is not None else None,
+                                       dict(zip(wanted, peaks))))
+            if progress is not None:
+                progress(rows[-1] + 1, len(inputs.names))
+        return out
+
+    def _pixels(self, inputs, i: int) -> np.ndarray:
+        from graftkit.data.images import load_image
+
+        path = inputs.paths[i]
+        return load_image(path, self.image_size) if path is not None else inputs.pixels[i]
+
+    def _feature_maps(self):
+        """The base's last feature map on the run's engine (built once)."""
+        if self._maps is None:
+            from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
+            from graftkit.frozen.cut import cut_blocks
+            from graftkit.outputs.heatmaps import FeatureMaps
+
+            options = self.record.options
+            top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
+                               options.get("mode"))
+            entry = REGISTRY.get(self.record.backbone or "")
+            self._maps = FeatureMaps(self.model, entry.block_pattern if entry
+                                     else GENERIC_BLOCK_PATTERN, top_n, self.record.engine_key)
+            self._maps.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
+        return self._maps
+
+    def _ood_of(self, features: np.ndarray, probs: np.ndarray,
+                logits: np.ndarray) -> np.ndarray | None:
+        if self.open_set is None:
+            return None
+        return self.open_set.scores(features, probs, logits)
 
     def suggest(self, images, order: str = "diverse", reject: str | float = "auto",
                 batch_size: int = defaults.BATCH_SIZE, progress=None) -> Predictions:

@@ -160,6 +160,8 @@ CALIBRATE = "auto"  # temperature scaling, kept only when it lowers the held-out
 OPEN_SET_METHOD = "knn"  # measured against msp/energy/mahalanobis: benchmarks/open_set.py
 OPEN_SET_K = 5
 OPEN_SET_MAX_BANK = 20000  # training images kept for the kNN score (a fixed sample beyond): 51 MB
+CLOSEST_MAX_IMAGES = 5000  # training images kept for "closest training images" (a fixed sample beyond)
+EXPLAIN_CLOSEST = 3  # closest training images shown beside an explanation
 OPEN_SET_KEEP = 0.95  # the threshold keeps this share of the validation images
 
 # graft serve

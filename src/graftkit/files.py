@@ -33,6 +33,22 @@ def prepare_output_file(path: str | os.PathLike, option: str = "--output") -> Pa
 
 
 
+def prepare_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """A folder the user names for files to come, checked before the work: made, writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file: pass a folder for the files")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write into {option} {path}: {exc.strerror or exc}; choose "
+                         "another folder") from None
+    return path
+
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

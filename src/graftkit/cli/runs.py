@@ -23,7 +23,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def preflight_predict(args) -> None:
-    from graftkit.files import prepare_output_file
+    from graftkit.files import prepare_output_dir, prepare_output_file
     from graftkit.outputs.run import read_run
 
     if args.top_k < 1:
@@ -39,6 +39,8 @@ def preflight_predict(args) -> None:
             raise DataError(f"no such file or folder: {path}")
     if args.output:  # before the work: a bad path must not cost every prediction
         prepare_output_file(args.output)
+    if args.explain:
+        prepare_output_dir(args.explain, "--explain")
 
 
 def cmd_predict(args) -> int:
@@ -52,12 +54,23 @@ def cmd_predict(args) -> int:
     if not images.names:
         raise UsageError("no readable image among the given paths")
     top_k = min(args.top_k, len(clf.classes))
-    preds = clf.predict(images, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
-                        progress=_progress, reject=args.reject)
+    explained = None
+    if args.explain:
+        explained = clf.explain(images, top_k=top_k, batch_size=args.batch_size,
+                                reject=args.reject, progress=_progress)
+        preds = [e.prediction for e in explained]
+        heatmaps = _write_heatmaps(explained, Path(args.explain))
+    else:
+        preds = clf.predict(images, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
+                            progress=_progress, reject=args.reject)
     if clf.open_set_note:
         print(f"note: {clf.open_set_note}", file=sys.stderr)
     if args.format == "json":
-        text = "".join(json.dumps(p.as_dict(), ensure_ascii=False) + "\n" for p in preds)
+        records = [p.as_dict() for p in preds]
+        if explained is not None:
+            for record, e, files in zip(records, explained, heatmaps):
+                record.update(heatmaps=files, closest=_closest_rows(e.closest))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     elif args.format == "csv":
         import csv
         import io
@@ -66,14 +79,19 @@ def cmd_predict(args) -> int:
         w = csv.writer(buf, lineterminator="\n")
         multi = clf.multi_label
         w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"]
-                   + (["labels", *[f"p_{c}" for c in clf.classes]] if multi else []))
-        for p in preds:
+                   + (["labels", *[f"p_{c}" for c in clf.classes]] if multi else [])
+                   + (["heatmaps", "closest"] if explained is not None else []))
+        for i, p in enumerate(preds):
             w.writerow([p.path, p.label, f"{p.probability:.6f}",
                         ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k),
                         str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"]
                        + ([" ".join(p.labels or []),
                            *[f"{(p.probabilities or {})[c]:.6f}" for c in clf.classes]]
-                          if multi else []))
+                          if multi else [])
+                       + ([";".join(heatmaps[i].values()),
+                           ";".join(f"{c['path']}|{c['label']}|{c['similarity']:.4f}"
+                                    for c in _closest_rows(explained[i].closest) or [])]
+                          if explained is not None else []))
         text = buf.getvalue()
     elif clf.multi_label:
         rows = [[p.path, str(p), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
@@ -90,6 +108,8 @@ def cmd_predict(args) -> int:
             text += (f"{unknown} of {len(preds)} images unlike the training images (score above "
                      f"{clf.threshold(args.reject):.4g}): answered unknown with the closest "
                      "class\n")
+    if explained is not None and args.format == "table":
+        text += _closest_table(explained)
     if args.output:
         from graftkit.files import write_text
 
@@ -97,7 +117,51 @@ def cmd_predict(args) -> int:
         print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if explained is not None:
+        n = sum(len(files) for files in heatmaps)
+        print(f"wrote {n} heatmap(s) to {args.explain}", file=sys.stderr)
     return 0
+
+
+def _write_heatmaps(explained, folder: Path) -> list[dict[str, str]]:
+    """``FOLDER/<image>.<label>.jpg``: each image with its heatmap laid over it; the files
+    written per image (label -> path). Two images of one name get ``-1``, ``-2``..."""
+    from graftkit.files import atomic_write
+    from graftkit.outputs.heatmaps import jpeg_bytes, overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    out = []
+    for e in explained:
+        stem = Path(e.prediction.path).stem or "image"
+        name, n = stem, 0
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        files = {}
+        for label, heat in e.heatmaps.items():
+            path = folder / f"{name}.{label}.jpg"
+            data = jpeg_bytes(overlay(e.image, heat))
+            atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            files[label] = str(path)
+        out.append(files)
+    return out
+
+
+def _closest_rows(closest: list[dict] | None) -> list[dict] | None:
+    return None if closest is None else [
+        {"path": c["path"], "label": c["label"], "similarity": c["similarity"]} for c in closest]
+
+
+def _closest_table(explained) -> str:
+    if all(e.closest is None for e in explained):
+        return ("closest training images: this run has none stored (made by an older "
+                "graftkit): run graft fit again to get them\n")
+    rows = [[e.prediction.path, c["label"], f"{c['similarity']:.3f}", c["path"]]
+            for e in explained for c in e.closest or []]
+    return "\nclosest training images\n" + table(rows, ["image", "label", "similarity",
+                                                        "training image"]) + "\n"
 
 
 def _print_label_set_scores(result: dict) -> int:
@@ -246,6 +310,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                         "run's threshold (keeps 95%% of its validation images); none, never; "
                         "or a threshold in the score's units (metrics.json open_set)")
     p.add_argument("--output", help="write the predictions to this file instead of stdout")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write each image with a heatmap of where the model looked "
+                        "(DIR/<image>.<label>.jpg) and list the closest training images")
     add_unsafe(p)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 

@@ -53,7 +53,7 @@ def _node_in(model: keras.Model, layer) -> Any:
 
 
 
-def _cut_model(model: keras.Model, first: keras.layers.Layer):
+def cut_model(model: keras.Model, first: keras.layers.Layer):
     """``(bottom, top)`` of ``model`` cut just below ``first``, recursing into nested models."""
     outputs = model.outputs if len(model.outputs) > 1 else model.outputs[0]
     if first in model.layers:
@@ -66,7 +66,7 @@ def _cut_model(model: keras.Model, first: keras.layers.Layer):
         if isinstance(child, keras.Model) and any(
                 layer is first for layer in layers_within(child)):
             node = _node_in(model, child)
-            inner = _cut_model(child, first)
+            inner = cut_model(child, first)
             if node is None or inner is None or len(node.input_tensors) != 1:
                 return None
             inner_bottom, inner_top = inner
@@ -94,7 +94,7 @@ def _weighted_leaves(model) -> set[int]:
 
 
 
-def _first_above(groups: list, top_n: int):
+def first_above(groups: list, top_n: int):
     """The first layer of the top ``top_n`` blocks; None when there are not more blocks."""
     return groups[-top_n][0] if 0 < top_n < len(groups) else None
 
@@ -120,11 +120,11 @@ def split_base(base: keras.Model, block_pattern: str, top_n: int) -> BaseSplit |
     if top_n == 0:
         return BaseSplit(base, None, "output", 0)
     groups = block_groups(base, block_pattern)
-    first = _first_above(groups, top_n)
+    first = first_above(groups, top_n)
     if first is None:
         return None
     try:
-        parts = _cut_model(base, first)
+        parts = cut_model(base, first)
     except (ValueError, TypeError):
         return None
     if parts is None:
@@ -157,12 +157,12 @@ class SplitClassifier:
         from graftkit.graft import BASE, HEAD_DROPOUT
 
         if top_n > 0:
-            first = _first_above(block_groups(model.get_layer(BASE), block_pattern), top_n)
+            first = first_above(block_groups(model.get_layer(BASE), block_pattern), top_n)
             if first is None:
                 raise ValueError(f"cannot cut below {top_n} blocks")
         else:
             first = model.get_layer(HEAD_DROPOUT)
-        parts = _cut_model(model, first)
+        parts = cut_model(model, first)
         if parts is None:
             raise ValueError("no single tensor separates the top blocks")
         self.bottom, self.rest = parts

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from graftkit.data.folder import ImageFolder
     from graftkit.labels.issues import LabelIssues
+    from graftkit.outputs.closest import Closest
     from graftkit.outputs.open_set import OpenSet
     from graftkit.outputs.record import RunRecord
     from graftkit.progress import ProgressFactory
@@ -214,8 +215,10 @@ def _threshold_line(result: dict, threshold: float | str) -> str:
 
 def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: FinalScores,
               record: RunRecord, history: list[dict], log: Callable[[str], None],
-              issues: LabelIssues | None = None) -> list[str]:
-    """Every file of the run folder, ``metrics.json`` last; the training images' digests."""
+              issues: LabelIssues | None = None,
+              closest: tuple[Closest, np.ndarray] | None = None) -> list[str]:
+    """Every file of the run folder, ``metrics.json`` last; the training images' digests.
+    ``closest``: the training images' bank and thumbnails, for explanations."""
     from graftkit.files import write_json
     from graftkit.outputs import run
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
@@ -238,6 +241,8 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)
+    if closest is not None:
+        closest[0].save(run_dir, closest[1])
     if folder.multi_label:
         _write_label_sets(run_dir, folder, final)
     else:

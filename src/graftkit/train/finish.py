@@ -52,6 +52,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     from graftkit.classifier import Classifier
     from graftkit.frozen.engine import release_memory
     from graftkit.graft import weights_digest, with_features
+    from graftkit.outputs.closest import build as build_closest
 
     dist, model, folder = run.dist, built.model, data.folder
     digest = weights_digest(model)
@@ -72,6 +73,8 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     featured = with_features(model)  # [penultimate features, probabilities] in one pass
     fast, engine_key = _fast_path(built, cut, frozen, featured)
     train_features = _training_features(run, data, frozen, featured, fast)
+    closest = build_closest(train_features, folder.train.paths,
+                            [folder.label_text(y) for y in folder.train.labels], run.log)
     pretrained = _pretrained_features(built, cut, frozen)
     if frozen is not None:
         frozen.release()  # the cached rows are done with: free them before the last pass
@@ -82,7 +85,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
                         issues)
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
-                             run.log, issues)
+                             run.log, issues, closest)
     if dist.workers > 1:
         run.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     resume.checkpoint.remove()
