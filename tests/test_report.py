@@ -27,7 +27,13 @@ def test_report_is_self_contained(trained_run, capsys):
                     "Most confused pairs", "Top losses"):
         assert section in page
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # nothing from the network
-    assert page.count("data:image/jpeg;base64,") == 6  # every validation image (6 < 16)
+    # every validation image (6 < 16), each with where the model looked and 3 closest images
+    assert len(re.findall(r"<div class=tile(?: wrong)? why>|<div class='tile(?: wrong)? why'>",
+                          page)) >= 6
+    assert "id=least-confident>" in page
+    shown = page.count("class=heat")
+    assert shown >= 6 and page.count("class=near") == 3 * shown
+    assert "Grad-CAM++" in page
     assert "data:image/png;base64," in page  # the curves
     assert "mode auto" in page and "chose " in page  # what --mode decided, and why
 
@@ -90,3 +96,16 @@ def test_report_charts_render_with_their_axes(trained_run, tmp_path):
         for n in page.locator(".tile .n").all():
             assert n.bounding_box()["height"] < 20, n.inner_text()  # one line: never mid-digit
         browser.close()
+
+
+def test_a_copied_run_keeps_its_heatmaps_without_the_data(trained_run, tmp_path):
+    """The heatmaps and closest thumbnails live in the run folder: graft report on a copy,
+    with the data folder gone, still shows them (the photos themselves are then missing)."""
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(trained_run / "run", copy)
+    assert (copy / "explain" / "index.json").is_file() and (copy / "closest.jpg").is_file()
+    assert main(["report", str(copy)]) == 0
+    page = (copy / "report.html").read_text()
+    assert page.count("class=heat") >= 6 and "closest training images" in page

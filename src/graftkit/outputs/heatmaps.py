@@ -21,6 +21,7 @@ message saying so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -191,3 +192,43 @@ def jpeg_bytes(image: np.ndarray, quality: int = 88) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+EXPLAIN_DIR = "explain"  # the report's heatmaps, written at fit time
+EXPLAIN_INDEX = "index.json"
+REPORT_PX = 160  # side of a heatmap kept for the report
+
+
+def write_explanations(run_dir: Path, explained) -> None:
+    """``RUN/explain/``: each explained image's heatmaps (JPEG overlays) and closest training
+    images, indexed by the image's path, for the report and ``graft report`` (no model)."""
+    from PIL import Image
+
+    from graftkit.files import atomic_write, write_json
+
+    folder = Path(run_dir) / EXPLAIN_DIR
+    folder.mkdir(exist_ok=True)
+    index = {}
+    for i, e in enumerate(explained):
+        files = {}
+        for j, (label, heat) in enumerate(e.heatmaps.items()):
+            image = Image.fromarray(overlay(e.image, heat)).resize((REPORT_PX, REPORT_PX),
+                                                                   Image.Resampling.BILINEAR)
+            name = f"{i:03d}-{j}.jpg"
+            data = jpeg_bytes(np.asarray(image), quality=85)
+            atomic_write(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            files[label] = name
+        index[e.prediction.path] = {"predicted": e.prediction.label, "heatmaps": files,
+                                    "closest": e.closest}
+    write_json(folder / EXPLAIN_INDEX, index)
+
+
+def read_explanations(run_dir: Path) -> dict:
+    """``write_explanations``' index (empty for runs without one)."""
+    import json
+
+    path = Path(run_dir) / EXPLAIN_DIR / EXPLAIN_INDEX
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -1,8 +1,10 @@
 """``report.html``: one self-contained page (images embedded, no network) to see a run.
 
 Run card, training curves, confusion matrix, per-class precision/recall/F1, the most confused
-class pairs, and the validation images with the highest loss (fastai's "top losses"), each with
-its true label, predicted label and probability; the training and validation labels that look
+class pairs (with their images), and the validation images with the highest loss (fastai's "top
+losses"), each with its true label, predicted label and probability, the heatmap of where the
+model looked and the closest training images (from ``explain/``, written at fit time, so the
+page needs neither the model nor the data folder); the training and validation labels that look
 wrong, each with the class suggested instead.
 """
 
@@ -16,6 +18,8 @@ from pathlib import Path
 
 REPORT_FILE = "report.html"
 TOP_LOSSES = 16
+PAIRS_SHOWN = 5  # most confused pairs whose images are shown
+PAIR_IMAGES = 3  # images per pair
 LABEL_ISSUES_SHOWN = 32
 THUMBNAIL = 160
 
@@ -32,6 +36,9 @@ text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .tile{width:170px;font-size:12px}.tile .n{white-space:nowrap}.tile .f{overflow-wrap:anywhere}
 .tile img{width:160px;height:160px;object-fit:cover;border:3px solid #bbb}
 .tile.wrong img{border-color:#c33}.bad{color:#c33}
+.tile.why{width:340px}.tile img.heat{border-color:#bbb;margin-left:4px}
+.closest{margin-top:3px}.near{display:inline-block;width:72px;vertical-align:top;
+overflow-wrap:anywhere}.near img{width:64px;height:64px;border:1px solid #ccc;display:block}
 .muted{color:#777}
 .cm td.d{background:#dbeafe;font-weight:600}
 """
@@ -154,35 +161,131 @@ def _image_tag(path: str) -> str:
             "<div class=muted>(image no longer readable)</div>")
 
 
-def _tile(r: dict) -> str:
-    img = _image_tag(r["path"])
-    wrong = r["label"] != r["predicted"]
-    return (f"<div class='tile{' wrong' if wrong else ''}'>{img}<div>true <b>{_e(r['label'])}</b></div>"
-            f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
-            f"<span class=n>({float(r['probability']):.3f})</span></div>"
-            f"<div class=muted><span class=n>true-class p {float(r['true_probability']):.3f}"
-            f"</span> &middot; <span class=n>loss {float(r['loss']):.3f}</span> &middot; "
-            f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
+class Why:
+    """The run's fit-time explanations (``explain/``): each shown image's heatmap and closest
+    training images, as embedded images. Empty for runs made before them."""
+
+    def __init__(self, run_dir: Path):
+        from graftkit.outputs.heatmaps import read_explanations
+
+        self.run_dir = run_dir
+        self.index = read_explanations(run_dir)
+        self._thumbs: dict[int, str | None] = {}
+
+    def heatmap(self, path: str, label: str | None = None) -> str:
+        from graftkit.outputs.heatmaps import EXPLAIN_DIR
+
+        entry = self.index.get(path)
+        if not entry or not entry["heatmaps"]:
+            return ""
+        label = label if label in entry["heatmaps"] else next(iter(entry["heatmaps"]))
+        data = self.run_dir / EXPLAIN_DIR / entry["heatmaps"][label]
+        if not data.is_file():
+            return ""
+        uri = "data:image/jpeg;base64," + base64.b64encode(data.read_bytes()).decode()
+        return f"<img class=heat src='{uri}' alt='where it looked for {_e(label)}' " \
+               f"title='where the model looked for {_e(label)}'>"
+
+    def closest(self, path: str) -> str:
+        entry = self.index.get(path)
+        if not entry or not entry.get("closest"):
+            return ""
+        cells = []
+        for c in entry["closest"]:
+            uri = self._thumb(int(c["index"]))
+            img = f"<img src='{uri}' alt=''>" if uri else ""
+            cells.append(f"<span class=near title='{_e(Path(c['path']).name)}'>{img}"
+                         f"{_e(c['label'])} {c['similarity']:.2f}</span>")
+        return (f"<div class=closest><div class=muted>closest training images</div>"
+                f"{''.join(cells)}</div>")
+
+    def _thumb(self, index: int) -> str | None:
+        if index not in self._thumbs:
+            from graftkit.outputs.closest import thumbnail
+            from graftkit.outputs.heatmaps import jpeg_bytes
+
+            try:
+                data = jpeg_bytes(thumbnail(self.run_dir, index), quality=80)
+                self._thumbs[index] = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+            except (OSError, IndexError):
+                self._thumbs[index] = None
+        return self._thumbs[index]
 
 
-def _top_losses(predictions: list[dict]) -> str:
-    """Wrong predictions first (highest loss first), then the right ones it was least sure of."""
+def shown_top_losses(predictions: list[dict]) -> tuple[list[dict], list[dict], int, int]:
+    """The report's top losses: ``(wrong shown, right shown, wrong, right)``; wrong ones first
+    (highest loss first), then the right ones it was least sure of."""
     by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))
     wrong = [r for r in by_loss if r["label"] != r["predicted"]]
     right = [r for r in by_loss if r["label"] == r["predicted"]]
     shown_wrong = wrong[:TOP_LOSSES]
     shown_right = right[:max(TOP_LOSSES - len(shown_wrong), TOP_LOSSES // 2)]
-    parts = [f"<h3>Wrong predictions ({len(wrong)} of {len(predictions)}"
-             + (f", the {len(shown_wrong)} with the highest loss" if len(wrong) > len(shown_wrong)
+    return shown_wrong, shown_right, len(wrong), len(right)
+
+
+def confused_examples(m: dict, predictions: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """The most confused pairs' images: ``(true, predicted as, highest-loss images)``."""
+    out = []
+    for a, b, _ in confused_pairs(m, PAIRS_SHOWN):
+        rows = [r for r in predictions if r["label"] == a and r["predicted"] == b]
+        out.append((a, b, sorted(rows, key=lambda r: -float(r["loss"]))[:PAIR_IMAGES]))
+    return out
+
+
+def explained_paths(m: dict, predictions: list[dict]) -> list[str]:
+    """The validation images the report shows with a heatmap, in order, once each."""
+    if m.get("multi_label"):
+        rows = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
+    else:
+        wrong, right, _, _ = shown_top_losses(predictions)
+        rows = wrong + right + [r for _, _, rs in confused_examples(m, predictions) for r in rs]
+    return list(dict.fromkeys(r["path"] for r in rows))
+
+
+def _tile(r: dict, why: Why) -> str:
+    img = _image_tag(r["path"]) + why.heatmap(r["path"], r["predicted"])
+    wrong = r["label"] != r["predicted"]
+    return (f"<div class='tile{' wrong' if wrong else ''}{' why' if why.index else ''}'>{img}"
+            f"<div>true <b>{_e(r['label'])}</b></div>"
+            f"<div class={'bad' if wrong else ''}>predicted {_e(r['predicted'])} "
+            f"<span class=n>({float(r['probability']):.3f})</span></div>"
+            f"<div class=muted><span class=n>true-class p {float(r['true_probability']):.3f}"
+            f"</span> &middot; <span class=n>loss {float(r['loss']):.3f}</span> &middot; "
+            f"<span class=f>{_e(Path(r['path']).name)}</span></div>{why.closest(r['path'])}"
+            "</div>")
+
+
+def _why_note(why: Why) -> str:
+    if not why.index:
+        return ("<p class=muted>No heatmaps: this run has none stored (made by an older "
+                "graftkit); graft fit again to get them.</p>")
+    return ("<p class=muted>Beside each image: where the model looked for the class it "
+            "predicted (Grad-CAM++ on the base's last feature map: red is where it found the "
+            "most), and the training images it resembles most.</p>")
+
+
+def _top_losses(predictions: list[dict], why: Why) -> str:
+    """Wrong predictions first (highest loss first), then the right ones it was least sure of."""
+    shown_wrong, shown_right, wrong, right = shown_top_losses(predictions)
+    parts = [_why_note(why), f"<h3>Wrong predictions ({wrong} of {len(predictions)}"
+             + (f", the {len(shown_wrong)} with the highest loss" if wrong > len(shown_wrong)
                 else "") + ")</h3>"]
-    parts.append(f"<div class=grid id=wrong>{''.join(_tile(r) for r in shown_wrong)}</div>"
+    parts.append(f"<div class=grid id=wrong>{''.join(_tile(r, why) for r in shown_wrong)}</div>"
                  if shown_wrong else "<p class=muted>every validation image was predicted "
                                      "right.</p>")
-    parts.append(f"<h3>Right, but least confident ({len(shown_right)} of {len(right)}, the "
+    parts.append(f"<h3>Right, but least confident ({len(shown_right)} of {right}, the "
                  "lowest probability for the true class first)</h3>")
-    parts.append(f"<div class=grid id=least-confident>{''.join(_tile(r) for r in shown_right)}"
-                 "</div>")
+    parts.append("<div class=grid id=least-confident>"
+                 f"{''.join(_tile(r, why) for r in shown_right)}</div>")
     return f"<div id=top-losses>{''.join(parts)}</div>"
+
+
+def _pair_images(m: dict, predictions: list[dict], why: Why) -> str:
+    """The images behind the most confused pairs, each with where the model looked."""
+    parts = [f"<h3>{_e(a)} predicted as {_e(b)}</h3>"
+             f"<div class=grid>{''.join(_tile(r, why) for r in rows)}</div>"
+             for a, b, rows in confused_examples(m, predictions) if rows]
+    return f"<div id=confused-images>{''.join(parts)}</div>" if parts else ""
 
 
 def _issue_tile(issue) -> str:
@@ -394,15 +497,16 @@ def _missed_added(predictions: list[dict]) -> str:
             f"</tr>{rows}</table>")
 
 
-def _label_set_tile(r: dict) -> str:
-    img = _image_tag(r["path"])
+def _label_set_tile(r: dict, why: Why) -> str:
+    img = _image_tag(r["path"]) + why.heatmap(r["path"])
     truth, said = set(r["labels"].split()), set(r["predicted"].split())
     chips = " ".join(
         f"<span class={'bad' if x not in truth else ''}>{_e(x)}</span>" for x in sorted(said))
     return (f"<div class='tile{' wrong' if truth != said else ''}'>{img}<div>labels "
             f"<b>{_e(' '.join(sorted(truth)) or '(none)')}</b></div><div>given {chips or '(none)'}"
             f"</div><div class=muted><span class=n>loss {float(r['loss']):.3f}</span> &middot; "
-            f"<span class=f>{_e(Path(r['path']).name)}</span></div></div>")
+            f"<span class=f>{_e(Path(r['path']).name)}</span></div>{why.closest(r['path'])}"
+            "</div>")
 
 
 def _label_calibration(m: dict) -> str:
@@ -431,6 +535,7 @@ def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
 
     by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
     curves = _png_data_uri(run_dir / PR_CURVES_FILE)
+    why = Why(run_dir)
     return (f"<h2>Per label: average precision, threshold, precision and recall</h2>"
             f"{_per_label(m['multi_label'])}"
             "<h2>Precision-recall curves (validation; the dot: each label's threshold)</h2>"
@@ -443,7 +548,8 @@ def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
             f"<h2>Unknown images: the open-set score of the validation images</h2>"
             f"{_open_set(m, predictions)}"
             f"<h2>Top losses: the validation images whose labels the model fits worst</h2>"
-            f"<div class=grid id=top-losses>{''.join(_label_set_tile(r) for r in by_loss)}"
+            f"{_why_note(why).replace('the class it predicted', 'its likeliest label')}"
+            f"<div class=grid id=top-losses>{''.join(_label_set_tile(r, why) for r in by_loss)}"
             "</div>")
 
 
@@ -470,15 +576,16 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
         headline = _label_set_headline(metrics)
         details = _label_set_body(metrics, predictions, run_dir)
     else:
+        why = Why(run_dir)
         headline = f"{_headline(metrics)}\n{_test(metrics)}"
         details = f"""<h2>Confusion matrix (validation)</h2>{_confusion(metrics)}
 <h2>Per-class precision, recall, F1</h2>{_per_class(metrics)}
-<h2>Most confused pairs</h2>{_pairs(metrics)}
+<h2>Most confused pairs</h2>{_pairs(metrics)}{_pair_images(metrics, predictions, why)}
 <h2>Calibration: are the probabilities right?</h2>{_calibration(metrics)}
 <h2>Unknown images: the open-set score of the validation images</h2>
 {_open_set(metrics, predictions)}
 <h2>Top losses: validation images the model gets wrong, then those it is least sure of</h2>
-{_top_losses(predictions)}
+{_top_losses(predictions, why)}
 <h2>Likely wrong labels: given &rarr; suggested</h2>{_label_issues(run_dir, metrics)}"""
     page = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>

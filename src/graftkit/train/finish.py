@@ -89,7 +89,30 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     if dist.workers > 1:
         run.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     resume.checkpoint.remove()
-    return Classifier(model, folder.classes, record, run.run_dir, train_digests=train_sha256)
+    clf = Classifier(model, folder.classes, record, run.run_dir, train_digests=train_sha256)
+    _explain_report(run, clf)
+    return clf
+
+
+def _explain_report(run: RunContext, clf: Classifier) -> None:
+    """The report's heatmaps and closest training images (``explain/``), then the report again
+    with them. The run is complete before this: a failure here costs the heatmaps only."""
+    from graftkit.outputs.heatmaps import write_explanations
+    from graftkit.outputs.report import build_report, explained_paths
+    from graftkit.outputs.run import read_predictions
+
+    start = time.perf_counter()
+    try:
+        paths = explained_paths(clf.metrics, read_predictions(run.run_dir))
+        if not paths:
+            return
+        write_explanations(run.run_dir, clf.explain(paths))
+        build_report(run.run_dir, clf.metrics)
+    except Exception as exc:  # noqa: BLE001 - said, and the run stands without heatmaps
+        run.log(f"report: no heatmaps ({type(exc).__name__}: {exc})")
+        return
+    run.log(f"report: heatmaps and closest training images of {len(paths)} validation images "
+            f"({time.perf_counter() - start:.1f} s)")
 
 
 def _fast_path(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
