@@ -97,6 +97,32 @@ def test_predict_matches_graft_predict(service, client, trained_run):
                .json()["predictions"][0]["top_k"]) == 1
 
 
+def test_predict_explain_adds_heatmaps_and_the_closest_images(service, client, trained_run):
+    """explain=1: the same answer, with each label's heatmap as a small PNG to lay over the
+    image and the closest training images with their thumbnails."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    split = json.loads((trained_run / "run" / "split.json").read_text())
+    f = Path(next(path for path, label in split["train"] if label == "class_1"))
+    plain = client.post("/predict", files={"file": (f.name, f.read_bytes())}).json()
+    r = client.post("/predict?explain=1", files={"file": (f.name, f.read_bytes())})
+    assert r.status_code == 200, r.text
+    got, want = r.json()["predictions"][0], plain["predictions"][0]
+    assert got["label"] == want["label"] and got["path"] == f.name
+    assert got["top_k"][0][1] == pytest.approx(want["top_k"][0][1], abs=1e-4)
+    assert list(got["heatmaps"]) == [got["label"]]
+    heat = Image.open(io.BytesIO(base64.b64decode(got["heatmaps"][got["label"]])))
+    assert heat.size == (96, 96) and heat.mode == "RGBA"
+    assert len(got["closest"]) == 3 and got["closest"][0]["name"] == f.name  # itself first
+    assert got["closest"][0]["similarity"] == pytest.approx(1.0, abs=5e-3)
+    thumb = Image.open(io.BytesIO(base64.b64decode(got["closest"][0]["thumbnail"])))
+    assert thumb.size == (64, 64)
+    assert "heatmaps" not in want  # only when asked
+
+
 def test_info_health_schema_and_pages(client, service):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/info").json()
@@ -461,6 +487,23 @@ def test_both_pages_in_headless_chromium(trained_run, tmp_path):
             assert card.get_attribute("data-label") == want.label
             assert card.locator(".label").inner_text() == str(want)
             assert card.locator(".bar").count() == 3
+            card.locator("button.why").click()  # where it looked, and what it resembles
+            page.wait_for_selector(".card .view img.heat", timeout=60_000)
+            heat = card.locator(".view img.heat")
+            assert heat.get_attribute("data-label") == want.label
+            assert heat.get_attribute("src").startswith("data:image/png;base64,")
+            until(page, "() => { const i = document.querySelector('.card .view img.heat');"
+                        " return i.complete && i.naturalWidth === 96; }")
+            assert page.evaluate("() => getComputedStyle(document.querySelector("
+                                 "'.card .view img.heat')).backgroundColor") == \
+                "rgba(0, 0, 0, 0)"  # the photo shows through the heatmap's clear parts
+            assert card.locator(".closest figure").count() == 3
+            until(page, "() => [...document.querySelectorAll('.card .closest img')]"
+                        ".every(i => i.complete && i.naturalWidth === 64)")
+            card.locator("button.toggle-heat").click()
+            assert heat.is_hidden() and card.locator(".view img").first.is_visible()
+            card.locator("button.toggle-heat").click()
+            assert heat.is_visible()
             page.click("#webcam")
             until(page, "() => document.getElementById('video').videoWidth > 0")
             page.click("#snap")

@@ -174,13 +174,26 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     return mixed.clip(0, 255).astype(np.uint8)
 
 
+def heat_png(heat: np.ndarray, px: int = 96) -> bytes:
+    """The heatmap alone as a small RGBA PNG (its colour, opaque where the model looked):
+    what a page lays over the image it already shows."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(
+        (px, px), Image.Resampling.BILINEAR), dtype=np.float32).clip(0.0, 1.0)
+    rgba = colormaps["jet"](small)
+    rgba[..., 3] = 0.15 + 0.55 * small
+    return png_bytes((rgba * 255).round().astype(np.uint8))
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    Image.fromarray(image).save(buf, format="PNG", optimize=True)  # RGB or RGBA
     return buf.getvalue()
 
 

@@ -73,6 +73,13 @@ class Error(BaseModel):
     detail: str = Field(description="what went wrong and what to do")
 
 
+class ClosestOut(BaseModel):
+    label: str
+    similarity: float = Field(description="cosine similarity of the model's features")
+    name: str = Field(description="the training image's file name")
+    thumbnail: str = Field(description="a base64 JPEG, 64 px")
+
+
 class PredictionOut(BaseModel):
     path: str
     label: str
@@ -84,6 +91,12 @@ class PredictionOut(BaseModel):
         None, description="multi-label runs: the labels above their thresholds, most likely first")
     probabilities: dict[str, float] | None = Field(
         None, description="multi-label runs: every label's probability")
+    heatmaps: dict[str, str] | None = Field(
+        None, description="explain=1: label -> where the model looked for it, a base64 RGBA "
+                          "PNG (96 px) to lay over the image")
+    closest: list[ClosestOut] | None = Field(
+        None, description="explain=1: the training images most like this one (null: the run "
+                          "keeps none)")
 
 
 class Predictions(BaseModel):
@@ -375,6 +388,7 @@ class DecodeSlots:
 def _prediction_routes(app: FastAPI, service) -> None:
     from graftkit.classifier import parse_reject
     from graftkit.errors import UsageError
+    from graftkit.outputs.heatmaps import NoFeatureMap
 
     slots = DecodeSlots(max(1, os.cpu_count() or 1))
 
@@ -398,9 +412,13 @@ def _prediction_routes(app: FastAPI, service) -> None:
                 description=f"one to {service.max_files} images (JPEG, PNG, BMP, GIF or WebP)")],
             top_k: Annotated[int, Query(ge=1, le=1000, description="labels per image")] = 3,
             reject: Annotated[str, Query(description="auto, none or a finite threshold")]
-            = "auto"):
+            = "auto",
+            explain: Annotated[bool, Query(description="also where the model looked "
+                                           "(heatmaps) and the closest training images")]
+            = False):
         """Labels of uploaded images: one object per file, in order, with the fields of a
-        ``graft predict --format json`` line (``path`` is the uploaded file's name)."""
+        ``graft predict --format json`` line (``path`` is the uploaded file's name); with
+        ``explain=1`` also each answer's heatmaps and closest training images."""
         try:
             parse_reject(reject)
         except UsageError as exc:
@@ -415,6 +433,13 @@ def _prediction_routes(app: FastAPI, service) -> None:
                 except BadUpload as exc:
                     return JSONResponse({"detail": str(exc)}, status_code=400)
             del data
+        if explain:
+            try:
+                explained = await run_in_threadpool(service.explain, np.stack(rows), names,
+                                                    top_k, reject)
+            except NoFeatureMap as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=400)
+            return {"predictions": explained}
         probs, ood = await asyncio.wrap_future(service.batcher.submit(np.stack(rows)))
         answers = service.classifier.answers(names, probs, ood, top_k, reject)
         return {"predictions": [a.as_dict() for a in answers]}

@@ -111,6 +111,8 @@ class Service:
             self.inbox = Inbox(inbox, self.review, self.classifier)
             self.inbox.start()
         self.max_upload_mb, self.max_pixels, self.max_files = max_upload_mb, max_pixels, max_files
+        self._explaining = threading.Lock()
+        self._thumbs: dict[int, str] = {}  # closest training images' thumbnails, as sent
         self.header_timeout, self.max_connections = header_timeout, max_connections
         body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
         self.guard = Guard(body, self.token, port, hosts, log)
@@ -156,7 +158,9 @@ class Service:
         old = self.batcher
         review = Review(run_dir, classifier.classes, classifier.record, self.review.source)
         review.start()
-        self.classifier, self.run_dir = classifier, Path(run_dir)
+        with self._explaining:  # an explanation in flight finishes with the old run
+            self.classifier, self.run_dir = classifier, Path(run_dir)
+            self._thumbs = {}
         self.batcher = Batcher(classifier.scored_pixels, old.max_batch, old.max_wait)
         self.review = review
         if self.inbox is not None:
@@ -168,6 +172,40 @@ class Service:
         accuracy = classifier.record.val_accuracy
         return (f"now serving {run_dir}" + (f" (val accuracy {accuracy:.4f})"
                                             if isinstance(accuracy, float) else ""))
+
+    def explain(self, pixels: np.ndarray, names: list[str], top_k: int,
+                reject: str) -> list[dict]:
+        """``POST /predict?explain=1``: each answer with its heatmaps (base64 RGBA PNGs to lay
+        over the image) and closest training images (label, similarity, file name, a base64
+        JPEG thumbnail from the run folder). One at a time: the map engine is one interpreter."""
+        with self._explaining:
+            return self._explained(pixels, names, top_k, reject)
+
+    def _explained(self, pixels: np.ndarray, names: list[str], top_k: int,
+                   reject: str) -> list[dict]:
+        import base64
+
+        from graftkit.outputs.closest import thumbnail
+        from graftkit.outputs.heatmaps import heat_png, jpeg_bytes
+
+        explained = self.classifier.explain(pixels, top_k=top_k, reject=reject)
+        out = []
+        for name, e in zip(names, explained):
+            answer = e.prediction.as_dict()
+            answer["path"] = name
+            answer["heatmaps"] = {label: base64.b64encode(heat_png(heat)).decode()
+                                  for label, heat in e.heatmaps.items()}
+            closest = []
+            for c in e.closest or []:
+                if c["index"] not in self._thumbs:
+                    self._thumbs[c["index"]] = base64.b64encode(jpeg_bytes(
+                        thumbnail(self.run_dir, c["index"]), quality=80)).decode()
+                closest.append({"label": c["label"], "similarity": c["similarity"],
+                                "name": Path(c["path"]).name,
+                                "thumbnail": self._thumbs[c["index"]]})
+            answer["closest"] = closest if e.closest is not None else None
+            out.append(answer)
+        return out
 
     def info(self) -> dict:
         record = self.classifier.record

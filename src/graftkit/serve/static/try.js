@@ -75,10 +75,88 @@ async function classify(blob, name) {
       bars(card, p.top_k);
     }
     if (p.ood_score !== null) card.append(el("div", "name", `open-set score ${p.ood_score.toFixed(3)}`));
+    card.append(whyButton(card, img, blob, name));
   } catch (err) {
     status.className = "label error";
     status.textContent = "the server did not answer: " + err;
   }
+}
+
+// "Why?": the same image sent again with explain=1; the card then shows the image as the model
+// sees it (squared) with the heatmap over it (a toggle, and one button per label for multi-label
+// runs), and the three training images it resembles most.
+function whyButton(card, img, blob, name) {
+  const button = el("button", "why", "Why?");
+  button.title = "where the model looked, and the training images it resembles";
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    button.textContent = "looking...";
+    const form = new FormData();
+    form.append("file", blob, name);
+    let body, response;
+    try {
+      response = await fetch("/predict?top_k=3&explain=1", {method: "POST", body: form});
+      body = await response.json();
+    } catch (err) {
+      button.textContent = "the server did not answer: " + err;
+      return;
+    }
+    if (!response.ok) {
+      button.textContent = body.detail || `error ${response.status}`;
+      return;
+    }
+    button.remove();
+    showWhy(card, img, body.predictions[0], name);
+  });
+  return button;
+}
+
+function showWhy(card, img, p, name) {
+  const view = el("div", "view");
+  const photo = el("img");
+  photo.src = img.src;
+  photo.alt = `${name} as the model sees it`;
+  const heat = el("img", "heat");
+  view.append(photo, heat);
+  img.replaceWith(view);
+  const labels = Object.keys(p.heatmaps);
+  const show = (label) => {
+    heat.src = `data:image/png;base64,${p.heatmaps[label]}`;
+    heat.alt = heat.title = `where the model looked for ${label}`;
+    heat.dataset.label = label;
+  };
+  show(labels[0]);
+  const controls = el("div", "why-controls");
+  const toggle = el("button", "toggle-heat", "Hide heatmap");
+  toggle.addEventListener("click", () => {
+    heat.hidden = !heat.hidden;
+    toggle.textContent = heat.hidden ? "Show heatmap" : "Hide heatmap";
+  });
+  controls.append(toggle);
+  if (labels.length > 1) {
+    for (const label of labels) {
+      const b = el("button", "heat-label", label);
+      b.addEventListener("click", () => { show(label); heat.hidden = false; toggle.textContent = "Hide heatmap"; });
+      controls.append(b);
+    }
+  }
+  controls.append(el("div", "name", `where it looked for ${labels.join(", ")}`));
+  card.append(controls);
+  if (p.closest === null) {
+    card.append(el("div", "name", "closest training images: none kept in this run (fit it again to get them)"));
+    return;
+  }
+  const row = el("div", "closest");
+  row.append(el("div", "name", "closest training images"));
+  for (const c of p.closest) {
+    const figure = el("figure", "near");
+    const thumb = el("img");
+    thumb.src = `data:image/jpeg;base64,${c.thumbnail}`;
+    thumb.alt = thumb.title = c.name;
+    figure.append(thumb, el("figcaption", "", `${c.label} ${c.similarity.toFixed(2)}`));
+    row.append(figure);
+  }
+  card.append(row);
 }
 
 function send(files) {
