@@ -170,3 +170,31 @@ def test_predict_explain_writes_overlays_and_the_closest_images(trained_run, tmp
     (tmp_path / "file").write_text("x")
     assert main(["predict", str(run), some[0], "--explain", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_users_own_base_is_explained_through_the_pooling_graftkit_added(tmp_path):
+    """A base from a .keras file whose output is a 4-D map: graftkit pools it, and the
+    heatmap comes from that map; a run fine-tuned above a cut explains the same way."""
+    import keras
+
+    import graftkit
+    from tests.conftest import make_folder
+
+    x = keras.Input((32, 32, 3))
+    y = keras.layers.Rescaling(1 / 255)(x)
+    for i in range(3):
+        y = keras.layers.Conv2D(8 * (i + 1), 3, strides=2, padding="same", activation="relu",
+                                name=f"block{i + 1}_conv")(y)
+    path = tmp_path / "mine.keras"
+    keras.Model(x, y, name="mine").save(path)
+    data = make_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    graftkit.fit(data, run, base=str(path), head_epochs=3, fine_tune_epochs=1,
+                 batch_size=8, verbose=0, log=lambda _m: None, label_folds=0)
+    clf = graftkit.load(run)
+    image = sorted(data.rglob("*.png"))[0]
+    e = clf.explain(image)[0]
+    assert e.prediction.label == clf.predict(image)[0].label
+    assert e.heatmaps[e.prediction.label].shape == (32, 32) and len(e.closest) == 3
+    assert (run / "explain" / "index.json").is_file()  # the report's heatmaps were written

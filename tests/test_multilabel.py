@@ -267,6 +267,11 @@ def test_fit_multi_label_end_to_end(tmp_path):
     expected = [c for c, p, t in zip(loaded.classes, probs, loaded.thresholds) if p >= t]
     assert sorted(answer.labels) == sorted(expected)
     assert answer.as_dict()["labels"] == answer.labels
+    # explain: a heatmap for each label given (the likeliest when none is)
+    why = loaded.explain(image)[0]
+    assert list(why.heatmaps) == (answer.labels or [answer.label])
+    assert why.prediction.labels == answer.labels
+    assert all(h.shape == (32, 32) for h in why.heatmaps.values())
     # evaluate: the same scores as the fit's at the stored thresholds (the fit's F1s are
     # cross-fitted, so only mAP must agree)
     scored = loaded.evaluate(root)
