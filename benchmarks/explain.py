@@ -5,6 +5,7 @@ the closest training images, and what ``--explain`` costs.
     .venv/bin/python benchmarks/explain.py fit [--settings defaults,unfreeze-all]
     .venv/bin/python benchmarks/explain.py point [--settings ...]     # pointing game + floors
     .venv/bin/python benchmarks/explain.py cost [--settings defaults] # --explain vs plain predict
+    .venv/bin/python benchmarks/explain.py closest RUN [RUN...]       # any run's validation images
     .venv/bin/python benchmarks/explain.py table
 
 **make**: each flowers5 photo (centre square, ``OBJECT`` px) pasted at a seeded random place on
@@ -18,7 +19,9 @@ share of validation images whose closest training image has the same class (it s
 accuracy), and for images the open-set score calls unknown (aerial photos with no flower,
 ``--unknown``), the classes and similarities of their closest training images. **cost**: plain
 ``predict`` and ``explain`` over the same validation images, alternating, 3 rounds each, warm
-engines: images per second. Results are JSON lines in ``benchmarks/explain-runs.jsonl`` with the
+engines: images per second. **closest**: for finished runs of real data sets (e.g.
+hymenoptera, flowers5), the share of validation images whose closest training image has their
+label, beside the run's accuracy. Results are JSON lines in ``benchmarks/explain-runs.jsonl`` with the
 commit and CPU flags; ``table`` prints docs/explain.md's table. A measurement script, not a test.
 """
 
@@ -194,10 +197,50 @@ def cost(settings: list[str]) -> None:
                 times[name].append(len(paths) / (time.perf_counter() - start))
         row = {"kind": "cost", "setting": setting, "images": len(paths),
                "predict_images_per_s": statistics.median(times["predict"]),
-               "explain_images_per_s": statistics.median(times["explain"])}
+               "explain_images_per_s": statistics.median(times["explain"]),
+               **_command_seconds(_run_dir(setting))}
         row["explain_cost_ratio"] = row["predict_images_per_s"] / row["explain_images_per_s"]
         append(RESULTS, row)
         log(json.dumps(row))
+
+
+def closest(runs: list[str]) -> None:
+    import graftkit
+
+    for run in runs:
+        clf = graftkit.load(run)
+        split = json.loads((Path(run) / "split.json").read_text())
+        paths, labels = [p for p, _ in split["val"]], [c for _, c in split["val"]]
+        explained = clf.explain(paths)
+        row = {"kind": "closest", "run": Path(run).name, "data": clf.record.data,
+               "images": len(paths),
+               "accuracy": float(np.mean([e.prediction.label == c
+                                          for e, c in zip(explained, labels)])),
+               "closest_same_label": float(np.mean([e.closest[0]["label"] == c
+                                                    for e, c in zip(explained, labels)])),
+               "closest_3_majority": float(np.mean([
+                   max(set(n := [x["label"] for x in e.closest]), key=n.count) == c
+                   for e, c in zip(explained, labels)]))}
+        append(RESULTS, row)
+        log(json.dumps(row))
+
+
+def _command_seconds(run: Path) -> dict:
+    """``graft predict`` on the validation folder, plain and with ``--explain DIR`` (overlays
+    written), alternating, 2 rounds each: the whole command's seconds, start-up included."""
+    import subprocess
+
+    graft = str(Path(sys.executable).parent / "graft")
+    seconds: dict[str, list[float]] = {"command_predict_s": [], "command_explain_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):
+            for name, extra in (("command_predict_s", []),
+                                ("command_explain_s", ["--explain", tmp])):
+                start = time.perf_counter()
+                subprocess.run([graft, "predict", str(run), str(SET / "val"), "--format",
+                                "json", *extra], check=True, capture_output=True)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: round(min(v), 2) for name, v in seconds.items()}
 
 
 def table() -> None:
@@ -213,22 +256,35 @@ def table() -> None:
                   f"{r['pointing_game_grad_cam']:.3f} | "
                   f"{r['centre_floor']:.3f} | {r['random_floor']:.3f} | "
                   f"{r['closest_same_label']:.3f} |")
+    near = [r for r in rows if r["kind"] == "closest"]
+    if near:
+        print()
+        print("| data | validation images | accuracy | closest training image has the label | "
+              "majority of the 3 closest |")
+        print("|---|---|---|---|---|")
+        for r in {Path(r["data"]).name: r for r in near}.values():
+            print(f"| {Path(r['data']).name} | {r['images']} | {r['accuracy']:.3f} | "
+                  f"{r['closest_same_label']:.3f} | {r['closest_3_majority']:.3f} |")
     costs = [r for r in rows if r["kind"] == "cost"]
     if costs:
         print()
-        print("| setting | predict images/s | --explain images/s | cost ratio |")
-        print("|---|---|---|---|")
+        print("| setting | predict images/s | explain images/s | cost ratio | graft predict s "
+              "| with --explain DIR s |")
+        print("|---|---|---|---|---|---|")
         for setting in SETTINGS:
-            got = [r for r in costs if r["setting"] == setting]
+            got = [r for r in costs if r["setting"] == setting and "command_predict_s" in r]
             if got:
                 print(f"| {setting} | {mean_sd([r['predict_images_per_s'] for r in got], 1)} | "
                       f"{mean_sd([r['explain_images_per_s'] for r in got], 1)} | "
-                      f"{mean_sd([r['explain_cost_ratio'] for r in got], 2)} |")
+                      f"{mean_sd([r['explain_cost_ratio'] for r in got], 2)} | "
+                      f"{mean_sd([r['command_predict_s'] for r in got], 1)} | "
+                      f"{mean_sd([r['command_explain_s'] for r in got], 1)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("make", "fit", "point", "cost", "table"))
+    parser.add_argument("what", choices=("make", "fit", "point", "cost", "closest", "table"))
+    parser.add_argument("runs", nargs="*", help="closest: the run folders")
     parser.add_argument("--settings", default="defaults,unfreeze-all")
     args = parser.parse_args()
     settings = args.settings.split(",")
@@ -236,7 +292,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown settings: {', '.join(unknown)}; one of {', '.join(SETTINGS)}")
     {"make": lambda: make(), "fit": lambda: fit(settings), "point": lambda: point(settings),
-     "cost": lambda: cost(settings), "table": table}[args.what]()
+     "cost": lambda: cost(settings), "closest": lambda: closest(args.runs),
+     "table": table}[args.what]()
 
 
 if __name__ == "__main__":

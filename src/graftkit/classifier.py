@@ -7,7 +7,6 @@ model holds its backbone's preprocessing), so a raw photo gets the answer traini
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,24 +25,10 @@ if TYPE_CHECKING:
 
 from graftkit import defaults
 from graftkit.errors import DataError, UsageError
-from graftkit.outputs.answers import Explanation, Prediction, Predictions
+from graftkit.outputs.answers import Explanation, Prediction, Predictions, parse_reject
 from graftkit.outputs.record import RunRecord
 
 __all__ = ["Classifier", "Explanation", "Prediction", "Predictions", "load", "parse_reject"]
-
-
-def parse_reject(value) -> str | float:
-    """``--reject``: auto (the run's threshold), none (every image known) or a threshold."""
-    if str(value) in ("auto", "none"):
-        return str(value)
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        threshold = math.nan
-    if not math.isfinite(threshold):  # nan would call every image unknown, inf none
-        raise UsageError(f"--reject must be auto, none or a finite threshold in the run's score "
-                         f"units (got {value!r})") from None
-    return threshold
 
 
 class Classifier:
@@ -128,16 +113,22 @@ class Classifier:
         except ValueError:
             return None
 
+    @property
+    def _top_blocks(self) -> int:
+        """The blocks the run fine-tuned above its frozen bottom (runs without options: none)."""
+        from graftkit.frozen.cut import cut_blocks
+
+        options = self.record.options
+        return cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
+                          options.get("mode"))
+
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and not self._split_made:
-            from graftkit.frozen.cut import cut_blocks, split_classifier
+            from graftkit.frozen.cut import split_classifier
 
             self._split_made = True
-            options = self.record.options  # runs without options fine-tuned nothing
-            top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
-                               options.get("mode"))
-            self._split = split_classifier(model, self.record.backbone, top_n,
+            self._split = split_classifier(model, self.record.backbone, self._top_blocks,
                                            self.record.engine_key)
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
@@ -333,9 +324,9 @@ class Classifier:
         runner.plan(len(inputs.names))
         for first in range(0, len(inputs.names), batch_size):
             rows = range(first, min(first + batch_size, len(inputs.names)))
-            pixels = np.stack([self._pixels(inputs, i) for i in rows])
+            pixels = np.stack([inputs.image(i, self.image_size) for i in rows])
             batch = explain_batch(runner(pixels), kernel, bias, self.multi_label)
-            ood = self._ood_of(batch.features, batch.probs, batch.logits)
+            ood = self._ood(batch.features, batch.probs) if self.open_set is not None else None
             answers = self.answers([inputs.names[i] for i in rows], batch.probs, ood, top_k,
                                    reject)
             closest = bank.query(batch.features, k) if bank is not None else None
@@ -351,33 +342,16 @@ class Classifier:
                 progress(rows[-1] + 1, len(inputs.names))
         return out
 
-    def _pixels(self, inputs, i: int) -> np.ndarray:
-        from graftkit.data.images import load_image
-
-        path = inputs.paths[i]
-        return load_image(path, self.image_size) if path is not None else inputs.pixels[i]
-
-    def _feature_maps(self):
+    def _feature_maps(self) -> FeatureMaps:
         """The base's last feature map on the run's engine (built once)."""
         if self._maps is None:
-            from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
-            from graftkit.frozen.cut import cut_blocks
+            from graftkit.frozen.cut import block_pattern_of
             from graftkit.outputs.heatmaps import FeatureMaps
 
-            options = self.record.options
-            top_n = cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
-                               options.get("mode"))
-            entry = REGISTRY.get(self.record.backbone or "")
-            self._maps = FeatureMaps(self.model, entry.block_pattern if entry
-                                     else GENERIC_BLOCK_PATTERN, top_n, self.record.engine_key)
+            self._maps = FeatureMaps(self.model, block_pattern_of(self.record.backbone),
+                                     self._top_blocks, self.record.engine_key)
             self._maps.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._maps
-
-    def _ood_of(self, features: np.ndarray, probs: np.ndarray,
-                logits: np.ndarray) -> np.ndarray | None:
-        if self.open_set is None:
-            return None
-        return self.open_set.scores(features, probs, logits)
 
     def suggest(self, images, order: str = "diverse", reject: str | float = "auto",
                 batch_size: int = defaults.BATCH_SIZE, progress=None) -> Predictions:

@@ -44,6 +44,16 @@ class Inputs:
         self.paths.append(None)
         self.pixels.append(pixels)
 
+    def image(self, i: int, size: int) -> np.ndarray:
+        """Image ``i`` as the model takes it: the file decoded, or the pixels given."""
+        from graftkit.data.images import load_image
+
+        path, pixels = self.paths[i], self.pixels[i]
+        if path is not None:
+            return load_image(path, size)
+        assert pixels is not None  # an image is a file or pixels
+        return pixels
+
 
 def _array_image(a: np.ndarray):
     """One image array, ``(H, W)``, ``(H, W, 1|3|4)``, raw 0-255 values (the model's input)."""

@@ -197,15 +197,20 @@ class SplitClassifier:
 
 
 
+def block_pattern_of(backbone: str | None) -> str:
+    """The block names of a run's base: the registry's for its backbone, else the generic
+    pattern (a user's own base)."""
+    from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
+
+    entry = REGISTRY.get(backbone or "")
+    return entry.block_pattern if entry else GENERIC_BLOCK_PATTERN
+
+
 def split_classifier(model: keras.Model, backbone: str | None, top_n: int,
                      key: str | None) -> SplitClassifier | None:
     """The fast path for a run's model, cut below its top ``top_n`` blocks (what the run
     fine-tuned) with the cached engine ``key``; None if the model does not split."""
-    from graftkit.backbones.registry import GENERIC_BLOCK_PATTERN, REGISTRY
-
-    entry = REGISTRY.get(backbone or "")
     try:
-        return SplitClassifier(model, entry.block_pattern if entry else GENERIC_BLOCK_PATTERN,
-                               top_n, key)
+        return SplitClassifier(model, block_pattern_of(backbone), top_n, key)
     except (ValueError, KeyError):
         return None

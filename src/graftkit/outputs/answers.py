@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from graftkit.errors import UsageError
 
 
 @dataclass
@@ -74,3 +77,17 @@ class Explanation:
         return {**self.prediction.as_dict(), "explained": list(self.heatmaps),
                 "peaks": {k: list(v) for k, v in self.peaks.items()},
                 "closest": self.closest}
+
+
+def parse_reject(value) -> str | float:
+    """``--reject``: auto (the run's threshold), none (every image known) or a threshold."""
+    if str(value) in ("auto", "none"):
+        return str(value)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not math.isfinite(threshold):  # nan would call every image unknown, inf none
+        raise UsageError(f"--reject must be auto, none or a finite threshold in the run's score "
+                         f"units (got {value!r})") from None
+    return threshold

@@ -44,20 +44,21 @@ overflow-wrap:anywhere}.near img{width:64px;height:64px;border:1px solid #ccc;di
 """
 
 
-def _png_data_uri(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+def _uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _file_uri(path: Path, mime: str = "image/png") -> str | None:
+    return _uri(path.read_bytes(), mime) if path.is_file() else None
 
 
 def _thumbnail(path: str) -> str | None:
     from graftkit.data.images import jpeg_thumbnail
 
     try:
-        data = jpeg_thumbnail(path, THUMBNAIL)
+        return _uri(jpeg_thumbnail(path, THUMBNAIL))
     except Exception:  # noqa: BLE001 - moved or changed since the run: shown as missing
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def _e(value) -> str:
@@ -172,6 +173,14 @@ class Why:
         self.index = read_explanations(run_dir)
         self._thumbs: dict[int, str | None] = {}
 
+    def note(self, looked_for: str = "the class it predicted") -> str:
+        if not self.index:
+            return ("<p class=muted>No heatmaps: this run has none stored (made by an older "
+                    "graftkit); graft fit again to get them.</p>")
+        return (f"<p class=muted>Beside each image: where the model looked for {looked_for} "
+                "(Grad-CAM++ on the base's last feature map: red is where it found the most), "
+                "and the training images it resembles most.</p>")
+
     def heatmap(self, path: str, label: str | None = None) -> str:
         from graftkit.outputs.heatmaps import EXPLAIN_DIR
 
@@ -179,10 +188,9 @@ class Why:
         if not entry or not entry["heatmaps"]:
             return ""
         label = label if label in entry["heatmaps"] else next(iter(entry["heatmaps"]))
-        data = self.run_dir / EXPLAIN_DIR / entry["heatmaps"][label]
-        if not data.is_file():
+        uri = _file_uri(self.run_dir / EXPLAIN_DIR / entry["heatmaps"][label], "image/jpeg")
+        if uri is None:
             return ""
-        uri = "data:image/jpeg;base64," + base64.b64encode(data.read_bytes()).decode()
         return f"<img class=heat src='{uri}' alt='where it looked for {_e(label)}' " \
                f"title='where the model looked for {_e(label)}'>"
 
@@ -205,8 +213,7 @@ class Why:
             from graftkit.outputs.heatmaps import jpeg_bytes
 
             try:
-                data = jpeg_bytes(thumbnail(self.run_dir, index), quality=80)
-                self._thumbs[index] = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+                self._thumbs[index] = _uri(jpeg_bytes(thumbnail(self.run_dir, index), quality=80))
             except (OSError, IndexError):
                 self._thumbs[index] = None
         return self._thumbs[index]
@@ -255,19 +262,10 @@ def _tile(r: dict, why: Why) -> str:
             "</div>")
 
 
-def _why_note(why: Why) -> str:
-    if not why.index:
-        return ("<p class=muted>No heatmaps: this run has none stored (made by an older "
-                "graftkit); graft fit again to get them.</p>")
-    return ("<p class=muted>Beside each image: where the model looked for the class it "
-            "predicted (Grad-CAM++ on the base's last feature map: red is where it found the "
-            "most), and the training images it resembles most.</p>")
-
-
 def _top_losses(predictions: list[dict], why: Why) -> str:
     """Wrong predictions first (highest loss first), then the right ones it was least sure of."""
     shown_wrong, shown_right, wrong, right = shown_top_losses(predictions)
-    parts = [_why_note(why), f"<h3>Wrong predictions ({wrong} of {len(predictions)}"
+    parts = [why.note(), f"<h3>Wrong predictions ({wrong} of {len(predictions)}"
              + (f", the {len(shown_wrong)} with the highest loss" if wrong > len(shown_wrong)
                 else "") + ")</h3>"]
     parts.append(f"<div class=grid id=wrong>{''.join(_tile(r, why) for r in shown_wrong)}</div>"
@@ -534,7 +532,7 @@ def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
     from graftkit.outputs.run import PR_CURVES_FILE
 
     by_loss = sorted(predictions, key=lambda r: -float(r["loss"]))[:TOP_LOSSES]
-    curves = _png_data_uri(run_dir / PR_CURVES_FILE)
+    curves = _file_uri(run_dir / PR_CURVES_FILE)
     why = Why(run_dir)
     return (f"<h2>Per label: average precision, threshold, precision and recall</h2>"
             f"{_per_label(m['multi_label'])}"
@@ -548,7 +546,7 @@ def _label_set_body(m: dict, predictions: list[dict], run_dir: Path) -> str:
             f"<h2>Unknown images: the open-set score of the validation images</h2>"
             f"{_open_set(m, predictions)}"
             f"<h2>Top losses: the validation images whose labels the model fits worst</h2>"
-            f"{_why_note(why).replace('the class it predicted', 'its likeliest label')}"
+            f"{why.note('its likeliest label')}"
             f"<div class=grid id=top-losses>{''.join(_label_set_tile(r, why) for r in by_loss)}"
             "</div>")
 
@@ -568,7 +566,7 @@ def build_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
             raise RunError(f"{run_dir} is not a finished graftkit run (no readable "
                            f"{METRICS_FILE})") from None
     predictions = read_predictions(run_dir)
-    curves = _png_data_uri(run_dir / CURVES_FILE)
+    curves = _file_uri(run_dir / CURVES_FILE)
     title = f"graftkit run: {Path(run_dir).resolve().name}"
     curves_html = (f"<img id=curves src='{curves}' alt='training curves'>" if curves else
                    "<p class=muted>curves.png is missing</p>")

@@ -78,6 +78,14 @@ def within(path: str | os.PathLike, *roots: str | os.PathLike | None) -> bool:
                for r in (os.path.realpath(root) for root in roots if root is not None))
 
 
+def rel_path(path: str | os.PathLike, root: Path) -> str | None:
+    """``path`` as a POSIX path inside ``root``, or None when it is outside."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or link in ``path`` durable (POSIX; Windows has no directory handles)."""
     if os.name == "nt":

@@ -32,8 +32,10 @@ from graftkit.serve.journal import (
     checked_path,
     free_name,
     parse_time,
+    rel_path,
     within,
 )
+from graftkit.serve.tables import TableRows, tables_of
 
 TOP_LOSSES = 24  # validation images shown by loss, besides every wrong one
 ELSEWHERE = "elsewhere"  # keys of images a table names outside the data folder
@@ -73,15 +75,6 @@ class Item:
     missed: list[str] = field(default_factory=list)  # given, not the model's
 
 
-def _rel(path: str | os.PathLike, root: Path) -> str | None:
-    """``path`` as a POSIX path inside ``root``, or None when it is outside."""
-    try:
-        rel = Path(os.path.abspath(path)).relative_to(root)
-    except ValueError:
-        return None
-    return rel.as_posix()
-
-
 def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
     """The data root to list and move files in, and why files cannot be moved ("" if they can)."""
     from graftkit import defaults
@@ -108,29 +101,6 @@ def _where(source: str | None, recorded: str | None) -> tuple[Path | None, str]:
     if not os.access(path, os.W_OK | os.X_OK):
         return path, f"{path} is read-only for this user: the review lists the findings only"
     return path, ""
-
-
-def _tables(source: str | None, options: dict, multi_label: bool) -> dict[str, Path]:
-    """The tables the data's labels are kept in (split -> table); {} for class folders."""
-    from graftkit.data.folder import label_set_tables
-    from graftkit.errors import GraftError
-
-    if not source:
-        return {}
-    path = Path(os.path.abspath(os.path.expanduser(source)))
-    given = {name: options.get(name) for name in ("val", "test")}
-    if multi_label:
-        try:
-            return label_set_tables(path, given["val"], given["test"], True)
-        except GraftError:
-            return {}
-    if not path.is_file():
-        return {}
-    tables = {"train": path}
-    for name, other in given.items():
-        if other and Path(other).is_file():
-            tables[name] = Path(os.path.abspath(other))
-    return tables
 
 
 class Background:
@@ -179,13 +149,12 @@ class Review(Background):
         self.root, self.why_read_only = _where(self.source, self.recorded)
         self.multi_label = record.task == "multi_label"
         # Data in tables (split -> table): labels are edited in their rows, files never move.
-        self.tables = _tables(self.source, record.options if self.source == self.recorded
-                              else {}, self.multi_label) if self.root is not None else {}
+        self.tables = tables_of(self.source, record.options if self.source == self.recorded
+                                else {}, self.multi_label) if self.root is not None else {}
         self.sep: str | None = record.options.get("label_sep") or " " if self.multi_label \
             else None
-        self.rows: dict[str, dict[str, tuple[str, str]]] = {}  # key -> split -> (table, row)
+        self.table_rows = TableRows(self.root or Path("."), self.tables, self.sep)
         self.elsewhere: dict[str, str] = {}  # key -> a table's image outside the data folder
-        self._read_tables: dict[str, tuple[tuple, dict[str, str]]] = {}
         self.state = "checking" if self.root is not None else "unavailable"
         self.message = "" if self.root is not None else self.why_read_only
         self.items: dict[str, Item] = {}
@@ -226,11 +195,11 @@ class Review(Background):
                       multi_label=self.multi_label, label_sep=self.sep or " ")
         report = find_problems(folder)
         dirs = find_split_dirs(self.folder) if self.folder.is_dir() and not self.tables else None
-        rows = self._index_rows()
+        rows = self.table_rows.index(self._key)
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
             self.items, self.groups = {}, {g: [] for g in GROUPS}
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
-            self.rows = rows
+            self.table_rows.rows = rows  # only now: the page reads them meanwhile
             split = {p: "train" for p in folder.train.paths}
             split.update({p: "val" for p in folder.val.paths})
             split.update({p: "test" for p in folder.test.paths})
@@ -248,65 +217,14 @@ class Review(Background):
                     why = finding.message + (f" (with {', '.join(others)})" if others else "")
                     self._add(group, path, split.get(path, "?"), labels.get(path), why, by_location)
 
-    def _index_rows(self) -> dict[str, dict[str, tuple[str, str]]]:
-        """Where each image of the tables is written: key -> split -> (table, path cell).
-        Tables outside the data folder, and rows naming images outside it, cannot be edited."""
-        from graftkit.data.folder import table_image
-        from graftkit.data.table_edit import row_cells
-        from graftkit.errors import DataError
-
-        rows: dict[str, dict[str, tuple[str, str]]] = {}
-        for split, table in self.tables.items():
-            where = _rel(table, self.folder)
-            if where is None or not within(table, self.folder):
-                continue
-            try:
-                cells = row_cells(table)
-            except DataError:
-                continue
-            for cell in cells:
-                image = table_image(table, cell, None)
-                key = self._key(image) if image else None
-                if key is not None:
-                    rows.setdefault(key, {}).setdefault(split, (where, cell))
-        return rows
-
-    def _row(self, key: str) -> tuple[str, str]:
-        """``(table, path cell)`` of a listed image of table data: the table of its split."""
-        where = self.rows.get(key)
-        if not where:
-            raise ReviewError(f"{key} is in no table inside {self.folder}: edit its row by hand",
-                              409)
-        return where.get(self.items[key].split) or next(iter(where.values()))
-
     def labels_now(self, key: str) -> list[str] | None:
         """The labels the table holds for a listed image now (None: not in an editable row)."""
-        from graftkit.data.table_edit import cell_labels
-        from graftkit.errors import DataError
-
-        try:
-            table, row = self._row(key)
-            cell = self._cells(table).get(row)
-        except (ReviewError, DataError, OSError):
-            return None
-        return None if cell is None else cell_labels(cell, self.sep)
-
-    def _cells(self, table: str) -> dict[str, str]:
-        """A table's rows (path cell -> label cell), read again only when the file changed."""
-        from graftkit.data.table_edit import row_cells
-
-        path = self.folder / table
-        st = os.stat(path)
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._read_tables.get(table)
-        if cached is None or cached[0] != stamp:
-            cached = self._read_tables[table] = (stamp, row_cells(path))
-        return cached[1]
+        return self.table_rows.labels_now(key, self.items[key].split)
 
     def _key(self, path: str) -> str | None:
         """A listed image's key: its path inside the data folder. A table may name images
         elsewhere: their rows are edited all the same, under a key made from the path."""
-        rel = _rel(path, self.folder)
+        rel = rel_path(path, self.folder)
         if rel is not None or not self.tables:
             return rel
         import hashlib
@@ -317,12 +235,12 @@ class Review(Background):
         return key
 
     def _shown(self, path: str) -> str:
-        rel = _rel(path, self.folder)
+        rel = rel_path(path, self.folder)
         return rel if rel is not None else str(path)
 
     def _add(self, group: str, path: str, split: str, label: str | None, why: str,
              by_location: dict[str, str] | None = None) -> Item:
-        rel = _rel(path, self.folder)
+        rel = rel_path(path, self.folder)
         key = self._key(path) or f"outside/{len(self.items)}"
         key = (by_location or {}).get(key, key)
         item = self.items.get(key)
@@ -340,7 +258,7 @@ class Review(Background):
         recorded = Path(os.path.abspath(self.recorded)) if self.recorded else None
         if recorded is not None and recorded.is_file():
             recorded = recorded.parent
-        rel = _rel(path, recorded) if recorded is not None else None
+        rel = rel_path(path, recorded) if recorded is not None else None
         return str(self.folder / rel) if rel is not None else path
 
     def _add_label_issues(self) -> None:
@@ -509,7 +427,7 @@ class Review(Background):
         """The labels of a listed image's table row, changed by ``change`` (under the locks)."""
         if key not in self.items:
             raise ReviewError("not an image this review lists", 404)
-        table, row = self._row(key)
+        table, row = self.table_rows.row(key, self.items[key].split)
         before = self.labels_now(key)
         if before is None:
             raise ReviewError(f"{table} has no row for {row} any more: edit it by hand", 409)
@@ -593,7 +511,7 @@ class Review(Background):
         return {"state": self.state, "message": self.message, "data": data,
                 "root": str(self.root or ""), "can_move": self.can_move,
                 "mode": "table" if self.tables else "folders", "multi_label": self.multi_label,
-                "tables": {split: _rel(t, self.folder) or str(t)
+                "tables": {split: rel_path(t, self.folder) or str(t)
                            for split, t in self.tables.items()} if self.root else {},
                 "read_only": self.why_read_only, "classes": self.classes, "groups": groups,
                 "actions": [_public(a) for a in history.standing()],
