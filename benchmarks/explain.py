@@ -246,7 +246,7 @@ def _command_seconds(run: Path) -> dict:
 def table() -> None:
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
     print("| setting | val accuracy | pointing game: Grad-CAM++ (graftkit) | Grad-CAM | centre "
-          "floor | random floor | closest image same class |")
+          "floor | random floor | closest training image has the class |")
     print("|---|---|---|---|---|---|---|")
     for setting in SETTINGS:
         got = [r for r in rows if r["kind"] == "point" and r["setting"] == setting]

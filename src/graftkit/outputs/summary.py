@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 
 def _plural(n: int, word: str) -> str:
@@ -67,7 +68,7 @@ def print_summary(m: dict, run_dir) -> None:
           + ("test_predictions.csv, " if test else "")
           + ("label_issues.csv, " if issues else "")
           + "split.json, curves.png, " + ("pr_curves.png" if multi else "confusion_matrix.png")
-          + ")")
+          + (", closest.npz, explain/" if (Path(run_dir) / "explain").is_dir() else "") + ")")
 
 
 def _label_set_lines(m: dict, s: dict, test: dict | None) -> None:
