@@ -198,3 +198,23 @@ def test_a_users_own_base_is_explained_through_the_pooling_graftkit_added(tmp_pa
     assert e.prediction.label == clf.predict(image)[0].label
     assert e.heatmaps[e.prediction.label].shape == (32, 32) and len(e.closest) == 3
     assert (run / "explain" / "index.json").is_file()  # the report's heatmaps were written
+
+
+def test_a_run_made_before_explanations_explains_without_closest_images(tmp_path, capsys):
+    """A run folder of graftkit 0.1.0 has no closest.npz: heatmaps all the same, closest
+    None, and the command says how to get them; --tta with --explain is refused up front."""
+    import graftkit
+    from graftkit.cli import main
+
+    old = Path(__file__).parent / "data" / "run-0.1.0"
+    cat = Path(__file__).parent / "data" / "chelsea_224.png"
+    e = graftkit.load(old).explain(cat)[0]
+    assert e.closest is None and list(e.heatmaps) == [e.prediction.label]
+    assert main(["predict", str(old), str(cat), "--explain", str(tmp_path / "why")]) == 0
+    out = capsys.readouterr().out
+    assert "this run has none stored" in out and "graft fit again" in out
+    assert len(list((tmp_path / "why").glob("chelsea_224.*.jpg"))) == 1
+    assert main(["predict", str(old), str(cat), "--explain", str(tmp_path / "w2"),
+                 "--tta"]) == 2
+    assert "drop --tta" in capsys.readouterr().err
+    assert not (tmp_path / "w2").exists()  # refused before anything was made

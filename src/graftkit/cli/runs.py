@@ -40,6 +40,9 @@ def preflight_predict(args) -> None:
     if args.output:  # before the work: a bad path must not cost every prediction
         prepare_output_file(args.output)
     if args.explain:
+        if args.tta:
+            raise UsageError("--explain explains each image as it is, not averaged with its "
+                             "mirror image: drop --tta (or run the two apart)")
         prepare_output_dir(args.explain, "--explain")
 
 
