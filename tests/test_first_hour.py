@@ -474,14 +474,15 @@ def test_line_drawings_are_not_near_copies_of_each_other(tmp_path):
 
 # --- the report -----------------------------------------------------------------------------------------
 
-def test_top_losses_show_wrong_predictions_first_then_the_least_confident_right_ones():
-    from graftkit.outputs.report import _top_losses
+def test_top_losses_show_wrong_predictions_first_then_the_least_confident_right_ones(tmp_path):
+    from graftkit.outputs.report import Why, _top_losses
 
     rows = [{"path": f"/x/{n}.png", "label": lab, "predicted": pred, "probability": "0.9",
              "true_probability": tp, "loss": str(-np.log(float(tp)))}
             for n, lab, pred, tp in [("r_sure", "a", "a", "0.99"), ("w_mild", "a", "b", "0.4"),
                                      ("r_unsure", "b", "b", "0.55"), ("w_bad", "b", "a", "0.05")]]
-    page = _top_losses(rows)
+    page = _top_losses(rows, Why(tmp_path))  # a run without heatmaps: the page says so
+    assert "No heatmaps" in page
     wrong, right = page.split("id=wrong")[1].split("id=least-confident")
     assert wrong.index("w_bad") < wrong.index("w_mild") and "r_" not in wrong
     assert right.index("r_unsure") < right.index("r_sure") and "w_" not in right
