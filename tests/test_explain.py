@@ -218,3 +218,31 @@ def test_a_run_made_before_explanations_explains_without_closest_images(tmp_path
                  "--tta"]) == 2
     assert "drop --tta" in capsys.readouterr().err
     assert not (tmp_path / "w2").exists()  # refused before anything was made
+
+
+@pytest.mark.integration
+def test_an_overwritten_run_never_shows_the_old_runs_heatmaps(trained_run, tmp_path,
+                                                              monkeypatch):
+    """--overwrite over a run with heatmaps, the new heatmaps failing: the report says the run
+    has none (never the old run's), the failure is said, and the run is complete."""
+    import shutil
+
+    import graftkit
+    from graftkit.classifier import Classifier
+    from tests.conftest import TRAINED_RUN
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "run", run)
+    assert (run / "explain" / "index.json").is_file()
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no heatmaps today")
+
+    monkeypatch.setattr(Classifier, "explain", broken)
+    said: list[str] = []
+    graftkit.fit(trained_run / "data", run, overwrite=True, verbose=0, log=said.append,
+                 **{**TRAINED_RUN, "head_epochs": 2, "fine_tune_epochs": 0})
+    assert any("no heatmaps (RuntimeError: no heatmaps today)" in m for m in said)
+    assert not (run / "explain").exists() and (run / "metrics.json").is_file()
+    page = (run / "report.html").read_text()
+    assert "No heatmaps" in page and "class=heat" not in page

@@ -243,6 +243,12 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     open_set.save(run_dir / run.OPEN_SET_FILE)
     if closest is not None:
         closest[0].save(run_dir, closest[1])
+    import shutil
+
+    from graftkit.outputs.heatmaps import EXPLAIN_DIR
+
+    # The heatmaps of a run this one overwrites must not show in its report.
+    shutil.rmtree(run_dir / EXPLAIN_DIR, ignore_errors=True)
     if folder.multi_label:
         _write_label_sets(run_dir, folder, final)
     else:
