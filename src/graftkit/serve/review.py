@@ -199,7 +199,7 @@ class Review(Background):
         with self.lock:  # only now: the scan above may take minutes, the page polls meanwhile
             self.items, self.groups = {}, {g: [] for g in GROUPS}
             self.split_dirs = tuple(d.name for d in dirs) if dirs else ()
-            self.table_rows.rows = rows  # only now: the page reads them meanwhile
+            self.table_rows.rows = rows
             split = {p: "train" for p in folder.train.paths}
             split.update({p: "val" for p in folder.val.paths})
             split.update({p: "test" for p in folder.test.paths})
