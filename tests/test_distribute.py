@@ -103,7 +103,7 @@ def test_a_killed_worker_fails_the_job_cleanly_and_two_workers_resume_it_in_sync
     assert "summary" in out0 and "summary" not in out1
     names = {p.name for p in out.iterdir()}
     assert names == {"model.keras", "labels.json", "metrics.json", "history.csv", "curves.png",
-                     "open_set.npz",
+                     "open_set.npz", "closest.npz", "closest.jpg", "explain",
                      "confusion_matrix.png", "predictions.csv", "split.json", "report.html",
                      "label_issues.csv"}
     # Batch 4 per replica: 8 per step, learning rates doubled, as the rule says.
