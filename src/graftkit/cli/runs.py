@@ -57,7 +57,7 @@ def cmd_predict(args) -> int:
     if not images.names:
         raise UsageError("no readable image among the given paths")
     top_k = min(args.top_k, len(clf.classes))
-    explained = None
+    explained, heatmaps = None, []
     if args.explain:
         explained = clf.explain(images, top_k=top_k, batch_size=args.batch_size,
                                 reject=args.reject, progress=_progress)
@@ -68,34 +68,14 @@ def cmd_predict(args) -> int:
                             progress=_progress, reject=args.reject)
     if clf.open_set_note:
         print(f"note: {clf.open_set_note}", file=sys.stderr)
+    why = list(zip(explained, heatmaps)) if explained is not None else None
     if args.format == "json":
         records = [p.as_dict() for p in preds]
-        if explained is not None:
-            for record, e, files in zip(records, explained, heatmaps):
-                record.update(heatmaps=files, closest=_closest_rows(e.closest))
+        for record, (e, files) in zip(records, why or []):
+            record.update(heatmaps=files, closest=_closest_rows(e.closest))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     elif args.format == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        multi = clf.multi_label
-        w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"]
-                   + (["labels", *[f"p_{c}" for c in clf.classes]] if multi else [])
-                   + (["heatmaps", "closest"] if explained is not None else []))
-        for i, p in enumerate(preds):
-            w.writerow([p.path, p.label, f"{p.probability:.6f}",
-                        ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k),
-                        str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"]
-                       + ([" ".join(p.labels or []),
-                           *[f"{(p.probabilities or {})[c]:.6f}" for c in clf.classes]]
-                          if multi else [])
-                       + ([";".join(heatmaps[i].values()),
-                           ";".join(f"{c['path']}|{c['label']}|{c['similarity']:.4f}"
-                                    for c in _closest_rows(explained[i].closest) or [])]
-                          if explained is not None else []))
-        text = buf.getvalue()
+        text = _csv_text(clf, preds, why)
     elif clf.multi_label:
         rows = [[p.path, str(p), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
                 for p in preds]
@@ -124,6 +104,32 @@ def cmd_predict(args) -> int:
         n = sum(len(files) for files in heatmaps)
         print(f"wrote {n} heatmap(s) to {args.explain}", file=sys.stderr)
     return 0
+
+
+def _csv_text(clf, preds, why: list | None) -> str:
+    """``graft predict --format csv``: a row per image; label sets and explanations as extra
+    columns."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    multi = clf.multi_label
+    w.writerow(["path", "label", "probability", "top_k", "known", "ood_score"]
+               + (["labels", *[f"p_{c}" for c in clf.classes]] if multi else [])
+               + (["heatmaps", "closest"] if why is not None else []))
+    for i, p in enumerate(preds):
+        w.writerow([p.path, p.label, f"{p.probability:.6f}",
+                    ";".join(f"{lab}:{q:.6f}" for lab, q in p.top_k),
+                    str(p.known).lower(), "" if p.ood_score is None else f"{p.ood_score:.6g}"]
+                   + ([" ".join(p.labels or []),
+                       *[f"{(p.probabilities or {})[c]:.6f}" for c in clf.classes]]
+                      if multi else [])
+                   + ([";".join(why[i][1].values()),
+                       ";".join(f"{c['path']}|{c['label']}|{c['similarity']:.4f}"
+                                for c in _closest_rows(why[i][0].closest) or [])]
+                      if why is not None else []))
+    return buf.getvalue()
 
 
 def _write_heatmaps(explained, folder: Path) -> list[dict[str, str]]:
