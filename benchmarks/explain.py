@@ -243,42 +243,41 @@ def _command_seconds(run: Path) -> dict:
     return {name: round(min(v), 2) for name, v in seconds.items()}
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def table() -> None:
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    print("| setting | val accuracy | pointing game: Grad-CAM++ (graftkit) | Grad-CAM | centre "
-          "floor | random floor | closest training image has the class |")
-    print("|---|---|---|---|---|---|---|")
-    for setting in SETTINGS:
-        got = [r for r in rows if r["kind"] == "point" and r["setting"] == setting]
-        if got:
-            r = got[-1]
-            print(f"| {setting} | {r['accuracy']:.4f} | {r['pointing_game']:.3f} | "
-                  f"{r['pointing_game_grad_cam']:.3f} | "
-                  f"{r['centre_floor']:.3f} | {r['random_floor']:.3f} | "
-                  f"{r['closest_same_label']:.3f} |")
-    near = [r for r in rows if r["kind"] == "closest"]
+    points = {r["setting"]: r for r in rows if r["kind"] == "point"}  # the last of each
+    _markdown(["setting", "val accuracy", "pointing game: Grad-CAM++ (graftkit)", "Grad-CAM",
+               "centre floor", "random floor", "closest training image has the class"],
+              [[s, f"{r['accuracy']:.4f}", f"{r['pointing_game']:.3f}",
+                f"{r['pointing_game_grad_cam']:.3f}", f"{r['centre_floor']:.3f}",
+                f"{r['random_floor']:.3f}", f"{r['closest_same_label']:.3f}"]
+               for s in SETTINGS if (r := points.get(s))])
+    near = {Path(r["data"]).name: r for r in rows if r["kind"] == "closest"}
     if near:
         print()
-        print("| data | validation images | accuracy | closest training image has the label | "
-              "majority of the 3 closest |")
-        print("|---|---|---|---|---|")
-        for r in {Path(r["data"]).name: r for r in near}.values():
-            print(f"| {Path(r['data']).name} | {r['images']} | {r['accuracy']:.3f} | "
-                  f"{r['closest_same_label']:.3f} | {r['closest_3_majority']:.3f} |")
-    costs = [r for r in rows if r["kind"] == "cost"]
+        _markdown(["data", "validation images", "accuracy",
+                   "closest training image has the label", "majority of the 3 closest"],
+                  [[name, str(r["images"]), f"{r['accuracy']:.3f}",
+                    f"{r['closest_same_label']:.3f}", f"{r['closest_3_majority']:.3f}"]
+                   for name, r in near.items()])
+    costs = [r for r in rows if r["kind"] == "cost" and "command_predict_s" in r]
     if costs:
         print()
-        print("| setting | predict images/s | explain images/s | cost ratio | graft predict s "
-              "| with --explain DIR s |")
-        print("|---|---|---|---|---|---|")
-        for setting in SETTINGS:
-            got = [r for r in costs if r["setting"] == setting and "command_predict_s" in r]
-            if got:
-                print(f"| {setting} | {mean_sd([r['predict_images_per_s'] for r in got], 1)} | "
-                      f"{mean_sd([r['explain_images_per_s'] for r in got], 1)} | "
-                      f"{mean_sd([r['explain_cost_ratio'] for r in got], 2)} | "
-                      f"{mean_sd([r['command_predict_s'] for r in got], 1)} | "
-                      f"{mean_sd([r['command_explain_s'] for r in got], 1)} |")
+        by = {s: [r for r in costs if r["setting"] == s] for s in SETTINGS}
+        _markdown(["setting", "predict images/s", "explain images/s", "cost ratio",
+                   "graft predict s", "with --explain DIR s"],
+                  [[s, *(mean_sd([r[k] for r in got], d) for k, d in (
+                      ("predict_images_per_s", 1), ("explain_images_per_s", 1),
+                      ("explain_cost_ratio", 2), ("command_predict_s", 1),
+                      ("command_explain_s", 1)))]
+                   for s, got in by.items() if got])
 
 
 def main() -> None:

@@ -79,6 +79,17 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> str:
 
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable (POSIX; Windows has no directory handles)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a hidden temp file beside ``path``, then rename it into place.
 

@@ -170,7 +170,7 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
                probes: dict[str, ImageProbe] | None = None,
                bars: ProgressFactory | None = None) -> dict[str, list[str]]:
     """A CSV or TSV of ``path,label`` rows (a header row is optional; paths relative to it)."""
-    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    delimiter = table_delimiter(table)
     rows = table_rows(table)
     if table_header(rows) == ["path", "label"]:
         rows = rows[1:]
@@ -186,11 +186,16 @@ def scan_table(table: Path, skipped: list[dict[str, str]],
     return probe_candidates(dict(sorted(candidates.items())), skipped, probes, bars)
 
 
+def table_delimiter(table: Path) -> str:
+    """A tab for a .tsv file, else a comma."""
+    return "\t" if table.suffix.lower() == ".tsv" else ","
+
+
 def table_rows(table: Path) -> list[list[str]]:
     """The non-empty rows of a CSV (or, by its suffix, TSV) file; one error if unreadable."""
     import csv
 
-    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    delimiter = table_delimiter(table)
     try:
         with open(table, encoding="utf-8-sig", newline="") as f:
             return [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]

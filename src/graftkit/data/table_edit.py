@@ -14,13 +14,11 @@ import os
 import stat
 from pathlib import Path
 
+from graftkit.data.folder import table_delimiter, table_header
+from graftkit.data.multilabel import LABELS_COLUMN
 from graftkit.errors import DataError
 
 BOM = "\ufeff"
-
-
-def _delimiter(table: Path) -> str:
-    return "\t" if table.suffix.lower() == ".tsv" else ","
 
 
 def _read(table: Path) -> tuple[str, list[str]]:
@@ -35,7 +33,7 @@ def _read(table: Path) -> tuple[str, list[str]]:
 
 def _records(table: Path, lines: list[str]):
     """``(first line, end line, fields)`` of each CSV record (a quoted cell may span lines)."""
-    reader = csv.reader(iter(lines), delimiter=_delimiter(table))
+    reader = csv.reader(iter(lines), delimiter=table_delimiter(table))
     start = 0
     for fields in reader:
         yield start, reader.line_num, fields
@@ -43,7 +41,7 @@ def _records(table: Path, lines: list[str]):
 
 
 def _is_header(fields: list[str]) -> bool:
-    return [c.strip().lower() for c in fields[:2]] in (["path", "label"], ["path", "labels"])
+    return table_header([fields]) in (["path", "label"], ["path", LABELS_COLUMN])
 
 
 def cell_labels(cell: str, sep: str | None) -> list[str]:
@@ -69,7 +67,7 @@ def row_labels(table: Path, row: str, sep: str | None) -> list[str] | None:
 
 def set_row_labels(table: Path, row: str, labels: list[str], sep: str | None) -> None:
     """Rewrite the label cell of every row whose path cell is ``row``; atomically."""
-    from graftkit.files import atomic_write
+    from graftkit.files import atomic_write, fsync_dir
 
     if sep is None and len(labels) != 1:
         raise DataError(f"{table}: one label per image, got {labels}")
@@ -85,7 +83,7 @@ def set_row_labels(table: Path, row: str, labels: list[str], sep: str | None) ->
         ending = lines[end - 1][len(lines[end - 1].rstrip("\r\n")):]
         fields = [fields[0], cell, *fields[2:]]
         buf = io.StringIO()
-        csv.writer(buf, delimiter=_delimiter(table), lineterminator=ending).writerow(fields)
+        csv.writer(buf, delimiter=table_delimiter(table), lineterminator=ending).writerow(fields)
         out.append(buf.getvalue())
     if not found:
         raise DataError(f"{table} has no row for {row}: was it edited by hand meanwhile?")
@@ -101,12 +99,7 @@ def set_row_labels(table: Path, row: str, labels: list[str], sep: str | None) ->
         os.chmod(tmp, mode)
 
     atomic_write(real, write)
-    if os.name != "nt":  # the rename durable
-        fd = os.open(real.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(real.parent)  # the rename durable
 
 
 def leftover_temp_files(table: Path) -> list[Path]:

@@ -17,16 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from graftkit import defaults
+from graftkit.outputs.open_set import normalise
 
 FILE = "closest.npz"
 SPRITE = "closest.jpg"
 TILE = 64  # px, side of a thumbnail
 COLUMNS = 64  # thumbnails per row of the grid
-
-
-def normalise(features: np.ndarray) -> np.ndarray:
-    f = np.asarray(features, dtype=np.float32)
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -120,13 +116,37 @@ def _save_sprite(path: Path, thumbnails: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="JPEG", quality=85))
 
 
+class Thumbnails:
+    """The thumbnails of a run's bank: ``closest.jpg`` decoded once, each thumbnail cut out
+    and encoded once (the report and the server ask for the same ones again and again)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / SPRITE
+        self._grid: np.ndarray | None = None
+        self._jpeg: dict[int, bytes] = {}
+
+    def pixels(self, index: int) -> np.ndarray:
+        """One training image's thumbnail (uint8 RGB, ``TILE`` px); ``IndexError`` past the
+        grid, ``OSError`` without it."""
+        if self._grid is None:
+            from PIL import Image
+
+            with Image.open(self.path) as grid:
+                self._grid = np.asarray(grid.convert("RGB"))
+        r, c = divmod(int(index), COLUMNS)
+        if (r + 1) * TILE > self._grid.shape[0] or (c + 1) * TILE > self._grid.shape[1]:
+            raise IndexError(f"no thumbnail {index} in {SPRITE}")
+        return self._grid[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
+
+    def jpeg(self, index: int) -> bytes:
+        """The same as a JPEG, as pages embed it."""
+        if index not in self._jpeg:
+            from graftkit.outputs.heatmaps import jpeg_bytes
+
+            self._jpeg[index] = jpeg_bytes(self.pixels(index), quality=80)
+        return self._jpeg[index]
+
+
 def thumbnail(run_dir: str | os.PathLike, index: int) -> np.ndarray:
     """One training image's thumbnail from the grid (uint8 RGB, ``TILE`` px)."""
-    from PIL import Image
-
-    r, c = divmod(int(index), COLUMNS)
-    with Image.open(Path(run_dir) / SPRITE) as grid:
-        box = (c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)
-        if box[2] > grid.width or box[3] > grid.height:
-            raise IndexError(f"no thumbnail {index} in {SPRITE}")
-        return np.asarray(grid.crop(box).convert("RGB"))
+    return Thumbnails(run_dir).pixels(index)

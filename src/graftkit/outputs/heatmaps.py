@@ -91,7 +91,6 @@ class FeatureMaps:
             key = engine_key if engine_key and engine_path(engine_key).is_file() else \
                 part_key(bottom, size, first.name)
         self.frozen: FrozenPart = FrozenPart(bottom, key)
-        self.shape = tuple(to_map.outputs[0].shape[1:])
 
     def plan(self, images: int) -> None:
         self.frozen.plan(images)
@@ -125,13 +124,13 @@ def explain_batch(maps: np.ndarray, kernel: np.ndarray, bias: np.ndarray,
     features = maps.mean(axis=(1, 2))
     logits = features.astype(np.float64) @ kernel + bias
     if multi_label:
-        from scipy.special import expit
+        from graftkit.outputs.multilabel import sigmoid
 
-        probs = expit(logits)
+        probs = sigmoid(logits)
     else:
-        from scipy.special import softmax
+        from graftkit.outputs.calibration import softmax
 
-        probs = softmax(logits, axis=1)
+        probs = softmax(logits)
     return Batch(maps, kernel, features, logits, probs.astype(np.float32))
 
 
@@ -150,7 +149,7 @@ def class_maps(maps: np.ndarray, kernel: np.ndarray, classes: list[int]) -> np.n
 
 
 def upsample(cam: np.ndarray, size: int) -> np.ndarray:
-    """A small map at the input size (bilinear, as the model's view was made)."""
+    """A map at ``size`` px (bilinear, as the model's view was made), 0..1."""
     from PIL import Image
 
     return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(
@@ -178,10 +177,8 @@ def heat_png(heat: np.ndarray, px: int = 96) -> bytes:
     """The heatmap alone as a small RGBA PNG (its colour, opaque where the model looked):
     what a page lays over the image it already shows."""
     from matplotlib import colormaps
-    from PIL import Image
 
-    small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(
-        (px, px), Image.Resampling.BILINEAR), dtype=np.float32).clip(0.0, 1.0)
+    small = upsample(heat, px)
     rgba = colormaps["jet"](small)
     rgba[..., 3] = 0.15 + 0.55 * small
     return png_bytes((rgba * 255).round().astype(np.uint8))

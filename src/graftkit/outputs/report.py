@@ -167,11 +167,12 @@ class Why:
     training images, as embedded images. Empty for runs made before them."""
 
     def __init__(self, run_dir: Path):
+        from graftkit.outputs.closest import Thumbnails
         from graftkit.outputs.heatmaps import read_explanations
 
         self.run_dir = run_dir
         self.index = read_explanations(run_dir)
-        self._thumbs: dict[int, str | None] = {}
+        self._thumbs = Thumbnails(run_dir)
 
     def note(self, looked_for: str = "the class it predicted") -> str:
         if not self.index:
@@ -208,15 +209,10 @@ class Why:
                 f"{''.join(cells)}</div>")
 
     def _thumb(self, index: int) -> str | None:
-        if index not in self._thumbs:
-            from graftkit.outputs.closest import thumbnail
-            from graftkit.outputs.heatmaps import jpeg_bytes
-
-            try:
-                self._thumbs[index] = _uri(jpeg_bytes(thumbnail(self.run_dir, index), quality=80))
-            except (OSError, IndexError):
-                self._thumbs[index] = None
-        return self._thumbs[index]
+        try:
+            return _uri(self._thumbs.jpeg(index))
+        except (OSError, IndexError):
+            return None
 
 
 def shown_top_losses(predictions: list[dict]) -> tuple[list[dict], list[dict], int, int]:

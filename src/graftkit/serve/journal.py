@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from graftkit.files import fsync_dir
+
 SET_ASIDE = ".graft-set-aside"
 JOURNAL = ".graft-journal.jsonl"
 LOCK = ".graft-journal.lock"
@@ -84,17 +86,6 @@ def rel_path(path: str | os.PathLike, root: Path) -> str | None:
         return Path(os.path.abspath(path)).relative_to(root).as_posix()
     except ValueError:
         return None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or link in ``path`` durable (POSIX; Windows has no directory handles)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def move_file(src: Path, dst: Path) -> None:

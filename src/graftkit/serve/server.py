@@ -87,6 +87,7 @@ class Service:
                  max_connections: int = MAX_CONNECTIONS, body_timeout: float = BODY_TIMEOUT,
                  inbox: str | os.PathLike | None = None):
         from graftkit.classifier import load
+        from graftkit.outputs.closest import Thumbnails
         from graftkit.serve.app import create_app
         from graftkit.serve.batching import Batcher
         from graftkit.serve.guard import BodyLimit, Guard
@@ -112,7 +113,7 @@ class Service:
             self.inbox.start()
         self.max_upload_mb, self.max_pixels, self.max_files = max_upload_mb, max_pixels, max_files
         self._explaining = threading.Lock()
-        self._thumbs: dict[int, str] = {}  # closest training images' thumbnails, as sent
+        self._thumbs = Thumbnails(self.run_dir)  # closest training images' thumbnails
         self.header_timeout, self.max_connections = header_timeout, max_connections
         body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
         self.guard = Guard(body, self.token, port, hosts, log)
@@ -146,6 +147,7 @@ class Service:
         """Serve another run (a refit of this one): same classes, or it is refused, since the
         pages and the API's schema name them."""
         from graftkit.classifier import load
+        from graftkit.outputs.closest import Thumbnails
         from graftkit.serve.batching import Batcher
         from graftkit.serve.review import Review
 
@@ -160,7 +162,7 @@ class Service:
         review.start()
         with self._explaining:  # an explanation in flight finishes with the old run
             self.classifier, self.run_dir = classifier, Path(run_dir)
-            self._thumbs = {}
+            self._thumbs = Thumbnails(self.run_dir)
         self.batcher = Batcher(classifier.scored_pixels, old.max_batch, old.max_wait)
         self.review = review
         if self.inbox is not None:
@@ -185,8 +187,7 @@ class Service:
                    reject: str) -> list[dict]:
         import base64
 
-        from graftkit.outputs.closest import thumbnail
-        from graftkit.outputs.heatmaps import heat_png, jpeg_bytes
+        from graftkit.outputs.heatmaps import heat_png
 
         explained = self.classifier.explain(pixels, top_k=top_k, reject=reject)
         out = []
@@ -197,12 +198,10 @@ class Service:
                                   for label, heat in e.heatmaps.items()}
             closest = []
             for c in e.closest or []:
-                if c["index"] not in self._thumbs:
-                    self._thumbs[c["index"]] = base64.b64encode(jpeg_bytes(
-                        thumbnail(self.run_dir, c["index"]), quality=80)).decode()
                 closest.append({"label": c["label"], "similarity": c["similarity"],
                                 "name": Path(c["path"]).name,
-                                "thumbnail": self._thumbs[c["index"]]})
+                                "thumbnail": base64.b64encode(
+                                    self._thumbs.jpeg(c["index"])).decode()})
             answer["closest"] = closest if e.closest is not None else None
             out.append(answer)
         return out
