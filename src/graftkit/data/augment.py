@@ -91,8 +91,7 @@ def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool
                   sin, cos, cy - sin * w / 2 - cos * h / 2)
         out = np.asarray(padded.transform((w, h), Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR))
     if factor != 1.0:
-        mean = out.reshape(-1, 3).mean(axis=0)
-        out = np.clip((out - mean) * factor + mean, 0, 255).round().astype(np.uint8)
+        out = _contrast(out, factor)
     # Drawn after the settings above, and only when asked for: views of the settings above
     # stay exactly as they were (and so do their cached frozen outputs).
     if settings.get("crop"):
@@ -102,6 +101,22 @@ def augment_image(image: np.ndarray, seed: int, settings: dict[str, float | bool
     if settings.get("augmix"):
         out = _augmix(out, rng, float(settings["augmix"]))
     return np.ascontiguousarray(out)
+
+
+def _contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Each channel's spread around its mean scaled by ``factor``, through a table per channel.
+
+    The table holds the same float64 arithmetic for the 256 values a channel can take, so the
+    result is the one per pixel, at a tenth of the cost (the integer sums are exact, and so the
+    mean is numpy's to the last bit)."""
+    h, w = image.shape[:2]
+    mean = image.sum(axis=0, dtype=np.uint32).sum(axis=0, dtype=np.int64) / (h * w)
+    values = np.arange(256)[:, None]
+    table = np.clip((values - mean) * factor + mean, 0, 255).round().astype(np.uint8)
+    out = np.empty_like(image)
+    for c in range(image.shape[2]):
+        out[..., c] = table[image[..., c], c]
+    return out
 
 
 def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, loss: float) -> np.ndarray:
