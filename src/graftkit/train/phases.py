@@ -297,7 +297,11 @@ def view_cycle(views: list, labels, batch_size: int, seed: int,
             batch_size, drop_remainder=whole_batches).map(batch)
 
     ds = tf.data.Dataset.range(initial_epoch, 1 << 30).flat_map(epoch)
-    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+    # A fixed prefetch, not AUTOTUNE: the autotuner's thread of an endless stream sleeps up to
+    # a minute before the stream can be deleted, and fit() waits for it at the end of a phase.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return shard_by_data(ds.prefetch(2).with_options(options))
 
 
 def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
