@@ -148,10 +148,13 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     """Each engine side by side on the default fit's frozen part (Lite0 below its top 2 blocks).
 
     Per engine: pure inference on random pixels, the frozen pass of ``graft fit`` on the
-    folder's files (decoding on all cores, as fit runs it), and whole-model ``predict_proba`` on
-    the files. Conversion is done before the clocks start (it is cached).
+    folder's files (decoding on all cores, as fit runs it), plain and with fit's 5 views
+    (augmentation included: the log's outputs per second), and whole-model ``predict_proba`` on
+    the files. Conversion is done before the clocks start (it is cached). int8 is calibrated as
+    ``graft fit --engine-precision int8`` calibrates it, on the folder's training images.
     Returns the rows and the frozen part's forward GFLOPs per image.
     """
+    import tempfile
     from pathlib import Path
 
     import numpy as np
@@ -159,11 +162,14 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     from graftkit.backbones import load_base
     from graftkit.classifier import Classifier
     from graftkit.data.folder import scan
+    from graftkit.defaults import AUGMENT
     from graftkit.frozen import runtimes
     from graftkit.frozen.cut import part_key, split_base
     from graftkit.frozen.engine import ENGINE_ENV, PRECISION_ENV, FrozenPart
     from graftkit.frozen.extract import extract
+    from graftkit.frozen.precision import Calibration
     from graftkit.graft import build_classifier
+    from graftkit.outputs.run import INT8_ENGINE_FILE
 
     base, info = load_base("efficientnet_lite0", size)
     bottom = split_base(base, info.block_pattern, 2).frozen_model()
@@ -171,17 +177,27 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     data = scan(Path(folder))
     paths, digests = data.val.paths[:n], data.digests(data.val)[:n]
     x = np.random.default_rng(0).uniform(0, 255, (64, size, size, 3)).astype("float32")
-    engines = [("keras", "f32"), ("tflite", "f32")]
+    engines = [("keras", "f32"), ("tflite", "f32"), ("tflite", "int8")]
+    items = [(p, str(y)) for p, y in zip(data.train.paths, data.train.labels)]
+    calibration = Calibration.from_files(items, dict(zip(data.train.paths,
+                                                         data.digests(data.train))), size, 0)
+    scratch = Path(tempfile.mkdtemp())
     if runtimes.openvino_available():
         engines.append(("openvino", "f32"))
         if runtimes.openvino_bf16():
             engines.append(("openvino", "bf16"))
     rows = []
     for name, precision in engines:
-        os.environ[ENGINE_ENV], os.environ[PRECISION_ENV] = name, precision
-        part = FrozenPart(bottom, part_key(bottom, size, "bench"))
-        part(x[:8])  # convert (once, cached), load, parity check
+        os.environ[ENGINE_ENV] = name
+        os.environ[PRECISION_ENV] = "f32" if precision == "int8" else precision
+        int8 = precision == "int8"
+        part = FrozenPart(bottom, part_key(bottom, size, "bench"),
+                          precision=precision if int8 else None,
+                          calibration=calibration if int8 else None)
+        part(x[:8])  # convert (once, cached), load, parity check (int8: its acceptance)
         row = {"engine": part.label, "fallbacks": part.reasons}
+        if int8 and part.int8_engine():
+            (scratch / INT8_ENGINE_FILE).write_bytes(part.int8_engine())
         t = time.perf_counter()
         part(x)
         row["pixels"] = len(x) / (time.perf_counter() - t)
@@ -189,9 +205,14 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
         ex = extract(part, paths, digests, size)
         row["frozen pass, files"] = len(paths) / (time.perf_counter() - t)
         row["rows"] = [np.asarray(ex.output(k)[0]) for k in range(2)]  # float16, as cached
+        t = time.perf_counter()
+        extract(part, paths, digests, size, views=5, augment=AUGMENT)
+        row["frozen pass, 5 views"] = 5 * len(paths) / (time.perf_counter() - t)
         clf = Classifier(model, [str(i) for i in range(5)],
                          {"backbone": "efficientnet_lite0",
-                          "options": {"unfreeze": 2, "fine_tune_epochs": 5}})
+                          "options": {"unfreeze": 2, "fine_tune_epochs": 5},
+                          "frozen_outputs": {"precision": "int8" if int8 else "f32"}},
+                         scratch)
         clf.predict_proba(paths[:8])
         t = time.perf_counter()
         clf.predict_proba(paths)
@@ -211,19 +232,29 @@ def print_engines(args) -> None:
           f"{args.image_size} px, {gflops:.2f} GFLOPs per image; {args.images} files of "
           f"{args.folder}; matmul ceilings: float32 {ceilings['f32']:.0f}, bfloat16 "
           f"{ceilings['bf16']:.0f} GFLOP/s")
-    print(f"{'engine':16}{'pixels':>9}{'frozen pass':>13}{'predict':>9}{'x tflite':>10}"
-          f"{'of f32 ceiling':>16}{'of bf16 ceiling':>17}{'rows != tflite':>16}")
+    from graftkit.frozen.precision import cosines, cpu_flags, dot_product_flags
+
+    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f == "asimddp")
+    print(f"CPU flags: {' '.join(simd) or 'unknown'}; 8-bit dot products: "
+          f"{', '.join(dot_product_flags()) or 'none'}")
+    print(f"{'engine':16}{'pixels':>9}{'frozen pass':>13}{'5 views':>9}{'predict':>9}"
+          f"{'x tflite':>10}{'of f32 ceiling':>16}{'of bf16 ceiling':>17}{'rows != tflite':>16}"
+          f"{'cosine':>9}")
     tflite = next(r for r in rows if r["engine"] == "tflite")
     for r in rows:
         apart = "/".join(f"{np.mean(a != b):.2%}" for a, b in zip(r["rows"], tflite["rows"]))
+        cos = min(cosines([a.astype(np.float32) for a in r["rows"]],
+                          [b.astype(np.float32) for b in tflite["rows"]]))
         print(f"{r['engine']:16}{r['pixels']:>9.1f}{r['frozen pass, files']:>13.1f}"
-              f"{r['predict, files']:>9.1f}{r['frozen pass, files'] / tflite['frozen pass, files']:>9.2f}x"
+              f"{r['frozen pass, 5 views']:>9.1f}{r['predict, files']:>9.1f}"
+              f"{r['frozen pass, 5 views'] / tflite['frozen pass, 5 views']:>9.2f}x"
               f"{r['pixels'] * gflops / ceilings['f32']:>16.1%}"
-              f"{r['pixels'] * gflops / ceilings['bf16']:>17.1%}{apart:>16}"
+              f"{r['pixels'] * gflops / ceilings['bf16']:>17.1%}{apart:>16}{cos:>9.4f}"
               + (f"  (fell back: {'; '.join(r['fallbacks'])})" if r["fallbacks"] else ""))
-    print("images/s; 'x tflite' compares the frozen pass on files; 'rows != tflite': the share "
-          "of float16 values (as the cache keeps them) that differ from TFLite's, cut "
-          "activations / pooled features")
+    print("images/s (5 views: outputs/s, augmentation included, as fit's log counts them); "
+          "'x tflite' compares the 5-view frozen pass; 'rows != tflite': the share of float16 "
+          "values (as the cache keeps them) that differ from TFLite's, cut activations / pooled "
+          "features; 'cosine': the lower of the two outputs' mean cosine similarity to TFLite's")
 
 
 def main() -> int:

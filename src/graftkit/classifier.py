@@ -122,6 +122,16 @@ class Classifier:
         return cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
                           options.get("mode"))
 
+    @property
+    def _int8_engine(self) -> Path | None:
+        """An int8 run's engine of the frozen part (missing: float32, said on first use)."""
+        frozen = self.record.frozen_outputs or {}
+        if frozen.get("precision") != "int8" or self.run_dir is None:
+            return None
+        from graftkit.outputs.run import INT8_ENGINE_FILE
+
+        return self.run_dir / INT8_ENGINE_FILE
+
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and not self._split_made:
@@ -129,7 +139,7 @@ class Classifier:
 
             self._split_made = True
             self._split = split_classifier(model, self.record.backbone, self._top_blocks,
-                                           self.record.engine_key)
+                                           self.record.engine_key, self._int8_engine)
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._split
@@ -349,7 +359,7 @@ class Classifier:
             from graftkit.outputs.heatmaps import FeatureMaps
 
             self._maps = FeatureMaps(self.model, block_pattern_of(self.record.backbone),
-                                     self._top_blocks, self.record.engine_key)
+                                     self._top_blocks, self.record.engine_key, self._int8_engine)
             self._maps.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._maps
 

@@ -238,6 +238,11 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("precision", defaults.PRECISION, "Keras dtype policy of the base (the head stays "
            "float32); float32 measured faster than mixed_bfloat16 on a 2-core CPU",
            "compute", choices=defaults.PRECISIONS),
+    Option("engine_precision", "auto", "arithmetic of the frozen part's engine: auto (int8 "
+           "where the CPU has 8-bit dot products, e.g. AVX-512 VNNI, else float32), f32, bf16 "
+           "(OpenVINO, CPUs with bfloat16 units), int8 (calibrated on training images, kept "
+           "only if it follows float32 closely; docs/guide.md#engines)", "compute",
+           choices=("auto", "f32", "bf16", "int8")),
     Option("strategy", "auto", "where to train: auto (several GPUs: mirrored, else default), "
            "default, mirrored (all local GPUs), multi-worker (machines listed in TF_CONFIG); "
            "--batch-size is per replica, learning rates scale with replicas", "compute",

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from graftkit import defaults
+from graftkit.data.sample import stratified
 from graftkit.errors import ExportError, UsageError
 from graftkit.outputs.open_set import OOD_SCORE
 from graftkit.quiet import silenced
@@ -120,23 +121,6 @@ def _run_onnx(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     return _stack([_named(dict(zip(names, session.run(None, {name: b.astype(np.float32)}))))
                    for b in _batches(x)])
-
-
-def stratified(items: list, limit: int, seed: int) -> list:
-    """Up to ``limit`` of ``(path, label)`` items still on disk, every class represented: each
-    class's items shuffled (seeded), then taken round-robin across classes. The first items in
-    folder order would be one or two classes only."""
-    rng = np.random.default_rng(seed)
-    by_class: dict[str, list] = {}
-    for path, label in items:
-        if os.path.isfile(path):
-            by_class.setdefault(label, []).append((path, label))
-    queues = [[group[i] for i in rng.permutation(len(group))]
-              for _, group in sorted(by_class.items())]
-    out: list = []
-    for depth in range(max(map(len, queues), default=0)):
-        out += [q[depth] for q in queues if depth < len(q)]
-    return out[:limit]
 
 
 def _sample_note(kept: int, available: int, seed: int, what: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -153,7 +154,8 @@ class SplitClassifier:
     """
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
-                 engine_key: str | None = None, frozen: FrozenPart | None = None):
+                 engine_key: str | None = None, frozen: FrozenPart | None = None,
+                 int8_engine: Path | None = None):
         from graftkit.graft import BASE, HEAD_DROPOUT
 
         if top_n > 0:
@@ -176,7 +178,9 @@ class SplitClassifier:
         # through layers trained since (fit's pooled features, through the fine-tuned top).
         if frozen is not None:
             frozen.checked_outputs = 1
-        self.frozen = frozen or FrozenPart(self.bottom, key)
+        # ``int8_engine``: an int8 run's engine (its head trained on that engine's outputs)
+        self.frozen = frozen or FrozenPart(self.bottom, key, engine_file=int8_engine,
+                                           precision="int8" if int8_engine else None)
 
     def plan(self, images: int) -> str:
         return self.frozen.plan(images)
@@ -207,10 +211,12 @@ def block_pattern_of(backbone: str | None) -> str:
 
 
 def split_classifier(model: keras.Model, backbone: str | None, top_n: int,
-                     key: str | None) -> SplitClassifier | None:
+                     key: str | None, int8_engine: Path | None = None) -> SplitClassifier | None:
     """The fast path for a run's model, cut below its top ``top_n`` blocks (what the run
-    fine-tuned) with the cached engine ``key``; None if the model does not split."""
+    fine-tuned) with the cached engine ``key`` (or an int8 run's engine); None if the model
+    does not split."""
     try:
-        return SplitClassifier(model, block_pattern_of(backbone), top_n, key)
+        return SplitClassifier(model, block_pattern_of(backbone), top_n, key,
+                               int8_engine=int8_engine)
     except (ValueError, KeyError):
         return None

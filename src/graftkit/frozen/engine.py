@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from graftkit.backbones.registry import layers_within
 from graftkit.errors import DiskFullError
 from graftkit.files import atomic_write
 from graftkit.frozen import runtimes
+from graftkit.frozen.precision import INT8_MIN_COSINE, Calibration, cosines
 from graftkit.frozen.store import cache_full, writable
 from graftkit.quiet import silenced
 
 ENGINE_ENV, PRECISION_ENV = runtimes.ENGINE_ENV, runtimes.PRECISION_ENV
 forced_engine, wanted_precision = runtimes.forced_engine, runtimes.wanted_precision
-# Max |engine - Keras| on the first batch, relative to the output's scale, per precision.
+# Max |engine - Keras| on the first batch, relative to the output's scale, per precision
+# (int8 is judged by cosine similarity instead: ``precision.INT8_MIN_COSINE``).
 PARITY_TOLERANCE = {"f32": 1e-3, "bf16": 5e-2}
 
 
@@ -73,19 +76,32 @@ class FrozenPart:
     """
 
     def __init__(self, model: keras.Model, key: str, converted: bool | None = None,
-                 fixed_batch: bool = False):
+                 fixed_batch: bool = False, precision: str | None = None,
+                 calibration: Calibration | None = None, engine_file: Path | None = None):
+        """``precision``: "f32", "bf16" or "int8" (None: ``$GRAFTKIT_ENGINE_PRECISION``). int8
+        needs ``calibration`` (converts and accepts an engine) or ``engine_file`` (a run's
+        engine, already accepted); without a converted engine it runs float32."""
         self.model, self.key, self.fixed_batch = model, key, fixed_batch
+        self.calibration, self.engine_file = calibration, engine_file
         self.notify: Callable[[str], None] | None = None  # conversions, fallbacks
         self.reasons: list[str] = []
+        self.precision_reason = ""  # why this precision was asked for (the run records it)
+        self.always_convert = False  # convert even for a small job (int8 asked for by name)
         self._forced = forced_engine()
         if converted is None:  # converted engines are CPU engines: with a GPU, Keras runs on it
             converted = (self._forced != "keras" and _float32(model)
                          and (self._forced in ("tflite", "openvino") or not devices.gpus()))
         self._may_plan = converted and not self._forced  # a forced engine decides for good
-        self._bf16 = (converted and self._forced != "tflite" and wanted_precision() == "bf16"
+        wanted = precision or wanted_precision()
+        self._bf16 = (converted and self._forced != "tflite" and wanted == "bf16"
                       and runtimes.openvino_bf16())
+        self._int8 = bool(converted and wanted == "int8" and self._forced != "openvino"
+                          and (calibration is not None or engine_file is not None))
+        if wanted == "int8" and not self._int8 and (calibration or engine_file):
+            self.reasons.append("int8 not used: the frozen part runs on Keras here (a GPU, a "
+                                "strategy or $GRAFTKIT_ENGINE)")
         # Engines still to try, in the rule's order (Keras after them); the first is the one
-        # running, loaded on first use (``_runner``).
+        # running, loaded on first use (``_runner``). int8 runs on TFLite, float32 after it.
         self._names: list[str] = ([self._forced] if self._forced in ("tflite", "openvino")
                                   else ["openvino", "tflite"] if self._bf16
                                   else ["tflite", "openvino"]
@@ -107,8 +123,10 @@ class FrozenPart:
 
     @property
     def precision(self) -> str:
-        """"f32" or "bf16"."""
+        """"f32", "bf16" or "int8"."""
         if self._names:
+            if self._int8 and self.engine == "tflite":
+                return "int8"
             return "bf16" if self._bf16 and self.engine == "openvino" else "f32"
         return "f32" if _float32(self.model) else "bf16"
 
@@ -122,6 +140,8 @@ class FrozenPart:
         """The cache folder of the outputs this engine computes: engines round differently, so
         each keeps its own rows (Keras on a GPU apart from Keras on the CPU)."""
         tag = f"{self.engine}-{self.precision}"
+        if self.precision == "int8":  # another calibration sample, other rows
+            tag += f"-{self.calibration.digest if self.calibration else 'run'}"
         if self.engine == "keras":
             if self._gpu is None:
                     self._gpu = bool(devices.gpus())
@@ -130,6 +150,11 @@ class FrozenPart:
 
     @property
     def _path(self) -> Path:
+        if self._int8:
+            if self.engine_file is not None:
+                return self.engine_file
+            assert self.calibration is not None
+            return engine_path(f"{self.key}-int8-{self.calibration.digest}")
         return engine_path(self.key)
 
     def plan(self, images: int, reuse_engine: bool = True) -> str:
@@ -142,8 +167,11 @@ class FrozenPart:
         """
         if self._may_plan:
             self._may_plan = False
-            if not (images >= defaults.ENGINE_MIN_IMAGES
+            if not (images >= defaults.ENGINE_MIN_IMAGES or self.always_convert
                     or (reuse_engine and self._path.is_file())):
+                if self._int8:
+                    self.reasons.append(f"int8 not used: {images} images do not pay for "
+                                        "converting an engine (float32 Keras)")
                 self._names = []
         return self.engine
 
@@ -154,6 +182,9 @@ class FrozenPart:
             try:
                 content = self._content()
             except Exception as e:  # noqa: BLE001 - any converter failure means: run on Keras
+                if self._int8:  # float32 next
+                    self._fall_back(f"no int8 engine ({type(e).__name__}: {e})")
+                    continue
                 self._names = []
                 self._fall_back(f"converting the frozen base to TFLite failed ({type(e).__name__})")
                 return
@@ -161,14 +192,45 @@ class FrozenPart:
                 self._runner = self._load(name, content)
             except Exception as e:  # noqa: BLE001 - an engine that cannot load is skipped
                 self._fall_back(f"{name} could not load the engine ({type(e).__name__}: {e})")
+                continue
+            if self._int8 and self.calibration is not None and not self._checked:
+                self._accept_int8()
 
     def _say(self, text: str) -> None:
         if self.notify:
             self.notify(text)
 
+    def int8_engine(self) -> bytes | None:
+        """The int8 engine's file contents when int8 runs (for the run folder), else None."""
+        return self._content_bytes if self.precision == "int8" else None
+
+    def _accept_int8(self) -> None:
+        """Keep the int8 engine only if its outputs follow float32 Keras' on training images
+        it was not calibrated on; else float32, saying why."""
+        assert self.calibration is not None and self._runner is not None
+        held = self.calibration.held_out
+        got = self._runner(held)[:self.checked_outputs]
+        sims = cosines(got, self._run_keras(held))
+        self.calibration.accepted = {
+            "calibration_images": len(self.calibration.images), "held_out_images": len(held),
+            "cosine": [round(c, 4) for c in sims], "min_cosine": INT8_MIN_COSINE,
+            "sample": self.calibration.digest}
+        if min(sims) < INT8_MIN_COSINE:
+            self._fall_back(f"int8 follows float32 too loosely on {len(held)} held-out training "
+                            f"images (cosine {min(sims):.4f} < {INT8_MIN_COSINE})")
+            return
+        self._checked = True
+
     def _fall_back(self, reason: str) -> None:
-        """Drop the running engine for the next one (Keras last), saying why."""
+        """Drop the running engine for the next one (Keras last), saying why. int8 falls back
+        to float32 on the same runtimes."""
         self.reasons.append(reason)
+        if self._int8:
+            self._int8, self._runner, self._checked = False, None, False
+            self._content_bytes = None
+            self._names = ["tflite", "openvino"] if self._forced != "tflite" else ["tflite"]
+            self._say(f"  {reason}: using {self.label}")
+            return
         self._names, self._runner, self._checked = self._names[1:], None, False
         if self._names == ["openvino"] and not runtimes.openvino_available():
             self._names = []
@@ -184,12 +246,22 @@ class FrozenPart:
             os.utime(path)
             self._content_bytes = content
             return content
+        if self._int8 and self.engine_file is not None:
+            raise FileNotFoundError(f"the run's int8 engine {path} is missing")
         import tensorflow as tf
 
         start = time.perf_counter()
-        self._say("converting the frozen base to a TFLite engine (once; cached for later runs)...")
-        with silenced():
-            content = tf.lite.TFLiteConverter.from_keras_model(self.model).convert()
+        what = "an int8 TFLite engine" if self._int8 else "a TFLite engine"
+        self._say(f"converting the frozen base to {what} (once; cached for later runs)...")
+        with silenced(), warnings.catch_warnings():  # int8: "Statistics for quantized inputs"
+            warnings.simplefilter("ignore")
+            converter = tf.lite.TFLiteConverter.from_keras_model(self.model)
+            if self._int8:
+                assert self.calibration is not None
+                images = self.calibration.images
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = lambda: ([img[None]] for img in images)
+            content = converter.convert()
         self._say(f"  converted in {time.perf_counter() - start:.1f} s")
         if writable():
             try:
@@ -216,6 +288,12 @@ class FrozenPart:
 
     def _disagreement(self, out: list[np.ndarray], x: np.ndarray) -> str | None:
         """Why the engine's first outputs cannot stand for Keras', or None when they can."""
+        if self.precision == "int8":
+            sims = cosines([o[:4] for o in out[:self.checked_outputs]], self._run_keras(x[:4]))
+            if min(sims) < INT8_MIN_COSINE:
+                return (f"int8 follows float32 too loosely (cosine {min(sims):.4f} < "
+                        f"{INT8_MIN_COSINE})")
+            return None
         tolerance = PARITY_TOLERANCE[self.precision]
         for got, ref in zip(out[:self.checked_outputs], self._run_keras(x[:4])):
             scale = max(float(np.abs(ref).max()), 1.0)

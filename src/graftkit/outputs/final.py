@@ -216,9 +216,11 @@ def _threshold_line(result: dict, threshold: float | str) -> str:
 def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: FinalScores,
               record: RunRecord, history: list[dict], log: Callable[[str], None],
               issues: LabelIssues | None = None,
-              closest: tuple[Closest, np.ndarray] | None = None) -> list[str]:
+              closest: tuple[Closest, np.ndarray] | None = None,
+              int8_engine: bytes | None = None) -> list[str]:
     """Every file of the run folder, ``metrics.json`` last; the training images' digests.
-    ``closest``: the training images' bank and thumbnails, for explanations."""
+    ``closest``: the training images' bank and thumbnails, for explanations; ``int8_engine``:
+    the frozen part's int8 engine, which predictions must use."""
     from graftkit.files import write_json
     from graftkit.outputs import run
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
@@ -241,6 +243,13 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)
+    engine_file = run_dir / run.INT8_ENGINE_FILE
+    if int8_engine is not None:
+        from graftkit.files import atomic_write
+
+        atomic_write(engine_file, lambda tmp: Path(tmp).write_bytes(int8_engine))
+    else:  # a float32 run over an int8 one
+        engine_file.unlink(missing_ok=True)
     if closest is not None:
         closest[0].save(run_dir, closest[1])
     import shutil

@@ -63,7 +63,7 @@ class FeatureMaps:
     """
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
-                 engine_key: str | None = None):
+                 engine_key: str | None = None, int8_engine: Path | None = None):
         from graftkit.backbones.registry import block_groups
         from graftkit.frozen.cut import cut_model, first_above, part_key
         from graftkit.frozen.engine import FrozenPart, compiled, engine_path
@@ -87,10 +87,12 @@ class FeatureMaps:
                 self.rest = compiled(rest)
         if first is None or bottom is to_map:
             key = part_key(to_map, size, f"map:{pool.name}")
+            int8_engine = None  # not the fit's frozen part: its own float32 engine
         else:
             key = engine_key if engine_key and engine_path(engine_key).is_file() else \
                 part_key(bottom, size, first.name)
-        self.frozen: FrozenPart = FrozenPart(bottom, key)
+        self.frozen: FrozenPart = FrozenPart(bottom, key, engine_file=int8_engine,
+                                             precision="int8" if int8_engine else None)
 
     def plan(self, images: int) -> None:
         self.frozen.plan(images)

@@ -167,6 +167,7 @@ def pooled_features(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
     from graftkit.frozen.cut import part_key, split_base
     from graftkit.frozen.engine import FrozenPart
     from graftkit.frozen.extract import extract
+    from graftkit.frozen.precision import engine_settings
     from graftkit.train.stages import auto_image_size
 
     if image_size is None and base in REGISTRY:
@@ -175,9 +176,10 @@ def pooled_features(folder: ImageFolder, base: str = defaults.DEFAULT_BACKBONE,
     split = split_base(base_model, info.block_pattern, 0)
     assert split is not None  # a cut below no block is always possible
     frozen_model = split.frozen_model()
+    precision, _, calibration = engine_settings(folder, info.image_size)
     part = FrozenPart(frozen_model, part_key(frozen_model, info.image_size,
                                              f"{split.cut}:{defaults.PRECISION}"),
-                      fixed_batch=True)
+                      fixed_batch=True, precision=precision, calibration=calibration)
     part.notify = log
     part.plan(len(folder.train) * defaults.VIEWS + len(folder.val), reuse_engine=False)
     store_key = part.store_key if cache else None

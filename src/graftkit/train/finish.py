@@ -84,8 +84,9 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     issues = _label_issues(run, built, data, training, pretrained)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
                         issues)
+    int8 = frozen.part.int8_engine() if frozen is not None else None
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
-                             run.log, issues, closest)
+                             run.log, issues, closest, int8)
     if dist.workers > 1:
         run.log(f"worker 0 of {dist.workers} (chief): final weights sha256 {digest[:16]}")
     resume.checkpoint.remove()
@@ -199,10 +200,15 @@ def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
     """
     if frozen is None:
         return None
-    return {"engine": frozen.part.engine, "precision": frozen.part.precision,
-            "computed": frozen.computed, "from_cache": frozen.total - frozen.computed,
-            "seconds": round(frozen.seconds, 2),
-            "fallbacks": list(frozen.part.reasons)}
+    part = frozen.part
+    out = {"engine": part.engine, "precision": part.precision,
+           "precision_reason": part.precision_reason,
+           "computed": frozen.computed, "from_cache": frozen.total - frozen.computed,
+           "seconds": round(frozen.seconds, 2),
+           "fallbacks": list(part.reasons)}
+    if part.calibration is not None and part.calibration.accepted:
+        out["int8"] = part.calibration.accepted
+    return out
 
 
 def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,

@@ -331,6 +331,7 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     """The frozen part's outputs for every training view and validation image (cached)."""
     from graftkit.frozen.engine import FrozenPart
     from graftkit.frozen.extract import extract
+    from graftkit.frozen.precision import engine_settings
 
     if not cut.need_cache and not cut.label_rows:
         return None
@@ -338,10 +339,16 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     augment = options.augment
     if not cut.need_cache:  # the plain images only, for the label issues
         views, augment = 1, None
+    precision, why, calibration = engine_settings(folder, size, options.engine_precision)
     # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
     part = FrozenPart(cut.frozen_model, cut.engine_key,
-                      converted=False if dist.name != "default" else None, fixed_batch=True)
+                      converted=False if dist.name != "default" else None, fixed_batch=True,
+                      precision=precision, calibration=calibration)
     part.notify = run.log
+    part.precision_reason = why
+    part.always_convert = options.engine_precision == "int8"
+    if precision != "f32":
+        run.log(f"engine precision: {precision} ({why})")
     # The engine by the size of the whole job, never by what is cached: the same command
     # computes (or reads) the same rows whatever ran before.
     part.plan(len(folder.train) * views + len(folder.val), reuse_engine=False)

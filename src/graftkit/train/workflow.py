@@ -78,6 +78,7 @@ class FitOptions:
     views: int = _D("views")
     augment_head: bool = _D("augment_head")
     precision: str = _D("precision")
+    engine_precision: str = _D("engine_precision")
     strategy: str = _D("strategy")
     cache: bool = _D("cache")
 

@@ -1,0 +1,142 @@
+"""The precision the frozen part computes in, and why: float32, bfloat16 or int8.
+
+int8 runs the frozen part on TFLite's integer kernels (XNNPACK), calibrated on a stratified
+sample of the training images. It pays where the CPU has 8-bit dot-product instructions
+(AVX-512 VNNI, AVX-VNNI, AMX, Arm's dot product): measured 2.2x float32 with VNNI, and 0.95x on
+an AVX2-only CPU, so ``auto`` picks it only where those instructions are. An int8 engine never
+matches float32 to 1e-3, so it is accepted by how closely its outputs follow float32 on
+training images it was not calibrated on (``INT8_MIN_COSINE``), else the run falls back to
+float32 and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+
+from graftkit.errors import UsageError
+
+ENGINE_PRECISIONS = ("auto", "f32", "bf16", "int8")
+# CPU flags of 8-bit dot-product instructions (Linux names; "asimddp" is Arm's).
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+CALIBRATION_IMAGES = 128  # training images the int8 ranges are calibrated on
+HELD_OUT_IMAGES = 32  # other training images the int8 engine is accepted on
+# Mean cosine similarity of each output row, int8 vs float32, that an int8 engine must reach
+# (measured 0.989 for EfficientNet-Lite0's pooled features at 288 px).
+INT8_MIN_COSINE = 0.97
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them; empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return frozenset()
+        return frozenset({"asimddp"}) if out.strip() == "1" else frozenset()
+    return frozenset()
+
+
+def dot_product_flags() -> list[str]:
+    """Which of the 8-bit dot-product flags this CPU has."""
+    flags = cpu_flags()
+    return [f for f in DOT_PRODUCT_FLAGS if f in flags]
+
+
+def resolve(requested: str) -> tuple[str, str]:
+    """``--engine-precision`` -> (``"f32"``, ``"bf16"`` or ``"int8"``, the reason).
+
+    ``auto``: ``$GRAFTKIT_ENGINE_PRECISION`` when set, else int8 where the CPU has 8-bit
+    dot-product instructions, else float32."""
+    from graftkit.frozen.runtimes import PRECISION_ENV, wanted_precision
+
+    if requested not in ENGINE_PRECISIONS:
+        raise UsageError(f"--engine-precision {requested!r}: use one of "
+                         f"{', '.join(ENGINE_PRECISIONS)}")
+    if requested != "auto":
+        return requested, f"--engine-precision {requested}"
+    if os.environ.get(PRECISION_ENV, "").strip():
+        wanted = wanted_precision()
+        return wanted, f"${PRECISION_ENV}={wanted}"
+    found = dot_product_flags()
+    if found:
+        return "int8", f"the CPU has 8-bit dot-product instructions ({', '.join(found)})"
+    return "f32", ("no 8-bit dot-product instructions on this CPU (int8 measured no faster "
+                   "than float32 without them)")
+
+
+@dataclass
+class Calibration:
+    """Training images for an int8 engine: ``images`` set its ranges, ``held_out`` (others)
+    accept or refuse it. ``digest`` names the sample, so another sample is another engine."""
+
+    images: np.ndarray  # float32 pixels (N, H, W, 3)
+    held_out: np.ndarray
+    digest: str
+    accepted: dict = field(default_factory=dict)  # what the acceptance measured
+    files: list[str] = field(default_factory=list)  # the images' files (from_files)
+    held_out_files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_files(cls, items: list[tuple[str, str]], digests: dict[str, str], size: int,
+                   seed: int = 0) -> Calibration:
+        """A stratified sample of ``(path, label)`` training items, every class represented.
+
+        The seed is fixed, not the run's: runs with other seeds on the same images then share
+        the engine and its cached outputs."""
+        from graftkit.data.images import load_image
+        from graftkit.data.sample import stratified
+
+        chosen = stratified(items, CALIBRATION_IMAGES + HELD_OUT_IMAGES, seed)
+        # every HELD_OUT_IMAGES-th-ish item held out, so both parts span the classes
+        step = max(2, len(chosen) // max(1, HELD_OUT_IMAGES))
+        held = [c for i, c in enumerate(chosen) if i % step == step - 1][:HELD_OUT_IMAGES]
+        calib = [c for c in chosen if c not in held]
+        text = "\n".join(digests[p] for p, _ in calib) + f"\n{size}"
+
+        def pixels(part):
+            return np.stack([load_image(p, size) for p, _ in part]).astype(np.float32)
+
+        return cls(pixels(calib), pixels(held) if held else pixels(calib[:1]),
+                   hashlib.sha256(text.encode()).hexdigest()[:12],
+                   files=[p for p, _ in calib], held_out_files=[p for p, _ in held])
+
+
+def engine_settings(folder, size: int, requested: str = "auto"
+                    ) -> tuple[str, str, Calibration | None]:
+    """(precision, why, calibration) of the frozen part for a job on ``folder``'s images: what
+    ``graft fit`` and ``graft check --labels`` use, so that one reads the other's rows."""
+    chosen, why = resolve(requested)
+    if chosen != "int8":
+        return chosen, why, None
+    items = [(p, str(label)) for p, label in zip(folder.train.paths, folder.train.labels)]
+    digests = dict(zip(folder.train.paths, folder.digests(folder.train)))
+    return chosen, why, Calibration.from_files(items, digests, size)
+
+
+def cosines(got: list[np.ndarray], ref: list[np.ndarray]) -> list[float]:
+    """Mean cosine similarity of each output's rows (flattened), engine vs reference."""
+    out = []
+    for a, b in zip(got, ref):
+        a = a.reshape(len(a), -1).astype(np.float64)
+        b = b.reshape(len(b), -1).astype(np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        sims = np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+        out.append(float(sims.mean()))
+    return out

@@ -1,0 +1,197 @@
+"""The int8 engine of the frozen part: chosen by CPU, accepted by measurement, used everywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from graftkit.frozen import engine as engine_module
+from graftkit.frozen import precision
+from graftkit.frozen.cut import part_key
+from graftkit.frozen.engine import FrozenPart, engine_path
+from graftkit.frozen.precision import Calibration, cosines, resolve
+
+SIZE = 48
+
+
+def _net(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((SIZE, SIZE, 3))
+    a = layers.Conv2D(8, 3, strides=2, activation="relu")(layers.Rescaling(1 / 255)(x))
+    b = layers.Conv2D(16, 3, padding="same", activation="relu")(a)
+    return keras.Model(x, [b, layers.GlobalAveragePooling2D()(b)])
+
+
+def _pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _calibration(digest: str = "sample-a") -> Calibration:
+    return Calibration(_pixels(24, 1), _pixels(8, 2), digest)
+
+
+def test_auto_chooses_int8_only_where_the_cpu_has_8_bit_dot_products(monkeypatch):
+    monkeypatch.delenv("GRAFTKIT_ENGINE_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert resolve("auto") == ("int8", "the CPU has 8-bit dot-product instructions "
+                                       "(avx512_vnni)")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"asimddp"}))  # Arm
+    assert resolve("auto")[0] == "int8"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    chosen, why = resolve("auto")
+    assert chosen == "f32" and "no 8-bit dot-product" in why
+    assert resolve("int8") == ("int8", "--engine-precision int8")  # asked for: whatever the CPU
+    monkeypatch.setenv("GRAFTKIT_ENGINE_PRECISION", "bf16")  # the older setting still counts
+    assert resolve("auto")[0] == "bf16" and resolve("f32")[0] == "f32"
+
+
+def test_a_typo_in_the_engine_precision_is_one_clear_error(tmp_path, capsys):
+    from graftkit.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        main(["fit", str(tmp_path), "--out", str(tmp_path / "run"), "--engine-precision",
+              "int9"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "'int9'" in err and "'int8'" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(Exception, match="int9"):
+        resolve("int9")
+
+
+def test_cosines_of_outputs():
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert cosines([a], [a]) == [1.0]
+    assert cosines([a], [a[:, ::-1]]) == [0.0]
+    assert cosines([np.zeros((1, 3))], [np.zeros((1, 3))]) == [1.0]  # all-zero rows agree
+
+
+def test_the_calibration_sample_spans_the_classes_and_is_named_by_its_files(image_folder):
+    from graftkit.data.folder import scan
+
+    folder = scan(image_folder)
+    items = [(p, str(y)) for p, y in zip(folder.train.paths, folder.train.labels)]
+    digests = dict(zip(folder.train.paths, folder.digests(folder.train)))
+    cal = Calibration.from_files(items, digests, SIZE, seed=0)
+    assert len(cal.images) + len(cal.held_out) == len(items)  # fewer than the sample size
+    assert cal.images.shape[1:] == (SIZE, SIZE, 3) and cal.images.dtype == np.float32
+    assert len(cal.held_out) >= 1
+    assert {str(y) for p, y in items if p in cal.files} == {str(y) for _, y in items}
+    assert not set(cal.files) & set(cal.held_out_files)
+    again = Calibration.from_files(items, digests, SIZE, seed=0)
+    assert again.digest == cal.digest
+    changed = dict(digests)
+    changed[cal.files[0]] = "another file's digest"
+    assert Calibration.from_files(items, changed, SIZE, seed=0).digest != cal.digest
+
+
+def test_fit_and_check_labels_calibrate_the_same_sample(image_folder, monkeypatch):
+    """graft check --labels computes the rows a default fit reads: same precision, same sample."""
+    from graftkit.data.folder import scan
+    from graftkit.frozen.precision import engine_settings
+
+    monkeypatch.delenv("GRAFTKIT_ENGINE_PRECISION", raising=False)
+    folder = scan(image_folder)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx_vnni"}))
+    chosen, _, cal = engine_settings(folder, SIZE)
+    assert chosen == "int8" and cal is not None
+    assert engine_settings(folder, SIZE, "int8")[2].digest == cal.digest
+    assert engine_settings(folder, SIZE + 16, "int8")[2].digest != cal.digest  # another size
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert engine_settings(folder, SIZE)[::2] == ("f32", None)
+
+
+def test_int8_without_a_calibration_or_an_engine_file_runs_float32(private_cache):
+    net = _net()
+    part = FrozenPart(net, part_key(net, SIZE, "t"), precision="int8")
+    assert part.precision == "f32" and part.engine == "tflite"
+
+
+@pytest.mark.integration
+def test_int8_engine_is_accepted_by_measurement_and_kept_apart_by_its_sample(private_cache):
+    net = _net()
+    key = part_key(net, SIZE, "int8")
+    cal = _calibration()
+    part = FrozenPart(net, key, precision="int8", calibration=cal, fixed_batch=True)
+    x = _pixels(6, 5)
+    out = part(x)
+    assert part.label == "tflite int8" and not part.reasons
+    assert cal.accepted["cosine"] and min(cal.accepted["cosine"]) >= precision.INT8_MIN_COSINE
+    ref = net.predict(x, verbose=0)
+    assert min(cosines(out, ref)) >= precision.INT8_MIN_COSINE
+    assert not np.allclose(out[1], ref[1], atol=1e-5)  # really integer arithmetic
+    assert engine_path(f"{key}-int8-sample-a").is_file()
+    assert part.int8_engine() is not None
+    float_part = FrozenPart(net, key)
+    assert part.store_key != float_part.store_key and "sample-a" in part.store_key
+    other = FrozenPart(net, key, precision="int8", calibration=_calibration("sample-b"))
+    assert other.store_key != part.store_key  # another sample: other rows in the cache
+
+
+@pytest.mark.integration
+def test_int8_that_strays_from_float32_falls_back_and_says_why(private_cache, monkeypatch):
+    monkeypatch.setattr(engine_module, "INT8_MIN_COSINE", 1.5)  # nothing can pass
+    net = _net(1)
+    part = FrozenPart(net, part_key(net, SIZE, "stray"), precision="int8",
+                      calibration=_calibration())
+    said: list[str] = []
+    part.notify = said.append
+    out = part(_pixels(3))
+    assert part.precision == "f32" and part.engine == "tflite"
+    assert "follows float32 too loosely" in part.reasons[0]
+    assert any("too loosely" in s and s.endswith("using tflite") for s in said)
+    np.testing.assert_allclose(out[1], net.predict(_pixels(3), verbose=0)[1], atol=1e-4)
+    assert part.int8_engine() is None
+
+
+@pytest.mark.integration
+def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_cache,
+                                                                       tmp_path):
+    net = _net(2)
+    key = part_key(net, SIZE, "file")
+    trained = FrozenPart(net, key, precision="int8", calibration=_calibration())
+    x = _pixels(4, 9)
+    first = trained(x)
+    content = trained.int8_engine()
+    assert content is not None
+    engine_file = tmp_path / "frozen-int8.tflite"
+    engine_file.write_bytes(content)
+    served = FrozenPart(net, key, precision="int8", engine_file=engine_file)
+    for a, b in zip(served(x), first):
+        np.testing.assert_array_equal(a, b)  # the same engine: the same outputs
+    assert served.precision == "int8" and not served.reasons
+    gone = FrozenPart(net, key, precision="int8", engine_file=tmp_path / "missing.tflite")
+    gone(x)
+    assert gone.precision == "f32" and "no int8 engine" in gone.reasons[0]
+
+
+@pytest.mark.integration
+def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_cache):
+    import graftkit
+    from graftkit.outputs.run import INT8_ENGINE_FILE
+    from tests.conftest import make_folder
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    run = tmp_path / "run"
+    options = {"image_size": 64, "head_epochs": 3, "fine_tune_epochs": 1, "unfreeze": 2,
+               "batch_size": 8, "label_folds": 0, "verbose": 0, "log": lambda _m: None}
+    clf = graftkit.fit(data, run, engine_precision="int8", **options)
+    frozen = json.loads((run / "metrics.json").read_text())["frozen_outputs"]
+    assert frozen["precision"] == "int8" and frozen["precision_reason"] == \
+        "--engine-precision int8"
+    assert min(frozen["int8"]["cosine"]) >= precision.INT8_MIN_COSINE
+    assert (run / INT8_ENGINE_FILE).is_file()
+    loaded = graftkit.load(run)
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    probs = loaded.predict_proba([r["path"] for r in rows])
+    assert loaded._split is not None and loaded._split.frozen.label == "tflite int8"
+    written = np.array([float(r["probability"]) for r in rows])
+    np.testing.assert_allclose(probs.max(axis=1), written, atol=2e-6)  # one engine for both
+    assert [clf.classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in rows]
+    graftkit.fit(data, run, overwrite=True, engine_precision="f32", **options)
+    assert not (run / INT8_ENGINE_FILE).exists()  # a float32 run over it: no stale engine
