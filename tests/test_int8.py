@@ -101,6 +101,12 @@ def test_fit_and_check_labels_calibrate_the_same_sample(image_folder, monkeypatc
     assert chosen == "int8" and cal is not None
     assert engine_settings(folder, SIZE, "int8")[2].digest == cal.digest
     assert engine_settings(folder, SIZE + 16, "int8")[2].digest != cal.digest  # another size
+    # an export of the run draws the same images from split.json
+    from graftkit.deploy.export import _engine_sample
+
+    split = {"train": [[p, folder.label_text(y)] for p, y in zip(folder.train.paths,
+                                                                  folder.train.labels)]}
+    assert [p for p, _ in _engine_sample(split)] == cal.files
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     assert engine_settings(folder, SIZE)[::2] == ("f32", None)
 
@@ -193,5 +199,12 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
     written = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probs.max(axis=1), written, atol=2e-6)  # one engine for both
     assert [clf.classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in rows]
+    exported = graftkit.export(run, fmt="tflite")  # follows the run: int8, same images
+    assert exported.quantize == "int8" and "follows" in exported.quantize_reason
+    assert "the run's int8 engine was calibrated on" in exported.calibration_sample
+    assert json.loads((run / "export" / "tflite-int8" / "export.json").read_text())[
+        "quantize_reason"] == exported.quantize_reason
+    assert graftkit.export(run, fmt="savedmodel").quantize == "none"
     graftkit.fit(data, run, overwrite=True, engine_precision="f32", **options)
     assert not (run / INT8_ENGINE_FILE).exists()  # a float32 run over it: no stale engine
+    assert graftkit.export(run, fmt="tflite").quantize == "none"  # float32 run: float32

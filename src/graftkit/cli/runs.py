@@ -342,8 +342,10 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=("savedmodel", "tflite", "onnx"), default="savedmodel")
-    p.add_argument("--quantize", choices=("none", "float16", "int8"), default="none",
-                   help="tflite: none|float16|int8; onnx: none|int8; savedmodel: none")
+    p.add_argument("--quantize", choices=("auto", "none", "float16", "int8"), default="auto",
+                   help="tflite: none|float16|int8; onnx: none|int8 (weights); savedmodel: "
+                        "none; auto follows the run: tflite int8 for a run whose frozen part "
+                        "ran in int8, else none")
     p.add_argument("--out", help="folder for the export (default RUN_DIR/export/FORMAT[-Q])")
 
 

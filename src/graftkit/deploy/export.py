@@ -27,6 +27,9 @@ from graftkit.quiet import silenced
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
             "onnx": ("none", "int8")}
+# "auto" follows the run: TFLite in int8 for a run whose frozen part ran in int8 (calibrated on
+# the images the run's engine was), float32 otherwise.
+QUANTIZE_CHOICES = ("auto", "none", "float16", "int8")
 FP32_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
 # Validation images run through the exported model: every one up to this many (a sample of
@@ -65,6 +68,7 @@ class ExportResult:
     check_sample: str = ""
     calibration_images: int | None = None  # int8: training images it was calibrated on
     calibration_sample: str | None = None
+    quantize_reason: str = ""  # why this quantization: asked for, or following the run
     input: dict | None = None  # what the exported model takes
     # multi-label runs: each label's threshold, and the export's decisions against Keras'
     labels: dict | None = None
@@ -145,7 +149,7 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = "none",
+def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = "auto",
            out: str | os.PathLike | None = None,
            log: Callable[[str], None] | None = None) -> ExportResult:
     """Export a run's model for serving, checked against the Keras model on validation images.
@@ -161,7 +165,10 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         fmt: ``"savedmodel"``, ``"tflite"`` or ``"onnx"`` (needs ``graftkit[export]``).
             Defaults to ``"savedmodel"``.
         quantize: ``"none"``; for TFLite also ``"float16"`` or ``"int8"`` (calibrated on 100
-            training images, a stratified random sample). Defaults to ``"none"``.
+            training images, a stratified random sample; for a run whose frozen part ran in
+            int8, on the images its engine was calibrated on); ONNX ``"int8"`` quantizes the
+            weights only. ``"auto"`` follows the run: TFLite int8 for an int8 run, else none.
+            Defaults to ``"auto"``.
         out: the folder to write. Defaults to ``run_dir/export/FORMAT[-QUANTIZE]``.
         log: told each step as it starts (a conversion takes a minute or two). Defaults to
             None.
@@ -178,6 +185,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
 
     check_request(fmt, quantize)
     clf = load(run_dir := Path(run_dir))
+    int8_run = (clf.record.frozen_outputs or {}).get("precision") == "int8"
+    quantize, reason = _quantization(fmt, quantize, int8_run)
     model, classes, size = clf.model, clf.classes, clf.image_size
     float_part = None
     if clf.open_set is not None and clf._features is not None:
@@ -188,8 +197,10 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     split = read_split(run_dir)
     seed = int(clf.record.options.get("seed", defaults.SEED))
     check_items = stratified(split["val"], MAX_CHECK_IMAGES, seed)
-    calibration = stratified(split["train"], CALIBRATION_IMAGES, seed) if quantize == "int8" \
-        else None
+    calibration = None
+    if quantize == "int8" and fmt == "tflite":
+        calibration = (_engine_sample(split) if int8_run
+                       else stratified(split["train"], CALIBRATION_IMAGES, seed))
     name = fmt if quantize == "none" else f"{fmt}-{quantize}"
     target_dir = Path(out) if out else run_dir / "export" / name
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -208,10 +219,13 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         result.size_bytes = _size(built)
         result.keras_size_bytes = (run_dir / MODEL_FILE).stat().st_size
         result.check_sample = _sample_note(len(x), len(split["val"]), seed, "validation images")
+        result.quantize_reason = reason
         if calibration is not None:
             result.calibration_images = len(calibration)
-            result.calibration_sample = _sample_note(len(calibration), len(split["train"]), seed,
-                                                     "training images")
+            result.calibration_sample = (
+                f"the {len(calibration)} training images the run's int8 engine was calibrated on"
+                if int8_run else _sample_note(len(calibration), len(split["train"]), seed,
+                                              "training images"))
         same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
         if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE or same < 1.0):
             raise ExportError(
@@ -304,7 +318,14 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
     open_set = clf.open_set
     from graftkit.data.inputs import Inputs
 
-    _, expected = clf.scored(Inputs.of_files(paths))
+    # An int8 run predicts through its int8 engine; a float32 export of it computes the float32
+    # model, so that is what it must match (an int8 export is compared with the run's own).
+    fast = clf.fast
+    clf.fast = quantize != "none" or (clf.record.frozen_outputs or {}).get("precision") != "int8"
+    try:
+        _, expected = clf.scored(Inputs.of_files(paths))
+    finally:
+        clf.fast = fast
     tolerance = OOD_TOLERANCE * np.maximum(1.0, np.abs(expected))
     diff = np.abs(scores.astype(np.float64) - expected)
     clear = np.abs(expected - open_set.threshold) > tolerance
@@ -326,6 +347,24 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
             f"{result.known_agreement:.4f} of the images); nothing was written")
 
 
+def _quantization(fmt: str, quantize: str, int8_run: bool) -> tuple[str, str]:
+    """The quantization to build and why: as asked, or (``auto``) following the run."""
+    if quantize != "auto":
+        return quantize, f"--quantize {quantize}"
+    if int8_run and fmt == "tflite":
+        return "int8", ("the run's frozen part ran in int8 (--engine-precision): the export "
+                        "follows it")
+    return "none", ("the run computed in float32" if not int8_run else
+                    f"{fmt} has no int8 to match the run's engine: float32")
+
+
+def _engine_sample(split: dict) -> list:
+    """The training items an int8 run's engine was calibrated on (the same fixed sample)."""
+    from graftkit.frozen.precision import sample
+
+    return sample([(p, label) for p, label in split["train"]])[0]
+
+
 def check_request(fmt: str, quantize: str) -> None:
     """A format and quantization that exist, and the extra ONNX needs, before any work (and
     without importing anything: tf2onnx alone loads TensorFlow)."""
@@ -333,7 +372,7 @@ def check_request(fmt: str, quantize: str) -> None:
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    if quantize not in QUANTIZE[fmt]:
+    if quantize not in QUANTIZE[fmt] and quantize != "auto":
         raise UsageError(f"--quantize {quantize} is not available for {fmt}; use "
                          f"{' or '.join(QUANTIZE[fmt])}")
     if fmt == "onnx" and any(importlib.util.find_spec(m) is None

@@ -101,13 +101,8 @@ class Calibration:
         The seed is fixed, not the run's: runs with other seeds on the same images then share
         the engine and its cached outputs."""
         from graftkit.data.images import load_image
-        from graftkit.data.sample import stratified
 
-        chosen = stratified(items, CALIBRATION_IMAGES + HELD_OUT_IMAGES, seed)
-        # every HELD_OUT_IMAGES-th-ish item held out, so both parts span the classes
-        step = max(2, len(chosen) // max(1, HELD_OUT_IMAGES))
-        held = [c for i, c in enumerate(chosen) if i % step == step - 1][:HELD_OUT_IMAGES]
-        calib = [c for c in chosen if c not in held]
+        calib, held = sample(items, seed)
         text = "\n".join(digests[p] for p, _ in calib) + f"\n{size}"
 
         def pixels(part):
@@ -118,6 +113,19 @@ class Calibration:
                    files=[p for p, _ in calib], held_out_files=[p for p, _ in held])
 
 
+def sample(items: list[tuple[str, str]], seed: int = 0
+           ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The calibration items and the held-out ones among ``(path, label)`` training items: a
+    stratified sample, so both parts span the classes. Exports of an int8 run calibrate on
+    the same items."""
+    from graftkit.data.sample import stratified
+
+    chosen = stratified(items, CALIBRATION_IMAGES + HELD_OUT_IMAGES, seed)
+    step = max(2, len(chosen) // max(1, HELD_OUT_IMAGES))  # every step-th item held out
+    held = [c for i, c in enumerate(chosen) if i % step == step - 1][:HELD_OUT_IMAGES]
+    return [c for c in chosen if c not in held], held
+
+
 def engine_settings(folder, size: int, requested: str = "auto"
                     ) -> tuple[str, str, Calibration | None]:
     """(precision, why, calibration) of the frozen part for a job on ``folder``'s images: what
@@ -125,7 +133,8 @@ def engine_settings(folder, size: int, requested: str = "auto"
     chosen, why = resolve(requested)
     if chosen != "int8":
         return chosen, why, None
-    items = [(p, str(label)) for p, label in zip(folder.train.paths, folder.train.labels)]
+    # labels as split.json writes them: an export of the run draws the same sample from it
+    items = [(p, folder.label_text(y)) for p, y in zip(folder.train.paths, folder.train.labels)]
     digests = dict(zip(folder.train.paths, folder.digests(folder.train)))
     return chosen, why, Calibration.from_files(items, digests, size)
 
