@@ -49,6 +49,8 @@ SETTINGS: dict[str, dict] = {
     "224px": {"image_size": 224},
     "224px-lr-3e-4": {"image_size": 224, "fine_tune_lr": 3e-4},
     "224px-lr-3e-4-views-3": {"image_size": 224, "fine_tune_lr": 3e-4, "views": 3},
+    "views-3": {"views": 3},
+    "views-3-ft-8": {"views": 3, "fine_tune_epochs": 8},
     # not an option of graft fit: the loss patched here, each label's positives weighted by
     # sqrt(negatives / positives) (clipped to 1-10), the usual remedy for rare labels
     "pos-weight-sqrt": {"_pos_weight_power": 0.5},
