@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import keras
@@ -14,7 +15,7 @@ from graftkit.frozen import engine as engine_module
 from graftkit.frozen import precision
 from graftkit.frozen.cut import part_key
 from graftkit.frozen.engine import FrozenPart, engine_path
-from graftkit.frozen.precision import Calibration, cosines, resolve
+from graftkit.frozen.precision import Calibration, EngineFile, cosines, resolve
 
 SIZE = 48
 
@@ -164,15 +165,23 @@ def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_
     first = trained(x)
     content = trained.int8_engine()
     assert content is not None
-    engine_file = tmp_path / "frozen-int8.tflite"
-    engine_file.write_bytes(content)
-    served = FrozenPart(net, key, precision="int8", engine_file=engine_file)
+    path = tmp_path / "frozen-int8.tflite"
+    path.write_bytes(content)
+    recorded = EngineFile(path, hashlib.sha256(content).hexdigest())
+    served = FrozenPart(net, key, precision="int8", engine_file=recorded)
+    blank = served(np.zeros((1, SIZE, SIZE, 3), np.float32))  # a server's warm-up image
+    assert served.precision == "int8" and not served.reasons  # accepted once, at fit time
     for a, b in zip(served(x), first):
         np.testing.assert_array_equal(a, b)  # the same engine: the same outputs
-    assert served.precision == "int8" and not served.reasons
-    gone = FrozenPart(net, key, precision="int8", engine_file=tmp_path / "missing.tflite")
+    assert blank[0].shape == (1, *first[0].shape[1:])
+    gone = FrozenPart(net, key, precision="int8",
+                      engine_file=EngineFile(tmp_path / "missing.tflite", recorded.sha256))
     gone(x)
     assert gone.precision == "f32" and "no int8 engine" in gone.reasons[0]
+    path.write_bytes(content[:-1] + b"x")  # not the file the run recorded
+    changed = FrozenPart(net, key, precision="int8", engine_file=recorded)
+    np.testing.assert_allclose(changed(x)[1], net.predict(x, verbose=0)[1], atol=1e-4)
+    assert changed.precision == "f32" and "sha256 differs" in changed.reasons[0]
 
 
 @pytest.mark.integration
@@ -199,6 +208,22 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
     written = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probs.max(axis=1), written, atol=2e-6)  # one engine for both
     assert [clf.classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in rows]
+    # graft serve answers with the same engine
+    from fastapi.testclient import TestClient
+
+    from graftkit.serve.server import Service
+
+    service = Service(run)
+    try:
+        client = TestClient(service.app, base_url="http://127.0.0.1")
+        files = [r["path"] for r in rows[:3]]
+        got = client.post("/predict", files=[("file", (f"{i}.png", open(f, "rb").read()))
+                                             for i, f in enumerate(files)]).json()
+        served = [p["probability"] for p in got["predictions"]]
+        np.testing.assert_allclose(served, written[:3], atol=1e-4)
+        assert service.classifier._split.frozen.label == "tflite int8"
+    finally:
+        service.batcher.close()
     exported = graftkit.export(run, fmt="tflite")  # follows the run: int8, same images
     assert exported.quantize == "int8" and "follows" in exported.quantize_reason
     assert "the run's int8 engine was calibrated on" in exported.calibration_sample

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.frozen.cut import SplitClassifier
+    from graftkit.frozen.precision import EngineFile
     from graftkit.outputs.heatmaps import FeatureMaps
     from graftkit.outputs.open_set import OpenSet
 
@@ -123,14 +124,17 @@ class Classifier:
                           options.get("mode"))
 
     @property
-    def _int8_engine(self) -> Path | None:
-        """An int8 run's engine of the frozen part (missing: float32, said on first use)."""
+    def _int8_engine(self) -> EngineFile | None:
+        """An int8 run's engine of the frozen part (missing or changed: float32, said on first
+        use)."""
         frozen = self.record.frozen_outputs or {}
         if frozen.get("precision") != "int8" or self.run_dir is None:
             return None
+        from graftkit.frozen.precision import EngineFile
         from graftkit.outputs.run import INT8_ENGINE_FILE
 
-        return self.run_dir / INT8_ENGINE_FILE
+        return EngineFile(self.run_dir / INT8_ENGINE_FILE,
+                          str((frozen.get("int8") or {}).get("engine_sha256", "")))
 
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""

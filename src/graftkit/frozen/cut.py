@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -19,6 +18,7 @@ import numpy as np
 
 from graftkit.backbones.registry import block_groups, layers_within
 from graftkit.frozen.engine import FrozenPart, compiled, engine_path
+from graftkit.frozen.precision import EngineFile
 from graftkit.graft import weights_digest
 
 
@@ -155,7 +155,7 @@ class SplitClassifier:
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
                  engine_key: str | None = None, frozen: FrozenPart | None = None,
-                 int8_engine: Path | None = None):
+                 int8_engine: EngineFile | None = None):
         from graftkit.graft import BASE, HEAD_DROPOUT
 
         if top_n > 0:
@@ -211,7 +211,8 @@ def block_pattern_of(backbone: str | None) -> str:
 
 
 def split_classifier(model: keras.Model, backbone: str | None, top_n: int,
-                     key: str | None, int8_engine: Path | None = None) -> SplitClassifier | None:
+                     key: str | None, int8_engine: EngineFile | None = None
+                     ) -> SplitClassifier | None:
     """The fast path for a run's model, cut below its top ``top_n`` blocks (what the run
     fine-tuned) with the cached engine ``key`` (or an int8 run's engine); None if the model
     does not split."""

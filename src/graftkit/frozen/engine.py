@@ -23,7 +23,7 @@ from graftkit.backbones.registry import layers_within
 from graftkit.errors import DiskFullError
 from graftkit.files import atomic_write
 from graftkit.frozen import runtimes
-from graftkit.frozen.precision import INT8_MIN_COSINE, Calibration, cosines
+from graftkit.frozen.precision import INT8_MIN_COSINE, Calibration, EngineFile, cosines
 from graftkit.frozen.store import cache_full, writable
 from graftkit.quiet import silenced
 
@@ -77,7 +77,7 @@ class FrozenPart:
 
     def __init__(self, model: keras.Model, key: str, converted: bool | None = None,
                  fixed_batch: bool = False, precision: str | None = None,
-                 calibration: Calibration | None = None, engine_file: Path | None = None):
+                 calibration: Calibration | None = None, engine_file: EngineFile | None = None):
         """``precision``: "f32", "bf16" or "int8" (None: ``$GRAFTKIT_ENGINE_PRECISION``). int8
         needs ``calibration`` (converts and accepts an engine) or ``engine_file`` (a run's
         engine, already accepted); without a converted engine it runs float32."""
@@ -152,7 +152,7 @@ class FrozenPart:
     def _path(self) -> Path:
         if self._int8:
             if self.engine_file is not None:
-                return self.engine_file
+                return self.engine_file.path
             assert self.calibration is not None
             return engine_path(f"{self.key}-int8-{self.calibration.digest}")
         return engine_path(self.key)
@@ -241,13 +241,18 @@ class FrozenPart:
         if self._content_bytes is not None:
             return self._content_bytes
         path = self._path
+        if self._int8 and self.engine_file is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"the run's int8 engine {path} is missing")
+            content = self.engine_file.content()
+            self._checked = True  # accepted when the run was made, and the digest matches
+            self._content_bytes = content
+            return content
         if path.is_file():
             content = path.read_bytes()
             os.utime(path)
             self._content_bytes = content
             return content
-        if self._int8 and self.engine_file is not None:
-            raise FileNotFoundError(f"the run's int8 engine {path} is missing")
         import tensorflow as tf
 
         start = time.perf_counter()

@@ -17,6 +17,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -137,6 +138,23 @@ def engine_settings(folder, size: int, requested: str = "auto"
     items = [(p, folder.label_text(y)) for p, y in zip(folder.train.paths, folder.train.labels)]
     digests = dict(zip(folder.train.paths, folder.digests(folder.train)))
     return chosen, why, Calibration.from_files(items, digests, size)
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    """An int8 run's engine in its run folder, and the digest the run recorded for it: the
+    engine was accepted when the run was made, so a file with that digest needs no new check
+    (a check on arbitrary inputs, say a blank warm-up image, would be meaningless in 8 bits)."""
+
+    path: Path
+    sha256: str
+
+    def content(self) -> bytes:
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ValueError(f"{self.path} is not the engine the run recorded (its sha256 "
+                             "differs)")
+        return data
 
 
 def cosines(got: list[np.ndarray], ref: list[np.ndarray]) -> list[float]:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.frozen.engine import FrozenPart
+    from graftkit.frozen.precision import EngineFile
 
 
 class NoFeatureMap(RunError):
@@ -63,7 +64,7 @@ class FeatureMaps:
     """
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
-                 engine_key: str | None = None, int8_engine: Path | None = None):
+                 engine_key: str | None = None, int8_engine: EngineFile | None = None):
         from graftkit.backbones.registry import block_groups
         from graftkit.frozen.cut import cut_model, first_above, part_key
         from graftkit.frozen.engine import FrozenPart, compiled, engine_path

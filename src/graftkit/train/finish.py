@@ -9,6 +9,7 @@ ran and why (``RunRecord``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import platform
 import time
 from typing import TYPE_CHECKING
@@ -207,7 +208,11 @@ def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
            "seconds": round(frozen.seconds, 2),
            "fallbacks": list(part.reasons)}
     if part.calibration is not None and part.calibration.accepted:
-        out["int8"] = part.calibration.accepted
+        accepted = dict(part.calibration.accepted)
+        engine = part.int8_engine()
+        if engine is not None:  # predictions check the run folder's copy by it
+            accepted["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+        out["int8"] = accepted
     return out
 
 
