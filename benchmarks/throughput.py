@@ -167,9 +167,8 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     from graftkit.frozen.cut import part_key, split_base
     from graftkit.frozen.engine import ENGINE_ENV, PRECISION_ENV, FrozenPart
     from graftkit.frozen.extract import extract
-    from graftkit.frozen.precision import Calibration
+    from graftkit.frozen.precision import INT8_ENGINE_FILE, Calibration
     from graftkit.graft import build_classifier
-    from graftkit.outputs.run import INT8_ENGINE_FILE
 
     base, info = load_base("efficientnet_lite0", size)
     bottom = split_base(base, info.block_pattern, 2).frozen_model()

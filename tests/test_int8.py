@@ -187,7 +187,7 @@ def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_
 @pytest.mark.integration
 def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_cache):
     import graftkit
-    from graftkit.outputs.run import INT8_ENGINE_FILE
+    from graftkit.frozen.precision import INT8_ENGINE_FILE
     from tests.conftest import make_folder
 
     data = make_folder(tmp_path / "data", per_class=10)

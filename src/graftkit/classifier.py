@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.frozen.cut import SplitClassifier
-    from graftkit.frozen.precision import EngineFile
     from graftkit.outputs.heatmaps import FeatureMaps
     from graftkit.outputs.open_set import OpenSet
 
@@ -123,27 +122,16 @@ class Classifier:
         return cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
                           options.get("mode"))
 
-    @property
-    def _int8_engine(self) -> EngineFile | None:
-        """An int8 run's engine of the frozen part (missing or changed: float32, said on first
-        use)."""
-        frozen = self.record.frozen_outputs or {}
-        if frozen.get("precision") != "int8" or self.run_dir is None:
-            return None
-        from graftkit.frozen.precision import EngineFile
-        from graftkit.outputs.run import INT8_ENGINE_FILE
-
-        return EngineFile(self.run_dir / INT8_ENGINE_FILE,
-                          str((frozen.get("int8") or {}).get("engine_sha256", "")))
-
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
         if self.fast and not self._split_made:
             from graftkit.frozen.cut import split_classifier
+            from graftkit.frozen.precision import run_engine
 
             self._split_made = True
             self._split = split_classifier(model, self.record.backbone, self._top_blocks,
-                                           self.record.engine_key, self._int8_engine)
+                                           self.record.engine_key,
+                                           run_engine(self.record.frozen_outputs, self.run_dir))
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._split
@@ -360,10 +348,12 @@ class Classifier:
         """The base's last feature map on the run's engine (built once)."""
         if self._maps is None:
             from graftkit.frozen.cut import block_pattern_of
+            from graftkit.frozen.precision import run_engine
             from graftkit.outputs.heatmaps import FeatureMaps
 
             self._maps = FeatureMaps(self.model, block_pattern_of(self.record.backbone),
-                                     self._top_blocks, self.record.engine_key, self._int8_engine)
+                                     self._top_blocks, self.record.engine_key,
+                                     run_engine(self.record.frozen_outputs, self.run_dir))
             self._maps.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._maps
 

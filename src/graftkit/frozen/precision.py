@@ -31,6 +31,9 @@ HELD_OUT_IMAGES = 32  # other training images the int8 engine is accepted on
 # Mean cosine similarity of each output row, int8 vs float32, that an int8 engine must reach
 # (measured 0.989 for EfficientNet-Lite0's pooled features at 288 px).
 INT8_MIN_COSINE = 0.97
+# An int8 run's engine in its run folder: predictions must come from the engine the head
+# trained on, and it cannot be rebuilt without the training images.
+INT8_ENGINE_FILE = "frozen-int8.tflite"
 
 
 @cache
@@ -155,6 +158,16 @@ class EngineFile:
             raise ValueError(f"{self.path} is not the engine the run recorded (its sha256 "
                              "differs)")
         return data
+
+
+def run_engine(frozen_outputs: dict | None, run_dir: Path | None) -> EngineFile | None:
+    """An int8 run's engine of the frozen part, as its ``metrics.json`` recorded it (missing or
+    changed: float32, said on first use); None for other runs."""
+    frozen = frozen_outputs or {}
+    if frozen.get("precision") != "int8" or run_dir is None:
+        return None
+    return EngineFile(Path(run_dir) / INT8_ENGINE_FILE,
+                      str((frozen.get("int8") or {}).get("engine_sha256", "")))
 
 
 def cosines(got: list[np.ndarray], ref: list[np.ndarray]) -> list[float]:

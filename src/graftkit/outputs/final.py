@@ -221,7 +221,8 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     """Every file of the run folder, ``metrics.json`` last; the training images' digests.
     ``closest``: the training images' bank and thumbnails, for explanations; ``int8_engine``:
     the frozen part's int8 engine, which predictions must use."""
-    from graftkit.files import write_json
+    from graftkit.files import atomic_write, write_json
+    from graftkit.frozen.precision import INT8_ENGINE_FILE
     from graftkit.outputs import run
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
     from graftkit.outputs.report import build_report
@@ -243,10 +244,8 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)
-    engine_file = run_dir / run.INT8_ENGINE_FILE
+    engine_file = run_dir / INT8_ENGINE_FILE
     if int8_engine is not None:
-        from graftkit.files import atomic_write
-
         atomic_write(engine_file, lambda tmp: Path(tmp).write_bytes(int8_engine))
     else:  # a float32 run over an int8 one
         engine_file.unlink(missing_ok=True)

@@ -55,12 +55,6 @@ OPEN_SET_FILE = "open_set.npz"  # the "unknown" score's statistics and threshold
 
 
 
-# An int8 run's engine for the frozen part (``--engine-precision``): predictions must come from
-# the engine the head trained on, and it cannot be rebuilt without the training images.
-INT8_ENGINE_FILE = "frozen-int8.tflite"
-
-
-
 RUN_MARKERS = (MODEL_FILE, METRICS_FILE)
 
 
