@@ -64,6 +64,17 @@ def test_a_typo_in_the_engine_precision_is_one_clear_error(tmp_path, capsys):
         resolve("int9")
 
 
+def test_exports_follow_the_runs_precision_unless_told():
+    from graftkit.deploy.export import _quantization
+
+    assert _quantization("tflite", "auto", int8_run=True)[0] == "int8"
+    assert _quantization("tflite", "auto", int8_run=False) == ("none",
+                                                               "the run computed in float32")
+    assert _quantization("onnx", "auto", int8_run=True)[0] == "none"  # weights-only int8 there
+    assert _quantization("savedmodel", "auto", int8_run=True)[0] == "none"
+    assert _quantization("tflite", "float16", int8_run=True) == ("float16", "--quantize float16")
+
+
 def test_cosines_of_outputs():
     a = np.array([[1.0, 0.0], [0.0, 2.0]])
     assert cosines([a], [a]) == [1.0]
@@ -232,4 +243,3 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
     assert graftkit.export(run, fmt="savedmodel").quantize == "none"
     graftkit.fit(data, run, overwrite=True, engine_precision="f32", **options)
     assert not (run / INT8_ENGINE_FILE).exists()  # a float32 run over it: no stale engine
-    assert graftkit.export(run, fmt="tflite").quantize == "none"  # float32 run: float32
