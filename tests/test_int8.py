@@ -123,6 +123,19 @@ def test_fit_and_check_labels_calibrate_the_same_sample(image_folder, monkeypatc
     assert engine_settings(folder, SIZE)[::2] == ("f32", None)
 
 
+def test_int8_on_a_gpu_runs_keras_and_says_why(monkeypatch, private_cache):
+    """The converted engines are CPU engines: with a GPU the frozen part runs on Keras there."""
+    from graftkit import devices
+
+    monkeypatch.setattr(devices, "gpus", lambda: ["/physical_device:GPU:0"])
+    net = _net()
+    part = FrozenPart(net, part_key(net, SIZE, "gpu"), precision="int8",
+                      calibration=_calibration())
+    assert part.engine == "keras" and part.precision == "f32"
+    assert "int8 not used" in part.reasons[0] and "GPU" in part.reasons[0]
+    assert "-gpu" in part.store_key and "int8" not in part.store_key
+
+
 def test_int8_without_a_calibration_or_an_engine_file_runs_float32(private_cache):
     net = _net()
     part = FrozenPart(net, part_key(net, SIZE, "t"), precision="int8")
