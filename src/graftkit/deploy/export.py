@@ -187,20 +187,12 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     clf = load(run_dir := Path(run_dir))
     int8_run = (clf.record.frozen_outputs or {}).get("precision") == "int8"
     quantize, reason = _quantization(fmt, quantize, int8_run)
-    model, classes, size = clf.model, clf.classes, clf.image_size
-    float_part = None
-    if clf.open_set is not None and clf._features is not None:
-        from graftkit.outputs.open_set import open_set_model
-
-        model = open_set_model(model, clf.open_set)  # probabilities and ood_score, by name
-        float_part = OOD_SCORE
+    classes, size = clf.classes, clf.image_size
+    model, float_part = _exported_model(clf)
     split = read_split(run_dir)
     seed = int(clf.record.options.get("seed", defaults.SEED))
     check_items = stratified(split["val"], MAX_CHECK_IMAGES, seed)
-    calibration = None
-    if quantize == "int8" and fmt == "tflite":
-        calibration = (_engine_sample(split) if int8_run
-                       else stratified(split["train"], CALIBRATION_IMAGES, seed))
+    calibration = _calibration_items(split, fmt, quantize, int8_run, seed)
     name = fmt if quantize == "none" else f"{fmt}-{quantize}"
     target_dir = Path(out) if out else run_dir / "export" / name
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -222,10 +214,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         result.quantize_reason = reason
         if calibration is not None:
             result.calibration_images = len(calibration)
-            result.calibration_sample = (
-                f"the {len(calibration)} training images the run's int8 engine was calibrated on"
-                if int8_run else _sample_note(len(calibration), len(split["train"]), seed,
-                                              "training images"))
+            result.calibration_sample = _calibration_note(calibration, split, int8_run, seed)
         same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
         if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE or same < 1.0):
             raise ExportError(
@@ -347,6 +336,16 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
             f"{result.known_agreement:.4f} of the images); nothing was written")
 
 
+def _exported_model(clf) -> tuple:
+    """The model to export and the layer an int8 TFLite export keeps in float32: with the
+    open-set score, outputs ``probabilities`` and ``ood_score`` by name; else the classifier."""
+    if clf.open_set is None or clf._features is None:
+        return clf.model, None
+    from graftkit.outputs.open_set import open_set_model
+
+    return open_set_model(clf.model, clf.open_set), OOD_SCORE
+
+
 def _quantization(fmt: str, quantize: str, int8_run: bool) -> tuple[str, str]:
     """The quantization to build and why: as asked, or (``auto``) following the run."""
     if quantize != "auto":
@@ -363,6 +362,21 @@ def _engine_sample(split: dict) -> list:
     from graftkit.frozen.precision import sample
 
     return sample([(p, label) for p, label in split["train"]])[0]
+
+
+def _calibration_items(split: dict, fmt: str, quantize: str, int8_run: bool,
+                       seed: int) -> list | None:
+    """TFLite int8: the training items to calibrate on (an int8 run's own engine sample)."""
+    if quantize != "int8" or fmt != "tflite":
+        return None
+    return (_engine_sample(split) if int8_run
+            else stratified(split["train"], CALIBRATION_IMAGES, seed))
+
+
+def _calibration_note(calibration: list, split: dict, int8_run: bool, seed: int) -> str:
+    if int8_run:
+        return f"the {len(calibration)} training images the run's int8 engine was calibrated on"
+    return _sample_note(len(calibration), len(split["train"]), seed, "training images")
 
 
 def check_request(fmt: str, quantize: str) -> None:
