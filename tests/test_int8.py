@@ -180,6 +180,23 @@ def test_int8_that_strays_from_float32_falls_back_and_says_why(private_cache, mo
 
 
 @pytest.mark.integration
+def test_an_int8_engine_that_fails_to_run_falls_back_and_says_why(private_cache, monkeypatch):
+    from graftkit.frozen import runtimes
+
+    def broken(self, x):
+        raise RuntimeError("kernel missing")
+
+    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", broken)
+    net = _net(3)
+    part = FrozenPart(net, part_key(net, SIZE, "broken"), precision="int8",
+                      calibration=_calibration())
+    out = part(_pixels(2))  # no traceback: float32 runtimes next, then Keras
+    assert part.reasons[0] == "int8 failed (RuntimeError: kernel missing)"
+    assert part.precision == "f32"
+    np.testing.assert_allclose(out[1], net.predict(_pixels(2), verbose=0)[1], atol=1e-4)
+
+
+@pytest.mark.integration
 def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_cache,
                                                                        tmp_path):
     net = _net(2)

@@ -27,9 +27,6 @@ from graftkit.quiet import silenced
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
             "onnx": ("none", "int8")}
-# "auto" follows the run: TFLite in int8 for a run whose frozen part ran in int8 (calibrated on
-# the images the run's engine was), float32 otherwise.
-QUANTIZE_CHOICES = ("auto", "none", "float16", "int8")
 FP32_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
 # Validation images run through the exported model: every one up to this many (a sample of
@@ -223,7 +220,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
                 "nothing was written"
             )
         if OOD_SCORE in outputs:
-            _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize)
+            _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize, int8_run)
         return _write(result, built, target_dir, classes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -300,7 +297,7 @@ def _run_checked(run, built: Path, x: np.ndarray, name: str) -> dict[str, np.nda
 
 
 def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.ndarray,
-                     fmt: str, quantize: str) -> None:
+                     fmt: str, quantize: str, int8_run: bool = False) -> None:
     """The export's ``ood_score`` against ``graft predict``'s on the same files: a float32
     export must agree within the tolerance and give the same known/unknown decisions (images
     closer to the threshold than the tolerance excepted)."""
@@ -310,7 +307,7 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
     # An int8 run predicts through its int8 engine; a float32 export of it computes the float32
     # model, so that is what it must match (an int8 export is compared with the run's own).
     fast = clf.fast
-    clf.fast = quantize != "none" or (clf.record.frozen_outputs or {}).get("precision") != "int8"
+    clf.fast = quantize != "none" or not int8_run
     try:
         _, expected = clf.scored(Inputs.of_files(paths))
     finally:

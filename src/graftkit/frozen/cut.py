@@ -179,8 +179,7 @@ class SplitClassifier:
         if frozen is not None:
             frozen.checked_outputs = 1
         # ``int8_engine``: an int8 run's engine (its head trained on that engine's outputs)
-        self.frozen = frozen or FrozenPart(self.bottom, key, engine_file=int8_engine,
-                                           precision="int8" if int8_engine else None)
+        self.frozen = frozen or FrozenPart(self.bottom, key, engine_file=int8_engine)
 
     def plan(self, images: int) -> str:
         return self.frozen.plan(images)

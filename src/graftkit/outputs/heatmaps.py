@@ -92,8 +92,7 @@ class FeatureMaps:
         else:
             key = engine_key if engine_key and engine_path(engine_key).is_file() else \
                 part_key(bottom, size, first.name)
-        self.frozen: FrozenPart = FrozenPart(bottom, key, engine_file=int8_engine,
-                                             precision="int8" if int8_engine else None)
+        self.frozen: FrozenPart = FrozenPart(bottom, key, engine_file=int8_engine)
 
     def plan(self, images: int) -> None:
         self.frozen.plan(images)
