@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 		echo "dependencies changed: making $(VENV) anew"; rm -rf $(VENV); fi
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,export,openvino,serve,tensorboard,tfds]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[coreml,dev,export,mobile,openvino,serve,tensorboard,tfds]'
 	echo "$(DEPS_HASH)" > $(STAMP)
 
 demo: $(STAMP)

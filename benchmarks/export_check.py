@@ -73,11 +73,11 @@ def main() -> None:
         for quantize in ("none", "int8"):
             for samples, bank in (("first images", "float32"), ("today", "float16")):
                 saved = (export_module.stratified, open_set_module._graph_arrays,
-                         export_module._half_constants)
+                         export_module.mend.half_constants)
                 if samples == "first images":  # and the bank in float32, as before
                     export_module.stratified = first_images
                     open_set_module._graph_arrays = float32_bank(saved[1])
-                    export_module._half_constants = lambda model, part: model
+                    export_module.mend.half_constants = lambda model, part: model
                 try:
                     with tempfile.TemporaryDirectory() as out:
                         result = export_module.export(run, "tflite", quantize, out)
@@ -85,7 +85,7 @@ def main() -> None:
                         written = json.loads((Path(out) / "export.json").read_text())
                 finally:
                     (export_module.stratified, open_set_module._graph_arrays,
-                     export_module._half_constants) = saved
+                     export_module.mend.half_constants) = saved
                 print(f"| {run.name} | tflite {quantize} | {samples} (bank {bank}) | "
                       f"{result.size_bytes / 1e6:.1f} | {result.accuracy:.4f} on "
                       f"{written['images_checked']} | {every:.4f} on {len(items)} | "

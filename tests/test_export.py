@@ -28,7 +28,7 @@ def float32_exports(trained_run, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
-def test_float32_exports_match_keras(float32_exports, fmt):
+def test_float32_exports_match_keras(float32_exports, trained_run, fmt):
     result, out = float32_exports(fmt)
     assert result.images_checked == 6  # the run's validation images
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
@@ -46,6 +46,54 @@ def test_float32_exports_match_keras(float32_exports, fmt):
     assert rejection["output"] == "ood_score" and rejection["method"] == "knn"
     assert rejection["threshold"] > 0 and rejection["known_if"] == "ood_score <= threshold"
     _bank_is_float16(result.path, fmt)
+    assert _output_names(result.path, fmt)[0] in ("probabilities", None)  # read first by apps
+    if fmt == "tflite":
+        _mediapipe_reads_it(result.path, written, out, trained_run / "run")
+
+
+def _output_names(path: str, fmt: str) -> list:
+    """The outputs in the file's own order, the order a classifier runtime reads them."""
+    if fmt == "onnx":
+        import onnx
+
+        return [o.name for o in onnx.load(path).graph.output]
+    if fmt == "tflite":
+        import tensorflow as tf
+
+        interp = tf.lite.Interpreter(model_path=path)
+        signature = interp._get_full_signature_list()["serving_default"]["outputs"]
+        by_tensor = {index: name for name, index in signature.items()}
+        return [by_tensor[d["index"]] for d in interp.get_output_details()]
+    return [None]
+
+
+def _mediapipe_reads_it(path: str, written: dict, out, run) -> None:
+    """As an app would use it: MediaPipe's ImageClassifier loads the file unchanged, names the
+    classes from its metadata and gives graft predict's scores on the validation images."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core import base_options
+
+    import graftkit
+    from graftkit.data.images import load_image
+
+    checked = written["mediapipe"]
+    assert checked["metadata"] is True and checked["images_checked"] == 6
+    assert checked["max_abs_diff"] <= 1e-4 and checked["top1_agreement"] == 1.0
+    assert 0 <= checked["from_files"]["top1_agreement"] <= 1
+    paths = [p for p, _ in json.loads((run / "split.json").read_text())["val"]]
+    expected = graftkit.load(run).predict_proba(paths)
+    options = vision.ImageClassifierOptions(
+        base_options=base_options.BaseOptions(model_asset_path=path), max_results=-1)
+    classes = (out / "labels.txt").read_text().split()
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        for p, want in zip(paths, expected):
+            image = mp.Image(image_format=mp.ImageFormat.SRGB, data=load_image(p, 32))
+            result = classifier.classify(image)
+            assert [c.head_name for c in result.classifications] == ["probabilities", "ood_score"]
+            got = {c.category_name: c.score for c in result.classifications[0].categories}
+            assert set(got) == set(classes)
+            np.testing.assert_allclose([got[c] for c in classes], want, atol=1e-4)
 
 
 def _bank_is_float16(path: str, fmt: str) -> None:
@@ -124,6 +172,7 @@ def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, float32_e
 
     converted = Path(float32_exports("tflite")[0].path).read_bytes()  # converted once already
     monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
+    monkeypatch.setattr(export_module.tflite_metadata, "with_metadata", lambda model, _clf: model)
     monkeypatch.setattr(export_module, "_run_tflite", refuses)
     with pytest.raises(ExportError, match="does not run in its own runtime .*nothing was written"):
         export(trained_run / "run", "tflite", out=tmp_path / "t")
@@ -155,3 +204,105 @@ def test_check_and_calibration_samples_cover_every_class(tmp_path):
     assert len(stratified(items, 400, seed=0)) == 300
     uneven = [(p, c) for p, c in items if c != "a"] + [(items[0][0], "a")]
     assert [c for _, c in stratified(uneven, 3, seed=0)].count("a") == 1  # a class of one
+
+
+def test_without_mediapipe_the_tflite_file_is_written_and_says_what_to_install(
+        trained_run, float32_exports, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from graftkit.deploy import export as export_module
+    from graftkit.deploy import tflite_metadata
+
+    converted = Path(float32_exports("tflite")[0].path).read_bytes()
+    monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
+    monkeypatch.setattr(tflite_metadata, "available", lambda: False)
+    monkeypatch.setattr(tflite_metadata, "with_metadata",
+                        lambda *_a: pytest.fail("metadata written without MediaPipe"))
+    code = main(["export", str(trained_run / "run"), "--format", "tflite", "--out",
+                 str(tmp_path / "t")])
+    assert code == 0
+    written = json.loads((tmp_path / "t" / "export.json").read_text())
+    assert written["mediapipe"]["metadata"] is False
+    assert "pip install 'graftkit[mobile]'" in written["mediapipe"]["why"]
+    assert "no MediaPipe metadata: pip install 'graftkit[mobile]'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields,version", [
+    ({}, "1.0.0"),
+    ({"file_type": "TENSOR_AXIS_LABELS"}, "1.0.0"),
+    ({"file_type": "VOCABULARY"}, "1.0.1"),
+    ({"input_units": True}, "1.1.0"),
+    ({"file_type": "VOCABULARY", "file_version": "2"}, "1.4.1"),
+    ({"custom": True, "file_type": "VOCABULARY"}, "1.5.0"),
+])
+def test_the_metadata_parser_version_follows_mediapipes_rule(fields, version):
+    """MediaPipe's wheels leave out the compiled function that stamps metadata with the oldest
+    parser able to read it; graftkit's stand-in gives the versions its C++ rule gives."""
+    pytest.importorskip("mediapipe", reason="the mobile extra")
+    import flatbuffers
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
+
+    from graftkit.deploy.tflite_metadata import _parser_version
+
+    tensor = fb.TensorMetadataT()
+    if "file_type" in fields:
+        f = fb.AssociatedFileT()
+        f.name, f.type = "labels.txt", getattr(fb.AssociatedFileType, fields["file_type"])
+        f.version = fields.get("file_version")
+        tensor.associatedFiles = [f]
+    graph = fb.SubGraphMetadataT()
+    graph.outputTensorMetadata = [tensor]
+    if fields.get("input_units"):
+        unit = fb.ProcessUnitT()
+        unit.optionsType, unit.options = fb.ProcessUnitOptions.NormalizationOptions, \
+            fb.NormalizationOptionsT()
+        graph.inputProcessUnits = [unit]
+    if fields.get("custom"):
+        custom = fb.CustomMetadataT()
+        custom.name = "x"
+        graph.customMetadata = [custom]
+    metadata = fb.ModelMetadataT()
+    metadata.subgraphMetadata = [graph]
+    builder = flatbuffers.Builder(0)
+    builder.Finish(metadata.Pack(builder), b"M001")
+    assert _parser_version(bytes(builder.Output())) == version
+
+
+@pytest.mark.slow
+def test_coreml_export_is_a_classifier_with_its_labels_and_the_open_set_score(trained_run,
+                                                                               tmp_path, capsys):
+    """Core ML runs only on Apple systems: here the package is converted and its specification
+    read back as coremltools would hand it to Xcode (image input, outputs, class labels)."""
+    ct = pytest.importorskip("coremltools", reason="coremltools has wheels for Linux x86-64 "
+                                                   "and macOS only")
+    code = main(["export", str(trained_run / "run"), "--format", "coreml", "--out",
+                 str(tmp_path / "c")])
+    assert code == 0
+    written = json.loads((tmp_path / "c" / "export.json").read_text())
+    assert written["format"] == "coreml" and written["images_checked"] == 0
+    assert written["coreml"]["ran"] is False and "Apple" in written["coreml"]["why_not_run"]
+    assert "MLModel('model.mlpackage')" in written["coreml"]["run_on_a_mac"]
+    spec = ct.models.MLModel(written["path"], skip_model_load=True).get_spec()
+    image = spec.description.input[0]
+    assert image.name == "image" and (image.type.imageType.width, image.type.imageType.height) \
+        == (32, 32)
+    assert [o.name for o in spec.description.output] == ["classLabel", "classLabel_probs",
+                                                         "ood_score"]
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert written["coreml"]["class_labels"] == ["class_0", "class_1", "class_2"]
+    meta = spec.description.metadata.userDefined
+    assert json.loads(meta["graftkit.classes"]) == ["class_0", "class_1", "class_2"]
+    threshold = json.loads((trained_run / "run" / "metrics.json").read_text())["open_set"]
+    assert float(meta["graftkit.ood_threshold"]) == pytest.approx(threshold["threshold"], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "specification checked: image input 32x32 RGB" in out and "not run: Core ML" in out
+
+
+def test_coreml_without_coremltools_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "coremltools" else real(name, *a))
+    with pytest.raises(UsageError, match=r"pip install 'graftkit\[coreml\]'"):
+        export(tmp_path, "coreml")  # refused before the run is read

@@ -3,6 +3,7 @@ thresholds, and a real fit on generated images (integration)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -287,6 +288,13 @@ def test_fit_multi_label_end_to_end(tmp_path):
     assert written["labels"]["thresholds"] == dict(zip(loaded.classes,
                                                        map(float, loaded.thresholds)))
     assert (run / "export" / "tflite" / "labels.txt").read_text().split() == loaded.classes
+    # MediaPipe reads the sigmoids as one head, its labels from the metadata
+    assert written["mediapipe"]["metadata"] and written["mediapipe"]["max_abs_diff"] <= 1e-4
+    # Core ML: no classifier (it names one label per image), the sigmoids and the thresholds
+    if importlib.util.find_spec("coremltools") is not None:
+        coreml = graftkit.export(run, fmt="coreml").coreml
+        assert coreml["class_labels"] is None and "probabilities" in coreml["outputs"]
+        assert "classLabel" not in coreml["outputs"]
 
 
 @pytest.mark.integration

@@ -67,3 +67,46 @@ def test_tensorflow_has_a_wheel_for(name, registry):
     matching = [v for v in versions if v in spec]
     print(f"{name} ({PLATFORMS[name]}): tensorflow {', '.join(matching)} matches {spec}")
     assert matching, f"{name}: no tensorflow wheel in {spec} (registry has {versions[:5]})"
+
+
+# Each platform as environment markers see it, and the wheel tags its extras' packages use
+# (exact, as above: mediapipe tags glibc 2.28 wheels, coremltools manylinux1).
+MARKERS = {
+    "Linux x86-64": ({"sys_platform": "linux", "platform_machine": "x86_64"},
+                     ["manylinux_2_28_x86_64", "manylinux1_x86_64"]),
+    "Linux aarch64": ({"sys_platform": "linux", "platform_machine": "aarch64"},
+                      ["manylinux_2_28_aarch64", "manylinux2014_aarch64"]),
+    "macOS Apple silicon": ({"sys_platform": "darwin", "platform_machine": "arm64"},
+                            ["macosx_12_0_arm64"]),
+    "Windows x86-64": ({"sys_platform": "win32", "platform_machine": "AMD64"}, ["win_amd64"]),
+}
+# Where an extra's package has no wheel, its marker must leave it out (docs/export.md says so).
+LACKING = {("coreml", "Linux aarch64"), ("coreml", "Windows x86-64")}
+
+
+@pytest.mark.parametrize("extra", ["mobile", "coreml"])
+@pytest.mark.parametrize("name", list(MARKERS))
+def test_each_export_extra_resolves_or_is_left_out_by_its_marker(extra, name, registry):
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    environment, tags = MARKERS[name]
+    for text in extras[extra]:
+        requirement = Requirement(text)
+        included = requirement.marker is None or requirement.marker.evaluate(
+            {**default_environment(), **environment})
+        assert included == ((extra, name) not in LACKING), f"{name}: {text}"
+        if not included:
+            continue
+        found = []
+        for tag in tags:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "index", "versions", requirement.name,
+                 "--python-version", "3.11", "--only-binary=:all:", "--platform", tag],
+                capture_output=True, text=True, timeout=120)
+            listed = re.search(r"Available versions: (.+)", proc.stdout)
+            found += [v.strip() for v in listed.group(1).split(",")] if listed else []
+        matching = [v for v in found if v in requirement.specifier]
+        print(f"{extra} on {name}: {requirement.name} {', '.join(matching[:3])}")
+        assert matching, f"{name}: no {requirement.name} wheel in {requirement.specifier}"

@@ -341,11 +341,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=("savedmodel", "tflite", "onnx"), default="savedmodel")
+    p.add_argument("--format", choices=("savedmodel", "tflite", "onnx", "coreml"),
+                   default="savedmodel")
     p.add_argument("--quantize", choices=("auto", "none", "float16", "int8"), default="auto",
-                   help="tflite: none|float16|int8; onnx: none|int8 (weights); savedmodel: "
-                        "none; auto follows the run: tflite int8 for a run whose frozen part "
-                        "ran in int8, else none")
+                   help="tflite: none|float16|int8; onnx: none|int8 (weights); coreml: "
+                        "none|float16 (compute precision); savedmodel: none; auto follows the "
+                        "run: tflite int8 for a run whose frozen part ran in int8, else none")
     p.add_argument("--out", help="folder for the export (default RUN_DIR/export/FORMAT[-Q])")
 
 
@@ -402,13 +403,15 @@ graft report runs/photos
 """,
     ),
     Command(
-        "export", "export for TF Serving, TFLite or ONNX, verified by that runtime",
+        "export", "export for TF Serving, TFLite (MediaPipe), ONNX (browsers) or Core ML, "
+                  "verified by that runtime",
         run=cmd_export, arguments=_export_arguments,
         preflight=preflight_export, tensorflow=True,
         examples="""
 graft export runs/photos --format savedmodel
 graft export runs/photos --format tflite --quantize int8
 graft export runs/photos --format onnx --out deploy/
+graft export runs/photos --format coreml
 """,
     ),
     Command(

@@ -20,13 +20,14 @@ import numpy as np
 
 from graftkit import defaults
 from graftkit.data.sample import stratified
+from graftkit.deploy import mend, tflite_metadata
 from graftkit.errors import ExportError, UsageError
 from graftkit.outputs.open_set import OOD_SCORE
 from graftkit.quiet import silenced
 
-FORMATS = ("savedmodel", "tflite", "onnx")
+FORMATS = ("savedmodel", "tflite", "onnx", "coreml")
 QUANTIZE = {"savedmodel": ("none",), "tflite": ("none", "float16", "int8"),
-            "onnx": ("none", "int8")}
+            "onnx": ("none", "int8"), "coreml": ("none", "float16")}
 FP32_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-3  # relative to the score (at least 1e-3 absolute)
 # Validation images run through the exported model: every one up to this many (a sample of
@@ -51,8 +52,8 @@ class ExportResult:
     size_bytes: int
     keras_size_bytes: int
     images_checked: int
-    max_abs_diff: float
-    top1_agreement: float  # multi-label: images given the same labels (at the thresholds)
+    max_abs_diff: float | None  # None: not run here (Core ML off Apple systems)
+    top1_agreement: float | None  # multi-label: images given the same labels (at the thresholds)
     accuracy: float | None  # multi-label: None (see ``labels``)
     keras_accuracy: float | None
     # The "unknown" answer: the export's second output, and how it matched graft predict.
@@ -69,6 +70,10 @@ class ExportResult:
     input: dict | None = None  # what the exported model takes
     # multi-label runs: each label's threshold, and the export's decisions against Keras'
     labels: dict | None = None
+    # TFLite: MediaPipe Tasks' metadata, and how MediaPipe's ImageClassifier ran the file
+    mediapipe: dict | None = None
+    # Core ML: its specification as checked (it runs only on Apple systems)
+    coreml: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -196,10 +201,14 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target_dir))
     say = log or (lambda _line: None)
     try:
+        if fmt == "coreml":
+            return _write(_coreml(clf, model, quantize, reason, work, say), target_dir, classes)
         say(f"converting to {name}" + (f" (calibrated on {len(calibration)} training images)"
                                        if calibration else "") + "...")
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
             built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
+            if fmt == "tflite" and tflite_metadata.available():
+                built.write_bytes(tflite_metadata.with_metadata(built.read_bytes(), clf))
         say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
         outputs = _run_checked(run, built, x, name)
@@ -213,7 +222,9 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             result.calibration_images = len(calibration)
             result.calibration_sample = _calibration_note(calibration, split, int8_run, seed)
         same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
-        if quantize == "none" and (result.max_abs_diff > FP32_TOLERANCE or same < 1.0):
+        diff = result.max_abs_diff
+        assert diff is not None and same is not None  # both measured just above
+        if quantize == "none" and (diff > FP32_TOLERANCE or same < 1.0):
             raise ExportError(
                 f"the {fmt} export disagrees with the Keras model (max difference "
                 f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
@@ -221,15 +232,40 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
             )
         if OOD_SCORE in outputs:
             _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize, int8_run)
-        return _write(result, built, target_dir, classes)
+        if fmt == "tflite":
+            result.mediapipe = tflite_metadata.check(built, x, outputs, paths, clf.classes, say)
+        result.path = str(built)
+        return _write(result, target_dir, classes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write(result: ExportResult, built: Path, target_dir: Path, classes: list[str]) -> ExportResult:
+def _coreml(clf, model, quantize: str, reason: str, work: Path,
+            say: Callable[[str], None]) -> ExportResult:
+    """The Core ML package, its specification checked (Core ML runs only on Apple systems)."""
+    from graftkit.deploy import coreml
+    from graftkit.outputs.run import MODEL_FILE
+
+    say(f"converting to coreml ({'float16' if quantize == 'float16' else 'float32'} compute)...")
+    with silenced():
+        built = coreml.build(model, clf, work, quantize)
+    say("checking its specification: input, outputs, class labels...")
+    size = clf.image_size
+    return ExportResult(
+        path=str(built), format="coreml", quantize=quantize, size_bytes=_size(built),
+        keras_size_bytes=(clf.run_dir / MODEL_FILE).stat().st_size, images_checked=0,
+        max_abs_diff=None, top1_agreement=None, accuracy=None, keras_accuracy=None,
+        check_sample="none: Core ML runs only on Apple systems (coreml.run_on_a_mac says how)",
+        quantize_reason=reason, coreml=coreml.check_spec(built, clf),
+        input={"size": [size, size], "channels": 3, "how": INPUT_NOTE.replace(
+            "as float32, shape (batch, size, size, 3)", "as an RGB image (Core ML image input)")})
+
+
+def _write(result: ExportResult, target_dir: Path, classes: list[str]) -> ExportResult:
     """The checked export into place, with ``labels.txt`` and ``export.json`` beside it."""
     from graftkit.files import write_json, write_text
 
+    built = Path(result.path)
     final = target_dir / ("saved_model" if result.format == "savedmodel" else built.name)
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -389,6 +425,10 @@ def check_request(fmt: str, quantize: str) -> None:
     if fmt == "onnx" and any(importlib.util.find_spec(m) is None
                              for m in ("onnxruntime", "tf2onnx", "onnx")):
         raise UsageError("ONNX export needs the extra: pip install 'graftkit[export]'")
+    if fmt == "coreml" and importlib.util.find_spec("coremltools") is None:
+        from graftkit.deploy.coreml import INSTALL_HINT
+
+        raise UsageError(f"Core ML export needs coremltools: {INSTALL_HINT}")
 
 
 def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None, size: int,
@@ -403,8 +443,8 @@ def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None,
         built = work / "model.tflite"
         model_bytes = _convert_tflite(saved, quantize, calibration, size, float_part)
         if float_part:
-            model_bytes = _half_constants(model_bytes, float_part)
-        built.write_bytes(model_bytes)
+            model_bytes = mend.half_constants(model_bytes, float_part)
+        built.write_bytes(mend.classes_first(model_bytes))
         return built, _run_tflite
     built = work / "model.onnx"
     model.export(str(built), format="onnx", verbose=False)
@@ -415,75 +455,9 @@ def _build(model, fmt: str, quantize: str, work: Path, calibration: list | None,
         quantize_dynamic(str(built), str(quantized), weight_type=QuantType.QInt8)
         built = quantized
     if float_part:
-        _half_onnx(built, float_part)
+        mend.half_onnx(built, float_part)
+    mend.classes_first_onnx(built)
     return built, _run_onnx
-
-
-def _half_constants(model: bytes, part: str, min_bytes: int = 1 << 16) -> bytes:
-    """The TFLite model with the large float32 constants of layer ``part`` stored in float16
-    and expanded by a DEQUANTIZE op when it loads, as TFLite's own float16 mode stores weights.
-
-    The converter folds the open-set layer's cast of its float16 bank back into a float32
-    constant, which doubled the largest part of the file; this puts it back to half."""
-    from tensorflow.lite.python import schema_py_generated as fb
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-    dequantize = fb.BuiltinOperator.DEQUANTIZE
-    code = next((i for i, c in enumerate(obj.operatorCodes)
-                 if max(c.builtinCode, c.deprecatedBuiltinCode) == dequantize), None)
-    changed = False
-    for graph in obj.subgraphs:
-        for index, tensor in enumerate(list(graph.tensors)):
-            data = obj.buffers[tensor.buffer].data if tensor.buffer else None
-            if (f"/{part}" not in tensor.name.decode(errors="replace")
-                    or tensor.type != fb.TensorType.FLOAT32 or data is None
-                    or len(data) < min_bytes):
-                continue
-            if code is None:
-                opcode = fb.OperatorCodeT()
-                opcode.builtinCode = opcode.deprecatedBuiltinCode = dequantize
-                opcode.version = 3  # float16 input
-                obj.operatorCodes.append(opcode)
-                code = len(obj.operatorCodes) - 1
-            half = fb.BufferT()
-            half.data = np.frombuffer(bytes(data), np.float32).astype(np.float16).view(np.uint8)
-            obj.buffers.append(half)
-            stored = fb.TensorT()
-            stored.shape, stored.type = tensor.shape, fb.TensorType.FLOAT16
-            stored.buffer, stored.name = len(obj.buffers) - 1, tensor.name + b"_float16"
-            graph.tensors.append(stored)
-            obj.buffers[tensor.buffer].data = None  # the float32 tensor is computed now
-            expand = fb.OperatorT()
-            expand.opcodeIndex, expand.inputs, expand.outputs = code, [len(graph.tensors) - 1], \
-                [index]
-            graph.operators.insert(0, expand)  # a constant input: it can run first
-            changed = True
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj)) if changed else model
-
-
-def _half_onnx(path: Path, part: str, min_bytes: int = 1 << 16) -> None:
-    """The ONNX file with the large float32 initializers of layer ``part`` stored in float16
-    and cast back by a node (tf2onnx folds the layer's own cast as the TFLite converter does)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(path))
-    changed = False
-    for init in list(model.graph.initializer):
-        if f"/{part}" not in init.name or init.data_type != TensorProto.FLOAT:
-            continue
-        array = numpy_helper.to_array(init)
-        if array.nbytes < min_bytes:
-            continue
-        half = numpy_helper.from_array(array.astype(np.float16), init.name + "_float16")
-        model.graph.initializer.remove(init)
-        model.graph.initializer.append(half)
-        model.graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name],
-                                                    to=TensorProto.FLOAT))
-        changed = True
-    if changed:
-        onnx.save(model, str(path))
 
 
 def _convert_tflite(saved: Path, quantize: str, calibration: list | None, size: int,
@@ -526,6 +500,16 @@ def _quantize_except(converter, saved: Path, float_part: str, x: np.ndarray) -> 
 
 
 def summary(result: ExportResult) -> str:
+    if result.coreml:
+        spec = result.coreml
+        return "\n".join([
+            f"exported coreml ({result.quantize}) to {result.path}",
+            f"  size {result.size_bytes / 1e6:.2f} MB (model.keras "
+            f"{result.keras_size_bytes / 1e6:.2f} MB)",
+            f"  specification checked: image input {spec['input']['size'][0]}x"
+            f"{spec['input']['size'][1]} RGB, outputs {', '.join(spec['outputs'])}"
+            + (f", {len(spec['class_labels'])} class labels" if spec["class_labels"] else ""),
+            f"  not run: {spec['why_not_run'].split(';')[0]}; {spec['run_on_a_mac']}"])
     lines = [
         f"exported {result.format} ({result.quantize}) to {result.path}",
         f"  size {result.size_bytes / 1e6:.2f} MB (model.keras {result.keras_size_bytes / 1e6:.2f} MB)",
@@ -549,6 +533,15 @@ def summary(result: ExportResult) -> str:
                      f"{r['threshold']:.4g}; matches graft predict within "
                      f"{result.ood_max_abs_diff:.1e}, same decision on "
                      f"{result.known_agreement:.4f} of the images")
+    mp = result.mediapipe
+    if mp and mp["metadata"]:
+        files = mp["from_files"]
+        lines.append(f"  MediaPipe ImageClassifier reads it (metadata: labels, raw 0-255 input): "
+                     f"scores within {mp['max_abs_diff']:.1e} of the TFLite interpreter; given "
+                     f"the files to decode and resize itself, top-1 agreement "
+                     f"{files['top1_agreement']:.4f}, scores within {files['max_abs_diff']:.2f}")
+    elif mp:
+        lines.append(f"  no MediaPipe metadata: {tflite_metadata.INSTALL_HINT} and export again")
     return "\n".join(lines)
 
 
