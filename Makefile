@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[coreml,dev,export,mobile,openvino,serve,tensorboard,tfds]'
 	echo "$(DEPS_HASH)" > $(STAMP)
 
+# ONNX Runtime Web (npm, pinned by web/package-lock.json) for graft serve's /browser/ page and
+# its test in Chromium; without npm the page says what is missing and the test is skipped
+# (under CI=true it fails).
+WEB := web/node_modules/.package-lock.json
+$(WEB): web/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd web && npm ci --no-audit --no-fund --silent; \
+	else echo "npm not found: graft serve's /browser/ page will say what is missing"; fi
+
 demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
 
@@ -28,7 +36,7 @@ test: test-fast
 	$(VENV)/bin/python -m pytest -m "integration and not serial" -n 2
 	$(VENV)/bin/python -m pytest -m "integration and serial"
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(WEB)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -m "not integration"
@@ -38,4 +46,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) demo-run .pytest_cache web/node_modules

@@ -304,7 +304,8 @@ def cmd_serve(args) -> int:
     return serve(args.run_dir, args.data, args.host, args.port, args.max_upload_mb, args.unsafe,
                  log=lambda line: print(line, flush=True), sock=args.sock,
                  max_pixels=args.max_pixels, max_files=args.max_files,
-                 allow_hosts=args.allow_host or (), quiet=args.quiet, inbox=args.inbox)
+                 allow_hosts=args.allow_host or (), quiet=args.quiet, inbox=args.inbox,
+                 ort_web=args.ort_web)
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -371,6 +372,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="another host name requests may use (e.g. behind a reverse proxy); "
                         "repeatable")
     p.add_argument("--quiet", action="store_true", help="no access-log line per request")
+    p.add_argument("--ort-web", metavar="DIR",
+                   help="ONNX Runtime Web's dist folder for /browser/, which runs the run's ONNX "
+                        "export in the browser (default: $GRAFTKIT_ORT_WEB, or the one make "
+                        "installs in web/node_modules)")
     add_unsafe(p)
 
 

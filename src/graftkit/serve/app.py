@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 from starlette.concurrency import run_in_threadpool
 
+from graftkit.serve.browser import add_routes as add_browser_routes
 from graftkit.serve.guard import TOKEN_HEADER
 from graftkit.serve.journal import KEY_PATTERN, SPAN_PATTERN
 from graftkit.serve.review import ReviewError
@@ -123,6 +124,11 @@ class BatchingInfo(BaseModel):
     images: int
 
 
+class BrowserInfo(BaseModel):
+    available: bool = Field(description="/browser/ runs the run's ONNX export in the browser")
+    why_not: str | None = Field(description="what is missing, and how to add it")
+
+
 class Info(BaseModel):
     run: str
     classes: list[str]
@@ -137,6 +143,7 @@ class Info(BaseModel):
     max_files: int
     max_pixels: int
     batching: BatchingInfo
+    browser: BrowserInfo
 
 
 class Action(BaseModel):
@@ -344,6 +351,7 @@ def create_app(service) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     _pages(app)
+    add_browser_routes(app, service.browser)
     _prediction_routes(app, service)
     _review_routes(app, service)
     return app

@@ -30,10 +30,11 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     # Every script, style and image is the server's own (thumbnails and previews are blob: URLs);
-    # nothing may frame the pages or send a form elsewhere.
+    # nothing may frame the pages or send a form elsewhere. WebAssembly may be compiled (not
+    # eval): ONNX Runtime Web runs the exported model on the /browser/ page.
     (b"content-security-policy",
      b"default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
-     b"script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; "
+     b"script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; connect-src 'self'; object-src 'none'; "
      b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
 ]
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")

@@ -85,11 +85,13 @@ class Service:
                  log: Callable[[str], None] | None = None, port: int | None = None,
                  header_timeout: float = HEADER_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS, body_timeout: float = BODY_TIMEOUT,
-                 inbox: str | os.PathLike | None = None):
+                 inbox: str | os.PathLike | None = None,
+                 ort_web: str | os.PathLike | None = None):
         from graftkit.classifier import load
         from graftkit.outputs.closest import Thumbnails
         from graftkit.serve.app import create_app
         from graftkit.serve.batching import Batcher
+        from graftkit.serve.browser import BrowserPage, ort_web_dir
         from graftkit.serve.guard import BodyLimit, Guard
         from graftkit.serve.review import Review
 
@@ -115,6 +117,7 @@ class Service:
         self._explaining = threading.Lock()
         self._thumbs = Thumbnails(self.run_dir)  # closest training images' thumbnails
         self.header_timeout, self.max_connections = header_timeout, max_connections
+        self.browser = BrowserPage(self.run_dir / "export" / "onnx", ort_web_dir(ort_web))
         body = BodyLimit(create_app(self), int(max_upload_mb * 2**20), idle_timeout=body_timeout)
         self.guard = Guard(body, self.token, port, hosts, log)
         self.app = self.guard
@@ -221,7 +224,9 @@ class Service:
                 "max_pixels": self.max_pixels,
                 "batching": {"max_batch": self.batcher.max_batch,
                              "max_wait_ms": self.batcher.max_wait * 1000,
-                             "model_calls": self.batcher.batches, "images": self.batcher.images}}
+                             "model_calls": self.batcher.batches, "images": self.batcher.images},
+                "browser": {"available": self.browser.problem is None,
+                            "why_not": self.browser.problem}}
 
     def run(self, sock: socket.socket) -> None:
         """Serve on ``sock`` until Ctrl-C (uvicorn's own signal handling ends it cleanly)."""
@@ -280,7 +285,7 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
           unsafe: bool = False, log: Callable[[str], None] = print,
           sock: socket.socket | None = None, max_pixels: int = defaults.SERVE_MAX_PIXELS,
           max_files: int = defaults.SERVE_MAX_FILES, allow_hosts: Iterable[str] = (),
-          quiet: bool = False, inbox: str | None = None) -> int:
+          quiet: bool = False, inbox: str | None = None, ort_web: str | None = None) -> int:
     """``graft serve``: the try page, the API and the review page of a run, until Ctrl-C.
 
     ``sock``: a socket already bound (the CLI binds before TensorFlow loads, so a taken port
@@ -291,7 +296,8 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
     port = sock.getsockname()[1]
     service = Service(run_dir, data, max_upload_mb, unsafe, max_pixels=max_pixels,
                       max_files=max_files, hosts=served_hosts(host, allow_hosts),
-                      log=None if quiet else lambda line: log(line), port=port, inbox=inbox)
+                      log=None if quiet else lambda line: log(line), port=port, inbox=inbox,
+                      ort_web=ort_web)
     base = f"http://{url_host(host)}:{port}"
     info = service.info()
     accuracy = info["val_accuracy"]
@@ -309,6 +315,10 @@ def serve(run_dir: str | os.PathLike, data: str | None = None, host: str = "127.
         why = service.inbox.why_read_only
         log(f"  inbox page   {base}/inbox?token={service.token}   ({service.inbox.folder}"
             + (f"; suggestions only: {why}" if why else "") + ")")
+    browser = service.browser.problem
+    log(f"  in-browser   {base}/browser/   "
+        + ("(the ONNX export, run by ONNX Runtime Web)" if browser is None
+           else f"(not available: {browser})"))
     log(f"  API          POST {base}/predict (multipart field 'file'); GET /info, /healthz; "
         "schema at /openapi.json")
     if review.recovered:

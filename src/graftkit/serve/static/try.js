@@ -18,6 +18,12 @@ fetch("/info").then(r => r.json()).then(info => {
   const map = typeof info.val_map === "number" ? `, validation mAP ${(100 * info.val_map).toFixed(1)}%` : "";
   document.getElementById("run").textContent =
     `${info.backbone}, ${info.classes.length} ${multi ? "labels, several per image" : "classes"} (${info.classes.join(", ")})${acc}${map}`;
+  // the exported model in the browser, offline: or what it needs
+  const link = document.getElementById("browser-link");
+  if (!info.browser.available) {
+    link.classList.add("muted");
+    link.title = info.browser.why_not;
+  }
 });
 
 // Multi-label runs: one chip per label given (above its threshold).
