@@ -26,6 +26,30 @@ def test_default_fit_on_hymenoptera(tmp_path, capsys):
     assert metrics["val_accuracy"] >= head["best_val_accuracy"] - 1e-6  # never worse than phase 1
     assert "cached views" in head["note"] and "cached activations" in fine["note"]
     assert metrics["engine"] and metrics["engine_key"]  # predict and evaluate reuse the engine
+    _apps_answer_as_graft_predict(tmp_path / "run", tmp_path)
+
+
+def _apps_answer_as_graft_predict(run, tmp_path) -> None:
+    """Where the exports run, on every validation image of the real run: MediaPipe's
+    ImageClassifier (inside graft export's own check) and ONNX Runtime Web in Chromium give
+    graft predict's top-1 on every image, scores within 1e-4."""
+    import numpy as np
+
+    import graftkit
+    from graftkit.deploy.export import export
+    from tests.test_browser import at_model_size, in_chromium
+
+    mediapipe = export(run, "tflite").mediapipe
+    assert mediapipe["images_checked"] == 153 and mediapipe["top1_agreement"] == 1.0
+    assert mediapipe["max_abs_diff"] <= 1e-4
+    export(run, "onnx")
+    clf = graftkit.load(run)
+    paths = [p for p, _ in json.loads((run / "split.json").read_text())["val"]]
+    expected = clf.predict_proba(paths)
+    got, _ = in_chromium(run, at_model_size(paths, clf.image_size, tmp_path))
+    probabilities = np.array([r["probabilities"] for r in got])
+    assert (probabilities.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
 
 
 @pytest.mark.slow
