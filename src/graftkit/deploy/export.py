@@ -207,8 +207,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
                                        if calibration else "") + "...")
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
             built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
-            if fmt == "tflite" and tflite_metadata.available():
-                built.write_bytes(tflite_metadata.with_metadata(built.read_bytes(), clf))
+            no_metadata = tflite_metadata.add(built, clf) if fmt == "tflite" else None
         say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
         outputs = _run_checked(run, built, x, name)
@@ -233,7 +232,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         if OOD_SCORE in outputs:
             _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize, int8_run)
         if fmt == "tflite":
-            result.mediapipe = tflite_metadata.check(built, x, outputs, paths, clf.classes, say)
+            result.mediapipe = tflite_metadata.check(built, x, outputs, paths, clf.classes, say,
+                                                     no_metadata, quantize)
         result.path = str(built)
         return _write(result, target_dir, classes)
     finally:
@@ -263,9 +263,10 @@ def _coreml(clf, model, quantize: str, reason: str, work: Path,
 
 def _write(result: ExportResult, target_dir: Path, classes: list[str]) -> ExportResult:
     """The checked export into place, with ``labels.txt`` and ``export.json`` beside it."""
-    from graftkit.files import write_json, write_text
+    from graftkit.files import honour_umask, write_json, write_text
 
     built = Path(result.path)
+    honour_umask(built)
     final = target_dir / ("saved_model" if result.format == "savedmodel" else built.name)
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -541,7 +542,7 @@ def summary(result: ExportResult) -> str:
                      f"the files to decode and resize itself, top-1 agreement "
                      f"{files['top1_agreement']:.4f}, scores within {files['max_abs_diff']:.2f}")
     elif mp:
-        lines.append(f"  no MediaPipe metadata: {tflite_metadata.INSTALL_HINT} and export again")
+        lines.append(f"  no MediaPipe metadata: {mp['why']}")
     return "\n".join(lines)
 
 

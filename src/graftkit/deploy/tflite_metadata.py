@@ -24,9 +24,10 @@ from graftkit.outputs.open_set import OOD_SCORE
 from graftkit.quiet import silenced
 
 PROBABILITIES = "probabilities"
-# MediaPipe reads the pixels we give it exactly as the TFLite interpreter does: a float32 file
-# must agree with it this closely, an int8 one (the same kernels, another build) too.
-MEDIAPIPE_TOLERANCE = 1e-4
+# MediaPipe runs a file on its own build of TFLite: a float32 (or float16) file must give the
+# TFLite interpreter's scores this closely; an int8 file within two steps of its output's 1/256
+# scale (MediaPipe's build rounds some integer ops one step the other way: 3.9e-3 seen).
+MEDIAPIPE_TOLERANCE = {"none": 1e-4, "float16": 1e-4, "int8": 2 / 256}
 INSTALL_HINT = "pip install 'graftkit[mobile]'"
 HOW = ("MediaPipe Tasks vision.ImageClassifier: result.classifications[0] (head "
        "'probabilities') holds a score per class, labels from the file's metadata; "
@@ -38,6 +39,20 @@ HOW = ("MediaPipe Tasks vision.ImageClassifier: result.classifications[0] (head 
 def available() -> bool:
     """Whether MediaPipe (the ``mobile`` extra) is installed, without importing it."""
     return importlib.util.find_spec("mediapipe") is not None
+
+
+def add(path: Path, clf) -> str | None:
+    """Write the metadata into the TFLite file at ``path``; None, or why it was not written
+    (the file is a plain TFLite model then, which every TFLite interpreter still runs)."""
+    if not available():
+        return (f"MediaPipe is not installed, so the file has no TFLite Metadata: {INSTALL_HINT} "
+                "and export again")
+    try:
+        path.write_bytes(with_metadata(path.read_bytes(), clf))
+    except Exception as exc:  # a MediaPipe release whose writers changed: no metadata, said
+        return (f"MediaPipe's metadata writer failed ({type(exc).__name__}: {exc}), so the file "
+                "has no TFLite Metadata")
+    return None
 
 
 def with_metadata(model: bytes, clf) -> bytes:
@@ -79,26 +94,32 @@ def _ood_description(clf) -> str | None:
 
 
 def check(built: Path, x: np.ndarray, outputs: dict, paths: list[str], classes: list[str],
-          say: Callable[[str], None]) -> dict:
+          say: Callable[[str], None], no_metadata: str | None = None,
+          quantize: str = "none") -> dict:
     """MediaPipe's ImageClassifier on the written file: on the check images at the model's size
     it must give what the TFLite interpreter gave; on the files themselves (its own decoding and
     resizing, as in an app) how close it comes is recorded."""
-    if not available():
-        return {"metadata": False, "why": "MediaPipe is not installed, so the file has no "
-                f"TFLite Metadata: {INSTALL_HINT} and export again"}
+    if no_metadata is not None:
+        return {"metadata": False, "why": no_metadata}
     say(f"checking it with MediaPipe's ImageClassifier on {len(x)} validation images...")
-    with silenced():
-        got = classify(built, x, len(classes))
-        from_files = classify_files(built, paths, len(classes))
+    try:
+        with silenced():
+            got = classify(built, x, len(classes))
+            from_files = classify_files(built, paths, len(classes))
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(f"MediaPipe's ImageClassifier cannot run the TFLite file "
+                          f"({type(exc).__name__}: {str(exc).strip()[:300]}); nothing was "
+                          "written") from None
     ref = outputs["probabilities"]
     diff = {k: float(np.abs(got[k] - outputs[k]).max()) for k in got}
     same = float((got["probabilities"].argmax(1) == ref.argmax(1)).mean())
-    if max(diff.values()) > MEDIAPIPE_TOLERANCE:
+    tolerance = MEDIAPIPE_TOLERANCE[quantize]
+    if max(diff.values()) > tolerance:
         raise ExportError(f"MediaPipe's ImageClassifier reads the TFLite file differently from "
                           f"the TFLite interpreter (max difference {max(diff.values()):.2e}, "
                           f"top-1 agreement {same:.4f}); nothing was written")
     files_diff = np.abs(from_files["probabilities"] - ref).max(axis=1)
-    return {"metadata": True, "how": HOW, "images_checked": len(x),
+    return {"metadata": True, "how": HOW, "images_checked": len(x), "tolerance": tolerance,
             "max_abs_diff": diff["probabilities"], "ood_max_abs_diff": diff.get(OOD_SCORE),
             "top1_agreement": same,
             "from_files": {
