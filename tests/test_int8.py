@@ -33,7 +33,9 @@ def _pixels(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _calibration(digest: str = "sample-a") -> Calibration:
-    return Calibration(_pixels(24, 1), _pixels(8, 2), digest)
+    calibration = Calibration(digest, SIZE)
+    calibration.images, calibration.held_out = _pixels(24, 1), _pixels(8, 2)
+    return calibration
 
 
 def test_auto_chooses_int8_only_where_the_cpu_has_8_bit_dot_products(monkeypatch):
@@ -89,6 +91,7 @@ def test_the_calibration_sample_spans_the_classes_and_is_named_by_its_files(imag
     items = [(p, str(y)) for p, y in zip(folder.train.paths, folder.train.labels)]
     digests = dict(zip(folder.train.paths, folder.digests(folder.train)))
     cal = Calibration.from_files(items, digests, SIZE, seed=0)
+    assert not {"images", "held_out"} & set(vars(cal))  # nothing decoded before it is needed
     assert len(cal.images) + len(cal.held_out) == len(items)  # fewer than the sample size
     assert cal.images.shape[1:] == (SIZE, SIZE, 3) and cal.images.dtype == np.float32
     assert len(cal.held_out) >= 1

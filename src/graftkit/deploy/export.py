@@ -156,28 +156,28 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
            log: Callable[[str], None] | None = None) -> ExportResult:
     """Export a run's model for serving, checked against the Keras model on validation images.
 
-    The exported model takes raw RGB pixels (its preprocessing is inside), and ``labels.txt``
-    is written beside it. Up to 1,000 validation images (beyond that, a stratified random
-    sample: every class) run through both the export (in its own runtime) and the Keras model; their largest
-    difference, top-1 agreement and accuracies are returned, so a quantized model's cost is
-    measured, not assumed.
+    The exported model takes raw RGB pixels (its preprocessing is inside); ``labels.txt`` is
+    written beside it. Up to 1,000 validation images (beyond, a stratified sample) run through
+    the export, in its own runtime, and the Keras model, so a quantized model's cost is measured.
 
     Args:
         run_dir: a run folder written by ``graft fit``.
-        fmt: ``"savedmodel"``, ``"tflite"`` or ``"onnx"`` (needs ``graftkit[export]``).
-            Defaults to ``"savedmodel"``.
+        fmt: ``"savedmodel"``, ``"tflite"`` (with MediaPipe's metadata where
+            ``graftkit[mobile]`` is installed), ``"onnx"`` (needs ``graftkit[export]``) or
+            ``"coreml"`` (needs ``graftkit[coreml]``; converted and its specification checked,
+            not run, off Apple systems). Defaults to ``"savedmodel"``.
         quantize: ``"none"``; for TFLite also ``"float16"`` or ``"int8"`` (calibrated on 100
             training images, a stratified random sample; for a run whose frozen part ran in
             int8, on the images its engine was calibrated on); ONNX ``"int8"`` quantizes the
-            weights only. ``"auto"`` follows the run: TFLite int8 for an int8 run, else none.
+            weights only; Core ML ``"float16"`` computes in float16. ``"auto"`` follows the
+            run: TFLite int8 for an int8 run, else none.
             Defaults to ``"auto"``.
         out: the folder to write. Defaults to ``run_dir/export/FORMAT[-QUANTIZE]``.
         log: told each step as it starts (a conversion takes a minute or two). Defaults to
             None.
 
     Returns:
-        An ``ExportResult``: ``path``, ``size_bytes``, ``images_checked``, ``max_abs_diff``,
-        ``top1_agreement``, ``accuracy``, ``keras_accuracy``.
+        An ``ExportResult`` (``path``, sizes, what was checked and measured: ``export.json``).
 
     Example:
         >>> graftkit.export("runs/photos", fmt="tflite", quantize="int8").accuracy  # doctest: +SKIP
@@ -220,15 +220,8 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         if calibration is not None:
             result.calibration_images = len(calibration)
             result.calibration_sample = _calibration_note(calibration, split, int8_run, seed)
-        same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
-        diff = result.max_abs_diff
-        assert diff is not None and same is not None  # both measured just above
-        if quantize == "none" and (diff > FP32_TOLERANCE or same < 1.0):
-            raise ExportError(
-                f"the {fmt} export disagrees with the Keras model (max difference "
-                f"{result.max_abs_diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); "
-                "nothing was written"
-            )
+        if quantize == "none":
+            _require_parity(result)
         if OOD_SCORE in outputs:
             _check_rejection(result, clf, paths, outputs[OOD_SCORE], fmt, quantize, int8_run)
         if fmt == "tflite":
@@ -238,6 +231,18 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
         return _write(result, target_dir, classes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _require_parity(result: ExportResult) -> None:
+    """A float32 export must give the Keras model's probabilities (within the tolerance) and
+    top-1 labels (multi-label: the same labels, where not closer to a threshold than that)."""
+    same = result.labels["same_labels_clear"] if result.labels else result.top1_agreement
+    diff = result.max_abs_diff
+    assert diff is not None and same is not None  # both measured by the comparison
+    if diff > FP32_TOLERANCE or same < 1.0:
+        raise ExportError(
+            f"the {result.format} export disagrees with the Keras model (max difference "
+            f"{diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); nothing was written")
 
 
 def _coreml(clf, model, quantize: str, reason: str, work: Path,

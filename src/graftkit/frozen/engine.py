@@ -217,7 +217,8 @@ class FrozenPart:
             return
         sims = cosines(got, self._run_keras(held))
         self.calibration.accepted = {
-            "calibration_images": len(self.calibration.images), "held_out_images": len(held),
+            "calibration_images": len(self.calibration.files or self.calibration.images),
+            "held_out_images": len(held),
             "cosine": [round(c, 4) for c in sims], "min_cosine": INT8_MIN_COSINE,
             "sample": self.calibration.digest}
         if min(sims) < INT8_MIN_COSINE:

@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +88,25 @@ def resolve(requested: str) -> tuple[str, str]:
 @dataclass
 class Calibration:
     """Training images for an int8 engine: ``images`` set its ranges, ``held_out`` (others)
-    accept or refuse it. ``digest`` names the sample, so another sample is another engine."""
+    accept or refuse it. ``digest`` names the sample, so another sample is another engine.
 
-    images: np.ndarray  # float32 pixels (N, H, W, 3)
-    held_out: np.ndarray
+    The pixels are decoded when first asked for: a cached engine needs only the held-out
+    images, the run's own engine file and a job that does not use int8 need none."""
+
     digest: str
-    accepted: dict = field(default_factory=dict)  # what the acceptance measured
-    files: list[str] = field(default_factory=list)  # the images' files (from_files)
+    size: int
+    files: list[str] = field(default_factory=list)
     held_out_files: list[str] = field(default_factory=list)
+    accepted: dict = field(default_factory=dict)  # what the acceptance measured
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        """float32 pixels (N, H, W, 3)."""
+        return _pixels(self.files, self.size)
+
+    @cached_property
+    def held_out(self) -> np.ndarray:
+        return _pixels(self.held_out_files or self.files[:1], self.size)
 
     @classmethod
     def from_files(cls, items: list[tuple[str, str]], digests: dict[str, str], size: int,
@@ -104,17 +115,16 @@ class Calibration:
 
         The seed is fixed, not the run's: runs with other seeds on the same images then share
         the engine and its cached outputs."""
-        from graftkit.data.images import load_image
-
         calib, held = sample(items, seed)
         text = "\n".join(digests[p] for p, _ in calib) + f"\n{size}"
-
-        def pixels(part):
-            return np.stack([load_image(p, size) for p, _ in part]).astype(np.float32)
-
-        return cls(pixels(calib), pixels(held) if held else pixels(calib[:1]),
-                   hashlib.sha256(text.encode()).hexdigest()[:12],
+        return cls(hashlib.sha256(text.encode()).hexdigest()[:12], size,
                    files=[p for p, _ in calib], held_out_files=[p for p, _ in held])
+
+
+def _pixels(files: list[str], size: int) -> np.ndarray:
+    from graftkit.data.images import load_image
+
+    return np.stack([load_image(p, size) for p in files]).astype(np.float32)
 
 
 def sample(items: list[tuple[str, str]], seed: int = 0
