@@ -388,6 +388,8 @@ def test_serve_command_errors_before_tensorflow(trained_run, capsys):
     assert main(["serve", str(trained_run / "run"), "--port", "70000"]) == 2
     assert main(["serve", str(trained_run / "run"), "--max-upload-mb", "0"]) == 2
     assert main(["serve", str(trained_run / "run"), "--data", str(trained_run / "nodata")]) == 3
+    assert main(["serve", str(trained_run / "run"), "--ort-web", str(trained_run)]) == 2
+    assert "--ort-web" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

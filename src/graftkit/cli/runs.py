@@ -288,6 +288,14 @@ def preflight_serve(args) -> None:
         raise UsageError(f"--max-upload-mb must be above 0 (got {args.max_upload_mb})")
     if args.max_pixels < 1 or args.max_files < 1:
         raise UsageError("--max-pixels and --max-files must be at least 1")
+    if args.ort_web is not None:
+        from graftkit.serve.browser import ORT_FILES, ORT_VERSION, ort_web_dir
+
+        if ort_web_dir(args.ort_web) != Path(args.ort_web):
+            raise UsageError(f"--ort-web {args.ort_web}: ONNX Runtime Web's files are not all "
+                             f"there ({', '.join(ORT_FILES)}): npm install "
+                             f"onnxruntime-web@{ORT_VERSION} and pass its "
+                             "node_modules/onnxruntime-web/dist")
     read_run(args.run_dir)
     if args.data:
         check_data_path(args.data)
