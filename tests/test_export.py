@@ -175,7 +175,7 @@ def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, float32_e
 
     converted = Path(float32_exports("tflite")[0].path).read_bytes()  # converted once already
     monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
-    monkeypatch.setattr(export_module.tflite_metadata, "with_metadata", lambda model, _clf: model)
+    monkeypatch.setattr(export_module.tflite_metadata, "with_metadata", lambda model, *_: model)
     monkeypatch.setattr(export_module, "_run_tflite", refuses)
     with pytest.raises(ExportError, match="does not run in its own runtime .*nothing was written"):
         export(trained_run / "run", "tflite", out=tmp_path / "t")

@@ -32,14 +32,14 @@ def available() -> bool:
     return importlib.util.find_spec("coremltools") is not None
 
 
-def build(model, clf, work: Path, quantize: str) -> Path:
+def build(model, clf, open_set, work: Path, quantize: str) -> Path:
     """The ``.mlpackage`` in ``work``: float32 compute (``quantize="none"``, graft predict's
     arithmetic) or float16 (``"float16"``, what the Neural Engine runs)."""
     import coremltools as ct
     import tensorflow as tf
 
     size = clf.image_size
-    names = ["probabilities"] + ([OOD_SCORE] if isinstance(model.output, dict) else [])
+    names = ["probabilities"] + ([OOD_SCORE] if open_set is not None else [])
 
     def outputs(image):
         out = model(image, training=False)
@@ -66,13 +66,13 @@ def build(model, clf, work: Path, quantize: str) -> Path:
         if old in {o.name for o in spec.description.output}:
             ct.utils.rename_feature(spec, old, new)
     mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
-    _describe(mlmodel, clf)
+    _describe(mlmodel, clf, open_set)
     built = work / PACKAGE
     mlmodel.save(str(built))
     return built
 
 
-def _describe(mlmodel, clf) -> None:
+def _describe(mlmodel, clf, open_set) -> None:
     size = clf.image_size
     mlmodel.author = "graftkit"
     mlmodel.short_description = (
@@ -82,13 +82,13 @@ def _describe(mlmodel, clf) -> None:
     meta["graftkit.classes"] = json.dumps(list(clf.classes))
     if clf.multi_label:
         meta["graftkit.thresholds"] = json.dumps([float(t) for t in clf.thresholds])
-    if clf.open_set is not None and clf._features is not None:
-        described = clf.open_set.describe()
+    if open_set is not None:
+        described = open_set.describe()
         meta["graftkit.ood_threshold"] = f"{described['threshold']:.6g}"
         meta["graftkit.ood_how"] = f"{described['method']}: unknown when ood_score > threshold"
 
 
-def check_spec(path: Path, clf) -> dict:
+def check_spec(path: Path, clf, open_set) -> dict:
     """The written package read back: image input at the model's size in RGB, the outputs, the
     class labels in the classifier. Any difference is an ``ExportError``."""
     import coremltools as ct
@@ -99,7 +99,7 @@ def check_spec(path: Path, clf) -> dict:
     outputs = {o.name: o.type.WhichOneof("Type") for o in description.output}
     expected = ({"probabilities": "multiArrayType"} if clf.multi_label else
                 {"classLabel": "stringType", "classLabel_probs": "dictionaryType"})
-    if clf.open_set is not None and clf._features is not None:
+    if open_set is not None:
         expected[OOD_SCORE] = "multiArrayType"
     labels = _class_labels(spec)
     problems = []

@@ -190,7 +190,7 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     int8_run = (clf.record.frozen_outputs or {}).get("precision") == "int8"
     quantize, reason = _quantization(fmt, quantize, int8_run)
     classes, size = clf.classes, clf.image_size
-    model, float_part = _exported_model(clf)
+    model, float_part, open_set = _exported_model(clf)
     split = read_split(run_dir)
     seed = int(clf.record.options.get("seed", defaults.SEED))
     check_items = stratified(split["val"], MAX_CHECK_IMAGES, seed)
@@ -202,12 +202,13 @@ def export(run_dir: str | os.PathLike, fmt: str = "savedmodel", quantize: str = 
     say = log or (lambda _line: None)
     try:
         if fmt == "coreml":
-            return _write(_coreml(clf, model, quantize, reason, work, say), target_dir, classes)
+            return _write(_coreml(clf, model, open_set, quantize, reason, work, say), target_dir,
+                          classes)
         say(f"converting to {name}" + (f" (calibrated on {len(calibration)} training images)"
                                        if calibration else "") + "...")
         with silenced():  # the converters' and runtimes' own log lines (XNNPACK, tf2onnx, ORT)
             built, run = _build(model, fmt, quantize, work, calibration, size, float_part)
-            no_metadata = tflite_metadata.add(built, clf) if fmt == "tflite" else None
+            no_metadata = tflite_metadata.add(built, clf, open_set) if fmt == "tflite" else None
         say(f"checking it with its own runtime on {len(check_items)} validation images...")
         x, labels, paths = _images(check_items, size)
         outputs = _run_checked(run, built, x, name)
@@ -245,7 +246,7 @@ def _require_parity(result: ExportResult) -> None:
             f"{diff:.2e}, top-1 agreement {result.top1_agreement:.4f}); nothing was written")
 
 
-def _coreml(clf, model, quantize: str, reason: str, work: Path,
+def _coreml(clf, model, open_set, quantize: str, reason: str, work: Path,
             say: Callable[[str], None]) -> ExportResult:
     """The Core ML package, its specification checked (Core ML runs only on Apple systems)."""
     from graftkit.deploy import coreml
@@ -253,7 +254,7 @@ def _coreml(clf, model, quantize: str, reason: str, work: Path,
 
     say(f"converting to coreml ({'float16' if quantize == 'float16' else 'float32'} compute)...")
     with silenced():
-        built = coreml.build(model, clf, work, quantize)
+        built = coreml.build(model, clf, open_set, work, quantize)
     say("checking its specification: input, outputs, class labels...")
     size = clf.image_size
     return ExportResult(
@@ -261,7 +262,7 @@ def _coreml(clf, model, quantize: str, reason: str, work: Path,
         keras_size_bytes=(clf.run_dir / MODEL_FILE).stat().st_size, images_checked=0,
         max_abs_diff=None, top1_agreement=None, accuracy=None, keras_accuracy=None,
         check_sample="none: Core ML runs only on Apple systems (coreml.run_on_a_mac says how)",
-        quantize_reason=reason, coreml=coreml.check_spec(built, clf),
+        quantize_reason=reason, coreml=coreml.check_spec(built, clf, open_set),
         input={"size": [size, size], "channels": 3, "how": INPUT_NOTE.replace(
             "as float32, shape (batch, size, size, 3)", "as an RGB image (Core ML image input)")})
 
@@ -376,13 +377,15 @@ def _check_rejection(result: ExportResult, clf, paths: list[str], scores: np.nda
 
 
 def _exported_model(clf) -> tuple:
-    """The model to export and the layer an int8 TFLite export keeps in float32: with the
-    open-set score, outputs ``probabilities`` and ``ood_score`` by name; else the classifier."""
-    if clf.open_set is None or clf._features is None:
-        return clf.model, None
+    """The model to export, the layer an int8 TFLite export keeps in float32 and the run's
+    ``OpenSet`` (read once): with the open-set score, outputs ``probabilities`` and
+    ``ood_score`` by name; else the classifier, None, None."""
+    open_set = clf.open_set
+    if open_set is None or clf._features is None:
+        return clf.model, None, None
     from graftkit.outputs.open_set import open_set_model
 
-    return open_set_model(clf.model, clf.open_set), OOD_SCORE
+    return open_set_model(clf.model, open_set), OOD_SCORE, open_set
 
 
 def _quantization(fmt: str, quantize: str, int8_run: bool) -> tuple[str, str]:

@@ -41,26 +41,26 @@ def available() -> bool:
     return importlib.util.find_spec("mediapipe") is not None
 
 
-def add(path: Path, clf) -> str | None:
+def add(path: Path, clf, open_set) -> str | None:
     """Write the metadata into the TFLite file at ``path``; None, or why it was not written
     (the file is a plain TFLite model then, which every TFLite interpreter still runs)."""
     if not available():
         return (f"MediaPipe is not installed, so the file has no TFLite Metadata: {INSTALL_HINT} "
                 "and export again")
     try:
-        path.write_bytes(with_metadata(path.read_bytes(), clf))
+        path.write_bytes(with_metadata(path.read_bytes(), clf, open_set))
     except Exception as exc:  # a MediaPipe release whose writers changed: no metadata, said
         return (f"MediaPipe's metadata writer failed ({type(exc).__name__}: {exc}), so the file "
                 "has no TFLite Metadata")
     return None
 
 
-def with_metadata(model: bytes, clf) -> bytes:
+def with_metadata(model: bytes, clf, open_set) -> bytes:
     """``model`` with the TFLite Metadata MediaPipe Tasks reads: raw 0-255 RGB in (the model
     normalises inside), the class scores with their labels, and the ``ood_score`` head."""
     writer_module, info = _writers()
     labels = writer_module.Labels().add(list(clf.classes))
-    ood_description = _ood_description(clf)
+    ood_description = _ood_description(open_set)
     writer = writer_module.MetadataWriter.create(model)
     writer.add_general_info("graftkit image classifier", _description(clf))
     writer.add_image_input(norm_mean=[0.0], norm_std=[1.0],
@@ -85,10 +85,10 @@ def _description(clf) -> str:
     return text
 
 
-def _ood_description(clf) -> str | None:
-    if clf.open_set is None or clf._features is None:
+def _ood_description(open_set) -> str | None:
+    if open_set is None:
         return None
-    described = clf.open_set.describe()
+    described = open_set.describe()
     return (f"open-set score ({described['method']}): the image is none of the classes when "
             f"its score is above {described['threshold']:.6g}")
 
