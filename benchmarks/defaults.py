@@ -126,6 +126,9 @@ SETTINGS: dict[str, dict] = {
     "lite2-style": {"base": "efficientnet_lite2", "augment": "style"},
     # the frozen part's engine in 8 bits (auto picks it only on CPUs with 8-bit dot products)
     "engine-int8": {"engine_precision": "int8"},
+    # ... on each int8 runtime (``_engine``: $GRAFTKIT_ENGINE for the run)
+    "engine-int8-openvino": {"engine_precision": "int8", "_engine": "openvino"},
+    "engine-int8-tflite": {"engine_precision": "int8", "_engine": "tflite"},
 }
 
 
@@ -190,9 +193,17 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
     data = dataset_path(name, scratch, shared)
     with tempfile.TemporaryDirectory() as tmp:
         out = (keep / f"{name}-{setting}-{seed}") if keep else Path(tmp) / "run"
+        options = dict(SETTINGS[setting])
+        engine = options.pop("_engine", None)
+        if engine:
+            os.environ["GRAFTKIT_ENGINE"] = engine
         start = time.perf_counter()
-        result = fit(data, out, seed=seed, verbose=0, log=lambda _: None,
-                     overwrite=keep is not None, **SETTINGS[setting])
+        try:
+            result = fit(data, out, seed=seed, verbose=0, log=lambda _: None,
+                         overwrite=keep is not None, **options)
+        finally:
+            if engine:
+                os.environ.pop("GRAFTKIT_ENGINE", None)
         seconds = time.perf_counter() - start
         shift = ({"shift_accuracy": result.evaluate(shared / STYLE_SHIFT[name])["accuracy"]}
                  if name in STYLE_SHIFT else {})
@@ -201,7 +212,9 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
             "overrides": SETTINGS[setting], "seed": seed,
             "val_accuracy": m["val_accuracy"], "phase1": m["phases"][0]["best_val_accuracy"],
             "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
-            "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]], **shift}
+            "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]],
+            "engine": " ".join(str((m.get("frozen_outputs") or {}).get(k, "")).replace("f32", "")
+                               for k in ("engine", "precision")).strip(), **shift}
 
 
 PROBE = "probe: logistic regression on Lite0 224 px pooled features"

@@ -51,6 +51,7 @@ SETTINGS: dict[str, dict] = {
     "224px-lr-3e-4-views-3": {"image_size": 224, "fine_tune_lr": 3e-4, "views": 3},
     "views-3": {"views": 3},
     "views-3-ft-8": {"views": 3, "fine_tune_epochs": 8},
+    "engine-int8": {"engine_precision": "int8"},  # on OpenVINO where NNCF is installed
     # not an option of graft fit: the loss patched here, each label's positives weighted by
     # sqrt(negatives / positives) (clipped to 1-10), the usual remedy for rare labels
     "pos-weight-sqrt": {"_pos_weight_power": 0.5},
@@ -144,6 +145,8 @@ def fit(settings: list[str], seeds: list[int], cold: bool) -> None:
                     "cold": cold, "seconds": round(seconds, 1),
                     "frozen_seconds": (m.get("frozen_outputs") or {}).get("seconds"),
                     "image_size": m["image_size"], "mode": m["mode"]["chosen"],
+                    "engine": " ".join(str((m.get("frozen_outputs") or {}).get(k, ""))
+                                       for k in ("engine", "precision")),
                     "calibrated": _calibrated(m.get("calibration") or {}),
                     **{k: s[k] for k in ("map", "example_f1", "micro_f1", "macro_f1",
                                          "subset_accuracy")}})

@@ -154,6 +154,7 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     ``graft fit --engine-precision int8`` calibrates it, on the folder's training images.
     Returns the rows and the frozen part's forward GFLOPs per image.
     """
+    import hashlib
     import tempfile
     from pathlib import Path
 
@@ -167,7 +168,7 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     from graftkit.frozen.cut import part_key, split_base
     from graftkit.frozen.engine import ENGINE_ENV, PRECISION_ENV, FrozenPart
     from graftkit.frozen.extract import extract
-    from graftkit.frozen.precision import INT8_ENGINE_FILE, Calibration
+    from graftkit.frozen.precision import Calibration
     from graftkit.graft import build_classifier
 
     base, info = load_base("efficientnet_lite0", size)
@@ -183,6 +184,8 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
     scratch = Path(tempfile.mkdtemp())
     if runtimes.openvino_available():
         engines.append(("openvino", "f32"))
+        if runtimes.openvino_int8_available():
+            engines.append(("openvino", "int8"))
         if runtimes.openvino_bf16():
             engines.append(("openvino", "bf16"))
     rows = []
@@ -196,7 +199,7 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
         part(x[:8])  # convert (once, cached), load, parity check (int8: its acceptance)
         row = {"engine": part.label, "fallbacks": part.reasons}
         if int8 and part.int8_engine():
-            (scratch / INT8_ENGINE_FILE).write_bytes(part.int8_engine())
+            (scratch / part.int8_engine_name).write_bytes(part.int8_engine())
         t = time.perf_counter()
         part(x)
         row["pixels"] = len(x) / (time.perf_counter() - t)
@@ -210,12 +213,18 @@ def engine_rates(size: int, folder: str, n: int) -> tuple[list[dict], float]:
         clf = Classifier(model, [str(i) for i in range(5)],
                          {"backbone": "efficientnet_lite0",
                           "options": {"unfreeze": 2, "fine_tune_epochs": 5},
-                          "frozen_outputs": {"precision": "int8" if int8 else "f32"}},
+                          "frozen_outputs": {
+                              "precision": "int8" if int8 else "f32", "engine": name,
+                              "int8": {"engine_sha256": hashlib.sha256(
+                                  part.int8_engine() or b"").hexdigest()}}},
                          scratch)
         clf.predict_proba(paths[:8])
         t = time.perf_counter()
         clf.predict_proba(paths)
         row["predict, files"] = len(paths) / (time.perf_counter() - t)
+        predicted_by = clf._split.frozen if clf._split else None  # must be the same engine
+        row["fallbacks"] += [f"predict ran {predicted_by.label if predicted_by else 'keras'}"
+                             ] if not predicted_by or predicted_by.label != row["engine"] else []
         rows.append(row)
     os.environ.pop(ENGINE_ENV)
     os.environ.pop(PRECISION_ENV)

@@ -142,8 +142,8 @@ def test_quantized_exports_report_size_and_accuracy(trained_run, float32_exports
         assert "checking it with its own runtime on 6 validation images..." in err
         _int8_keeps_the_open_set_score_in_float32(result)
         # MediaPipe's own TFLite build may round an integer op one 1/256 step the other way
-        assert result["mediapipe"]["tolerance"] == 2 / 256
-        assert result["mediapipe"]["max_abs_diff"] <= 2 / 256
+        assert result["mediapipe"]["tolerance"] == 4 / 256
+        assert result["mediapipe"]["max_abs_diff"] <= 4 / 256
     fp32, _ = float32_exports(fmt)
     assert result["size_bytes"] < fp32.size_bytes  # quantization shrinks the file
     assert "accuracy" in out and "Keras model" in out

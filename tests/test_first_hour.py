@@ -516,7 +516,14 @@ def test_with_a_gpu_visible_the_frozen_pass_runs_through_keras(monkeypatch):
     assert "1 GPU (/device:GPU:0)" in engine.describe_devices() and "through Keras" in engine.describe_devices()
     monkeypatch.setattr(devices, "gpus", lambda: [])
     assert engine.FrozenPart(model, "k").plan(100_000) == "tflite"
-    assert "CPU" in engine.describe_devices() and "TFLite" in engine.describe_devices()
+    assert "CPU" in engine.describe_devices("f32") and "TFLite" in engine.describe_devices("f32")
+    from graftkit.frozen import precision, runtimes
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: True)
+    assert "through OpenVINO in int8" in engine.describe_devices()  # what auto picks there
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: False)
+    assert "through TFLite where" in engine.describe_devices()
 
 
 def test_abbreviated_options_are_typos_not_options(tmp_path, capsys):

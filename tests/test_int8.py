@@ -32,22 +32,49 @@ def _pixels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32)
 
 
+RUNTIMES = ("tflite", "openvino")
+
+
+def _on(runtime: str, monkeypatch) -> None:
+    """int8 on ``runtime`` (OpenVINO is the rule's choice where NNCF is installed)."""
+    from graftkit.frozen import runtimes
+
+    monkeypatch.setattr(runtimes, "int8_runtime", lambda forced="": runtime)
+
+
+def _engine_file(key: str, runtime: str):
+    return (engine_path(f"{key}-int8ov-sample-a", ".zip") if runtime == "openvino"
+            else engine_path(f"{key}-int8-sample-a"))
+
+
 def _calibration(digest: str = "sample-a") -> Calibration:
     calibration = Calibration(digest, SIZE)
     calibration.images, calibration.held_out = _pixels(24, 1), _pixels(8, 2)
     return calibration
 
 
-def test_auto_chooses_int8_only_where_the_cpu_has_8_bit_dot_products(monkeypatch):
+def test_auto_chooses_int8_where_the_cpu_has_8_bit_dot_products_or_openvino_avx2(
+        monkeypatch):
     monkeypatch.delenv("GRAFTKIT_ENGINE_PRECISION", raising=False)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     assert resolve("auto") == ("int8", "the CPU has 8-bit dot-product instructions "
                                        "(avx512_vnni)")
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"asimddp"}))  # Arm
     assert resolve("auto")[0] == "int8"
+    from graftkit.frozen import runtimes
+
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: False)
     chosen, why = resolve("auto")
     assert chosen == "f32" and "no 8-bit dot-product" in why
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: True)  # OpenVINO + NNCF
+    chosen, why = resolve("auto")
+    assert chosen == "int8" and why.startswith("OpenVINO's int8 kernels on this AVX2 CPU")
+    monkeypatch.setenv("GRAFTKIT_ENGINE", "tflite")  # TFLite's int8 would be slower here
+    assert resolve("auto")[0] == "f32"
+    monkeypatch.delenv("GRAFTKIT_ENGINE")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"sse4_2"}))  # no AVX2
+    assert resolve("auto")[0] == "f32"
     assert resolve("int8") == ("int8", "--engine-precision int8")  # asked for: whatever the CPU
     monkeypatch.setenv("GRAFTKIT_ENGINE_PRECISION", "bf16")  # the older setting still counts
     assert resolve("auto")[0] == "bf16" and resolve("f32")[0] == "f32"
@@ -122,7 +149,10 @@ def test_fit_and_check_labels_calibrate_the_same_sample(image_folder, monkeypatc
     split = {"train": [[p, folder.label_text(y)] for p, y in zip(folder.train.paths,
                                                                   folder.train.labels)]}
     assert [p for p, _ in _engine_sample(split)] == cal.files
+    from graftkit.frozen import runtimes
+
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: False)
     assert engine_settings(folder, SIZE)[::2] == ("f32", None)
 
 
@@ -146,20 +176,24 @@ def test_int8_without_a_calibration_or_an_engine_file_runs_float32(private_cache
 
 
 @pytest.mark.integration
-def test_int8_engine_is_accepted_by_measurement_and_kept_apart_by_its_sample(private_cache):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int8_engine_is_accepted_by_measurement_and_kept_apart_by_its_sample(
+        private_cache, monkeypatch, runtime):
+    _on(runtime, monkeypatch)
     net = _net()
     key = part_key(net, SIZE, "int8")
     cal = _calibration()
     part = FrozenPart(net, key, precision="int8", calibration=cal, fixed_batch=True)
     x = _pixels(6, 5)
     out = part(x)
-    assert part.label == "tflite int8" and not part.reasons
+    assert part.label == f"{runtime} int8" and not part.reasons
     assert cal.accepted["cosine"] and min(cal.accepted["cosine"]) >= precision.INT8_MIN_COSINE
     ref = net.predict(x, verbose=0)
     assert min(cosines(out, ref)) >= precision.INT8_MIN_COSINE
     assert not np.allclose(out[1], ref[1], atol=1e-5)  # really integer arithmetic
-    assert engine_path(f"{key}-int8-sample-a").is_file()
+    assert _engine_file(key, runtime).is_file()
     assert part.int8_engine() is not None
+    assert part.int8_engine_name == precision.INT8_ENGINE_FILES[runtime]
     float_part = FrozenPart(net, key)
     assert part.store_key != float_part.store_key and "sample-a" in part.store_key
     other = FrozenPart(net, key, precision="int8", calibration=_calibration("sample-b"))
@@ -183,13 +217,20 @@ def test_int8_that_strays_from_float32_falls_back_and_says_why(private_cache, mo
 
 
 @pytest.mark.integration
-def test_an_int8_engine_that_fails_to_run_falls_back_and_says_why(private_cache, monkeypatch):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_int8_engine_that_fails_to_run_falls_back_and_says_why(private_cache, monkeypatch,
+                                                                   runtime):
     from graftkit.frozen import runtimes
 
-    def broken(self, x):
+    def broken(self, x):  # TFLite: every call; OpenVINO: its int8 model's
+        if getattr(self, "precision", "") == "f32" and runtime == "openvino":
+            return real(self, x)
         raise RuntimeError("kernel missing")
 
-    monkeypatch.setattr(runtimes.TFLiteRunner, "__call__", broken)
+    _on(runtime, monkeypatch)
+    runner = runtimes.TFLiteRunner if runtime == "tflite" else runtimes.OpenVINORunner
+    real = runner.__call__
+    monkeypatch.setattr(runner, "__call__", broken)
     net = _net(3)
     part = FrozenPart(net, part_key(net, SIZE, "broken"), precision="int8",
                       calibration=_calibration())
@@ -200,8 +241,11 @@ def test_an_int8_engine_that_fails_to_run_falls_back_and_says_why(private_cache,
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_cache,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch,
+                                                                       runtime):
+    _on(runtime, monkeypatch)
     net = _net(2)
     key = part_key(net, SIZE, "file")
     trained = FrozenPart(net, key, precision="int8", calibration=_calibration())
@@ -209,9 +253,9 @@ def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_
     first = trained(x)
     content = trained.int8_engine()
     assert content is not None
-    path = tmp_path / "frozen-int8.tflite"
+    path = tmp_path / trained.int8_engine_name
     path.write_bytes(content)
-    recorded = EngineFile(path, hashlib.sha256(content).hexdigest())
+    recorded = EngineFile(path, hashlib.sha256(content).hexdigest(), runtime)
     served = FrozenPart(net, key, precision="int8", engine_file=recorded)
     blank = served(np.zeros((1, SIZE, SIZE, 3), np.float32))  # a server's warm-up image
     assert served.precision == "int8" and not served.reasons  # accepted once, at fit time
@@ -219,7 +263,7 @@ def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_
         np.testing.assert_array_equal(a, b)  # the same engine: the same outputs
     assert blank[0].shape == (1, *first[0].shape[1:])
     gone = FrozenPart(net, key, precision="int8",
-                      engine_file=EngineFile(tmp_path / "missing.tflite", recorded.sha256))
+                      engine_file=EngineFile(tmp_path / "missing", recorded.sha256, runtime))
     gone(x)
     assert gone.precision == "f32" and "no int8 engine" in gone.reasons[0]
     path.write_bytes(content[:-1] + b"x")  # not the file the run recorded
@@ -231,7 +275,8 @@ def test_a_runs_int8_engine_file_serves_it_and_a_missing_one_falls_back(private_
 @pytest.mark.integration
 def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_cache):
     import graftkit
-    from graftkit.frozen.precision import INT8_ENGINE_FILE
+    from graftkit.frozen.precision import INT8_ENGINE_FILES
+    from graftkit.frozen.runtimes import int8_runtime
     from tests.conftest import make_folder
 
     data = make_folder(tmp_path / "data", per_class=10)
@@ -243,12 +288,13 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
     assert frozen["precision"] == "int8" and frozen["precision_reason"] == \
         "--engine-precision int8"
     assert min(frozen["int8"]["cosine"]) >= precision.INT8_MIN_COSINE
-    assert (run / INT8_ENGINE_FILE).is_file()
+    runtime = int8_runtime()  # OpenVINO where NNCF is installed (make installs it)
+    assert frozen["engine"] == runtime and (run / INT8_ENGINE_FILES[runtime]).is_file()
     loaded = graftkit.load(run)
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     probs = loaded.predict_proba([r["path"] for r in rows])
-    assert loaded._split is not None and loaded._split.frozen.label == "tflite int8"
+    assert loaded._split is not None and loaded._split.frozen.label == f"{runtime} int8"
     written = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probs.max(axis=1), written, atol=2e-6)  # one engine for both
     assert [clf.classes[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in rows]
@@ -265,7 +311,7 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
                                              for i, f in enumerate(files)]).json()
         served = [p["probability"] for p in got["predictions"]]
         np.testing.assert_allclose(served, written[:3], atol=1e-4)
-        assert service.classifier._split.frozen.label == "tflite int8"
+        assert service.classifier._split.frozen.label == f"{runtime} int8"
     finally:
         service.batcher.close()
     exported = graftkit.export(run, fmt="tflite")  # follows the run: int8, same images
@@ -275,4 +321,53 @@ def test_an_int8_fit_predicts_with_the_engine_it_trained_on(tmp_path, private_ca
         "quantize_reason"] == exported.quantize_reason
     assert graftkit.export(run, fmt="savedmodel").quantize == "none"
     graftkit.fit(data, run, overwrite=True, engine_precision="f32", **options)
-    assert not (run / INT8_ENGINE_FILE).exists()  # a float32 run over it: no stale engine
+    assert not any((run / name).exists()  # a float32 run over it: no stale engine
+                   for name in INT8_ENGINE_FILES.values())
+
+
+@pytest.mark.integration
+def test_nncf_is_imported_without_its_telemetry(tmp_path):
+    """NNCF reports usage to Google Analytics and writes a client id under ~/intel on import
+    unless its telemetry package is missing: graftkit imports it with that package refused."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from graftkit.frozen.runtimes import _import_nncf; nncf = _import_nncf(); "
+            "from nncf.telemetry import wrapper; "
+            "assert not isinstance(wrapper.telemetry, wrapper.NNCFTelemetry); "
+            "assert 'openvino_telemetry' not in sys.modules; "
+            "import openvino_telemetry")  # importable again afterwards
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NNCF_CI")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert not (tmp_path / "intel").exists()
+
+
+@pytest.mark.integration
+def test_an_openvino_int8_run_without_openvino_runs_float32_and_says_what_to_install(
+        private_cache, tmp_path, monkeypatch):
+    from graftkit.frozen import runtimes
+
+    _on("openvino", monkeypatch)
+    net = _net(4)
+    key = part_key(net, SIZE, "no-openvino")
+    trained = FrozenPart(net, key, precision="int8", calibration=_calibration())
+    x = _pixels(3, 7)
+    trained(x)
+    content = trained.int8_engine()
+    assert content is not None and trained.label == "openvino int8"
+    path = tmp_path / trained.int8_engine_name
+    path.write_bytes(content)
+
+    def missing(self, *args, **kwargs):  # a machine without the openvino extra
+        raise ModuleNotFoundError("No module named 'openvino'")
+
+    monkeypatch.setattr(runtimes.OpenVINORunner, "__init__", missing)
+    served = FrozenPart(net, key, precision="int8", engine_file=EngineFile(
+        path, hashlib.sha256(content).hexdigest(), "openvino"))
+    out = served(x)
+    assert (served.engine, served.precision) == ("tflite", "f32")
+    assert "pip install 'graftkit[openvino]'" in served.reasons[0]
+    np.testing.assert_allclose(out[1], net.predict(x, verbose=0)[1], atol=1e-4)

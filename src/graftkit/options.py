@@ -239,7 +239,8 @@ FIT_OPTIONS: tuple[Option, ...] = (
            "float32); float32 measured faster than mixed_bfloat16 on a 2-core CPU",
            "compute", choices=defaults.PRECISIONS),
     Option("engine_precision", "auto", "arithmetic of the frozen part's engine: auto (int8 "
-           "where the CPU has 8-bit dot products, e.g. AVX-512 VNNI, else float32), f32, bf16 "
+           "where the CPU has 8-bit dot products, e.g. AVX-512 VNNI, or OpenVINO runs it on "
+           "AVX2; else float32), f32, bf16 "
            "(OpenVINO, CPUs with bfloat16 units), int8 (calibrated on training images, kept "
            "only if it follows float32 closely; docs/guide.md#engines)", "compute",
            choices=("auto", "f32", "bf16", "int8")),

@@ -25,9 +25,11 @@ from graftkit.quiet import silenced
 
 PROBABILITIES = "probabilities"
 # MediaPipe runs a file on its own build of TFLite: a float32 (or float16) file must give the
-# TFLite interpreter's scores this closely; an int8 file within two steps of its output's 1/256
-# scale (MediaPipe's build rounds some integer ops one step the other way: 3.9e-3 seen).
-MEDIAPIPE_TOLERANCE = {"none": 1e-4, "float16": 1e-4, "int8": 2 / 256}
+# TFLite interpreter's scores this closely; an int8 file within four steps of its output's 1/256
+# scale (MediaPipe's build rounds some integer ops one step the other way, and a step inside
+# the network can move the output by more: 3.9e-3 and 8.2e-3 seen). What the check catches, a
+# file read with other pixels, order or outputs, moves scores by tenths.
+MEDIAPIPE_TOLERANCE = {"none": 1e-4, "float16": 1e-4, "int8": 4 / 256}
 INSTALL_HINT = "pip install 'graftkit[mobile]'"
 HOW = ("MediaPipe Tasks vision.ImageClassifier: result.classifications[0] (head "
        "'probabilities') holds a score per class, labels from the file's metadata; "

@@ -23,7 +23,13 @@ from graftkit.backbones.registry import layers_within
 from graftkit.errors import DiskFullError
 from graftkit.files import atomic_write
 from graftkit.frozen import runtimes
-from graftkit.frozen.precision import INT8_MIN_COSINE, Calibration, EngineFile, cosines
+from graftkit.frozen.precision import (
+    INT8_ENGINE_FILES,
+    INT8_MIN_COSINE,
+    Calibration,
+    EngineFile,
+    cosines,
+)
 from graftkit.frozen.store import cache_full, writable
 from graftkit.quiet import silenced
 
@@ -53,9 +59,10 @@ def _float32(model: keras.Model) -> bool:
                == "float32" for layer in layers_within(model, leaves_only=True))
 
 
-def engine_path(key: str) -> Path:
-    """Where the converted TFLite engine of the frozen part named ``key`` is cached."""
-    return defaults.cache_dir() / "engines" / f"{key}.tflite"
+def engine_path(key: str, suffix: str = ".tflite") -> Path:
+    """Where the converted engine of the frozen part named ``key`` is cached (OpenVINO int8:
+    a ``.zip``)."""
+    return defaults.cache_dir() / "engines" / f"{key}{suffix}"
 
 
 class FrozenPart:
@@ -96,14 +103,22 @@ class FrozenPart:
         wanted = precision or ("int8" if engine_file is not None else wanted_precision())
         self._bf16 = (converted and self._forced != "tflite" and wanted == "bf16"
                       and runtimes.openvino_bf16())
-        self._int8 = bool(converted and wanted == "int8" and self._forced != "openvino"
+        # int8 runs on OpenVINO (NNCF-quantized) where both are installed, else on TFLite; a
+        # run's engine file on the runtime that made it.
+        self._int8_runtime = (engine_file.runtime if engine_file is not None
+                              else runtimes.int8_runtime(self._forced))
+        self._int8 = bool(converted and wanted == "int8" and self._int8_runtime
                           and (calibration is not None or engine_file is not None))
         if wanted == "int8" and not self._int8 and (calibration or engine_file):
-            self.reasons.append("int8 not used: the frozen part runs on Keras here (a GPU, a "
-                                "strategy or $GRAFTKIT_ENGINE)")
+            self.reasons.append(
+                "int8 not used: the frozen part runs on Keras here (a GPU, a strategy or "
+                "$GRAFTKIT_ENGINE)" if not converted else
+                f"int8 not used: $GRAFTKIT_ENGINE={self._forced} needs NNCF for int8 (pip install "
+                "'graftkit[openvino]')")
         # Engines still to try, in the rule's order (Keras after them); the first is the one
-        # running, loaded on first use (``_runner``). int8 runs on TFLite, float32 after it.
-        self._names: list[str] = ([self._forced] if self._forced in ("tflite", "openvino")
+        # running, loaded on first use (``_runner``). int8 runs on its runtime, float32 after.
+        self._names: list[str] = ([self._int8_runtime] if self._int8
+                                  else [self._forced] if self._forced in ("tflite", "openvino")
                                   else ["openvino", "tflite"] if self._bf16
                                   else ["tflite", "openvino"]
                                   ) if converted else []
@@ -126,7 +141,7 @@ class FrozenPart:
     def precision(self) -> str:
         """"f32", "bf16" or "int8"."""
         if self._names:
-            if self._int8 and self.engine == "tflite":
+            if self._int8 and self.engine == self._int8_runtime:
                 return "int8"
             return "bf16" if self._bf16 and self.engine == "openvino" else "f32"
         return "f32" if _float32(self.model) else "bf16"
@@ -155,6 +170,8 @@ class FrozenPart:
             if self.engine_file is not None:
                 return self.engine_file.path
             assert self.calibration is not None
+            if self._int8_runtime == "openvino":
+                return engine_path(f"{self.key}-int8ov-{self.calibration.digest}", ".zip")
             return engine_path(f"{self.key}-int8-{self.calibration.digest}")
         return engine_path(self.key)
 
@@ -170,9 +187,11 @@ class FrozenPart:
             self._may_plan = False
             if not (images >= defaults.ENGINE_MIN_IMAGES or self.always_convert
                     or (reuse_engine and self._path.is_file())):
-                if self._int8:
-                    self.reasons.append(f"int8 not used: {images} images do not pay for "
-                                        "converting an engine (float32 Keras)")
+                if self._int8:  # chosen by auto (by name it always converts): not a fallback
+                    note = (f"int8 not used: {images} images do not pay for converting an "
+                            "engine (float32 Keras)")
+                    self.precision_reason = "; ".join(filter(None, [self.precision_reason,
+                                                                    note]))
                 self._names = []
         return self.engine
 
@@ -192,7 +211,9 @@ class FrozenPart:
             try:
                 self._runner = self._load(name, content)
             except Exception as e:  # noqa: BLE001 - an engine that cannot load is skipped
-                self._fall_back(f"{name} could not load the engine ({type(e).__name__}: {e})")
+                hint = " (pip install 'graftkit[openvino]')" if isinstance(e, ImportError) else ""
+                self._fall_back(f"{name} could not load the engine ({type(e).__name__}: "
+                                f"{e}){hint}")
                 continue
             if self._int8 and self.calibration is not None and not self._checked:
                 self._accept_int8()
@@ -204,6 +225,11 @@ class FrozenPart:
     def int8_engine(self) -> bytes | None:
         """The int8 engine's file contents when int8 runs (for the run folder), else None."""
         return self._content_bytes if self.precision == "int8" else None
+
+    @property
+    def int8_engine_name(self) -> str:
+        """The int8 engine's file name in a run folder (it depends on the runtime)."""
+        return INT8_ENGINE_FILES[self._int8_runtime or "tflite"]
 
     def _accept_int8(self) -> None:
         """Keep the int8 engine only if its outputs follow float32 Keras' on training images
@@ -234,7 +260,8 @@ class FrozenPart:
         if self._int8:
             self._int8, self._runner, self._checked = False, None, False
             self._content_bytes = None
-            self._names = ["tflite", "openvino"] if self._forced != "tflite" else ["tflite"]
+            self._names = ([self._forced] if self._forced in ("tflite", "openvino")
+                           else ["tflite", "openvino"])
             self._say(f"  {reason}: using {self.label}")
             return
         self._names, self._runner, self._checked = self._names[1:], None, False
@@ -254,43 +281,54 @@ class FrozenPart:
             self._checked = True  # accepted when the run was made, and the digest matches
             self._content_bytes = content
             return content
-        if path.is_file():
-            content = path.read_bytes()
-            os.utime(path)
-            self._content_bytes = content
-            return content
+        self._content_bytes = _cached(path, self._convert)
+        return self._content_bytes
+
+    def _convert(self) -> bytes:
+        """The frozen part converted: TFLite (float32, or int8 calibrated by TFLite), or the
+        float32 TFLite engine quantized for OpenVINO by NNCF."""
         import tensorflow as tf
 
+        ov_int8 = self._int8 and self._int8_runtime == "openvino"
+        source = _cached(engine_path(self.key), self._convert_f32) if ov_int8 else None
         start = time.perf_counter()
-        what = "an int8 TFLite engine" if self._int8 else "a TFLite engine"
+        what = ("an int8 OpenVINO engine (NNCF)" if ov_int8 else
+                "an int8 TFLite engine" if self._int8 else "a TFLite engine")
         self._say(f"converting the frozen base to {what} (once; cached for later runs)...")
-        with silenced(), warnings.catch_warnings():  # int8: "Statistics for quantized inputs"
-            warnings.simplefilter("ignore")
-            converter = tf.lite.TFLiteConverter.from_keras_model(self.model)
-            if self._int8:
-                assert self.calibration is not None
-                images = self.calibration.images
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.representative_dataset = lambda: ([img[None]] for img in images)
-            content = converter.convert()
+        if ov_int8:
+            assert self.calibration is not None and source is not None
+            content = runtimes.quantize_openvino(source, tuple(self.model.inputs[0].shape[1:]),
+                                                 self.calibration.images)
+        else:
+            with silenced(), warnings.catch_warnings():  # int8: "Statistics for quantized..."
+                warnings.simplefilter("ignore")
+                converter = tf.lite.TFLiteConverter.from_keras_model(self.model)
+                if self._int8:
+                    assert self.calibration is not None
+                    images = self.calibration.images
+                    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                    converter.representative_dataset = lambda: ([img[None]] for img in images)
+                content = converter.convert()
         self._say(f"  converted in {time.perf_counter() - start:.1f} s")
-        if writable():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
-            except DiskFullError:  # the engine runs from memory; the next run converts
-                cache_full(path.parent)
         release_memory()  # the converter's garbage, before the outputs fill memory
-        self._content_bytes = content
         return content
+
+    def _convert_f32(self) -> bytes:
+        """The float32 TFLite engine, which OpenVINO's int8 engine is quantized from."""
+        int8, self._int8 = self._int8, False
+        try:
+            return self._convert()
+        finally:
+            self._int8 = int8
 
     def _load(self, name: str, content: bytes):
         if name == "tflite":
             return runtimes.TFLiteRunner(content, self.output_shapes)
-        source = self._path if self._path.is_file() else content
+        int8 = self._int8 and name == self._int8_runtime
+        source = content if int8 or not self._path.is_file() else self._path
         return runtimes.OpenVINORunner(source, self.output_shapes,
                                        tuple(self.model.inputs[0].shape[1:]),
-                                       "bf16" if self._bf16 else "f32")
+                                       "int8" if int8 else "bf16" if self._bf16 else "f32")
 
     def _run_keras(self, x: np.ndarray) -> list[np.ndarray]:
         if self._call is None:
@@ -327,6 +365,22 @@ class FrozenPart:
                 self._checked = True
             return out
         return self._run_keras(x)
+
+
+def _cached(path: Path, make: Callable[[], bytes]) -> bytes:
+    """The engine file at ``path`` in the cache, else made now and cached (if it can be)."""
+    if path.is_file():
+        content = path.read_bytes()
+        os.utime(path)
+        return content
+    content = make()
+    if writable():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+        except DiskFullError:  # the engine runs from memory; the next run converts
+            cache_full(path.parent)
+    return content
 
 
 def _named(engine: str, precision: str) -> str:
@@ -367,13 +421,18 @@ def compiled(model: keras.Model, fixed_batch: bool = False):
     return run
 
 
-def describe_devices() -> str:
+def describe_devices(engine_precision: str = "auto") -> str:
     """One line for the start of a run's log: where it trains, what computes frozen outputs."""
+    from graftkit.frozen.precision import resolve
+
     found = devices.gpus()
     if found:
         return (f"devices: {len(found)} GPU{'s' if len(found) > 1 else ''} "
                 f"({', '.join(found)}): training and the frozen base on the GPU through Keras")
-    engines = ("OpenVINO in bfloat16" if wanted_precision() == "bf16" and runtimes.openvino_bf16()
+    precision = resolve(engine_precision)[0]
+    int8 = runtimes.int8_runtime(forced_engine()) if precision == "int8" else ""
+    engines = ("OpenVINO in bfloat16" if precision == "bf16" and runtimes.openvino_bf16()
+               else f"{'OpenVINO' if int8 == 'openvino' else 'TFLite'} in int8" if int8
                else "TFLite")
     return ("devices: CPU (TensorFlow sees no GPU): training on the CPU; the frozen base "
             f"through {engines} where converting it pays, else compiled Keras")

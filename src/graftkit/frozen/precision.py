@@ -1,12 +1,14 @@
 """The precision the frozen part computes in, and why: float32, bfloat16 or int8.
 
-int8 runs the frozen part on TFLite's integer kernels (XNNPACK), calibrated on a stratified
-sample of the training images. It pays where the CPU has 8-bit dot-product instructions
-(AVX-512 VNNI, AVX-VNNI, AMX, Arm's dot product): measured 2.2x float32 with VNNI, and 0.95x on
-an AVX2-only CPU, so ``auto`` picks it only where those instructions are. An int8 engine never
-matches float32 to 1e-3, so it is accepted by how closely its outputs follow float32 on
-training images it was not calibrated on (``INT8_MIN_COSINE``), else the run falls back to
-float32 and says why.
+int8 runs the frozen part on OpenVINO's integer kernels (the model quantized by NNCF) where
+both are installed, else on TFLite's (XNNPACK), calibrated on a stratified sample of the
+training images. TFLite's pays where the CPU has 8-bit dot-product instructions (AVX-512 VNNI,
+AVX-VNNI, AMX, Arm's dot product): measured 2.2x float32 with VNNI, and 0.95x on an AVX2-only
+CPU, where OpenVINO's ran 1.2x (the fit's frozen pass, decoding included); so ``auto`` picks
+int8 where those instructions are, or OpenVINO's int8 on AVX2. An int8 engine never matches
+float32 to 1e-3, so it is accepted by how closely its outputs follow float32 on training
+images it was not calibrated on (``INT8_MIN_COSINE``), else the run falls back to float32 and
+says why.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ HELD_OUT_IMAGES = 32  # other training images the int8 engine is accepted on
 # Mean cosine similarity of each output row, int8 vs float32, that an int8 engine must reach
 # (measured 0.989 for EfficientNet-Lite0's pooled features at 288 px).
 INT8_MIN_COSINE = 0.97
-# An int8 run's engine in its run folder: predictions must come from the engine the head
-# trained on, and it cannot be rebuilt without the training images.
+# An int8 run's engine in its run folder, per runtime: predictions must come from the engine
+# the head trained on, and it cannot be rebuilt without the training images.
 INT8_ENGINE_FILE = "frozen-int8.tflite"
+INT8_ENGINE_FILES = {"tflite": INT8_ENGINE_FILE, "openvino": "frozen-int8-openvino.zip"}
 
 
 @cache
@@ -67,7 +70,7 @@ def resolve(requested: str) -> tuple[str, str]:
     """``--engine-precision`` -> (``"f32"``, ``"bf16"`` or ``"int8"``, the reason).
 
     ``auto``: ``$GRAFTKIT_ENGINE_PRECISION`` when set, else int8 where the CPU has 8-bit
-    dot-product instructions, else float32."""
+    dot-product instructions or where OpenVINO's int8 runs on AVX2, else float32."""
     from graftkit.frozen.runtimes import PRECISION_ENV, wanted_precision
 
     if requested not in ENGINE_PRECISIONS:
@@ -81,8 +84,14 @@ def resolve(requested: str) -> tuple[str, str]:
     found = dot_product_flags()
     if found:
         return "int8", f"the CPU has 8-bit dot-product instructions ({', '.join(found)})"
-    return "f32", ("no 8-bit dot-product instructions on this CPU (int8 measured no faster "
-                   "than float32 without them)")
+    from graftkit.frozen.runtimes import forced_engine, int8_runtime
+
+    if "avx2" in cpu_flags() and int8_runtime(forced_engine()) == "openvino":
+        return "int8", ("OpenVINO's int8 kernels on this AVX2 CPU (graft fit's frozen pass "
+                        "measured 1.2x TFLite's float32 without 8-bit dot-product "
+                        "instructions)")
+    return "f32", ("no 8-bit dot-product instructions on this CPU and no OpenVINO with NNCF "
+                   "(TFLite's int8 measured no faster than float32 without them)")
 
 
 @dataclass
@@ -161,6 +170,7 @@ class EngineFile:
 
     path: Path
     sha256: str
+    runtime: str = "tflite"  # the runtime it was made for: "tflite" or "openvino"
 
     def content(self) -> bytes:
         data = self.path.read_bytes()
@@ -176,8 +186,10 @@ def run_engine(frozen_outputs: dict | None, run_dir: Path | None) -> EngineFile 
     frozen = frozen_outputs or {}
     if frozen.get("precision") != "int8" or run_dir is None:
         return None
-    return EngineFile(Path(run_dir) / INT8_ENGINE_FILE,
-                      str((frozen.get("int8") or {}).get("engine_sha256", "")))
+    runtime = str(frozen.get("engine"))
+    runtime = runtime if runtime in INT8_ENGINE_FILES else "tflite"
+    return EngineFile(Path(run_dir) / INT8_ENGINE_FILES[runtime],
+                      str((frozen.get("int8") or {}).get("engine_sha256", "")), runtime)
 
 
 def cosines(got: list[np.ndarray], ref: list[np.ndarray]) -> list[float]:

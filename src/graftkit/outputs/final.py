@@ -217,12 +217,12 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
               record: RunRecord, history: list[dict], log: Callable[[str], None],
               issues: LabelIssues | None = None,
               closest: tuple[Closest, np.ndarray] | None = None,
-              int8_engine: bytes | None = None) -> list[str]:
+              int8_engine: tuple[str, bytes] | None = None) -> list[str]:
     """Every file of the run folder, ``metrics.json`` last; the training images' digests.
     ``closest``: the training images' bank and thumbnails, for explanations; ``int8_engine``:
-    the frozen part's int8 engine, which predictions must use."""
+    the frozen part's int8 engine (file name, contents), which predictions must use."""
     from graftkit.files import atomic_write, write_json
-    from graftkit.frozen.precision import INT8_ENGINE_FILE
+    from graftkit.frozen.precision import INT8_ENGINE_FILES
     from graftkit.outputs import run
     from graftkit.outputs.plots import best_row, plot_confusion, plot_history
     from graftkit.outputs.report import build_report
@@ -244,11 +244,11 @@ def write_run(run_dir: Path, model: keras.Model, folder: ImageFolder, final: Fin
     })
     open_set = final.open_set
     open_set.save(run_dir / run.OPEN_SET_FILE)
-    engine_file = run_dir / INT8_ENGINE_FILE
+    for name in INT8_ENGINE_FILES.values():  # a run over another one: no stale engine
+        if int8_engine is None or name != int8_engine[0]:
+            (run_dir / name).unlink(missing_ok=True)
     if int8_engine is not None:
-        atomic_write(engine_file, lambda tmp: Path(tmp).write_bytes(int8_engine))
-    else:  # a float32 run over an int8 one
-        engine_file.unlink(missing_ok=True)
+        atomic_write(run_dir / int8_engine[0], lambda tmp: Path(tmp).write_bytes(int8_engine[1]))
     if closest is not None:
         closest[0].save(run_dir, closest[1])
     import shutil

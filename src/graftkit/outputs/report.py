@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from graftkit.outputs.summary import engine_label
+
 REPORT_FILE = "report.html"
 TOP_LOSSES = 16
 PAIRS_SHOWN = 5  # most confused pairs whose images are shown
@@ -86,7 +88,8 @@ def _run_card(m: dict) -> str:
     frozen = m.get("frozen_outputs")
     if frozen and "seconds" in frozen:
         rows.append(("frozen pass", f"{frozen['computed']:,} outputs computed by "
-                                    f"{frozen['engine']}, {frozen['from_cache']:,} read from the "
+                                    f"{engine_label(frozen)}, {frozen['from_cache']:,} read "
+                                    "from the "
                                     f"cache, {frozen['seconds']:.1f} s"))
     for p in m["phases"]:
         rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "

@@ -10,6 +10,12 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def engine_label(frozen: dict) -> str:
+    """The engine that computed the frozen outputs, and its precision when not float32."""
+    precision = frozen.get("precision", "f32")
+    return frozen["engine"] + ("" if precision == "f32" else f" {precision}")
+
+
 def print_summary(m: dict, run_dir) -> None:
     print("\nsummary")
     multi = m.get("multi_label")
@@ -18,7 +24,7 @@ def print_summary(m: dict, run_dir) -> None:
     if frozen and "seconds" in frozen:  # the one pass of the frozen base, not head training
         print(f"  {'frozen pass':<20} {frozen['computed']:,} outputs computed, "
               f"{frozen['from_cache']:,} from the cache  {frozen['seconds']:7.1f} s  "
-              f"[{frozen['engine']}]")
+              f"[{engine_label(frozen)}]")
     for p in m["phases"]:
         label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
         print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "

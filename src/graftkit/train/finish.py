@@ -85,7 +85,8 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     issues = _label_issues(run, built, data, training, pretrained)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
                         issues)
-    int8 = frozen.part.int8_engine() if frozen is not None else None
+    engine = frozen.part.int8_engine() if frozen is not None else None
+    int8 = (frozen.part.int8_engine_name, engine) if frozen and engine is not None else None
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
                              run.log, issues, closest, int8)
     if dist.workers > 1:

@@ -117,7 +117,7 @@ def open_checkpoint(run: RunContext, options: FitOptions, data: PreparedData, ov
     if resume and not checkpoint.exists:
         raise RunError(f"nothing to resume in {run.run_dir}: no checkpoint there; drop --resume")
     state = checkpoint.load() if checkpoint.exists and not overwrite else None
-    run.log(describe_devices())
+    run.log(describe_devices(options.engine_precision))
     if dist.name != "default":
         run.log(f"strategy: {dist.describe()}; batch {dist.batch_size(options.batch_size)} in "
                 f"all ({options.batch_size} per replica), learning rates x{dist.replicas}")
@@ -347,11 +347,11 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     part.notify = run.log
     part.precision_reason = why
     part.always_convert = options.engine_precision == "int8"
-    if precision != "f32":
-        run.log(f"engine precision: {precision} ({why})")
     # The engine by the size of the whole job, never by what is cached: the same command
     # computes (or reads) the same rows whatever ran before.
     part.plan(len(folder.train) * views + len(folder.val), reuse_engine=False)
+    if precision != "f32":
+        run.log(f"engine precision: {part.precision} ({part.precision_reason})")
     store_key = part.store_key if options.cache else None
     start = time.perf_counter()
     shared = 0  # outputs this worker computed into the cache for all of them
