@@ -281,19 +281,20 @@ class FrozenPart:
             self._checked = True  # accepted when the run was made, and the digest matches
             self._content_bytes = content
             return content
-        self._content_bytes = _cached(path, self._convert)
+        self._content_bytes = _cached(path, lambda: self._convert(self._int8))
         return self._content_bytes
 
-    def _convert(self) -> bytes:
-        """The frozen part converted: TFLite (float32, or int8 calibrated by TFLite), or the
-        float32 TFLite engine quantized for OpenVINO by NNCF."""
+    def _convert(self, int8: bool) -> bytes:
+        """The frozen part converted: TFLite (float32, or int8 calibrated by TFLite), or, for
+        OpenVINO's int8, the float32 TFLite engine (cached too) quantized by NNCF."""
         import tensorflow as tf
 
-        ov_int8 = self._int8 and self._int8_runtime == "openvino"
-        source = _cached(engine_path(self.key), self._convert_f32) if ov_int8 else None
+        ov_int8 = int8 and self._int8_runtime == "openvino"
+        source = (_cached(engine_path(self.key), lambda: self._convert(False)) if ov_int8
+                  else None)
         start = time.perf_counter()
         what = ("an int8 OpenVINO engine (NNCF)" if ov_int8 else
-                "an int8 TFLite engine" if self._int8 else "a TFLite engine")
+                "an int8 TFLite engine" if int8 else "a TFLite engine")
         self._say(f"converting the frozen base to {what} (once; cached for later runs)...")
         if ov_int8:
             assert self.calibration is not None and source is not None
@@ -303,7 +304,7 @@ class FrozenPart:
             with silenced(), warnings.catch_warnings():  # int8: "Statistics for quantized..."
                 warnings.simplefilter("ignore")
                 converter = tf.lite.TFLiteConverter.from_keras_model(self.model)
-                if self._int8:
+                if int8:
                     assert self.calibration is not None
                     images = self.calibration.images
                     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -312,14 +313,6 @@ class FrozenPart:
         self._say(f"  converted in {time.perf_counter() - start:.1f} s")
         release_memory()  # the converter's garbage, before the outputs fill memory
         return content
-
-    def _convert_f32(self) -> bytes:
-        """The float32 TFLite engine, which OpenVINO's int8 engine is quantized from."""
-        int8, self._int8 = self._int8, False
-        try:
-            return self._convert()
-        finally:
-            self._int8 = int8
 
     def _load(self, name: str, content: bytes):
         if name == "tflite":
