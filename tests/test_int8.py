@@ -371,3 +371,18 @@ def test_an_openvino_int8_run_without_openvino_runs_float32_and_says_what_to_ins
     assert (served.engine, served.precision) == ("tflite", "f32")
     assert "pip install 'graftkit[openvino]'" in served.reasons[0]
     np.testing.assert_allclose(out[1], net.predict(x, verbose=0)[1], atol=1e-4)
+
+
+def test_int8_runs_on_openvino_on_x86_with_nncf_and_on_tflite_elsewhere(monkeypatch):
+    from graftkit.frozen import runtimes
+
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: True)
+    for machine, runtime in (("x86_64", "openvino"), ("AMD64", "openvino"), ("arm64", "tflite"),
+                             ("aarch64", "tflite")):
+        monkeypatch.setattr(runtimes.platform, "machine", lambda m=machine: m)
+        assert runtimes.int8_runtime() == runtime, machine
+        assert runtimes.int8_runtime("tflite") == "tflite"
+        assert runtimes.int8_runtime("openvino") == "openvino"  # asked for by name
+        assert runtimes.int8_runtime("keras") == ""
+    monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: False)  # no NNCF
+    assert runtimes.int8_runtime() == "tflite" and runtimes.int8_runtime("openvino") == ""

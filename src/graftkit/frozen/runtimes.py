@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import platform
 import sys
 import tempfile
 import zipfile
@@ -137,12 +138,14 @@ def openvino_int8_available() -> bool:
 
 
 def int8_runtime(forced: str = "") -> str:
-    """Where int8 runs: OpenVINO quantized by NNCF where both are installed (1.3x TFLite's
-    int8 on an AVX2 CPU), else TFLite; ``$GRAFTKIT_ENGINE`` (``forced``) picks one ("" when
-    it forces OpenVINO without NNCF, or Keras)."""
+    """Where int8 runs: on x86-64, OpenVINO quantized by NNCF where both are installed (1.3x
+    TFLite's int8 on an AVX2 CPU), else TFLite (Arm's dot-product kernels are XNNPACK's
+    strength; OpenVINO's int8 on Arm is not measured); ``$GRAFTKIT_ENGINE`` (``forced``) picks
+    one ("" when it forces OpenVINO without NNCF, or Keras)."""
     if forced == "tflite":
         return "tflite"
-    if forced in ("", "openvino") and openvino_int8_available():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if (forced == "openvino" or (not forced and x86)) and openvino_int8_available():
         return "openvino"
     return "tflite" if not forced else ""
 
