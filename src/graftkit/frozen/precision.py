@@ -1,7 +1,7 @@
 """The precision the frozen part computes in, and why: float32, bfloat16 or int8.
 
-int8 runs the frozen part on OpenVINO's integer kernels (the model quantized by NNCF) where
-both are installed, else on TFLite's (XNNPACK), calibrated on a stratified sample of the
+int8 runs the frozen part on OpenVINO's integer kernels (the model quantized by NNCF) on x86-64
+where both are installed, else on TFLite's (XNNPACK), calibrated on a stratified sample of the
 training images. TFLite's pays where the CPU has 8-bit dot-product instructions (AVX-512 VNNI,
 AVX-VNNI, AMX, Arm's dot product): measured 2.2x float32 with VNNI, and 0.95x on an AVX2-only
 CPU, where OpenVINO's ran 1.2x (the fit's frozen pass, decoding included); so ``auto`` picks
