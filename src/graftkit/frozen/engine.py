@@ -149,7 +149,7 @@ class FrozenPart:
     @property
     def label(self) -> str:
         """The engine and, when not float32, its precision: "openvino bf16", "tflite"."""
-        return _named(self.engine, self.precision)
+        return runtimes.engine_label(self.engine, self.precision)
 
     @property
     def store_key(self) -> str:
@@ -374,10 +374,6 @@ def _cached(path: Path, make: Callable[[], bytes]) -> bytes:
         except DiskFullError:  # the engine runs from memory; the next run converts
             cache_full(path.parent)
     return content
-
-
-def _named(engine: str, precision: str) -> str:
-    return engine + (f" {precision}" if precision != "f32" else "")
 
 
 KERAS_BATCH = 16  # rows per call of a compiled model: fastest on a 2-core AVX2 CPU (113 images/s)

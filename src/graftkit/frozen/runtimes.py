@@ -132,6 +132,12 @@ def openvino_bf16() -> bool:
         return False
 
 
+def engine_label(engine: str, precision: str = "f32") -> str:
+    """"tflite", "openvino int8": the engine and, when not float32, its precision (logs, the
+    run's summary and report)."""
+    return engine + (f" {precision}" if precision != "f32" else "")
+
+
 def openvino_int8_available() -> bool:
     """Whether OpenVINO can run int8 here: it and NNCF, which quantizes for it, are installed."""
     return all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))

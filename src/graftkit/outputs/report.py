@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from graftkit.outputs.summary import engine_label
+from graftkit.frozen.runtimes import engine_label
 
 REPORT_FILE = "report.html"
 TOP_LOSSES = 16
@@ -88,8 +88,8 @@ def _run_card(m: dict) -> str:
     frozen = m.get("frozen_outputs")
     if frozen and "seconds" in frozen:
         rows.append(("frozen pass", f"{frozen['computed']:,} outputs computed by "
-                                    f"{engine_label(frozen)}, {frozen['from_cache']:,} read "
-                                    "from the "
+                                    f"{engine_label(frozen['engine'], frozen.get('precision', 'f32'))}, "
+                                    f"{frozen['from_cache']:,} read from the "
                                     f"cache, {frozen['seconds']:.1f} s"))
     for p in m["phases"]:
         rows.append((f"phase {p['name']}", f"{p['epochs']} epochs, {p['seconds']:.1f} s, best val "

@@ -5,15 +5,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from graftkit.frozen.runtimes import engine_label
+
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def engine_label(frozen: dict) -> str:
-    """The engine that computed the frozen outputs, and its precision when not float32."""
-    precision = frozen.get("precision", "f32")
-    return frozen["engine"] + ("" if precision == "f32" else f" {precision}")
 
 
 def print_summary(m: dict, run_dir) -> None:
@@ -24,7 +20,7 @@ def print_summary(m: dict, run_dir) -> None:
     if frozen and "seconds" in frozen:  # the one pass of the frozen base, not head training
         print(f"  {'frozen pass':<20} {frozen['computed']:,} outputs computed, "
               f"{frozen['from_cache']:,} from the cache  {frozen['seconds']:7.1f} s  "
-              f"[{engine_label(frozen)}]")
+              f"[{engine_label(frozen['engine'], frozen.get('precision', 'f32'))}]")
     for p in m["phases"]:
         label = "phase 1 (head)" if p["name"] == "head" else "phase 2 (fine-tune)"
         print(f"  {label:<20} {p['epochs']:>3} epochs  {p['seconds']:7.1f} s  "
