@@ -443,6 +443,22 @@ def test_contrast_by_table_is_the_per_pixel_formula():
         np.testing.assert_array_equal(_contrast(img, factor), expected)
 
 
+def test_reflect_pad_by_slicing_is_numpys():
+    from graftkit.data.augment import _reflect_pad
+
+    rng = np.random.default_rng(4)
+    for h, w in [(2, 2), (3, 5), (4, 4), (33, 47), (40, 56), (288, 288)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for flip in (False, True):
+            img = img[:, ::-1] if flip else img
+            for rows, cols in [((h // 2, w // 2), (h // 2, w // 2)), ((1, 1), (1, 1)),
+                               ((h - 2, 1), (2, w - 2)), ((h - 1, h - 1), (w - 1, w - 1))]:
+                if min(*rows, *cols) < 1:
+                    continue
+                np.testing.assert_array_equal(_reflect_pad(img, rows, cols),
+                                              np.pad(img, (rows, cols, (0, 0)), "reflect"))
+
+
 def test_colour_and_crop_augmentations():
     img = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     gray = augment_image(img, 5, {"grayscale": 1.0})

@@ -128,8 +128,9 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
                 if len(ahead) >= 2 * CHUNK:
                     break
             prepared = [(i, f.result()) for i, f in chunk]
-            batch = np.stack([view for _, views_of in prepared for view in views_of])
-            results = frozen(batch.astype(np.float32))
+            batch = np.stack([view for _, views_of in prepared for view in views_of],
+                             dtype=np.float32)  # one copy, not a uint8 batch and then a cast
+            results = frozen(batch)
             if planned is not None and frozen.store_key != planned:
                 others.update(i for i, _ in prepared)
             r = 0
