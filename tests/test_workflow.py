@@ -287,6 +287,10 @@ def test_predict_takes_what_users_pass(trained_run, tmp_path):
     assert [p.path for p in result] == [str(files[0])]
     assert [s["path"] for s in result.skipped] == [str(empty), str(text)]
     assert result.skipped[0]["reason"] == "empty file (0 bytes)"
+    # paths and folders in one list are checked together, in parallel: order as given
+    together = clf.predict([str(text), trained_run / "data" / "class_2", str(files[0])])
+    assert [p.path for p in together] == [p.path for p in folder] + [str(files[0])]
+    assert [s["path"] for s in together.skipped] == [str(text)]
     with pytest.raises(DataError, match="cannot be read.*predict\\(\\) skips them"):
         clf.predict_proba([str(files[0]), str(empty)])  # rows must match the images
     with pytest.raises(DataError, match="no such file or folder"):

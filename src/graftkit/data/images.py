@@ -157,21 +157,33 @@ def check_image(path: str) -> str | None:
 
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
-    """Files as given, folders walked for images; returns ``(images, skipped)``."""
-    found, skipped = [], []
+    """Files as given, folders walked for images; returns ``(images, skipped)``.
+
+    Every file is decoded once to be checked, on all cores: a predict job's files are checked
+    before any is scored (with one core, the check was a fifth of an int8 predict's time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            candidates = sorted(f for f in p.rglob("*")
-                                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files += [str(f) for f in sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(p).parts))]
         elif p.exists():
-            candidates = [p]
+            files.append(str(p))
         else:
             raise DataError(f"no such file or folder: {p}")
-        for f in candidates:
-            reason = check_image(str(f))
-            if reason:
-                skipped.append({"path": str(f), "reason": reason})
-            else:
-                found.append(str(f))
+    workers = min(os.cpu_count() or 1, len(files))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            reasons = list(pool.map(check_image, files))
+    else:
+        reasons = [check_image(f) for f in files]
+    found, skipped = [], []
+    for f, reason in zip(files, reasons):
+        if reason:
+            skipped.append({"path": f, "reason": reason})
+        else:
+            found.append(f)
     return found, skipped

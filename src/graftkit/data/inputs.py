@@ -83,12 +83,15 @@ def gather(images: Any, size: int) -> Inputs:
         return images
     out = Inputs()
 
+    def add_paths(paths: list) -> None:
+        found, skipped = expand_paths(paths)
+        for f in found:
+            out.add_file(f)
+        out.skipped += skipped
+
     def add(item: Any, name: str) -> None:
         if isinstance(item, (str, os.PathLike)):
-            found, skipped = expand_paths([item])
-            for f in found:
-                out.add_file(f)
-            out.skipped += skipped
+            add_paths([item])
         elif isinstance(item, Image.Image):
             label = getattr(item, "filename", "") or name
             out.add_pixels(str(label), model_pixels(item, size))
@@ -98,7 +101,11 @@ def gather(images: Any, size: int) -> Inputs:
         elif isinstance(item, np.ndarray):
             out.add_pixels(name, model_pixels(_array_image(item), size))
         elif isinstance(item, Iterable) and not isinstance(item, (bytes, dict)):
-            for i, one in enumerate(item):
+            items = list(item)
+            if items and all(isinstance(one, (str, os.PathLike)) for one in items):
+                add_paths(items)  # checked together, on all cores
+                return
+            for i, one in enumerate(items):
                 add(one, f"<image {i}>" if name == "<image>" else f"{name}[{i}]")
         else:
             raise UsageError(f"cannot read an image from a {type(item).__name__}: pass a file or "
