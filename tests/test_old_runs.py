@@ -48,8 +48,9 @@ def test_an_old_run_loads_and_predicts_what_it_recorded(old_run):
     assert [p.label for p in predictions] == [r["predicted"] for r in rows]
     np.testing.assert_allclose([p.probability for p in predictions],
                                [float(r["probability"]) for r in rows], atol=1e-5)
+    # as the probabilities: float32 kernels differ between CPUs (6e-6 apart with AVX-512)
     np.testing.assert_allclose([p.ood_score for p in predictions],
-                               [float(r["ood_score"]) for r in rows], rtol=1e-4, atol=1e-6)
+                               [float(r["ood_score"]) for r in rows], rtol=1e-4, atol=1e-5)
     assert clf.evaluate(run.parent / "data")["num_images"] == 24
 
 
