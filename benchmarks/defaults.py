@@ -126,6 +126,8 @@ SETTINGS: dict[str, dict] = {
     "lite2-style": {"base": "efficientnet_lite2", "augment": "style"},
     # the frozen part's engine in 8 bits (auto picks it only on CPUs with 8-bit dot products)
     "engine-int8": {"engine_precision": "int8"},
+    # ... and float32 by name: on a CPU with 8-bit dot products "defaults" is int8
+    "engine-f32": {"engine_precision": "f32"},
     # ... on each int8 runtime (``_engine``: $GRAFTKIT_ENGINE for the run)
     "engine-int8-openvino": {"engine_precision": "int8", "_engine": "openvino"},
     "engine-int8-tflite": {"engine_precision": "int8", "_engine": "tflite"},
@@ -214,7 +216,17 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
             "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
             "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]],
             "engine": " ".join(str((m.get("frozen_outputs") or {}).get(k, "")).replace("f32", "")
-                               for k in ("engine", "precision")).strip(), **shift}
+                               for k in ("engine", "precision")).strip(),
+            "cpu": cpu_tag(), **shift}
+
+
+def cpu_tag() -> str:
+    """The CPU's vector and matrix extensions, beside each row's seconds (machines differ)."""
+    from graftkit.frozen.precision import cpu_flags
+
+    wide = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
+                                                  "avx512_bf16", "amx_int8", "amx_bf16"))
+    return " ".join(wide) or "unknown"
 
 
 PROBE = "probe: logistic regression on Lite0 224 px pooled features"
