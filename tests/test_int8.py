@@ -156,6 +156,19 @@ def test_fit_and_check_labels_calibrate_the_same_sample(image_folder, monkeypatc
     assert engine_settings(folder, SIZE)[::2] == ("f32", None)
 
 
+def test_auto_keeps_float32_when_the_whole_base_is_fine_tuned(monkeypatch):
+    """There phase 2 and predictions run the float32 base: a head fitted on int8 outputs would
+    start phase 2 on other features. Asked for by name, int8 stays; the variable still rules."""
+    monkeypatch.delenv("GRAFTKIT_ENGINE_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert precision.resolve("auto")[0] == "int8"
+    chosen, why = precision.resolve("auto", whole_base=True)
+    assert chosen == "f32" and "whole base" in why
+    assert precision.resolve("int8", whole_base=True)[0] == "int8"
+    monkeypatch.setenv("GRAFTKIT_ENGINE_PRECISION", "bf16")
+    assert precision.resolve("auto", whole_base=True)[0] == "bf16"
+
+
 def test_int8_on_a_gpu_runs_keras_and_says_why(monkeypatch, private_cache):
     """The converted engines are CPU engines: with a GPU the frozen part runs on Keras there."""
     from graftkit import devices

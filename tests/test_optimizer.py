@@ -140,7 +140,8 @@ def test_mode_head_skips_fine_tuning_and_says_why(tmp_path, capsys, monkeypatch)
     from graftkit.frozen.engine import ENGINE_ENV
 
     monkeypatch.setenv(ENGINE_ENV, "tflite")  # converted, as a large set's would be
-    m = _fit(tmp_path, "head", "--mode", "head")
+    # float32, compared with Keras below (auto is int8 on a CPU with 8-bit dot products)
+    m = _fit(tmp_path, "head", "--mode", "head", "--engine-precision", "f32")
     assert [p["name"] for p in m["phases"]] == ["head"]
     assert m["mode"]["chosen"] == "head" and m["mode"]["reason"] == "--mode head"
     assert "chose head: --mode head" in capsys.readouterr().out

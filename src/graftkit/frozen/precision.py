@@ -2,13 +2,13 @@
 
 int8 runs the frozen part on OpenVINO's integer kernels (the model quantized by NNCF) on x86-64
 where both are installed, else on TFLite's (XNNPACK), calibrated on a stratified sample of the
-training images. TFLite's pays where the CPU has 8-bit dot-product instructions (AVX-512 VNNI,
-AVX-VNNI, AMX, Arm's dot product): measured 2.2x float32 with VNNI, and 0.95x on an AVX2-only
-CPU, where OpenVINO's ran 1.2x (the fit's frozen pass, decoding included); so ``auto`` picks
-int8 where those instructions are, or OpenVINO's int8 on AVX2. An int8 engine never matches
-float32 to 1e-3, so it is accepted by how closely its outputs follow float32 on training
-images it was not calibrated on (``INT8_MIN_COSINE``), else the run falls back to float32 and
-says why.
+training images. ``graft fit``'s frozen pass (5 views, decoding included) ran 1.9x TFLite's
+float32 in OpenVINO's int8 on a Xeon with AVX-512 VNNI and AMX, 1.2x on an AVX2-only EPYC,
+where TFLite's own int8 was 0.95x; so ``auto`` picks int8 where the CPU has 8-bit dot-product
+instructions (AVX-512 VNNI, AVX-VNNI, AMX, Arm's dot product), or OpenVINO's int8 on AVX2. An
+int8 engine never matches float32 to 1e-3, so it is accepted by how closely its outputs follow
+float32 on training images it was not calibrated on (``INT8_MIN_COSINE``), else the run falls
+back to float32 and says why.
 """
 
 from __future__ import annotations
@@ -66,11 +66,24 @@ def dot_product_flags() -> list[str]:
     return [f for f in DOT_PRODUCT_FLAGS if f in flags]
 
 
-def resolve(requested: str) -> tuple[str, str]:
+def resolve(requested: str, whole_base: bool = False) -> tuple[str, str]:
     """``--engine-precision`` -> (``"f32"``, ``"bf16"`` or ``"int8"``, the reason).
 
     ``auto``: ``$GRAFTKIT_ENGINE_PRECISION`` when set, else int8 where the CPU has 8-bit
-    dot-product instructions or where OpenVINO's int8 runs on AVX2, else float32."""
+    dot-product instructions or where OpenVINO's int8 runs on AVX2, else float32; float32 for
+    a run that fine-tunes the whole base (``whole_base``): there the frozen outputs serve phase
+    1 only, and phase 2 would put a head fitted to int8 outputs on the float32 base."""
+    from graftkit.frozen.runtimes import PRECISION_ENV
+
+    chosen, why = _resolve(requested)
+    by_cpu = requested == "auto" and not os.environ.get(PRECISION_ENV, "").strip()
+    if whole_base and chosen == "int8" and by_cpu:
+        return "f32", ("the whole base is fine-tuned: phase 2 and predictions run the float32 "
+                       "base, so its head is trained on float32 outputs too")
+    return chosen, why
+
+
+def _resolve(requested: str) -> tuple[str, str]:
     from graftkit.frozen.runtimes import PRECISION_ENV, wanted_precision
 
     if requested not in ENGINE_PRECISIONS:
@@ -149,11 +162,11 @@ def sample(items: list[tuple[str, str]], seed: int = 0
     return [c for c in chosen if c not in held], held
 
 
-def engine_settings(folder, size: int, requested: str = "auto"
+def engine_settings(folder, size: int, requested: str = "auto", whole_base: bool = False
                     ) -> tuple[str, str, Calibration | None]:
     """(precision, why, calibration) of the frozen part for a job on ``folder``'s images: what
     ``graft fit`` and ``graft check --labels`` use, so that one reads the other's rows."""
-    chosen, why = resolve(requested)
+    chosen, why = resolve(requested, whole_base)
     if chosen != "int8":
         return chosen, why, None
     # labels as split.json writes them: an export of the run draws the same sample from it

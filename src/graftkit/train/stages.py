@@ -331,7 +331,7 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     """The frozen part's outputs for every training view and validation image (cached)."""
     from graftkit.frozen.engine import FrozenPart
     from graftkit.frozen.extract import extract
-    from graftkit.frozen.precision import engine_settings
+    from graftkit.frozen.precision import engine_settings, resolve
 
     if not cut.need_cache and not cut.label_rows:
         return None
@@ -339,7 +339,9 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     augment = options.augment
     if not cut.need_cache:  # the plain images only, for the label issues
         views, augment = 1, None
-    precision, why, calibration = engine_settings(folder, size, options.engine_precision)
+    whole_base = options.unfreeze == "all" and options.fine_tunes
+    precision, why, calibration = engine_settings(folder, size, options.engine_precision,
+                                                  whole_base)
     # Under a strategy the frozen part runs on Keras (GPUs; TFLite is a CPU engine).
     part = FrozenPart(cut.frozen_model, cut.engine_key,
                       converted=False if dist.name != "default" else None, fixed_batch=True,
@@ -350,7 +352,7 @@ def compute_frozen(run: RunContext, built: ModelPlan, data: PreparedData,
     # The engine by the size of the whole job, never by what is cached: the same command
     # computes (or reads) the same rows whatever ran before.
     part.plan(len(folder.train) * views + len(folder.val), reuse_engine=False)
-    if precision != "f32":
+    if precision != "f32" or resolve(options.engine_precision)[0] != "f32":
         run.log(f"engine precision: {part.precision} ({part.precision_reason})")
     store_key = part.store_key if options.cache else None
     start = time.perf_counter()
