@@ -109,16 +109,11 @@ def _contrast(image: np.ndarray, factor: float) -> np.ndarray:
     The table holds the same float64 arithmetic for the 256 values a channel can take, so the
     result is the one per pixel, at a tenth of the cost (the integer sums are exact, and so the
     mean is numpy's to the last bit); Pillow applies the three tables in one pass."""
-    h, w, channels = image.shape
+    h, w = image.shape[:2]
     mean = image.sum(axis=0, dtype=np.uint32).sum(axis=0, dtype=np.int64) / (h * w)
     values = np.arange(256)[:, None]
     table = np.clip((values - mean) * factor + mean, 0, 255).round().astype(np.uint8)
-    if channels != 3:
-        out = np.empty_like(image)
-        for c in range(channels):
-            out[..., c] = table[image[..., c], c]
-        return out
-    return np.asarray(Image.fromarray(image).point(table.T.ravel().tolist()))
+    return np.asarray(Image.fromarray(image, "RGB").point(table.T.ravel().tolist()))
 
 
 def _reflect_pad(image: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:

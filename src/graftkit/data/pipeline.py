@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -17,6 +19,23 @@ from graftkit.data.images import load_image
 
 if TYPE_CHECKING:
     from graftkit.progress import ProgressFactory
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T], chunk: int
+               ) -> Iterator[list[tuple[T, R]]]:
+    """``(item, fn(item))`` in order, a chunk at a time, ``fn`` running on all cores two chunks
+    ahead: the images of the next chunks decode while the engine runs on this one, and no
+    more than two chunks wait in memory."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        queue = iter(items)
+        ahead = deque((item, pool.submit(fn, item)) for item in islice(queue, 2 * chunk))
+        while ahead:
+            due = [ahead.popleft() for _ in range(min(chunk, len(ahead)))]
+            ahead.extend((item, pool.submit(fn, item)) for item in islice(queue, len(due)))
+            yield [(item, future.result()) for item, future in due]
 
 
 class DecodedImages:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +21,7 @@ import numpy as np
 from graftkit import defaults
 from graftkit.data.augment import augment_image, view_seed
 from graftkit.data.images import load_image
+from graftkit.data.pipeline import prefetched
 from graftkit.frozen.engine import FrozenPart
 from graftkit.frozen.rows import DiskRows, rows_for
 from graftkit.frozen.store import FeatureStore, cache_limit_bytes, evict
@@ -114,36 +112,23 @@ def _compute(frozen: FrozenPart, out, todo: dict[int, list[int]], prepare, bar,
     outputs = len(frozen.output_shapes)
     others: set[int] = set()
     done = 0
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        ahead: deque = deque()
-        queue = iter(sorted(todo))
-        for i in queue:  # keep two chunks of decoding in flight, no more (bounded memory)
-            ahead.append((i, pool.submit(prepare, i)))
-            if len(ahead) >= 2 * CHUNK:
-                break
-        while ahead:
-            chunk = [ahead.popleft() for _ in range(min(CHUNK, len(ahead)))]
-            for i in queue:
-                ahead.append((i, pool.submit(prepare, i)))
-                if len(ahead) >= 2 * CHUNK:
-                    break
-            prepared = [(i, f.result()) for i, f in chunk]
-            batch = np.stack([view for _, views_of in prepared for view in views_of],
-                             dtype=np.float32)  # one copy, not a uint8 batch and then a cast
-            results = frozen(batch)
-            if planned is not None and frozen.store_key != planned:
-                others.update(i for i, _ in prepared)
-            r = 0
-            for i, _ in prepared:
-                for v in todo[i]:
-                    for k in range(outputs):
-                        out[v][k][i] = results[k][r]
-                    r += 1
-            done += len(chunk)
-            if bar is not None:
-                if label:
-                    bar.label = label()  # names the engine once it is chosen
-                bar.update(done)
+    for chunk in prefetched(prepare, sorted(todo), CHUNK):
+        batch = np.stack([view for _, views_of in chunk for view in views_of],
+                         dtype=np.float32)  # one copy, not a uint8 batch and then a cast
+        results = frozen(batch)
+        if planned is not None and frozen.store_key != planned:
+            others.update(i for i, _ in chunk)
+        r = 0
+        for i, _ in chunk:
+            for v in todo[i]:
+                for k in range(outputs):
+                    out[v][k][i] = results[k][r]
+                r += 1
+        done += len(chunk)
+        if bar is not None:
+            if label:
+                bar.label = label()  # names the engine once it is chosen
+            bar.update(done)
     if bar is not None:
         bar.close()
     return others

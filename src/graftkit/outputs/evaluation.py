@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,32 +57,21 @@ def _fast_outputs(fast, paths: list[str], size: int, tta: bool, progress) -> lis
     The chunks are small, so that decoding overlaps the engine from the first images on (with
     chunks of 256, most of a 400-image job decoded while the engine waited), and a multiple of
     the Keras part's batch, so each row shares its batch with the same rows as in one call."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-    from itertools import islice
-
     from graftkit.data.images import load_image
+    from graftkit.data.pipeline import prefetched
     from graftkit.frozen.engine import KERAS_BATCH
 
-    chunk = 2 * KERAS_BATCH
     out = []
     done = 0
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        queue = iter(paths)
-        ahead: deque = deque(pool.submit(load_image, p, size)
-                             for p in islice(queue, 2 * chunk))
-        while ahead:
-            futures = [ahead.popleft() for _ in range(min(chunk, len(ahead)))]
-            ahead.extend(pool.submit(load_image, p, size)
-                         for p in islice(queue, len(futures)))
-            x = np.stack([f.result() for f in futures], dtype=np.float32)
-            outs = fast.outputs(x)
-            if tta:
-                outs[-1] = (outs[-1] + fast(x[:, :, ::-1])) / 2
-            out.append(outs)
-            done += len(futures)
-            if progress:
-                progress(done, len(paths))
+    for chunk in prefetched(lambda p: load_image(p, size), paths, 2 * KERAS_BATCH):
+        x = np.stack([pixels for _, pixels in chunk], dtype=np.float32)
+        outs = fast.outputs(x)
+        if tta:
+            outs[-1] = (outs[-1] + fast(x[:, :, ::-1])) / 2
+        out.append(outs)
+        done += len(chunk)
+        if progress:
+            progress(done, len(paths))
     return [np.concatenate(col) for col in zip(*out)]
 
 
