@@ -1,4 +1,5 @@
-"""Labelled image streams for training the whole base: decoded in parallel, batched.
+"""Images decoded in parallel: ahead of the frozen part and predict (``prefetched``), and as
+labelled, batched streams for training the whole base.
 """
 
 from __future__ import annotations

@@ -33,10 +33,10 @@ def model_outputs(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
     paths = list(paths)
     if not paths:
         return [np.zeros((0, o.shape[-1]), dtype=np.float32) for o in model.outputs]
+    size = int(model.inputs[0].shape[1])
     if fast is not None:  # converts the engine only for a job that pays for it
         fast.plan(len(paths) * (2 if tta else 1))
-        return _fast_outputs(fast, paths, int(model.inputs[0].shape[1]), tta, progress)
-    size = int(model.inputs[0].shape[1])
+        return _fast_outputs(fast, paths, size, tta, progress)
     chunk = batch_size * 8
     out = []
     for start in range(0, len(paths), chunk):
