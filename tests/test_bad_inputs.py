@@ -250,3 +250,87 @@ def test_random_valid_images_always_decode(tmp_path, w, h, mode, fmt, seed, size
     assert probe_image(str(path)).reason is None
     out = load_image(path, size)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8
+
+
+def _bad_files(folder: Path, monkeypatch) -> list[Path]:
+    """One of each kind a scan skips, next to readable images."""
+    monkeypatch.setattr(defaults, "MAX_PIXELS", 100 * 100)
+    d = folder / "class_0"
+    (d / "zero.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        buf, "JPEG")
+    (d / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "page.jpg").write_text("<!doctype html><html>404</html>")
+    Image.new("RGB", (101, 100)).save(d / "bomb.png")
+    (d / "gone.jpg").symlink_to(folder / "nowhere.jpg")
+    (d / "a.jpg").symlink_to(d / "b.jpg")
+    (d / "b.jpg").symlink_to(d / "a.jpg")
+    return [d / n for n in ("zero.jpg", "cut.jpg", "page.jpg", "bomb.png", "gone.jpg", "a.jpg",
+                            "b.jpg")]
+
+
+def test_scoring_gives_a_bad_file_the_scan_s_reason(folder, monkeypatch):
+    """Scoring decodes each file once and skips the ones that fail there: in the same words
+    as the scan and the up-front check."""
+    from graftkit.data.images import decode_checked
+
+    for path in _bad_files(folder, monkeypatch):
+        reason = decode_checked(str(path), 16)
+        assert isinstance(reason, str) and reason == probe_image(str(path)).reason, path.name
+    good = decode_checked(str(next((folder / "class_1").glob("*.png"))), 16)
+    assert isinstance(good, np.ndarray) and good.shape == (16, 16, 3)
+
+
+class _Engine:
+    """A stand-in for ``SplitClassifier``: the model's outputs, and each batch it was given."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def plan(self, images: int) -> str:
+        return "keras"
+
+    def outputs(self, pixels):
+        self.batches.append(pixels.reshape(len(pixels), -1).sum(1).tolist())
+        return [np.asarray(o) for o in self.model(pixels)]
+
+    def __call__(self, pixels):
+        return self.outputs(pixels)[-1]
+
+
+def test_unreadable_files_leave_the_scoring_loop_as_if_never_given(tmp_path, monkeypatch):
+    """Files checked while they decode for the engine: outputs, skipped files and their order,
+    and every batch the engine sees are those of files checked before (with ``Inputs.checked``),
+    whether the engine runs them or the Keras pipeline does."""
+    from graftkit.data.inputs import gather
+    from graftkit.outputs.evaluation import inputs_outputs
+
+    folder = make_folder(tmp_path / "d", classes=2, per_class=40, size=20)
+    bad = [p for p in _bad_files(folder, monkeypatch) if p.is_file()]  # a folder's walk
+    x = keras.Input((16, 16, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(x, [pooled, keras.layers.Dense(2, activation="softmax")(pooled)])
+    pixels = np.full((16, 16, 3), 7, np.uint8)
+    given = [str(folder / "class_0"), pixels, str(folder / "class_1")]
+
+    def run(check: bool, fast) -> tuple:
+        inputs = gather(given, 16, check=check)
+        outs = inputs_outputs(model, inputs, 16, False, None, fast,
+                              lambda p: [np.asarray(o) for o in model(p)])
+        assert not inputs.unchecked and len(outs[-1]) == len(inputs.names)
+        return inputs, outs
+
+    checked = _Engine(model)
+    before, want = run(True, checked)
+    lazy = _Engine(model)
+    after, got = run(False, lazy)
+    assert len(before.names) == 81 and len(before.skipped) == len(bad)
+    assert after.names == before.names and after.skipped == before.skipped
+    assert [s["path"] for s in after.skipped] == sorted(str(p) for p in bad)
+    assert lazy.batches == checked.batches and [len(b) for b in lazy.batches] == [32, 32, 16]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    keras_inputs, keras_outs = run(False, None)  # no engine: checked first, then the pipeline
+    assert keras_inputs.skipped == before.skipped
+    np.testing.assert_allclose(keras_outs[-1], want[-1], atol=1e-6)

@@ -151,6 +151,25 @@ def test_predict_formats(trained_run, capsys):
     assert code == 0 and "class_0" in out
 
 
+def test_predict_and_suggest_skip_unreadable_files(trained_run, tmp_path, capsys):
+    """Files are checked as they are decoded for scoring: a bad one is skipped with its reason
+    on stderr, the others answered; none readable is one clear error, and no output file."""
+    run, good = trained_run / "run", trained_run / "data" / "class_0" / "img_000.png"
+    empty = tmp_path / "box" / "empty.jpg"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    (tmp_path / "box" / "copy.png").write_bytes(good.read_bytes())
+    code, out, err = run_cli(capsys, "predict", run, empty, good, "--format", "json")
+    assert code == 0 and [json.loads(line)["path"] for line in out.splitlines()] == [str(good)]
+    assert f"skipped {empty}: empty file (0 bytes)" in err
+    code, out, err = run_cli(capsys, "suggest", run, tmp_path / "box", "--out", tmp_path / "s.csv")
+    assert code == 0 and "wrote 1 suggestions" in out and "empty.jpg: empty file" in err
+    code, _, err = run_cli(capsys, "predict", run, empty, "--output", tmp_path / "p.txt")
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "no readable image among the given paths") and "Traceback" not in err
+    assert not (tmp_path / "p.txt").exists()
+
+
 def test_predict_matches_training_preprocessing(trained_run):
     """predict on a raw file equals the model on the pipeline's own decoding of that file."""
     import numpy as np

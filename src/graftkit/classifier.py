@@ -161,40 +161,26 @@ class Classifier:
         averaged with the mirror image's, the score is the image's own. Unreadable files are
         an error here (rows must match the images): ``predict`` skips them."""
         inputs = self._gathered(images)
+        out = self._scored(inputs, batch_size, tta, progress)[:2]
         if inputs.skipped:
             raise DataError(f"{len(inputs.skipped)} of the images cannot be read ("
                             + "; ".join(f"{s['path']}: {s['reason']}" for s in inputs.skipped[:3])
                             + "): predict() skips them and lists them in its result's .skipped")
-        return self._scored(inputs, batch_size, tta, progress)[:2]
+        return out
 
     def _gathered(self, images):
         from graftkit.data.inputs import gather
 
-        return gather(images, self.image_size)
+        return gather(images, self.image_size, check=False)  # each file decoded once, to score
 
     def _scored(self, inputs, batch_size: int, tta: bool, progress):
-        """``(probabilities, ood scores or None, penultimate features or None)``."""
-        from graftkit.outputs.evaluation import model_outputs
+        """``(probabilities, ood scores or None, penultimate features or None)``; files that
+        cannot be read leave ``inputs`` for its ``skipped``."""
+        from graftkit.outputs.evaluation import inputs_outputs
 
         model, scores = self._scoring_model()
-        files = [i for i, p in enumerate(inputs.paths) if p is not None]
-        held = [i for i, p in enumerate(inputs.paths) if p is None]
-        parts = []
-        if files or not held:
-            parts.append((files, model_outputs(model, [inputs.paths[i] for i in files], batch_size,
-                                               tta, progress, fast=self._fast_path(model))))
-        if held:
-            x = np.stack([inputs.pixels[i] for i in held]).astype(np.float32)
-            outs = self._run_pixels(model, x)
-            if tta:  # as model_outputs does for files: the mirror image's probabilities too
-                mirrored = self._run_pixels(model, np.ascontiguousarray(x[:, :, ::-1]))
-                outs = [*outs[:-1], (outs[-1] + mirrored[-1]) / 2]
-            parts.append((held, outs))
-        n = len(inputs.names)
-        merged = [np.zeros((n, *o.shape[1:]), o.dtype) for o in parts[0][1]]
-        for rows, outs in parts:
-            for whole, part in zip(merged, outs):
-                whole[rows] = part
+        merged = inputs_outputs(model, inputs, batch_size, tta, progress,
+                                self._fast_path(model), lambda x: self._run_pixels(model, x))
         return (merged[-1], self._ood(*merged) if scores else None,
                 merged[0] if len(merged) > 1 else None)
 
@@ -317,7 +303,7 @@ class Classifier:
         parse_reject(reject)
         if label is not None and label not in self.classes:
             raise UsageError(f"unknown label {label!r}: the run knows {', '.join(self.classes)}")
-        inputs = self._gathered(images)
+        inputs = self._gathered(images).checked()
         bank = Closest.load(self.run_dir) if k > 0 else None
         out = Predictions()
         out.skipped = inputs.skipped

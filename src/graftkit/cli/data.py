@@ -186,12 +186,14 @@ def cmd_suggest(args) -> int:
     from graftkit.labels.inbox import write_csv
 
     clf = load(args.run_dir, args.unsafe)
-    images = gather([args.folder], clf.image_size)
-    for item in images.skipped:
-        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    images = gather([args.folder], clf.image_size, check=False)  # checked as they are decoded
     if not images.names:
         raise UsageError(f"no readable image in {args.folder}")
     found = clf.suggest(images, order=args.order, reject=args.reject)
+    for item in images.skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if not found:
+        raise UsageError(f"no readable image in {args.folder}")
     write_csv(args.out, found)
     unknown = sum(not s.known for s in found)
     print(f"wrote {len(found)} suggestions to {args.out}, in the order to check them "

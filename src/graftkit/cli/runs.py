@@ -51,9 +51,7 @@ def cmd_predict(args) -> int:
     from graftkit.data.inputs import gather
 
     clf = load(args.run_dir, args.unsafe)
-    images = gather(args.paths, clf.image_size)  # each file probed once, here
-    for item in images.skipped:
-        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    images = gather(args.paths, clf.image_size, check=False)  # checked as they are decoded
     if not images.names:
         raise UsageError("no readable image among the given paths")
     top_k = min(args.top_k, len(clf.classes))
@@ -66,6 +64,10 @@ def cmd_predict(args) -> int:
     else:
         preds = clf.predict(images, top_k=top_k, batch_size=args.batch_size, tta=args.tta,
                             progress=_progress, reject=args.reject)
+    for item in images.skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if not preds:
+        raise UsageError("no readable image among the given paths")
     if clf.open_set_note:
         print(f"note: {clf.open_set_note}", file=sys.stderr)
     why = list(zip(explained, heatmaps)) if explained is not None else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from graftkit import defaults
 from graftkit.defaults import IMAGE_EXTENSIONS, IMAGE_FORMATS
@@ -128,26 +128,46 @@ def probe_image(path: str) -> ImageProbe:
         with Image.open(path) as img:
             width, height = img.size
         pixels = load_image(path, 32)
-    except ImageTooLarge as exc:
-        return ImageProbe(f"too many pixels ({exc}; limit {defaults.MAX_PIXELS:,}): "
-                          "possible decompression bomb")
-    except Image.DecompressionBombError:
-        return ImageProbe("too many pixels: possible decompression bomb")
-    except FileNotFoundError:
-        return ImageProbe("file not found (dangling symbolic link?)")
-    except PermissionError:
-        return ImageProbe("permission denied: make the file readable")
-    except IsADirectoryError:
-        return ImageProbe("a folder named like an image")
-    except OSError as exc:  # Pillow's "cannot identify image file", truncated data, ELOOP...
-        if exc.errno == errno.ELOOP:
-            return ImageProbe("symbolic link loop")
-        text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
-        return ImageProbe(f"unreadable image: {text}")
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the scan
-        return ImageProbe(f"unreadable image: {type(exc).__name__}: {exc}")
+        return ImageProbe(_unusable(exc, path))
     return ImageProbe(None, width, height, hashlib.sha256(data).hexdigest(),
                       _difference_hash(pixels), _thumbnail(pixels))
+
+
+def decode_checked(path: str, size: int) -> np.ndarray | str:
+    """``load_image``, or the reason the file cannot be used, in the scan's words: scoring
+    decodes each file once, with no separate check before."""
+    try:
+        return load_image(path, size)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+        if isinstance(exc, UnidentifiedImageError):  # what an empty file raises
+            try:
+                if os.path.getsize(path) == 0:
+                    return "empty file (0 bytes)"
+            except OSError:
+                pass
+        return _unusable(exc, path)
+
+
+def _unusable(exc: Exception, path: str) -> str:
+    """Why a file failed to decode, in words a user can act on."""
+    if isinstance(exc, ImageTooLarge):
+        return (f"too many pixels ({exc}; limit {defaults.MAX_PIXELS:,}): "
+                "possible decompression bomb")
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels: possible decompression bomb"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (dangling symbolic link?)"
+    if isinstance(exc, PermissionError):
+        return "permission denied: make the file readable"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder named like an image"
+    if isinstance(exc, OSError):  # Pillow's "cannot identify image file", truncated data, ELOOP...
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+        return f"unreadable image: {text}"
+    return f"unreadable image: {type(exc).__name__}: {exc}"
 
 
 
@@ -156,13 +176,12 @@ def check_image(path: str) -> str | None:
     return probe_image(path).reason
 
 
-def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
+def expand_paths(paths: Iterable[str | os.PathLike], check: bool = True
+                 ) -> tuple[list[str], list[dict[str, str]]]:
     """Files as given, folders walked for images; returns ``(images, skipped)``.
 
-    Every file is decoded once to be checked, on all cores: a predict job's files are checked
-    before any is scored (with one core, the check was a fifth of an int8 predict's time)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    With ``check``, every file is decoded once to be checked, on all cores (``check_images``);
+    without, the caller decodes each file once later and skips the ones that fail then."""
     files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -174,16 +193,23 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[di
             files.append(str(p))
         else:
             raise DataError(f"no such file or folder: {p}")
-    workers = min(os.cpu_count() or 1, len(files))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_image, files))
-    else:
-        reasons = [check_image(f) for f in files]
+    if not check:
+        return files, []
     found, skipped = [], []
-    for f, reason in zip(files, reasons):
+    for f, reason in zip(files, check_images(files)):
         if reason:
             skipped.append({"path": f, "reason": reason})
         else:
             found.append(f)
     return found, skipped
+
+
+def check_images(files: list[str]) -> list[str | None]:
+    """``check_image`` of each file, on all cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(os.cpu_count() or 1, len(files))
+    if workers <= 1:
+        return [check_image(f) for f in files]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(check_image, files))

@@ -25,6 +25,7 @@ class Inputs:
     paths: list[str | None] = field(default_factory=list)
     pixels: list[np.ndarray | None] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # files that cannot be read
+    unchecked: bool = False  # files not decoded yet: scoring skips the ones that fail
 
     @classmethod
     def of_files(cls, paths: Iterable[str | os.PathLike]) -> Inputs:
@@ -43,6 +44,27 @@ class Inputs:
         self.names.append(name)
         self.paths.append(None)
         self.pixels.append(pixels)
+
+    def checked(self) -> Inputs:
+        """Itself, with any unchecked file decoded once to drop the unreadable ones: for
+        work that cannot skip a file halfway (the Keras pipeline, heatmaps)."""
+        if self.unchecked:
+            from graftkit.data.images import check_images
+
+            files = [(i, p) for i, p in enumerate(self.paths) if p is not None]
+            reasons = check_images([p for _, p in files])
+            self.drop({i: r for (i, _), r in zip(files, reasons) if r})
+            self.unchecked = False
+        return self
+
+    def drop(self, reasons: dict[int, str]) -> None:
+        """Remove the files at these rows, each listed in ``skipped`` with its reason."""
+        for i in sorted(reasons):
+            self.skipped.append({"path": str(self.paths[i]), "reason": reasons[i]})
+        keep = [i for i in range(len(self.names)) if i not in reasons]
+        self.names = [self.names[i] for i in keep]
+        self.paths = [self.paths[i] for i in keep]
+        self.pixels = [self.pixels[i] for i in keep]
 
     def image(self, i: int, size: int) -> np.ndarray:
         """Image ``i`` as the model takes it: the file decoded, or the pixels given."""
@@ -72,19 +94,21 @@ def _array_image(a: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(a), mode)
 
 
-def gather(images: Any, size: int) -> Inputs:
+def gather(images: Any, size: int, check: bool = True) -> Inputs:
     """``images`` as an ``Inputs`` list, in-memory images converted to ``size`` pixels; files
-    probed once (unreadable ones go to ``skipped``). An ``Inputs`` is returned as it is."""
+    probed once (unreadable ones go to ``skipped``), or with ``check=False`` left for scoring
+    to skip as it decodes them (``Inputs.checked`` checks them later). An ``Inputs`` is
+    returned as it is."""
     from PIL import Image
 
     from graftkit.data.images import expand_paths, model_pixels
 
     if isinstance(images, Inputs):
         return images
-    out = Inputs()
+    out = Inputs(unchecked=not check)
 
     def add_paths(paths: list) -> None:
-        found, skipped = expand_paths(paths)
+        found, skipped = expand_paths(paths, check)
         for f in found:
             out.add_file(f)
         out.skipped += skipped

@@ -22,21 +22,26 @@ def probabilities(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
 
 
 def model_outputs(model, paths: Sequence[str], batch_size: int = defaults.BATCH_SIZE,
-                  tta: bool = False, progress=None, fast=None) -> list[np.ndarray]:
+                  tta: bool = False, progress=None, fast=None,
+                  unreadable: dict[int, str] | None = None) -> list[np.ndarray]:
     """Every output of ``model`` for image files (probabilities last), as ``probabilities``.
 
     With ``tta`` only the last output (the probabilities) is averaged with the mirror image's;
-    the others (e.g. ``graft.with_features``' features) are those of the image itself.
+    the others (e.g. ``graft.with_features``' features) are those of the image itself. With
+    ``unreadable`` (a dict to fill; needs ``fast``), a file that does not decode is left out
+    of the outputs and recorded there by its position, with the reason.
     """
     from graftkit.data.pipeline import make_dataset
 
     paths = list(paths)
+    empty = [np.zeros((0, o.shape[-1]), dtype=np.float32) for o in model.outputs]
     if not paths:
-        return [np.zeros((0, o.shape[-1]), dtype=np.float32) for o in model.outputs]
+        return empty
     size = int(model.inputs[0].shape[1])
     if fast is not None:  # converts the engine only for a job that pays for it
         fast.plan(len(paths) * (2 if tta else 1))
-        return _fast_outputs(fast, paths, size, tta, progress)
+        return _fast_outputs(fast, paths, size, tta, progress, unreadable) or empty
+    assert unreadable is None, "the Keras pipeline needs files checked first"
     chunk = batch_size * 8
     out = []
     for start in range(0, len(paths), chunk):
@@ -51,28 +56,86 @@ def model_outputs(model, paths: Sequence[str], batch_size: int = defaults.BATCH_
     return [np.concatenate(col) for col in zip(*out)]
 
 
-def _fast_outputs(fast, paths: list[str], size: int, tta: bool, progress) -> list[np.ndarray]:
+def _fast_outputs(fast, paths: list[str], size: int, tta: bool, progress,
+                  unreadable: dict[int, str] | None) -> list[np.ndarray] | None:
     """``model_outputs`` through a ``SplitClassifier``, decoding two chunks ahead on every core.
 
     The chunks are small, so that decoding overlaps the engine from the first images on (with
     chunks of 256, most of a 400-image job decoded while the engine waited), and a multiple of
-    the Keras part's batch, so each row shares its batch with the same rows as in one call."""
-    from graftkit.data.images import load_image
+    the Keras part's batch, so each row shares its batch with the same rows as in one call
+    (an unreadable file left out shifts the rows after it, as if it had never been given)."""
+    from graftkit.data.images import decode_checked, load_image
     from graftkit.data.pipeline import prefetched
     from graftkit.frozen.engine import KERAS_BATCH
 
-    out = []
-    done = 0
-    for chunk in prefetched(lambda p: load_image(p, size), paths, 2 * KERAS_BATCH):
-        x = np.stack([pixels for _, pixels in chunk], dtype=np.float32)
+    chunk = 2 * KERAS_BATCH
+    out, ready = [], []
+
+    def run(rows: list[np.ndarray]) -> None:
+        x = np.stack(rows, dtype=np.float32)
         outs = fast.outputs(x)
         if tta:
             outs[-1] = (outs[-1] + fast(x[:, :, ::-1])) / 2
         out.append(outs)
-        done += len(chunk)
-        if progress:
-            progress(done, len(paths))
-    return [np.concatenate(col) for col in zip(*out)]
+
+    decode = (lambda p: load_image(p, size)) if unreadable is None else (
+        lambda p: decode_checked(p, size))
+    done = 0
+    for part in prefetched(decode, paths, chunk):
+        for pixels in (pixels for _, pixels in part):
+            if isinstance(pixels, str):
+                assert unreadable is not None
+                unreadable[done] = pixels
+            else:
+                ready.append(pixels)
+            done += 1
+        while len(ready) >= chunk:
+            run(ready[:chunk])
+            del ready[:chunk]
+            if progress:
+                progress(done - len(ready), len(paths))
+    if ready:
+        run(ready)
+    if progress and (ready or not out):
+        progress(done, len(paths))
+    return [np.concatenate(col) for col in zip(*out)] if out else None
+
+
+def inputs_outputs(model, inputs, batch_size: int, tta: bool, progress, fast,
+                   run_pixels) -> list[np.ndarray]:
+    """Every output of ``model`` for an ``Inputs`` list, files and images in memory alike.
+
+    Unchecked files are decoded once, by the engine's loop when there is one (those that fail
+    leave ``inputs`` for its ``skipped``); ``run_pixels(x)`` scores stacked pixels."""
+    if inputs.unchecked and fast is None:
+        inputs.checked()
+    unreadable: dict[int, str] | None = {} if inputs.unchecked else None
+    files = [i for i, p in enumerate(inputs.paths) if p is not None]
+    held = [i for i, p in enumerate(inputs.paths) if p is None]
+    parts = []
+    if files or not held:
+        outs = model_outputs(model, [inputs.paths[i] for i in files], batch_size, tta, progress,
+                             fast, unreadable)
+        parts.append(([i for j, i in enumerate(files) if j not in (unreadable or {})], outs))
+    if held:
+        x = np.stack([inputs.pixels[i] for i in held]).astype(np.float32)
+        outs = run_pixels(x)
+        if tta:  # as model_outputs does for files: the mirror image's probabilities too
+            mirrored = run_pixels(np.ascontiguousarray(x[:, :, ::-1]))
+            outs = [*outs[:-1], (outs[-1] + mirrored[-1]) / 2]
+        parts.append((held, outs))
+    n = len(inputs.names)
+    merged = [np.zeros((n, *o.shape[1:]), o.dtype) for o in parts[0][1]]
+    for rows, outs in parts:
+        for whole, part in zip(merged, outs):
+            whole[rows] = part
+    if unreadable:
+        gone = {files[j]: reason for j, reason in unreadable.items()}
+        keep = [i for i in range(n) if i not in gone]
+        merged = [m[keep] for m in merged]
+        inputs.drop(gone)
+    inputs.unchecked = False
+    return merged
 
 
 def _as_list(outputs) -> list[np.ndarray]:

@@ -60,7 +60,7 @@ class Inbox(Background):
     def _score(self) -> None:
         from graftkit.data.inputs import gather
 
-        images = gather([str(self.folder)], self.classifier.image_size)
+        images = gather([str(self.folder)], self.classifier.image_size, check=False)
         found = self.classifier.suggest(images) if images.names else []
         items = {}
         for s in found:
