@@ -43,6 +43,7 @@ STYLE_SHIFT = {"pacs_art": "pacs_cartoon"}
 # Overrides of graftkit's defaults, by name. "defaults" is graftkit as shipped.
 SETTINGS: dict[str, dict] = {
     "defaults": {},
+    "head-epochs-20": {"head_epochs": 20},  # phase 1 before "auto" gave small sets 600 steps
     "head-only": {"mode": "head"},
     "head-only-256px": {"mode": "head", "image_size": 256},
     "head-only-288px": {"mode": "head", "image_size": 288},

@@ -266,14 +266,7 @@ def refit(name: str, seeds: list[int]) -> None:
         # graftkit's ranking as the fit wrote it: label_issues.csv, back to the source files
         issues = read_csv(root / "run-noisy" / "label_issues.csv")
         source = {str(p): i for i, p in enumerate(folder.train.paths)}
-        flagged = np.zeros(len(truth), bool)
-        suggested = y.copy()
-        for issue in issues:
-            if issue.split != "train":
-                continue
-            i = source[os.path.realpath(issue.path)]
-            flagged[i] = True
-            suggested[i] = classes.index(issue.suggested)
+        flagged, suggested = accepted(issues, source, y, classes)
         suspicion = np.zeros(len(truth))  # the fit's own order: flagged by rank, then the rest
         for issue in issues:
             if issue.split == "train":
@@ -286,6 +279,14 @@ def refit(name: str, seeds: list[int]) -> None:
         runs["cleaned"] = fit_run(cleaned_dir, root / "run-cleaned", seed)
         log(f"{name} s{seed} suggestions accepted: {runs['cleaned']['val_accuracy']:.4f} "
             f"({int(flagged.sum())} relabelled, {int((suggested != truth).sum())} still wrong)")
+        # the loop once more: the refit's own label issues accepted, and a second refit
+        again, suggested2 = accepted(read_csv(root / "run-cleaned" / "label_issues.csv"), source,
+                                     suggested, classes)
+        second_dir = linked_folder(root / "cleaned-2", [
+            (p, classes[s]) for p, s in zip(folder.train.paths, suggested2)], val)
+        runs["cleaned_2"] = fit_run(second_dir, root / "run-cleaned-2", seed)
+        log(f"{name} s{seed} second round: {runs['cleaned_2']['val_accuracy']:.4f} "
+            f"({int(again.sum())} relabelled, {int((suggested2 != truth).sum())} still wrong)")
         fit_scores = scores(flipped, suspicion, flagged, suggested, truth)
         fit_scores["auroc_note"] = "AUROC of the flagged order only (unflagged tie at 0)"
         record({"task": "refit", "set": name, "kind": kind, "seed": seed,
@@ -294,11 +295,28 @@ def refit(name: str, seeds: list[int]) -> None:
                 "seconds": {k: v["seconds"] for k, v in runs.items()},
                 "label_issues": runs["noisy"]["label_issues"],
                 "relabelled": int(flagged.sum()),
-                "still_wrong": int((suggested != truth).sum()), "fit_ranking": fit_scores})
+                "still_wrong": int((suggested != truth).sum()), "fit_ranking": fit_scores,
+                "cleaned_2": runs["cleaned_2"]["val_accuracy"],
+                "relabelled_2": int(again.sum()),
+                "still_wrong_2": int((suggested2 != truth).sum())})
         record({"task": "detect", "set": name, "kind": kind, "seed": seed,
                 "method": "top-losses", **scores(flipped, losses, np.zeros(len(y), bool), None,
                                                  truth)})
-        shutil.rmtree(root / "run-clean", ignore_errors=True)
+        for run in ("run-clean", "run-noisy", "run-cleaned", "run-cleaned-2"):
+            shutil.rmtree(root / run, ignore_errors=True)
+
+
+def accepted(issues, source: dict[str, int], labels: np.ndarray, classes: list[str]):
+    """``(flagged, labels with every training image's suggestion accepted)``."""
+    flagged = np.zeros(len(labels), bool)
+    out = labels.copy()
+    for issue in issues:
+        if issue.split != "train":
+            continue
+        i = source[os.path.realpath(issue.path)]
+        flagged[i] = True
+        out[i] = classes.index(issue.suggested)
+    return flagged, out
 
 
 # --- inbox -------------------------------------------------------------------------------
@@ -381,7 +399,8 @@ def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()
             if line.strip()] if RESULTS.is_file() else []
     out = []
-    detect_rows = [r for r in rows if r["task"] == "detect"]
+    detect_rows = _latest([r for r in rows if r["task"] == "detect"],
+                          ("set", "kind", "method", "seed"))
     out.append("| set | noise | method | seeds | AUROC | precision at k | flagged | precision | "
                "recall | suggestion right |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -400,30 +419,36 @@ def table() -> str:
                    f"{_mean(r['precision_at_k'] for r in rs)} | {flagged} | "
                    f"{_mean(r['precision'] for r in rs)} | {recall} | "
                    f"{_mean(r['suggestion_right'] for r in rs)} |")
-    refits = [r for r in rows if r["task"] == "refit"]
+    refits = _latest([r for r in rows if r["task"] == "refit"], ("set", "seed"))
     if refits:
         out += ["", "| set | seeds | clean fit | noisy fit (10%) | suggestions accepted | "
-                "relabelled | still wrong | label issues, s of the run |", "|---|---|---|---|---|---|---|---|"]
+                "relabelled | still wrong | second round | relabelled | still wrong | "
+                "label issues, s of the run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         by_set: dict[str, list[dict]] = {}
         for r in refits:
             by_set.setdefault(r["set"], []).append(r)
         for name, rs in sorted(by_set.items()):
             cost = statistics.mean(r["label_issues"]["seconds"] for r in rs)
             run = statistics.mean(r["seconds"]["noisy"] for r in rs)
+            two = [r for r in rs if "cleaned_2" in r]
+            second = (f"{_mean((r['cleaned_2'] for r in two), 4)} | "
+                      f"{statistics.mean(r['relabelled_2'] for r in two):.0f} | "
+                      f"{statistics.mean(r['still_wrong_2'] for r in two):.0f}"
+                      ) if len(two) == len(rs) else "- | - | -"
             out.append(f"| {name} | {len(rs)} | {_mean((r['clean'] for r in rs), 4)} | "
                        f"{_mean((r['noisy'] for r in rs), 4)} | "
                        f"{_mean((r['cleaned'] for r in rs), 4)} | "
                        f"{statistics.mean(r['relabelled'] for r in rs):.0f} | "
-                       f"{statistics.mean(r['still_wrong'] for r in rs):.0f} | "
+                       f"{statistics.mean(r['still_wrong'] for r in rs):.0f} | {second} | "
                        f"{cost:.1f} of {run:.0f} ({cost / run:.1%}) |")
-    accepts = [r for r in rows if r["task"] == "inbox-accept"]
+    accepts = _latest([r for r in rows if r["task"] == "inbox-accept"], ("seed",))
     if accepts:
         out += ["", "| accept all with p >= | share of the inbox labelled | labels right |",
                 "|---|---|---|"]
         for p in ("0.8", "0.9", "0.95", "0.99"):
             out.append(f"| {p} | {_mean(r['accept'][p]['share'] for r in accepts)} | "
                        f"{_mean(r['accept'][p]['right'] for r in accepts)} |")
-    orders = [r for r in rows if r["task"] == "inbox-order"]
+    orders = _latest([r for r in rows if r["task"] == "inbox-order"], ("order", "seed"))
     if orders:
         out += ["", "| order | seeds | " + " | ".join(f"after {25 * i}" for i in range(5)) + " |",
                 "|---|---|" + "---|" * 5]
@@ -436,6 +461,12 @@ def table() -> str:
     flags = sorted({r["cpu_flags"] for r in rows})
     out += ["", f"CPU flags: {'; '.join(flags) or '-'}"]
     return "\n".join(out)
+
+
+def _latest(rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The last row measured for each ``key`` (a later run replaces an earlier one)."""
+    last = {tuple(r[k] for k in key): r for r in rows}
+    return list(last.values())
 
 
 def record(row: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ def test_stages_up_to_the_frozen_outputs_return_their_records(tmp_path):
     assert options.unfreeze == "auto"  # the options given are left as they were
     training = stages.plan_phases(run, built, data, resume, tensorboard=False)
     assert training.plan.head_epochs == 2 and training.phases == []
+    # auto: 10 training images in batches of 8 take 2 steps an epoch, so 300 epochs make the
+    # head's 600 steps; through the base (--augment-head) an epoch is not free: 20
+    for given, epochs in (({"head_epochs": "auto"}, 300),
+                          ({"head_epochs": "auto", "augment_head": True}, 20)):
+        auto = dataclasses.replace(built, options=dataclasses.replace(built.options, **given))
+        assert stages.plan_phases(run, auto, data, resume, False).plan.head_epochs == epochs
     assert (run.run_dir / "history.csv").is_file()
     cut = stages.cut_base(run, built, training)
     assert not cut.cached_phase2 and cut.need_cache and cut.views == 5 and cut.engine_key
@@ -166,7 +173,7 @@ def test_mode_fine_tune_plans_every_epoch(tmp_path, mode, patience):
 
     run, _ = _run(tmp_path)
     built = ModelPlan(_options(mode=mode, unfreeze=2, fine_tune_lr=1e-4), None, None, BaseInfo("base", 32, "", ""))
-    data = PreparedData(SimpleNamespace(val=[0] * 6, multi_label=False), None)
+    data = PreparedData(SimpleNamespace(train=[0] * 24, val=[0] * 6, multi_label=False), None)
     training = stages.plan_phases(run, built, data, Resume(None), tensorboard=False)
     assert training.plan.patience == (None if patience is None else defaults.PATIENCE)
     assert defaults.PATIENCE == 3

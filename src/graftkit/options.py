@@ -19,6 +19,18 @@ def number_or_auto(value, name: str) -> float | str:
         raise UsageError(f"{name} must be a number or 'auto' (got {value!r})") from None
 
 
+def count_or_auto(value, name: str) -> int | str:
+    if str(value) == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer():
+        raise UsageError(f"{name} must be a whole number or 'auto' (got {value!r})")
+    return int(number)
+
+
 def parse_unfreeze(unfreeze) -> int | str:
     if str(unfreeze) in ("all", "auto"):
         return str(unfreeze)
@@ -174,8 +186,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
            f"{defaults.DROPOUT_WHOLE_BASE:g} in runs that fine-tune the whole base, "
            f"{defaults.DROPOUT_CACHED:g} otherwise", "model",
            valid=Interval(0, 1, "left"), auto=True),
-    Option("head_epochs", defaults.HEAD_EPOCHS, "phase 1 epochs (the head)", "phases", int,
-           valid=Interval(1)),
+    Option("head_epochs", "auto", "phase 1 epochs (the head), or auto: "
+           f"{defaults.HEAD_EPOCHS}, more on a small training set, so that the head takes at "
+           f"least {defaults.MIN_HEAD_STEPS} steps (on cached features an epoch is nearly free)",
+           "phases", valid=Interval(1), auto=True),
     Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
            "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int,
            valid=Interval(0)),

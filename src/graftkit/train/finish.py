@@ -184,7 +184,7 @@ def _label_issues(run: RunContext, built: ModelPlan, data: PreparedData, trainin
     if features is None:
         return None
     lr = plan.head_lr if not isinstance(plan.head_lr, str) else defaults.HEAD_LR  # resumed
-    settings = HeadSettings(plan.head_epochs, float(lr), float(options.dropout),
+    settings = HeadSettings(options.head_epochs, float(lr), float(options.dropout),
                             training.batch_size, plan.training, plan.class_weight)
     issues = label_issues(features, [*folder.train.labels, *folder.val.labels],
                           [*folder.train.paths, *folder.val.paths],

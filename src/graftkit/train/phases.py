@@ -308,6 +308,16 @@ def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
     return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
 
+def head_epochs(requested: int | str, n: int, batch_size: int,
+                whole_batches: bool = False) -> int:
+    """Epochs of a head on ``n`` rows: as requested, or for "auto" ``defaults.HEAD_EPOCHS``,
+    more where ``n`` is small, so that the head takes ``defaults.MIN_HEAD_STEPS`` steps."""
+    if requested != "auto":
+        return int(requested)
+    per_epoch = steps(n, batch_size, whole_batches)
+    return max(defaults.HEAD_EPOCHS, -(-defaults.MIN_HEAD_STEPS // per_epoch))
+
+
 def _cycle(views: list, labels, batch_size: int, seed: int, plan: PhasePlan,
            initial_epoch: int = 0):
     """``view_cycle`` with the plan's class weights and batching rule."""

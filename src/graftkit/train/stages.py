@@ -252,16 +252,19 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
                 tensorboard: bool) -> Training:
     """The ``PhasePlan`` of both phases; what a resumed checkpoint already finished."""
     from graftkit.train.distribute import eval_batch_size
-    from graftkit.train.phases import Best, PhasePlan, PhaseResult
+    from graftkit.train.phases import Best, PhasePlan, PhaseResult, head_epochs
 
     options, dist = built.options, run.dist
     batch_size = dist.batch_size(options.batch_size)
+    # "auto" counts steps where epochs are nearly free: on cached features, not through the base
+    epochs = head_epochs(defaults.HEAD_EPOCHS if options.augment_head else options.head_epochs,
+                         len(data.folder.train), batch_size, dist.replicas > 1)
 
     def scaled(lr):  # a rate the range test finds is already for the global batch
         return lr if lr == "auto" else dist.learning_rate(lr)
 
     plan = PhasePlan(
-        options.head_epochs, options.fine_tune_epochs, scaled(options.lr),
+        epochs, options.fine_tune_epochs, scaled(options.lr),
         scaled(options.fine_tune_lr), options.unfreeze, verbose=run.verbose,
         class_weight=built.class_weight, checkpoint=resume.checkpoint,
         tensorboard_dir=run.run_dir / "tensorboard" if tensorboard and dist.chief else None,
@@ -461,7 +464,11 @@ def train_head_phase(run: RunContext, built: ModelPlan, data: PreparedData,
                 else "features computed once by the frozen base")
         if plan.head_lr == "auto":
             head_range_test(run, built, data, training, cut, frozen)
-        run.log(f"phase 1: head on {what}")
+        more = (f", {plan.head_epochs} epochs (at least {defaults.MIN_HEAD_STEPS} steps on "
+                f"{len(y_train)} training images)"
+                if options.head_epochs == "auto" and plan.head_epochs > defaults.HEAD_EPOCHS
+                else "")
+        run.log(f"phase 1: head on {what}{more}")
         training.phases.append(train_head_on_features(
             built.model, pooled, y_train, pooled_val, y_val, plan, training.best,
             training.batch_size, options.seed, f"on {what}"))

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 from graftkit import defaults
 from graftkit import options as options_module
 from graftkit.errors import UsageError
-from graftkit.options import number_or_auto, parse_unfreeze, parse_unfreeze_schedule
+from graftkit.options import (
+    count_or_auto,
+    number_or_auto,
+    parse_unfreeze,
+    parse_unfreeze_schedule,
+)
 from graftkit.progress import progress_factory
 from graftkit.train import stages
 from graftkit.train.finish import finish
@@ -58,7 +63,7 @@ class FitOptions:
     weights: str | None = _D("weights")
     image_size: int | None = _D("image_size")
     dropout: float | str = _D("dropout")  # a rate, or "auto" until resolved
-    head_epochs: int = _D("head_epochs")
+    head_epochs: int | str = _D("head_epochs")  # a number, or "auto" (train.phases.head_epochs)
     fine_tune_epochs: int = _D("fine_tune_epochs")
     unfreeze: int | str = _D("unfreeze")  # blocks, "all", or "auto" until resolved
     mode: str = _D("mode")
@@ -156,6 +161,7 @@ def make_options(**given) -> FitOptions:
         "weight_decay": float(v["weight_decay"]),
         "label_smoothing": number_or_auto(v["label_smoothing"], "--label-smoothing"),
         "dropout": number_or_auto(v["dropout"], "--dropout"),
+        "head_epochs": count_or_auto(v["head_epochs"], "--head-epochs"),
         "lr_decay": float(v["lr_decay"]),
         "unfreeze_schedule": str(v["unfreeze_schedule"]),
         "heads": int(v["heads"]),
