@@ -170,6 +170,31 @@ def test_predict_and_suggest_skip_unreadable_files(trained_run, tmp_path, capsys
     assert not (tmp_path / "p.txt").exists()
 
 
+def test_suggest_averages_mirrors_where_the_run_trained_on_them(trained_run, monkeypatch):
+    """The inbox's probabilities: each image averaged with its mirror image when the run's
+    views were mirrored (the default augmentation), each image as it is otherwise."""
+    import numpy as np
+
+    import graftkit
+
+    clf = graftkit.load(trained_run / "run")
+    folder = trained_run / "data" / "class_1"
+    files = sorted(str(f) for f in folder.glob("*.png"))
+
+    def probability(**given):
+        found = {s.path: s.probability for s in clf.suggest(folder, **given)}
+        return [found[f] for f in files]
+
+    mirrored = clf.predict_proba(files, tta=True).max(axis=1)
+    plain = clf.predict_proba(files).max(axis=1)
+    assert np.abs(mirrored - plain).max() > 1e-4
+    assert clf.record.options["augment"]["flip"] is True
+    np.testing.assert_allclose(probability(), mirrored, atol=1e-6)
+    np.testing.assert_allclose(probability(tta=False), plain, atol=1e-6)
+    monkeypatch.setitem(clf.record.options, "augment", {"zoom": 0.1})  # trained without mirrors
+    np.testing.assert_allclose(probability(), plain, atol=1e-6)
+
+
 def test_predict_matches_training_preprocessing(trained_run):
     """predict on a raw file equals the model on the pipeline's own decoding of that file."""
     import numpy as np

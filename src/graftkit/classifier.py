@@ -344,7 +344,8 @@ class Classifier:
         return self._maps
 
     def suggest(self, images, order: str = "diverse", reject: str | float = "auto",
-                batch_size: int = defaults.BATCH_SIZE, progress=None) -> Predictions:
+                batch_size: int = defaults.BATCH_SIZE, progress=None,
+                tta: bool | None = None) -> Predictions:
         """Labels for unlabelled images, in the order to check them: the images the model is
         least sure of first (they teach it most), near-copies spread apart, and the ones the
         open-set score calls unknown last.
@@ -355,6 +356,10 @@ class Classifier:
                 ``confident`` (surest first) or ``random``. Defaults to "diverse".
             reject: as in ``predict``. Defaults to "auto".
             batch_size, progress: as in ``predict_proba``.
+            tta: average each image with its mirror image, as ``predict_proba`` does; None:
+                where the run trained on mirrored views (``flip`` in its augmentation), since
+                the labels accepted at a given probability are then right more often
+                (docs/data-loop.md). Defaults to None.
 
         Returns:
             A list of ``graftkit.labels.inbox.Suggestion`` (``order``, ``path``,
@@ -375,7 +380,9 @@ class Classifier:
         out = Predictions()
         out.skipped = inputs.skipped
         if inputs.names:
-            probs, ood, features = self._scored(inputs, batch_size, False, progress)
+            if tta is None:
+                tta = bool((self.record.options.get("augment") or {}).get("flip"))
+            probs, ood, features = self._scored(inputs, batch_size, tta, progress)
             out.extend(ranked([str(n) for n in inputs.names], probs, self.classes, features,
                               ood, self.threshold(reject), order))
         return out

@@ -189,7 +189,7 @@ def cmd_suggest(args) -> int:
     images = gather([args.folder], clf.image_size, check=False)  # checked as they are decoded
     if not images.names:
         raise UsageError(f"no readable image in {args.folder}")
-    found = clf.suggest(images, order=args.order, reject=args.reject)
+    found = clf.suggest(images, order=args.order, reject=args.reject, tta=args.tta)
     for item in images.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if not found:
@@ -219,6 +219,9 @@ def _suggest_arguments(p: argparse.ArgumentParser) -> None:
                                                "probability or above")
     p.add_argument("--reject", default="auto", metavar="auto|none|THRESHOLD",
                    help="when an image is unlike every class (listed last): as graft predict")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image with its mirror image (default: when the run "
+                        "trained on mirrored views)")
     add_unsafe(p)
 
 
