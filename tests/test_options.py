@@ -163,15 +163,15 @@ def test_rules_between_options(given, message):
         make_options(**given)
 
 
-def test_auto_head_epochs_give_a_small_set_enough_steps():
-    """20 epochs, or as many as make 600 steps: a head on 100 images (4 steps an epoch) was
-    still learning after 20 epochs."""
-    from graftkit.train.phases import head_epochs
+def test_auto_head_schedule_gives_a_small_set_several_passes_an_epoch():
+    """20 epochs of at least 30 steps (600 in all): a head on 100 images (4 steps a pass) was
+    still learning after 20 passes; a number of epochs given means one pass each."""
+    from graftkit.train.phases import head_schedule
 
-    assert head_epochs("auto", 100, 32) == 150 and head_epochs("auto", 244, 32) == 75
-    assert head_epochs("auto", 100, 32, whole_batches=True) == 200  # 3 whole batches
-    assert head_epochs("auto", 1600, 32) == 20 and head_epochs("auto", 1, 32) == 600
-    assert head_epochs(7, 100, 32) == 7  # a number given is kept
+    assert head_schedule("auto", 100, 32) == (20, 30) and head_schedule("auto", 1, 32) == (20, 30)
+    assert head_schedule("auto", 1600, 32) == (20, 50)  # one pass is already more
+    assert head_schedule("auto", 960, 32, whole_batches=True) == (20, 30)
+    assert head_schedule(7, 100, 32) == (7, 4) and head_schedule(7, 100, 32, True) == (7, 3)
     assert make_options().head_epochs == "auto" and make_options(head_epochs="3").head_epochs == 3
     for bad in ("2.5", "many", 2.5, True):
         with pytest.raises(UsageError, match="--head-epochs must be a whole number or 'auto'"):

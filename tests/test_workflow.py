@@ -48,12 +48,13 @@ def test_stages_up_to_the_frozen_outputs_return_their_records(tmp_path):
     assert options.unfreeze == "auto"  # the options given are left as they were
     training = stages.plan_phases(run, built, data, resume, tensorboard=False)
     assert training.plan.head_epochs == 2 and training.phases == []
-    # auto: 10 training images in batches of 8 take 2 steps an epoch, so 300 epochs make the
-    # head's 600 steps; through the base (--augment-head) an epoch is not free: 20
-    for given, epochs in (({"head_epochs": "auto"}, 300),
-                          ({"head_epochs": "auto", "augment_head": True}, 20)):
+    # auto: 10 training images in batches of 8 take 2 steps a pass, so each of the 20 epochs
+    # makes 30 steps (15 passes); through the base (--augment-head) a step is not cheap: one pass
+    for given, head_steps in (({"head_epochs": "auto"}, 30),
+                              ({"head_epochs": "auto", "augment_head": True}, 2)):
         auto = dataclasses.replace(built, options=dataclasses.replace(built.options, **given))
-        assert stages.plan_phases(run, auto, data, resume, False).plan.head_epochs == epochs
+        plan = stages.plan_phases(run, auto, data, resume, False).plan
+        assert (plan.head_epochs, plan.head_steps) == (20, head_steps)
     assert (run.run_dir / "history.csv").is_file()
     cut = stages.cut_base(run, built, training)
     assert not cut.cached_phase2 and cut.need_cache and cut.views == 5 and cut.engine_key
@@ -306,3 +307,27 @@ def test_predict_takes_what_users_pass(trained_run, tmp_path):
         clf.predict(42)
     with pytest.raises(UsageError, match="shape"):
         clf.predict(np.zeros((4, 4, 5), np.uint8))
+
+
+@pytest.mark.parametrize("head_steps, per_epoch", [(0, 2), (7, 7)])
+def test_phase_1_takes_the_plan_s_steps_an_epoch(monkeypatch, head_steps, per_epoch):
+    """--head-epochs auto on a small set: each epoch several passes over the cached rows (the
+    stream cycles the views on), one validation pass an epoch."""
+    import numpy as np
+
+    from graftkit.graft import build_head
+    from graftkit.train import phases
+
+    compiled = []
+    real = phases._compile
+    monkeypatch.setattr(phases, "_compile", lambda model, *a, **k: (compiled.append(model),
+                                                                   real(model, *a, **k)))
+    rng = np.random.default_rng(0)
+    model = build_head(8, 2, 0.2)
+    views = [rng.normal(size=(10, 8)).astype("float32") for _ in range(2)]
+    y = np.arange(10) % 2
+    plan = PhasePlan(3, 0, 1e-2, 1e-4, 0, verbose=0, head_steps=head_steps)
+    result = phases.train_head_on_features(model, views, y, views[0][:4], y[:4], plan, Best(),
+                                           8, 0)
+    assert result.epochs == 3 and len(plan.history) == 3
+    assert int(compiled[0].optimizer.iterations.numpy()) == 3 * per_epoch

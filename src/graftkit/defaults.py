@@ -18,11 +18,11 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 VAL_SPLIT = 0.2
 SEED = 1337
 BATCH_SIZE = 32
-# Phase 1's epochs: HEAD_EPOCHS, or more where the training set is small, so that the head takes
-# at least MIN_HEAD_STEPS optimizer steps (20 epochs of about 1,000 images). On 20 images per
-# class the head was still learning after 20 epochs of 4 steps; epochs on cached features are
-# nearly free, and the best one by validation is kept ("Phase 1 on small sets",
-# benchmarks/RESULTS.md).
+# Phase 1: HEAD_EPOCHS epochs of at least MIN_HEAD_STEPS / HEAD_EPOCHS steps each, so that a small
+# training set passes over its cached views several times an epoch (20 epochs of 1,000 images
+# take 640 steps). On 20 images per class (4 steps a pass) the head was still learning after
+# 20 passes; a step on cached features costs milliseconds, a validation pass more, so the
+# epochs stay 20 ("Phase 1 on small sets", benchmarks/RESULTS.md).
 HEAD_EPOCHS = 20
 MIN_HEAD_STEPS = 600
 # Room for a whole-base fine-tuning to pay (the digits gain from 5 -> 10 epochs); early

@@ -186,10 +186,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
            f"{defaults.DROPOUT_WHOLE_BASE:g} in runs that fine-tune the whole base, "
            f"{defaults.DROPOUT_CACHED:g} otherwise", "model",
            valid=Interval(0, 1, "left"), auto=True),
-    Option("head_epochs", "auto", "phase 1 epochs (the head), or auto: "
-           f"{defaults.HEAD_EPOCHS}, more on a small training set, so that the head takes at "
-           f"least {defaults.MIN_HEAD_STEPS} steps (on cached features an epoch is nearly free)",
-           "phases", valid=Interval(1), auto=True),
+    Option("head_epochs", "auto", "phase 1 epochs (the head), each one pass over the training "
+           f"images; auto: {defaults.HEAD_EPOCHS} epochs of at least "
+           f"{defaults.MIN_HEAD_STEPS // defaults.HEAD_EPOCHS} steps, several passes each on a "
+           "small training set", "phases", valid=Interval(1), auto=True),
     Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
            "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int,
            valid=Interval(0)),

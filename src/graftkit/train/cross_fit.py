@@ -34,7 +34,7 @@ PREDICT_ROWS = 1024  # features per call of a fold's head
 class HeadSettings:
     """Phase 1's head and how it trains (a run's own, or the defaults before any run)."""
 
-    epochs: int | str = "auto"  # "auto": train.phases.head_epochs for the rows it trains on
+    epochs: int | str = "auto"  # "auto": train.phases.head_schedule for its rows
     lr: float = defaults.HEAD_LR
     dropout: float = defaults.DROPOUT_CACHED
     batch_size: int = defaults.BATCH_SIZE
@@ -63,16 +63,15 @@ def fit_head(features: np.ndarray, labels, num_classes: int, settings: HeadSetti
     import keras
 
     from graftkit.graft import build_head
-    from graftkit.train.phases import PhasePlan, _compile, head_epochs, steps, view_cycle
+    from graftkit.train.phases import PhasePlan, _compile, head_schedule, view_cycle
 
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
-    epochs = head_epochs(settings.epochs, len(labels), settings.batch_size)
+    epochs, per_epoch = head_schedule(settings.epochs, len(labels), settings.batch_size)
     plan = PhasePlan(epochs, 0, settings.lr, settings.lr, 0,
                      class_weight=settings.class_weight, training=settings.training)
     keras.utils.set_random_seed(seed)
     head = build_head(features.shape[1], num_classes, settings.dropout)
-    per_epoch = steps(len(labels), settings.batch_size)
     _compile(head, settings.lr, plan, per_epoch * epochs)
     head.fit(view_cycle([features], labels, settings.batch_size, seed, settings.class_weight),
              steps_per_epoch=per_epoch, epochs=epochs, verbose=0, shuffle=False)
@@ -117,7 +116,7 @@ def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSe
     from keras import layers
 
     from graftkit.train.optimizer import optimizer
-    from graftkit.train.phases import head_epochs, steps
+    from graftkit.train.phases import head_schedule
 
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
@@ -129,8 +128,7 @@ def out_of_fold(features: np.ndarray, labels, num_classes: int, settings: HeadSe
     h = layers.Dense(folds * num_classes, dtype="float32", name="heads")(h)
     out = layers.Softmax(axis=-1)(layers.Reshape((folds, num_classes))(h))
     model = keras.Model(x, out, name="fold_heads")
-    per_epoch = steps(n, settings.batch_size)
-    epochs = head_epochs(settings.epochs, n, settings.batch_size)
+    epochs, per_epoch = head_schedule(settings.epochs, n, settings.batch_size)
     model.compile(optimizer=optimizer(settings.lr, per_epoch * epochs, settings.training,
                                       model.trainable_variables),
                   loss=_held_out_loss(num_classes, folds, settings.training.label_smoothing))

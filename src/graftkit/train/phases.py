@@ -132,6 +132,7 @@ class PhasePlan:
     training: Training = field(default_factory=Training)
     deadline: float | None = None  # time.perf_counter() past which no fine-tuning epoch runs
     heads: int = 1  # phase 1 on features: heads trained from different seeds, then averaged
+    head_steps: int = 0  # phase 1 on features: steps an epoch, when more than one pass (0: one)
     history: list[dict] = field(default_factory=list)
     history_log: HistoryLog | None = None  # history.csv of the run folder
     task: Task = SINGLE_LABEL
@@ -308,14 +309,16 @@ def steps(n: int, batch_size: int, whole_batches: bool = False) -> int:
     return max(1, n // batch_size) if whole_batches else -(-n // batch_size)
 
 
-def head_epochs(requested: int | str, n: int, batch_size: int,
-                whole_batches: bool = False) -> int:
-    """Epochs of a head on ``n`` rows: as requested, or for "auto" ``defaults.HEAD_EPOCHS``,
-    more where ``n`` is small, so that the head takes ``defaults.MIN_HEAD_STEPS`` steps."""
+def head_schedule(requested: int | str, n: int, batch_size: int,
+                  whole_batches: bool = False) -> tuple[int, int]:
+    """``(epochs, steps an epoch)`` of a head on ``n`` cached rows: as requested, one pass an
+    epoch; for "auto" ``defaults.HEAD_EPOCHS`` epochs of at least ``defaults.MIN_HEAD_STEPS``
+    steps in all, so that a small set gets several passes an epoch (its steps cost little, a
+    validation pass costs more)."""
+    per_pass = steps(n, batch_size, whole_batches)
     if requested != "auto":
-        return int(requested)
-    per_epoch = steps(n, batch_size, whole_batches)
-    return max(defaults.HEAD_EPOCHS, -(-defaults.MIN_HEAD_STEPS // per_epoch))
+        return int(requested), per_pass
+    return defaults.HEAD_EPOCHS, max(per_pass, -(-defaults.MIN_HEAD_STEPS // defaults.HEAD_EPOCHS))
 
 
 def _cycle(views: list, labels, batch_size: int, seed: int, plan: PhasePlan,
@@ -373,7 +376,7 @@ def train_head_on_features(model, train_views: list[np.ndarray], y_train, val_fe
     that is exactly the average of their logits, an ensemble at the cost of one Dense layer.
     """
     start = time.perf_counter()
-    per_epoch = steps(len(y_train), batch_size, plan.whole_batches)
+    per_epoch = max(steps(len(y_train), batch_size, plan.whole_batches), plan.head_steps)
     val = _rows(val_features, y_val, plan.val_batch_size or batch_size)
     kept, epochs = [], 0
     for k in range(plan.heads):

@@ -252,13 +252,14 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
                 tensorboard: bool) -> Training:
     """The ``PhasePlan`` of both phases; what a resumed checkpoint already finished."""
     from graftkit.train.distribute import eval_batch_size
-    from graftkit.train.phases import Best, PhasePlan, PhaseResult, head_epochs
+    from graftkit.train.phases import Best, PhasePlan, PhaseResult, head_schedule
 
     options, dist = built.options, run.dist
     batch_size = dist.batch_size(options.batch_size)
-    # "auto" counts steps where epochs are nearly free: on cached features, not through the base
-    epochs = head_epochs(defaults.HEAD_EPOCHS if options.augment_head else options.head_epochs,
-                         len(data.folder.train), batch_size, dist.replicas > 1)
+    # "auto" adds steps where they are nearly free: on cached features, not through the base
+    epochs, head_steps = head_schedule(
+        defaults.HEAD_EPOCHS if options.augment_head else options.head_epochs,
+        len(data.folder.train), batch_size, dist.replicas > 1)
 
     def scaled(lr):  # a rate the range test finds is already for the global batch
         return lr if lr == "auto" else dist.learning_rate(lr)
@@ -272,6 +273,7 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
         val_batch_size=eval_batch_size(len(data.folder.val), batch_size, dist.replicas),
         training=options.training(), heads=options.heads,
         deadline=None if options.time_budget is None else run.started + options.time_budget,
+        head_steps=head_steps,
         task=task_of(data.folder.multi_label))
     if options.mode == "fine-tune":
         plan.patience = None  # every epoch runs; the best weights are still kept
@@ -448,7 +450,7 @@ def train_head_phase(run: RunContext, built: ModelPlan, data: PreparedData,
 
     A resumed run whose phase 1 is done takes its best weights back instead."""
     from graftkit.data.pipeline import make_dataset
-    from graftkit.train.phases import train_head, train_head_on_features
+    from graftkit.train.phases import steps, train_head, train_head_on_features
 
     options, plan, folder = built.options, training.plan, data.folder
     if training.phases:
@@ -464,10 +466,10 @@ def train_head_phase(run: RunContext, built: ModelPlan, data: PreparedData,
                 else "features computed once by the frozen base")
         if plan.head_lr == "auto":
             head_range_test(run, built, data, training, cut, frozen)
-        more = (f", {plan.head_epochs} epochs (at least {defaults.MIN_HEAD_STEPS} steps on "
-                f"{len(y_train)} training images)"
-                if options.head_epochs == "auto" and plan.head_epochs > defaults.HEAD_EPOCHS
-                else "")
+        passes = plan.head_steps / steps(len(y_train), training.batch_size, plan.whole_batches)
+        more = (f", {plan.head_epochs} epochs of {plan.head_steps} steps ({passes:.3g} passes "
+                f"over {len(y_train)} training images: at least {defaults.MIN_HEAD_STEPS} "
+                "steps in all)" if passes > 1 else "")
         run.log(f"phase 1: head on {what}{more}")
         training.phases.append(train_head_on_features(
             built.model, pooled, y_train, pooled_val, y_val, plan, training.best,

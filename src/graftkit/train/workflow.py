@@ -63,7 +63,7 @@ class FitOptions:
     weights: str | None = _D("weights")
     image_size: int | None = _D("image_size")
     dropout: float | str = _D("dropout")  # a rate, or "auto" until resolved
-    head_epochs: int | str = _D("head_epochs")  # a number, or "auto" (train.phases.head_epochs)
+    head_epochs: int | str = _D("head_epochs")  # a number, or "auto" (train.phases.head_schedule)
     fine_tune_epochs: int = _D("fine_tune_epochs")
     unfreeze: int | str = _D("unfreeze")  # blocks, "all", or "auto" until resolved
     mode: str = _D("mode")
