@@ -82,7 +82,7 @@ def _fast_outputs(fast, paths: list[str], size: int, tta: bool, progress,
         lambda p: decode_checked(p, size))
     done = 0
     for part in prefetched(decode, paths, chunk):
-        for pixels in (pixels for _, pixels in part):
+        for _, pixels in part:
             if isinstance(pixels, str):
                 assert unreadable is not None
                 unreadable[done] = pixels
