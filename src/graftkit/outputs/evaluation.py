@@ -111,12 +111,16 @@ def inputs_outputs(model, inputs, batch_size: int, tta: bool, progress, fast,
         inputs.checked()
     unreadable: dict[int, str] | None = {} if inputs.unchecked else None
     files = [i for i, p in enumerate(inputs.paths) if p is not None]
+    scored = None
+    if files or not inputs.paths:  # no image at all: still the outputs' shapes
+        scored = model_outputs(model, [inputs.paths[i] for i in files], batch_size, tta,
+                               progress, fast, unreadable)
+    if unreadable:  # gone from the rows before they are laid out
+        inputs.drop({files[j]: reason for j, reason in unreadable.items()})
+    inputs.unchecked = False
+    files = [i for i, p in enumerate(inputs.paths) if p is not None]
     held = [i for i, p in enumerate(inputs.paths) if p is None]
-    parts = []
-    if files or not held:
-        outs = model_outputs(model, [inputs.paths[i] for i in files], batch_size, tta, progress,
-                             fast, unreadable)
-        parts.append(([i for j, i in enumerate(files) if j not in (unreadable or {})], outs))
+    parts = [(files, scored)] if scored is not None else []
     if held:
         x = np.stack([inputs.pixels[i] for i in held]).astype(np.float32)
         outs = run_pixels(x)
@@ -124,17 +128,10 @@ def inputs_outputs(model, inputs, batch_size: int, tta: bool, progress, fast,
             mirrored = run_pixels(np.ascontiguousarray(x[:, :, ::-1]))
             outs = [*outs[:-1], (outs[-1] + mirrored[-1]) / 2]
         parts.append((held, outs))
-    n = len(inputs.names)
-    merged = [np.zeros((n, *o.shape[1:]), o.dtype) for o in parts[0][1]]
+    merged = [np.zeros((len(inputs.names), *o.shape[1:]), o.dtype) for o in parts[0][1]]
     for rows, outs in parts:
         for whole, part in zip(merged, outs):
             whole[rows] = part
-    if unreadable:
-        gone = {files[j]: reason for j, reason in unreadable.items()}
-        keep = [i for i in range(n) if i not in gone]
-        merged = [m[keep] for m in merged]
-        inputs.drop(gone)
-    inputs.unchecked = False
     return merged
 
 
