@@ -44,6 +44,7 @@ RESULTS = HERE / "multilabel-runs.jsonl"
 SCRATCH = Path(tempfile.gettempdir()) / "graftkit-bench" / "multilabel"
 SETTINGS: dict[str, dict] = {
     "defaults": {},
+    "views-5-lr-3e-4-ft-10": {"views": 5, "fine_tune_lr": 3e-4, "fine_tune_epochs": 10},
     "lr-1e-4": {"fine_tune_lr": 1e-4},
     "lr-3e-4": {"fine_tune_lr": 3e-4},
     "224px": {"image_size": 224},
@@ -51,6 +52,11 @@ SETTINGS: dict[str, dict] = {
     "224px-lr-3e-4-views-3": {"image_size": 224, "fine_tune_lr": 3e-4, "views": 3},
     "views-3": {"views": 3},
     "views-3-ft-8": {"views": 3, "fine_tune_epochs": 8},
+    "ft-7": {"fine_tune_epochs": 7},
+    "lr-5e-4-ft-6": {"fine_tune_lr": 5e-4, "fine_tune_epochs": 6},
+    "lr-5e-4-ft-7": {"fine_tune_lr": 5e-4, "fine_tune_epochs": 7},
+    "views-3-lr-5e-4-ft-6": {"views": 3, "fine_tune_lr": 5e-4, "fine_tune_epochs": 6},
+    "views-3-lr-5e-4-ft-7": {"views": 3, "fine_tune_lr": 5e-4, "fine_tune_epochs": 7},
     "engine-int8": {"engine_precision": "int8"},  # on OpenVINO where NNCF is installed
     # not an option of graft fit: the loss patched here, each label's positives weighted by
     # sqrt(negatives / positives) (clipped to 1-10), the usual remedy for rare labels
@@ -182,8 +188,9 @@ def table() -> str:
                    f"{h['example_f1']:.4f} at 0.5, {t['example_f1']:.4f} tuned | "
                    f"{h['micro_f1']:.4f} at 0.5 | {h['macro_f1']:.4f} at 0.5 | - |")
     fits = [r for r in rows if r["task"] == "fit"]
-    for name in dict.fromkeys(r["setting"] for r in fits):
-        mine = [r for r in fits if r["setting"] == name]
+    for key in dict.fromkeys(_setting(r) for r in fits):
+        mine = [r for r in fits if _setting(r) == key]
+        name = key
         warm = [r["seconds"] for r in mine if not r["cold"]]
         cold = [r["seconds"] for r in mine if r["cold"]]
         seconds = (f"{statistics.median(warm):.0f}" if warm else "-") + " / " + \
@@ -193,6 +200,16 @@ def table() -> str:
                    f"| {_mean([r['micro_f1'] for r in mine])} | "
                    f"{_mean([r['macro_f1'] for r in mine])} | {seconds} |")
     return "\n".join(out)
+
+
+def _setting(row: dict) -> str:
+    """A row's setting, and the defaults it ran under where they were not today's (rows of
+    earlier commits carry ``defaults_then``: "defaults" then meant other values)."""
+    then = row.get("defaults_then")
+    if not then:
+        return row["setting"]
+    return (f"{row['setting']} (on views {then['views']}, fine-tune lr {then['fine_tune_lr']:g}"
+            f", {then['fine_tune_epochs']} epochs)")
 
 
 def record(row: dict) -> None:

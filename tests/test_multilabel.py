@@ -240,6 +240,7 @@ def test_fit_multi_label_end_to_end(tmp_path):
               lr=1e-2, verbose=0, log=lambda _m: None)
     m = json.loads((run / "metrics.json").read_text())
     assert m["task"] == "multi_label" and m["val_accuracy"] is None
+    assert m["options"]["views"] == 3 and m["options"]["fine_tune_lr"] == 5e-4  # the task's
     s = m["multi_label"]
     assert s["map"] > 0.9, s  # three colours in fixed corners: easy
     assert len(s["per_label"]) == 3 and all(0 < r["threshold"] < 1 for r in s["per_label"])

@@ -210,11 +210,33 @@ def test_lr_find_runs_the_stages_to_its_test_and_writes_no_run(tmp_path):
     assert not (tmp_path / "lr" / ".checkpoint").exists()
 
 
+def test_the_task_decides_phase_2_and_views_unless_given():
+    """Several labels per image: a higher rate, fewer epochs, fewer cached views (measured on
+    ucm_multilabel); one label per image keeps its own defaults; a value given always wins."""
+    from graftkit import defaults
+
+    single = stages.resolve_auto(make_options(), 1000, 288).options
+    multi = stages.resolve_auto(make_options(), 1000, 288, multi_label=True).options
+    assert (single.fine_tune_lr, single.fine_tune_epochs, single.views) == (
+        defaults.FINE_TUNE_LR, defaults.FINE_TUNE_EPOCHS, defaults.VIEWS)
+    assert (multi.fine_tune_lr, multi.fine_tune_epochs, multi.views) == (
+        defaults.FINE_TUNE_LR_MULTI_LABEL, defaults.FINE_TUNE_EPOCHS_MULTI_LABEL,
+        defaults.VIEWS_MULTI_LABEL)
+    assert (multi.fine_tune_lr, multi.fine_tune_epochs, multi.views) != (
+        single.fine_tune_lr, single.fine_tune_epochs, single.views)
+    given = stages.resolve_auto(make_options(fine_tune_lr=1e-5, fine_tune_epochs=2, views=4),
+                                1000, 288, multi_label=True).options
+    assert (given.fine_tune_lr, given.fine_tune_epochs, given.views) == (1e-5, 2, 4)
+    assert make_options().fine_tunes and not make_options(fine_tune_epochs=0).fine_tunes
+
+
 def test_options_take_fits_defaults_and_refuse_unknown_names():
     from graftkit import defaults
 
     opts = make_options(head_epochs=3)
-    assert opts.head_epochs == 3 and opts.fine_tune_epochs == defaults.FINE_TUNE_EPOCHS
+    assert opts.head_epochs == 3 and opts.fine_tune_epochs is None  # the task's, once known
+    assert stages.resolve_auto(opts, 100, 224).options.fine_tune_epochs == \
+        defaults.FINE_TUNE_EPOCHS
     with pytest.raises(TypeError, match="head_epoch"):
         make_options(head_epoch=3)
 

@@ -190,9 +190,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
            f"images; auto: {defaults.HEAD_EPOCHS} epochs of at least "
            f"{defaults.MIN_HEAD_STEPS // defaults.HEAD_EPOCHS} steps, several passes each on a "
            "small training set", "phases", valid=Interval(1), auto=True),
-    Option("fine_tune_epochs", defaults.FINE_TUNE_EPOCHS,
-           "phase 2 epochs (fine-tuning); 0 skips phase 2", "phases", int,
-           valid=Interval(0)),
+    Option("fine_tune_epochs", None,
+           f"phase 2 epochs (fine-tuning; default {defaults.FINE_TUNE_EPOCHS}, "
+           f"{defaults.FINE_TUNE_EPOCHS_MULTI_LABEL} with several labels per image); 0 skips "
+           "phase 2", "phases", int, valid=Interval(0)),
     Option("unfreeze", defaults.UNFREEZE,
            "auto, all, or the number of top blocks to fine-tune (trained on cached "
            "activations); auto: all where that is cheap (at most "
@@ -244,9 +245,10 @@ FIT_OPTIONS: tuple[Option, ...] = (
     Option("augment", None, "augmentations, e.g. 'flip,rotation=0.1,zoom=0.1,contrast=0.1' "
            "(the default, also named 'basic'), 'style' (basic plus brightness, saturation, "
            "hue, grayscale), or none; also crop and augmix (docs/guide.md)", "augmentation"),
-    Option("views", defaults.VIEWS, "views per training image run once through the frozen "
-           "part of the base: the image and VIEWS-1 augmented ones", "augmentation", int,
-           valid=Interval(1)),
+    Option("views", None, "views per training image run once through the frozen "
+           "part of the base: the image and VIEWS-1 augmented ones (default "
+           f"{defaults.VIEWS}; {defaults.VIEWS_MULTI_LABEL} with several labels per image)",
+           "augmentation", int, valid=Interval(1)),
     Option("augment_head", False, "phase 1 the guide's way: through the frozen base every "
            "epoch, fresh augmentation", "augmentation", bool),
     Option("precision", defaults.PRECISION, "Keras dtype policy of the base (the head stays "

@@ -128,7 +128,7 @@ def _fast_path(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
     if not bottom_unchanged:  # the whole base was fine-tuned: the engine no longer matches
         return None, None
     options = built.options
-    top_n = cut_blocks(options.unfreeze, options.fine_tune_epochs, options.mode)
+    top_n = cut_blocks(options.unfreeze, cut.fine_tune_epochs, options.mode)
     part = frozen.part if frozen is not None else None
     try:
         return SplitClassifier(model, built.info.block_pattern, top_n, cut.engine_key,

@@ -177,11 +177,17 @@ class Resolved:
 def resolve_auto(options: FitOptions, num_train: int, size: int,
                  multi_label: bool = False) -> Resolved:
     """The "auto" options as values for ``num_train`` images at ``size`` px (no model needed),
-    and the phase 2 rate of the task when none was given."""
+    and the task's phase 2 rate and epochs and cached views where none were given."""
     reason = "given"
     if options.fine_tune_lr is None:
         options = dataclasses.replace(options, fine_tune_lr=(
             defaults.FINE_TUNE_LR_MULTI_LABEL if multi_label else defaults.FINE_TUNE_LR))
+    if options.fine_tune_epochs is None:
+        options = dataclasses.replace(options, fine_tune_epochs=(
+            defaults.FINE_TUNE_EPOCHS_MULTI_LABEL if multi_label else defaults.FINE_TUNE_EPOCHS))
+    if options.views is None:
+        options = dataclasses.replace(options, views=(
+            defaults.VIEWS_MULTI_LABEL if multi_label else defaults.VIEWS))
     if options.unfreeze == "auto":
         resolved, reason = auto_unfreeze(num_train, size)
         options = dataclasses.replace(options, unfreeze=resolved)
@@ -265,7 +271,7 @@ def plan_phases(run: RunContext, built: ModelPlan, data: PreparedData, resume: R
         return lr if lr == "auto" else dist.learning_rate(lr)
 
     plan = PhasePlan(
-        epochs, options.fine_tune_epochs, scaled(options.lr),
+        epochs, cast(int, options.fine_tune_epochs), scaled(options.lr),
         scaled(options.fine_tune_lr), options.unfreeze, verbose=run.verbose,
         class_weight=built.class_weight, checkpoint=resume.checkpoint,
         tensorboard_dir=run.run_dir / "tensorboard" if tensorboard and dist.chief else None,
@@ -299,8 +305,8 @@ def cut_base(run: RunContext, built: ModelPlan, training: Training) -> CutPlan:
     from graftkit.frozen.cut import cut_blocks, part_key, split_base
 
     options, info = built.options, built.info
-    ft_epochs = options.fine_tune_epochs if options.fine_tunes else 0
-    fine_tune_top = cut_blocks(options.unfreeze, options.fine_tune_epochs, options.mode) > 0
+    ft_epochs = cast(int, options.fine_tune_epochs) if options.fine_tunes else 0
+    fine_tune_top = cut_blocks(options.unfreeze, ft_epochs, options.mode) > 0
     split = (split_base(built.base_model, info.block_pattern, int(options.unfreeze))
              if fine_tune_top else None)
     if fine_tune_top and split is None:
@@ -313,7 +319,7 @@ def cut_base(run: RunContext, built: ModelPlan, training: Training) -> CutPlan:
                          "give --fine-tune-lr a number")
     split = split if split is not None else split_base(built.base_model, info.block_pattern, 0)
     assert split is not None  # a cut below no block: the whole base frozen, always possible
-    views = options.views if options.augment else 1
+    views = cast(int, options.views) if options.augment else 1
     need_cache = ((not training.phases and not options.augment_head)
                   or (cached_phase2 and len(training.phases) < 2))
     if (options.augment and views == 1 and not options.augment_head

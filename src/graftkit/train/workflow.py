@@ -64,7 +64,7 @@ class FitOptions:
     image_size: int | None = _D("image_size")
     dropout: float | str = _D("dropout")  # a rate, or "auto" until resolved
     head_epochs: int | str = _D("head_epochs")  # a number, or "auto" (train.phases.head_schedule)
-    fine_tune_epochs: int = _D("fine_tune_epochs")
+    fine_tune_epochs: int | None = _D("fine_tune_epochs")  # None: the task's default
     unfreeze: int | str = _D("unfreeze")  # blocks, "all", or "auto" until resolved
     mode: str = _D("mode")
     time_budget: float | None = _D("time_budget")
@@ -80,7 +80,7 @@ class FitOptions:
     lr_decay: float = _D("lr_decay")
     batch_size: int = _D("batch_size")
     augment: dict[str, float | bool] | None = _D("augment")  # parsed: None is no augmentation
-    views: int = _D("views")
+    views: int | None = _D("views")  # None: the task's default
     augment_head: bool = _D("augment_head")
     precision: str = _D("precision")
     engine_precision: str = _D("engine_precision")
@@ -89,7 +89,9 @@ class FitOptions:
 
     @property
     def fine_tunes(self) -> bool:
-        return self.mode != "head" and self.fine_tune_epochs > 0
+        """Phase 2 runs (every task's default number of epochs is above 0)."""
+        return self.mode != "head" and (self.fine_tune_epochs is None
+                                        or self.fine_tune_epochs > 0)
 
     def training(self):
         from graftkit.train.optimizer import Training
