@@ -188,9 +188,8 @@ def table() -> str:
                    f"{h['example_f1']:.4f} at 0.5, {t['example_f1']:.4f} tuned | "
                    f"{h['micro_f1']:.4f} at 0.5 | {h['macro_f1']:.4f} at 0.5 | - |")
     fits = [r for r in rows if r["task"] == "fit"]
-    for key in dict.fromkeys(_setting(r) for r in fits):
-        mine = [r for r in fits if _setting(r) == key]
-        name = key
+    for name in dict.fromkeys(_setting(r) for r in fits):
+        mine = [r for r in fits if _setting(r) == name]
         warm = [r["seconds"] for r in mine if not r["cold"]]
         cold = [r["seconds"] for r in mine if r["cold"]]
         seconds = (f"{statistics.median(warm):.0f}" if warm else "-") + " / " + \

@@ -38,10 +38,10 @@ HEAD_LR = 1e-3
 FINE_TUNE_LR = 1e-4
 # Several labels per image (sigmoids, binary cross-entropy): at 1e-4 the top blocks were still
 # improving after 10 epochs on ucm_multilabel; 3e-4 gained 0.4 points of mAP and 1 of
-# example-based F1. 5e-4 for 7 epochs on 3 cached views scores as 3e-4 for 10 on 5 (mAP
-# 0.9774 against 0.9781, example-based F1 0.9066 against 0.9084, 3 seeds each) and makes a
-# first run 25% shorter: the frozen pass runs 5,460 views instead of 8,820 and phase 2 stops
-# 3 epochs sooner (docs/multilabel.md, benchmarks/multilabel.py).
+# example-based F1. 5e-4 for 7 epochs on 3 cached views scores as 3e-4 for 10 on 5 (side by
+# side, 3 seeds each: mAP 0.9774 against 0.9781, example-based F1 0.9066 against 0.9067) and
+# makes a first run a quarter shorter: the frozen pass runs 5,460 views instead of 8,820 and
+# phase 2 stops 3 epochs sooner (docs/multilabel.md, benchmarks/multilabel.py).
 FINE_TUNE_LR_MULTI_LABEL = 5e-4
 FINE_TUNE_EPOCHS_MULTI_LABEL = 7
 VIEWS_MULTI_LABEL = 3

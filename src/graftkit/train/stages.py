@@ -179,15 +179,13 @@ def resolve_auto(options: FitOptions, num_train: int, size: int,
     """The "auto" options as values for ``num_train`` images at ``size`` px (no model needed),
     and the task's phase 2 rate and epochs and cached views where none were given."""
     reason = "given"
-    if options.fine_tune_lr is None:
-        options = dataclasses.replace(options, fine_tune_lr=(
-            defaults.FINE_TUNE_LR_MULTI_LABEL if multi_label else defaults.FINE_TUNE_LR))
-    if options.fine_tune_epochs is None:
-        options = dataclasses.replace(options, fine_tune_epochs=(
-            defaults.FINE_TUNE_EPOCHS_MULTI_LABEL if multi_label else defaults.FINE_TUNE_EPOCHS))
-    if options.views is None:
-        options = dataclasses.replace(options, views=(
-            defaults.VIEWS_MULTI_LABEL if multi_label else defaults.VIEWS))
+    task: dict[str, Any] = {  # option: (one class per image, several labels per image)
+        "fine_tune_lr": (defaults.FINE_TUNE_LR, defaults.FINE_TUNE_LR_MULTI_LABEL),
+        "fine_tune_epochs": (defaults.FINE_TUNE_EPOCHS, defaults.FINE_TUNE_EPOCHS_MULTI_LABEL),
+        "views": (defaults.VIEWS, defaults.VIEWS_MULTI_LABEL)}
+    options = dataclasses.replace(options, **{name: values[multi_label]
+                                              for name, values in task.items()
+                                              if getattr(options, name) is None})
     if options.unfreeze == "auto":
         resolved, reason = auto_unfreeze(num_train, size)
         options = dataclasses.replace(options, unfreeze=resolved)
