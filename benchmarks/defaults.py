@@ -80,6 +80,7 @@ SETTINGS: dict[str, dict] = {
     "ft-lr-3e-4": {"fine_tune_lr": 3e-4},
     "ft-lr-1e-3": {"fine_tune_lr": 1e-3},
     "lr-auto": {"lr": "auto", "fine_tune_lr": "auto"},
+    "ft-lr-auto": {"fine_tune_lr": "auto"},  # phase 2's range test (its "climb" rule)
     "unfreeze-1": {"unfreeze": 1},
     "unfreeze-3": {"unfreeze": 3},
     "unfreeze-4": {"unfreeze": 4},

@@ -10,7 +10,7 @@ import pytest
 
 from graftkit import defaults
 from graftkit.cli import main
-from graftkit.train.lr_range import range_test, suggest
+from graftkit.train.lr_range import before_the_climb, range_test, suggest, why
 
 from .conftest import make_folder
 
@@ -27,6 +27,23 @@ def test_suggest_finds_the_steepest_fall_before_the_minimum():
     settling = [3.0, 2.6, 2.2, *losses[3:]]
     assert 10 ** -3.2 <= suggest(lrs, settling)[0] <= 10 ** -2.8
     assert suggest([1e-3, 1e-2], [1.0, 0.5]) == (1e-3, 1e-2)  # too few points: minimum / 10
+
+
+def test_from_a_trained_head_the_suggestion_stays_a_decade_below_the_climb():
+    """Phase 2's curve: flat with batch noise (a dip at the start, a drift of a third), then a
+    climb at 1e-3. The steepest fall lands on the noise; the climb rule a tenth of 1e-3."""
+    rng = np.random.default_rng(0)
+    lrs = list(np.logspace(-7, -2, 120))
+    logs = np.log10(lrs)
+    flat = 0.3 + 0.1 * (logs + 7) / 4 + rng.normal(0, 0.01, len(lrs))  # 0.3 -> 0.4 by 1e-3
+    flat[12:20] -= 0.08  # a lucky run of batches early on
+    losses = list(flat + np.where(logs > -3, 30 * (logs + 3) ** 2, 0.0))
+    assert suggest(lrs, losses)[0] < 1e-5  # the noise's "steepest fall"
+    assert 0.5e-4 <= before_the_climb(lrs, losses) <= 1.2e-4
+    # A curve that never climbs has no edge: a tenth of its minimum's rate.
+    assert before_the_climb(lrs, list(flat)) == pytest.approx(lrs[int(np.argmin(flat[12:])) + 12] / 10)
+    text = why({"rule": "climb", "suggestion": 1e-4, "steps": 120})
+    assert text == "a tenth of 0.001, where the smoothed loss starts to climb, over 120 steps"
 
 
 def _batches(seed=0, n=64, dim=16):
@@ -57,7 +74,8 @@ def test_lr_find_and_fit_lr_auto(tmp_path, capsys):
     out = tmp_path / "lr"
     assert main(["lr-find", str(data), "--out", str(out), "--phase", "fine-tune", *common]) == 0
     printed = capsys.readouterr().out
-    assert "suggested --fine-tune-lr" in printed
+    assert "suggested --fine-tune-lr" in printed and "where the smoothed loss starts to climb" \
+        in printed  # phase 2 starts from a trained head: the climb rule
     assert printed.count("suggest") == 1, printed  # the answer, once
     assert not (out / "lr_find_head.png").exists()  # phase 1 ran at the given --lr
     assert (out / "lr_find_fine_tune.png").stat().st_size > 0

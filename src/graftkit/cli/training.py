@@ -73,14 +73,14 @@ def cmd_refit(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
+    from graftkit.train.lr_range import why
     from graftkit.train.workflow import lr_find
 
     phase = args.phase.replace("-", "_")
     tests = lr_find(args.data_dir, args.out, phase, overwrite=True, **_training_kwargs(args))
     test = tests[phase]
     print(f"\nsuggested {'--lr' if phase == 'head' else '--fine-tune-lr'} {test['suggestion']:.3g}"
-          f"  (steepest fall of the smoothed loss over {test['steps']} steps; loss lowest at "
-          f"{test['minimum']:.3g}; plot {Path(args.out) / test['plot']})")
+          f"  ({why(test)}; plot {Path(args.out) / test['plot']})")
     return 0
 
 

@@ -3,11 +3,20 @@
 Method: train a copy of the phase's model for ``steps`` batches while the learning rate grows
 exponentially from ``min_lr`` to ``max_lr``, one rate per batch, recording each batch's loss.
 The loss is smoothed (exponential moving average, bias-corrected) and the test stops once it
-passes ``diverge`` times its minimum. The suggestion is the rate where the smoothed loss falls
-fastest against log(rate) (the steepest descent, over spans of a twentieth of the test, the first
-tenth skipped while the average settles), searched below the minimum's rate: well below
-where training diverges, high enough to learn quickly. Weights are restored afterwards, so the
-test changes nothing; on cached features and activations it takes seconds.
+passes ``diverge`` times its minimum. Weights are restored afterwards, so the test changes
+nothing; on cached features and activations it takes seconds.
+
+Two ways to read the curve, one per phase:
+
+- ``steepest`` (phase 1, a new head from random weights): the rate where the smoothed loss falls
+  fastest against log(rate) (over spans of a twentieth of the test, the first tenth skipped
+  while the average settles), searched below the minimum's rate: well below where training
+  diverges, high enough to learn quickly.
+- ``climb`` (phase 2, from phase 1's trained head): the loss has little left to fall, so the
+  curve is flat until it climbs, and its steepest fall is batch noise (it moved by four decades
+  from seed to seed). The suggestion is a tenth of the last rate at which the smoothed loss is
+  still within ``CLIMB_BAND`` times its median (fastai's advice for a model already trained: well
+  before the loss gets worse).
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ MIN_LR = 1e-7
 MAX_LR = 1.0
 SMOOTHING = 0.95  # EMA factor of the loss
 DIVERGE = 4.0  # stop once the smoothed loss passes this multiple of its minimum
+CLIMB_BAND = 1.5  # "climbing": above this multiple of the curve's median
+RULES = {"steepest": "steepest descent of the smoothed loss below its minimum",
+         "climb": "a tenth of the rate where the smoothed loss leaves 1.5x its median for good"}
 
 
 @dataclass
@@ -33,10 +45,11 @@ class RangeTest:
     losses: list[float] = field(default_factory=list)  # smoothed
     suggestion: float = float("nan")
     minimum: float = float("nan")  # the rate at the smoothed loss's minimum
+    rule: str = "steepest"
 
     def as_dict(self) -> dict:
         return {"suggestion": self.suggestion, "minimum": self.minimum, "steps": len(self.lrs),
-                "method": "steepest descent of the smoothed loss below its minimum"}
+                "rule": self.rule, "method": RULES[self.rule]}
 
     def plot(self, path: Path, title: str = "") -> None:
         import matplotlib
@@ -60,6 +73,15 @@ class RangeTest:
         plt.close(fig)
 
 
+def why(test: dict) -> str:
+    """How a test's suggestion (``RangeTest.as_dict``) was read off its curve, for a log line."""
+    if test.get("rule") == "climb":
+        return (f"a tenth of {test['suggestion'] * 10:.3g}, where the smoothed loss starts to "
+                f"climb, over {test['steps']} steps")
+    return (f"steepest fall of the smoothed loss over {test['steps']} steps; loss lowest at "
+            f"{test['minimum']:.3g}")
+
+
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     """``(steepest, minimum)``: the rate of the steepest fall before the minimum, and the minimum's.
 
@@ -80,14 +102,30 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     return float(lrs[best]), minimum
 
 
+def before_the_climb(lrs: list[float], losses: list[float]) -> float:
+    """A tenth of the last rate at which the smoothed loss is within ``CLIMB_BAND`` times its
+    median (the first tenth of the test skipped, as in ``suggest``). A curve that never leaves
+    the band gives a tenth of its minimum's rate, as ``suggest`` does with too few points."""
+    skip = max(3, len(losses) // 10)
+    skip = skip if len(losses) > skip else 0
+    loss = np.asarray(losses[skip:])
+    median = float(np.median(loss))
+    if loss[-1] <= CLIMB_BAND * median:  # it never climbed: no edge to stay below
+        return float(lrs[skip + int(np.argmin(loss))]) / 10
+    under = np.flatnonzero(loss <= CLIMB_BAND * median)
+    return float(lrs[skip + int(under.max())]) / 10
+
+
 def range_test(model, batches, steps: int = STEPS, min_lr: float = MIN_LR,
-               max_lr: float = MAX_LR, diverge: float = DIVERGE) -> RangeTest:
-    """Run the test on a compiled ``model`` over ``batches`` (an iterable of ``(x, y[, w])``).
+               max_lr: float = MAX_LR, diverge: float = DIVERGE,
+               rule: str = "steepest") -> RangeTest:
+    """Run the test on a compiled ``model`` over ``batches`` (an iterable of ``(x, y[, w])``);
+    ``rule`` reads the suggestion off the curve (``RULES``).
 
     ``model``'s optimizer must have a settable learning rate; its weights are restored after.
     """
     saved = model.get_weights()
-    result = RangeTest()
+    result = RangeTest(rule=rule)
     factor = (max_lr / min_lr) ** (1 / max(steps - 1, 1))
     avg, best = 0.0, math.inf
     try:
@@ -112,4 +150,6 @@ def range_test(model, batches, steps: int = STEPS, min_lr: float = MIN_LR,
     if not result.lrs:
         raise ValueError("the range test got no finite loss")
     result.suggestion, result.minimum = suggest(result.lrs, result.losses)
+    if rule == "climb":
+        result.suggestion = before_the_climb(result.lrs, result.losses)
     return result

@@ -435,7 +435,9 @@ def find_top_lr(model, base, block_pattern: str, top: keras.Model, train_views: 
     try:
         probe = _top_trainer(model, top)
         _compile(probe, MIN_LR, plan)
-        return range_test(probe, _cycle(train_views, y_train, batch_size, seed, plan))
+        # from a trained head: the curve is flat until it climbs (lr_range's "climb" rule)
+        return range_test(probe, _cycle(train_views, y_train, batch_size, seed, plan),
+                          rule="climb")
     finally:
         freeze(base)
 

@@ -401,14 +401,16 @@ def _rows(frozen: FrozenOutputs | None) -> tuple[Extracted, Extracted]:
 
 def _lr_test_done(run: RunContext, test: RangeTest, phase: str) -> dict:
     """Log and plot a range test; its figures for metrics.json."""
+    from graftkit.train.lr_range import why
+
     name = f"lr_find_{phase}.png"
     write = run.dist.chief
     if write:
         test.plot(run.run_dir / name, f"learning-rate range test, {phase.replace('_', '-')} phase")
     if run.writes:  # graft lr-find prints its suggestion once, as its answer
         run.log(f"lr auto ({phase.replace('_', '-')}): range test over {len(test.lrs)} steps "
-                f"suggests {test.suggestion:.3g} (steepest fall of the loss; its minimum at "
-                f"{test.minimum:.3g})" + (f"; plot: {run.run_dir / name}" if write else ""))
+                f"suggests {test.suggestion:.3g} ({why(test.as_dict())})"
+                + (f"; plot: {run.run_dir / name}" if write else ""))
     return {**test.as_dict(), "plot": name if write else None}
 
 
