@@ -217,6 +217,8 @@ def run_one(name: str, setting: str, seed: int, scratch: Path, shared: Path = SH
             "val_accuracy": m["val_accuracy"], "phase1": m["phases"][0]["best_val_accuracy"],
             "mode": (m.get("mode") or {}).get("chosen"), "seconds": round(seconds, 1),
             "phases": [(p["name"], p["epochs"], p["seconds"]) for p in m["phases"]],
+            "rates": {k: v for k, v in (m.get("learning_rates") or {}).items()
+                      if k in ("head", "fine_tune")},
             "engine": " ".join(str((m.get("frozen_outputs") or {}).get(k, "")).replace("f32", "")
                                for k in ("engine", "precision")).strip(),
             "cpu": cpu_tag(), **shift}

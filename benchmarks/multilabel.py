@@ -46,6 +46,7 @@ SETTINGS: dict[str, dict] = {
     "defaults": {},
     "views-5-lr-3e-4-ft-10": {"views": 5, "fine_tune_lr": 3e-4, "fine_tune_epochs": 10},
     "lr-1e-4": {"fine_tune_lr": 1e-4},
+    "ft-lr-auto": {"fine_tune_lr": "auto"},  # phase 2's range test (its "climb" rule)
     "lr-3e-4": {"fine_tune_lr": 3e-4},
     "224px": {"image_size": 224},
     "224px-lr-3e-4": {"image_size": 224, "fine_tune_lr": 3e-4},
@@ -151,6 +152,7 @@ def fit(settings: list[str], seeds: list[int], cold: bool) -> None:
                     "cold": cold, "seconds": round(seconds, 1),
                     "frozen_seconds": (m.get("frozen_outputs") or {}).get("seconds"),
                     "image_size": m["image_size"], "mode": m["mode"]["chosen"],
+                    "fine_tune_lr": (m.get("learning_rates") or {}).get("fine_tune"),
                     "engine": " ".join(str((m.get("frozen_outputs") or {}).get(k, ""))
                                        for k in ("engine", "precision")),
                     "calibrated": _calibrated(m.get("calibration") or {}),
