@@ -399,3 +399,37 @@ def test_int8_runs_on_openvino_on_x86_with_nncf_and_on_tflite_elsewhere(monkeypa
         assert runtimes.int8_runtime("keras") == ""
     monkeypatch.setattr(runtimes, "openvino_int8_available", lambda: False)  # no NNCF
     assert runtimes.int8_runtime() == "tflite" and runtimes.int8_runtime("openvino") == ""
+
+
+@pytest.mark.integration
+def test_a_head_kept_by_mode_auto_is_served_the_features_it_trained_on(tmp_path):
+    """Phase 1 trains the head on the int8 engine's pooled output (the pretrained top blocks
+    run by the engine). When --mode auto keeps that head, the final scores and graft predict
+    read the same output, not the top blocks again in Keras (which round differently)."""
+    import graftkit
+    from graftkit.data.images import load_image
+    from graftkit.graft import HEAD_DROPOUT
+    from tests.conftest import make_folder
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    run = tmp_path / "run"
+    # phase 2 at a rate that wrecks it: the head is kept
+    graftkit.fit(data, run, engine_precision="int8", image_size=64, head_epochs=3,
+                 fine_tune_epochs=1, unfreeze=2, fine_tune_lr=0.5, batch_size=8,
+                 label_folds=0, verbose=0, log=lambda _m: None)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["mode"]["chosen"] == "head" and m["frozen_outputs"]["precision"] == "int8"
+    assert m["val_accuracy"] == pytest.approx(m["phases"][0]["best_val_accuracy"])
+    loaded = graftkit.load(run)
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = [r["path"] for r in rows]
+    probs = loaded.predict_proba(paths)
+    split = loaded._split
+    assert split is not None and split.index == 1  # the engine's pooled output
+    pixels = np.stack([load_image(p, 64) for p in paths]).astype(np.float32)
+    pooled = split.frozen(pixels)[1]
+    head = keras.Model(loaded.model.get_layer(HEAD_DROPOUT).input, loaded.model.output)
+    np.testing.assert_allclose(probs, keras.ops.convert_to_numpy(head(pooled)), atol=1e-6)
+    np.testing.assert_allclose(probs.max(axis=1), [float(r["probability"]) for r in rows],
+                               atol=2e-6)  # the fit's final scores came the same way

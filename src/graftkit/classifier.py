@@ -114,13 +114,14 @@ class Classifier:
             return None
 
     @property
-    def _top_blocks(self) -> int:
-        """The blocks the run fine-tuned above its frozen bottom (runs without options: none)."""
-        from graftkit.frozen.cut import cut_blocks
+    def _serving_cut(self) -> tuple[int, int]:
+        """``(top_n, pooled_top)``: the blocks the run fine-tuned above its frozen bottom, or
+        those its engine ran for a head ``--mode auto`` kept (runs without options: none)."""
+        from graftkit.frozen.cut import serving_cut
 
         options = self.record.options
-        return cut_blocks(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
-                          options.get("mode"))
+        return serving_cut(options.get("unfreeze", 0), options.get("fine_tune_epochs", 0),
+                           options.get("mode"), (self.record.mode or {}).get("chosen"))
 
     def _fast_path(self, model) -> SplitClassifier | None:
         """The frozen bottom through TFLite + the rest in Keras, when the model splits."""
@@ -129,9 +130,11 @@ class Classifier:
             from graftkit.frozen.precision import run_engine
 
             self._split_made = True
-            self._split = split_classifier(model, self.record.backbone, self._top_blocks,
+            top_n, pooled_top = self._serving_cut
+            self._split = split_classifier(model, self.record.backbone, top_n,
                                            self.record.engine_key,
-                                           run_engine(self.record.frozen_outputs, self.run_dir))
+                                           run_engine(self.record.frozen_outputs, self.run_dir),
+                                           pooled_top)
             if self._split:  # a conversion, the engine choice or a fallback: said on stderr
                 self._split.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._split
@@ -337,8 +340,9 @@ class Classifier:
             from graftkit.frozen.precision import run_engine
             from graftkit.outputs.heatmaps import FeatureMaps
 
+            # the feature map above the engine's cut, in Keras (a kept head included)
             self._maps = FeatureMaps(self.model, block_pattern_of(self.record.backbone),
-                                     self._top_blocks, self.record.engine_key,
+                                     sum(self._serving_cut), self.record.engine_key,
                                      run_engine(self.record.frozen_outputs, self.run_dir))
             self._maps.frozen.notify = lambda text: print(text, file=sys.stderr, flush=True)
         return self._maps

@@ -111,6 +111,20 @@ def cut_blocks(unfreeze: int | str, fine_tune_epochs: int, mode: str | None = No
     return unfreeze if isinstance(unfreeze, int) and fine_tunes else 0
 
 
+def serving_cut(unfreeze: int | str, fine_tune_epochs: int, mode: str | None,
+                chosen: str | None) -> tuple[int, int]:
+    """``(top_n, pooled_top)`` of a finished run's fast path.
+
+    A run cut below its top blocks whose ``--mode auto`` kept the head (``chosen`` "head")
+    trained that head on the frozen part's pooled output, the pretrained top blocks run by the
+    engine with the bottom. It is served the same way (``pooled_top`` blocks above the engine's
+    cut, the head alone in Keras): in int8 the top blocks round differently from Keras, and
+    the head would meet features it never saw (a point of validation accuracy either way).
+    """
+    top_n = cut_blocks(unfreeze, fine_tune_epochs, mode)
+    return (0, top_n) if top_n and chosen == "head" else (top_n, 0)
+
+
 
 def split_base(base: keras.Model, block_pattern: str, top_n: int) -> BaseSplit | None:
     """Cut ``base`` below its top ``top_n`` blocks; None where no single tensor separates them.
@@ -155,9 +169,12 @@ class SplitClassifier:
 
     def __init__(self, model: keras.Model, block_pattern: str, top_n: int,
                  engine_key: str | None = None, frozen: FrozenPart | None = None,
-                 int8_engine: EngineFile | None = None):
+                 int8_engine: EngineFile | None = None, pooled_top: int = 0):
         from graftkit.graft import BASE, HEAD_DROPOUT
 
+        # ``pooled_top``: the engine is the fit's frozen part cut below this many blocks
+        # ([cut activations, pooled features]); its pooled output feeds the head (serving_cut)
+        self.index = 1 if pooled_top else 0
         if top_n > 0:
             first = first_above(block_groups(model.get_layer(BASE), block_pattern), top_n)
             if first is None:
@@ -178,8 +195,16 @@ class SplitClassifier:
         # through layers trained since (fit's pooled features, through the fine-tuned top).
         if frozen is not None:
             frozen.checked_outputs = 1
+        engine_model = self.bottom
+        if frozen is None and pooled_top:
+            split = split_base(model.get_layer(BASE), block_pattern, pooled_top)
+            if split is None or split.top is None:
+                raise ValueError(f"cannot cut below {pooled_top} blocks")
+            engine_model = split.frozen_model()
+            if not engine_key or not engine_path(engine_key).is_file():
+                key = part_key(engine_model, size, split.cut)
         # ``int8_engine``: an int8 run's engine (its head trained on that engine's outputs)
-        self.frozen = frozen or FrozenPart(self.bottom, key, engine_file=int8_engine)
+        self.frozen = frozen or FrozenPart(engine_model, key, engine_file=int8_engine)
 
     def plan(self, images: int) -> str:
         return self.frozen.plan(images)
@@ -190,7 +215,7 @@ class SplitClassifier:
 
     def outputs(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Every output of the model (``[features, probabilities]`` for ``with_features``)."""
-        return self.rest_outputs(self.frozen(pixels)[0])
+        return self.rest_outputs(self.frozen(pixels)[self.index])
 
     def rest_outputs(self, cut: np.ndarray) -> list[np.ndarray]:
         """The model's outputs from the bottom's outputs (e.g. cached activations)."""
@@ -210,13 +235,13 @@ def block_pattern_of(backbone: str | None) -> str:
 
 
 def split_classifier(model: keras.Model, backbone: str | None, top_n: int,
-                     key: str | None, int8_engine: EngineFile | None = None
-                     ) -> SplitClassifier | None:
+                     key: str | None, int8_engine: EngineFile | None = None,
+                     pooled_top: int = 0) -> SplitClassifier | None:
     """The fast path for a run's model, cut below its top ``top_n`` blocks (what the run
     fine-tuned) with the cached engine ``key`` (or an int8 run's engine); None if the model
-    does not split."""
+    does not split. ``pooled_top``: see ``serving_cut``."""
     try:
         return SplitClassifier(model, block_pattern_of(backbone), top_n, key,
-                               int8_engine=int8_engine)
+                               int8_engine=int8_engine, pooled_top=pooled_top)
     except (ValueError, KeyError):
         return None

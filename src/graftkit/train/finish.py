@@ -72,7 +72,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
         plain.set_weights(model.get_weights())
         model = plain
     featured = with_features(model)  # [penultimate features, probabilities] in one pass
-    fast, engine_key = _fast_path(built, cut, frozen, featured)
+    fast, engine_key = _fast_path(built, cut, frozen, featured, (mode or {}).get("chosen"))
     train_features = _training_features(run, data, frozen, featured, fast)
     closest = build_closest(train_features, folder.train.paths,
                             [folder.label_text(y) for y in folder.train.labels], run.log)
@@ -119,20 +119,22 @@ def _explain_report(run: RunContext, clf: Classifier) -> None:
 
 
 def _fast_path(built: ModelPlan, cut: CutPlan, frozen: FrozenOutputs | None,
-                 model: keras.Model) -> tuple[SplitClassifier | None, str | None]:
+               model: keras.Model, chosen: str | None) -> tuple[SplitClassifier | None, str | None]:
     """The split path of ``model`` (the final model, or ``with_features`` of it: frozen bottom
-    on its engine) for the final scores, when still valid; and the engine's key."""
-    from graftkit.frozen.cut import SplitClassifier, cut_blocks
+    on its engine) for the final scores, when still valid; and the engine's key. A head kept
+    by ``--mode auto`` (``chosen``) reads the engine's pooled output it trained on."""
+    from graftkit.frozen.cut import SplitClassifier, serving_cut
 
     bottom_unchanged = cut.cached_phase2 or cut.fine_tune_epochs == 0
     if not bottom_unchanged:  # the whole base was fine-tuned: the engine no longer matches
         return None, None
     options = built.options
-    top_n = cut_blocks(options.unfreeze, cut.fine_tune_epochs, options.mode)
+    top_n, pooled_top = serving_cut(options.unfreeze, cut.fine_tune_epochs, options.mode,
+                                    chosen)
     part = frozen.part if frozen is not None else None
     try:
         return SplitClassifier(model, built.info.block_pattern, top_n, cut.engine_key,
-                               part), cut.engine_key
+                               part, pooled_top=pooled_top), cut.engine_key
     except ValueError:
         return None, cut.engine_key
 
@@ -143,7 +145,7 @@ def _training_features(run: RunContext, data: PreparedData, frozen: FrozenOutput
     statistics): from the cached frozen outputs while they still hold, else one more pass."""
     ex = frozen.train if frozen is not None else None
     if fast is not None and ex is not None:
-        rows, out = ex.views[0][0], []  # view 0: the plain image
+        rows, out = ex.views[0][fast.index], []  # view 0: the plain image
         for i in range(0, len(rows), 256):
             cut = np.asarray(rows[np.arange(i, min(i + 256, len(rows)))], dtype=np.float32)
             out.append(fast.rest_outputs(cut)[0])
