@@ -34,7 +34,8 @@ SMOOTHING = 0.95  # EMA factor of the loss
 DIVERGE = 4.0  # stop once the smoothed loss passes this multiple of its minimum
 CLIMB_BAND = 1.5  # "climbing": above this multiple of the curve's median
 RULES = {"steepest": "steepest descent of the smoothed loss below its minimum",
-         "climb": "a tenth of the rate where the smoothed loss leaves 1.5x its median for good"}
+         "climb": f"a tenth of the rate where the smoothed loss leaves {CLIMB_BAND:g}x its median "
+                  "for good"}
 
 
 @dataclass
