@@ -80,7 +80,7 @@ def cmd_lr_find(args) -> int:
     tests = lr_find(args.data_dir, args.out, phase, overwrite=True, **_training_kwargs(args))
     test = tests[phase]
     print(f"\nsuggested {'--lr' if phase == 'head' else '--fine-tune-lr'} {test['suggestion']:.3g}"
-          f"  ({why(test)}; plot {Path(args.out) / test['plot']})")
+          f"  ({why(test)}; {test['steps']} steps; plot {Path(args.out) / test['plot']})")
     return 0
 
 

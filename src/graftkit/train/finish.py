@@ -72,7 +72,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
         plain.set_weights(model.get_weights())
         model = plain
     featured = with_features(model)  # [penultimate features, probabilities] in one pass
-    fast, engine_key = _fast_path(built, cut, frozen, featured, (mode or {}).get("chosen"))
+    fast, engine_key = _fast_path(built, cut, frozen, featured, mode.get("chosen"))
     train_features = _training_features(run, data, frozen, featured, fast)
     closest = build_closest(train_features, folder.train.paths,
                             [folder.label_text(y) for y in folder.train.labels], run.log)

@@ -77,10 +77,8 @@ class RangeTest:
 def why(test: dict) -> str:
     """How a test's suggestion (``RangeTest.as_dict``) was read off its curve, for a log line."""
     if test.get("rule") == "climb":
-        return (f"a tenth of {test['suggestion'] * 10:.3g}, where the smoothed loss starts to "
-                f"climb, over {test['steps']} steps")
-    return (f"steepest fall of the smoothed loss over {test['steps']} steps; loss lowest at "
-            f"{test['minimum']:.3g}")
+        return f"a tenth of {test['suggestion'] * 10:.3g}, where the smoothed loss starts to climb"
+    return f"steepest fall of the smoothed loss; loss lowest at {test['minimum']:.3g}"
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
