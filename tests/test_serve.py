@@ -461,6 +461,32 @@ def until(page, script: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def test_serving_in_process_leaves_the_process_logging_alone(trained_run, capsys):
+    """uvicorn's default logging config would run ``dictConfig``, which closes the stream of
+    every handler made before it that is not stderr at that moment (absl's, made with
+    TensorFlow's import): in a notebook or under pytest, that stream is the host's."""
+    import io
+    import logging
+
+    from absl.logging import PythonHandler
+
+    from graftkit.serve.server import Service
+
+    host_stream = io.StringIO()
+    handler = PythonHandler(host_stream)  # absl's own class: it closes its stream on close()
+    root_handlers = list(logging.getLogger().handlers)
+    service = Service(trained_run / "run")
+    service.start()
+    try:
+        logging.getLogger("uvicorn.error").warning("a warning from uvicorn")
+    finally:
+        service.stop()
+        service.batcher.close()
+    assert not host_stream.closed and logging.getLogger().handlers == root_handlers
+    assert "WARNING: a warning from uvicorn" in capsys.readouterr().err
+    handler.close()
+
+
 @pytest.mark.slow
 def test_both_pages_in_headless_chromium(trained_run, tmp_path):
     sync_playwright = browser_or_skip()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +50,31 @@ def bind(host: str, port: int) -> socket.socket:
                          "--port (or --port 0 for any free one)") from None
     sock.listen(128)
     return sock
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (a stream bound once goes stale where
+    stderr is swapped, as under pytest or in a notebook)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _uvicorn_log_to_stderr() -> None:
+    """uvicorn's warnings and errors on stderr, set on its own loggers: uvicorn's default
+    ``dictConfig`` would reconfigure the whole process's logging, and closes the streams of
+    handlers made before it (absl's, made when TensorFlow is imported)."""
+    log = logging.getLogger("uvicorn")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 class Service:
@@ -235,7 +262,9 @@ class Service:
         from graftkit.serve.protocol import guarded_protocol
 
         self.guard.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+        _uvicorn_log_to_stderr()
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False,
+                                lifespan="off",
                                 http=guarded_protocol(self.max_connections, self.header_timeout),
                                 limit_concurrency=self.max_connections)
         self.server = uvicorn.Server(config)
