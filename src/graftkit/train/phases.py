@@ -147,6 +147,9 @@ def _compile(model: keras.Model, lr: float, plan: PhasePlan, total_steps: int = 
     model.compile(optimizer=optimizer(lr, total_steps, training, model.trainable_variables,
                                       factors),
                   loss=_loss(plan), metrics=plan.task.metrics(int(model.outputs[0].shape[-1])))
+    # Its slot variables made now, eagerly: built inside fit's first trace, each is lifted out
+    # of the graph one by one (3.6 s against 0.4 s for EfficientNet-Lite0's 147 variables).
+    model.optimizer.build(model.trainable_variables)
 
 
 def _loss(plan: PhasePlan):
