@@ -29,17 +29,17 @@ demo: $(STAMP)
 	$(VENV)/bin/graft demo --out demo-run --overwrite
 
 # ruff, the type check (mypy on src/) and the fast tier first (no graft fit, no TFLite
-# conversion, no TensorFlow subprocess: about 2 minutes on 2 cores), then the integration tier
-# (fits, exports, end-to-end runs) on two processes, since its tests wait on subprocesses and
-# servers about half the time, and last the few that time a server against the clock, alone.
+# conversion, no TensorFlow subprocess: about 1.5 minutes on 2 cores), then the integration
+# tier (fits, exports, end-to-end runs) on two processes, an idle one taking queued tests from
+# the busy one (worksteal), and last the few that time a server against the clock, alone.
 test: test-fast
-	$(VENV)/bin/python -m pytest -m "integration and not serial" -n 2
+	$(VENV)/bin/python -m pytest -m "integration and not serial" -n 2 --dist worksteal
 	$(VENV)/bin/python -m pytest -m "integration and serial"
 
 test-fast: $(STAMP) $(WEB)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -m "not integration"
+	$(VENV)/bin/python -m pytest -m "not integration" -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,8 @@
 """Shared fixtures (a private weights cache, small generated image folders, runs) and the tiers.
 
 Two tiers: ``make test-fast`` runs the tests not marked ``integration`` (no graft fit, no TFLite
-conversion, no subprocess that imports TensorFlow); ``make test`` runs them first, then the rest
-on two processes (pytest-xdist: the integration tests wait on subprocesses and servers about
-half the time), then the ``serial`` ones alone.
+conversion, no subprocess that imports TensorFlow) on two processes; ``make test`` runs them
+first, then the rest on two processes (pytest-xdist), then the ``serial`` ones alone.
 A test is ``integration`` when it is marked so (or ``slow``) or uses a fixture that fits
 (``INTEGRATION_FIXTURES``). A test that is not, yet fits, converts or starts TensorFlow in a
 subprocess, fails with a message saying to mark it: the fast tier stays fast by construction.
@@ -37,6 +36,11 @@ TF_COMMANDS = {"fit", "lr-find", "predict", "evaluate", "inspect", "export", "de
 SERIAL_FIXTURES = {"live"}
 
 
+# Modules whose tests take minutes each and share no module fixture: the integration tier
+# starts them first, so the two processes do not end with one of them alone on a long test.
+FIRST_MODULES = ("test_end_to_end.py",)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -44,6 +48,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if SERIAL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.serial)
+    items.sort(key=lambda item: item.path.name not in FIRST_MODULES)  # stable: the rest as is
 
 
 class TierError(AssertionError):
