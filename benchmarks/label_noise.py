@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/label_noise.py detect [--sets flowers5,pacs_art,hymenoptera]
     .venv/bin/python benchmarks/label_noise.py refit  [--sets flowers5,pacs_art] [--seeds 0,1,2]
     .venv/bin/python benchmarks/label_noise.py inbox  [--seeds 0,1,2]
+    .venv/bin/python benchmarks/label_noise.py variants [--sets flowers5,pacs_art,hymenoptera]
     .venv/bin/python benchmarks/label_noise.py table
 
 **detect**: seeded noise in the *training* labels of ``../shared/datasets`` sets (validation
@@ -23,6 +24,13 @@ clean folder, on the noisy one (10% symmetric; its ``label_issues.csv`` is graft
 for the detect table too) and on the noisy one with every suggestion for a training image
 accepted. Folders are symbolic links into ``../shared/datasets``, never copies; frozen
 outputs are cached by file content, so the three share their frozen pass.
+
+**variants**: on the same out-of-fold probabilities as ``detect``, how many training labels
+are still wrong once every suggestion is accepted, under other flagging rules: the paper's rule
+as graftkit runs it; it plus the images whose top class leads the given one by 0.5 or more
+(``margin``); the paper's counting variants, prune by class (each class's
+off-diagonal count of the confident joint, lowest self-confidence first) and prune by noise
+rate (each pair's count, largest margin first), with raw and calibrated counts.
 
 **inbox**: flowers5 with 20 labelled training images per class (seeded) and the other 1,500 as
 an unlabelled inbox. A default ``graftkit.fit`` on the 100, then ``Classifier.suggest`` on the
@@ -223,6 +231,90 @@ def detect(name: str, seeds: list[int]) -> None:
             record(row)
             log(f"{name} {kind} s{seed} logistic: auroc {row['auroc']:.3f} p@k "
                 f"{row['precision_at_k']:.3f} flagged {row['flagged']} prec {row['precision']}")
+
+
+# --- variants of the flagging rule ----------------------------------------------------------
+
+
+def confident_joint(probs: np.ndarray, given: np.ndarray, calibrated: bool) -> np.ndarray:
+    """Counts of (given, likeliest class above its threshold); calibrated: rows scaled to the
+    number of images given each class (the paper's calibration)."""
+    from graftkit.labels.issues import thresholds
+
+    above = probs >= thresholds(probs, given)
+    likeliest = np.where(above, probs, -1.0).argmax(axis=1)
+    joint = np.zeros((probs.shape[1],) * 2)
+    np.add.at(joint, (given[above.any(axis=1)], likeliest[above.any(axis=1)]), 1)
+    if calibrated:
+        counts = np.bincount(given, minlength=probs.shape[1])[:, None]
+        joint = joint / np.maximum(joint.sum(axis=1, keepdims=True), 1) * counts
+    return joint
+
+
+def flag_rule(rule: str, probs: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(flagged indices, suggested class of every image)`` under ``rule``."""
+    from graftkit.labels.issues import confident_learning
+
+    rows = np.arange(len(given))
+    others = probs.copy()
+    others[rows, given] = -1.0
+    best_other = others.argmax(axis=1)
+    flagged, suggested = confident_learning(probs, given)
+    if rule == "paper":
+        return flagged, suggested
+    if rule == "margin":
+        lead = (probs.argmax(axis=1) != given) & (probs.max(axis=1) - probs[rows, given] >= 0.5)
+        extra = np.setdiff1d(np.flatnonzero(lead), flagged)
+        suggested = suggested.copy()
+        suggested[extra] = best_other[extra]
+        return np.union1d(flagged, extra), suggested
+    kind, calibration = rule.rsplit("-", 1)
+    joint = confident_joint(probs, given, calibration == "calibrated")
+    p_given = probs[rows, given]
+    out: set[int] = set()
+    for i in range(probs.shape[1]):
+        mine = np.flatnonzero(given == i)
+        if kind == "by-class":
+            n = int(round(joint[i].sum() - joint[i, i]))
+            out |= set(mine[np.argsort(p_given[mine], kind="stable")[:n]].tolist())
+            continue
+        for j in range(probs.shape[1]):
+            if j != i:
+                margin = probs[mine, j] - probs[mine, i]
+                n = int(round(joint[i, j]))
+                out |= set(mine[np.argsort(-margin, kind="stable")[:n]].tolist())
+    return np.array(sorted(out), dtype=np.int64), best_other
+
+
+VARIANTS = ("paper", "margin", "by-class-raw", "by-class-calibrated", "by-noise-rate-raw",
+            "by-noise-rate-calibrated")
+
+
+def variants(name: str, seeds: list[int]) -> None:
+    from graftkit.train.cross_fit import out_of_fold, pooled_features
+
+    folder = clean(name)
+    size = default_size(folder)
+    settings, _ = head_settings(folder, size)
+    features = pooled_features(folder, image_size=size, log=lambda _m: None)
+    truth = np.asarray(folder.train.labels)
+    n = len(truth)
+    for kind in KINDS:
+        for seed in seeds:
+            y = noisy_labels(folder.train.labels, folder.classes, kind, seed, name)
+            given = np.concatenate([y, np.asarray(folder.val.labels)])
+            probs = out_of_fold(features, given, len(folder.classes), settings, seed=seed)
+            wrong = {}
+            for rule in VARIANTS:
+                flagged, suggested = flag_rule(rule, probs, given)
+                fixed = y.copy()
+                train = flagged[flagged < n]
+                fixed[train] = suggested[train]
+                wrong[rule] = int((fixed != truth).sum())
+            record({"task": "variants", "set": name, "kind": kind, "seed": seed,
+                    "still_wrong": wrong})
+            log(f"{name} {kind} s{seed} still wrong: " +
+                ", ".join(f"{r} {w}" for r, w in wrong.items()))
 
 
 # --- refit -------------------------------------------------------------------------------
@@ -441,6 +533,17 @@ def table() -> str:
                        f"{statistics.mean(r['relabelled'] for r in rs):.0f} | "
                        f"{statistics.mean(r['still_wrong'] for r in rs):.0f} | {second} | "
                        f"{cost:.1f} of {run:.0f} ({cost / run:.1%}) |")
+    tried = _latest([r for r in rows if r["task"] == "variants"], ("set", "kind", "seed"))
+    if tried:
+        out += ["", "still wrong after accepting | " + " | ".join(VARIANTS) + " |",
+                "|---|" + "---|" * len(VARIANTS)]
+        by_case: dict[tuple, list[dict]] = {}
+        for r in tried:
+            by_case.setdefault((r["set"], r["kind"]), []).append(r)
+        for (name, kind), rs in by_case.items():
+            out.append(f"| {name} {kind} ({len(rs)} seeds) | " + " | ".join(
+                f"{statistics.mean(r['still_wrong'][v] for r in rs):.1f}" for v in VARIANTS)
+                + " |")
     accepts = _latest([r for r in rows if r["task"] == "inbox-accept"], ("seed",))
     if accepts:
         out += ["", "| accept all with p >= | share of the inbox labelled | labels right |",
@@ -479,7 +582,7 @@ def _mean(values, digits: int = 3) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=("detect", "refit", "inbox", "table"))
+    parser.add_argument("task", choices=("detect", "refit", "variants", "inbox", "table"))
     parser.add_argument("--sets", default=None)
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
@@ -490,10 +593,11 @@ def main() -> None:
     if args.task == "inbox":
         inbox(seeds)
         return
-    names = (args.sets or ("flowers5,pacs_art,hymenoptera" if args.task == "detect"
-                           else "flowers5,pacs_art")).split(",")
+    names = (args.sets or ("flowers5,pacs_art" if args.task == "refit"
+                           else "flowers5,pacs_art,hymenoptera")).split(",")
+    task = {"detect": detect, "refit": refit, "variants": variants}[args.task]
     for name in names:
-        (detect if args.task == "detect" else refit)(name, seeds)
+        task(name, seeds)
 
 
 if __name__ == "__main__":
