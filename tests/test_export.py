@@ -163,9 +163,25 @@ def _int8_keeps_the_open_set_score_in_float32(result: dict) -> None:
     assert 0 < result["ood_max_abs_diff"] < 0.5 and result["known_agreement"] > 0.5
 
 
+def _reuse_the_float32_tflite(float32_exports, monkeypatch) -> None:
+    """The shared run's float32 TFLite file, converted once already, stands in for the build
+    (the SavedModel and the conversion): the tests using it are about what comes after."""
+    import shutil
+
+    from graftkit.deploy import export as export_module
+
+    converted = float32_exports("tflite")[0].path
+
+    def build(_model, _fmt, _quantize, work, *_rest):
+        path = work / "model.tflite"
+        shutil.copyfile(converted, path)
+        return path, export_module._run_tflite  # looked up now: a test may replace it
+
+    monkeypatch.setattr(export_module, "_build", build)
+
+
 def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, float32_exports,
                                                           tmp_path, monkeypatch):
-    from pathlib import Path
 
     from graftkit.deploy import export as export_module
     from graftkit.errors import ExportError
@@ -173,8 +189,7 @@ def test_an_export_its_runtime_refuses_is_an_export_error(trained_run, float32_e
     def refuses(path, x):
         raise RuntimeError("tensorflow/lite/kernels/div.cc:242 data[i] != 0 was not true.")
 
-    converted = Path(float32_exports("tflite")[0].path).read_bytes()  # converted once already
-    monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
+    _reuse_the_float32_tflite(float32_exports, monkeypatch)
     monkeypatch.setattr(export_module.tflite_metadata, "with_metadata", lambda model, *_: model)
     monkeypatch.setattr(export_module, "_run_tflite", refuses)
     with pytest.raises(ExportError, match="does not run in its own runtime .*nothing was written"):
@@ -211,13 +226,10 @@ def test_check_and_calibration_samples_cover_every_class(tmp_path):
 
 def test_without_mediapipe_the_tflite_file_is_written_and_says_what_to_install(
         trained_run, float32_exports, tmp_path, monkeypatch, capsys):
-    from pathlib import Path
 
-    from graftkit.deploy import export as export_module
     from graftkit.deploy import tflite_metadata
 
-    converted = Path(float32_exports("tflite")[0].path).read_bytes()
-    monkeypatch.setattr(export_module, "_convert_tflite", lambda *_a, **_k: converted)
+    _reuse_the_float32_tflite(float32_exports, monkeypatch)
     monkeypatch.setattr(tflite_metadata, "available", lambda: False)
     monkeypatch.setattr(tflite_metadata, "with_metadata",
                         lambda *_a: pytest.fail("metadata written without MediaPipe"))

@@ -481,7 +481,6 @@ def test_serving_in_process_leaves_the_process_logging_alone(trained_run, capsys
         logging.getLogger("uvicorn.error").warning("a warning from uvicorn")
     finally:
         service.stop()
-        service.batcher.close()
     assert not host_stream.closed and logging.getLogger().handlers == root_handlers
     assert "WARNING: a warning from uvicorn" in capsys.readouterr().err
     handler.close()
