@@ -187,23 +187,20 @@ class SplitClassifier:
             raise ValueError("no single tensor separates the top blocks")
         self.bottom, self.rest = parts
         self._rest: Callable[[np.ndarray], list[np.ndarray]] | None = None
-        size = int(model.inputs[0].shape[1])
-        key = engine_key
-        if not key or not engine_path(key).is_file():
-            key = part_key(self.bottom, size, first.name)
         # ``frozen``: a part already running whose first output is this bottom's (fit's own).
         # Only that output is used, and only it is checked against Keras: the others may pass
         # through layers trained since (fit's pooled features, through the fine-tuned top).
         if frozen is not None:
             frozen.checked_outputs = 1
-        engine_model = self.bottom
+        engine_model, cut_name = self.bottom, first.name
         if frozen is None and pooled_top:
             split = split_base(model.get_layer(BASE), block_pattern, pooled_top)
             if split is None or split.top is None:
                 raise ValueError(f"cannot cut below {pooled_top} blocks")
-            engine_model = split.frozen_model()
-            if not engine_key or not engine_path(engine_key).is_file():
-                key = part_key(engine_model, size, split.cut)
+            engine_model, cut_name = split.frozen_model(), split.cut
+        key = engine_key
+        if not key or not engine_path(key).is_file():
+            key = part_key(engine_model, int(model.inputs[0].shape[1]), cut_name)
         # ``int8_engine``: an int8 run's engine (its head trained on that engine's outputs)
         self.frozen = frozen or FrozenPart(engine_model, key, engine_file=int8_engine)
 
