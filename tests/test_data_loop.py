@@ -339,6 +339,15 @@ def test_refit_says_what_changed_and_reads_the_rest_from_the_cache(tmp_path, cap
     assert m["frozen_outputs"]["computed"] == 1  # the new image: the relabelled one is cached
     split = json.loads((tmp_path / "run-2" / "split.json").read_text())
     assert len(split["val_sha256"]) == len(split["val"])
+    # both models on the validation images both runs had, paired by content
+    before = json.loads((tmp_path / "run" / "split.json").read_text())["val_sha256"]
+    compared = m["previous_run"]
+    assert compared["run"] == str(tmp_path / "run")
+    assert compared["images"] == len(set(before) & set(split["val_sha256"])) > 0
+    assert f"against the last run {compared['val_accuracy']:.4f} here" in out
+    report = (tmp_path / "run-2" / "report.html").read_text()
+    assert f"<p class=muted id=previous-run>against the last run: {compared['val_accuracy']:.4f}" \
+        in report
     assert main(["refit", str(tmp_path / "nope")]) == 5
 
 
@@ -364,7 +373,8 @@ def test_refit_from_the_page_serves_the_new_run(issues_run):
         service.refit.wait(600)
         status = client.get("/review/api/refit", headers=auth).json()
         assert status["state"] == "done", status
-        assert status["message"].startswith(f"now serving {run}-2")
+        assert status["message"].startswith(f"now serving {run}-2: ")
+        assert " here, " in status["message"] and f" for {run}, on the same " in status["message"]
         assert any("1 relabelled" in line for line in status["log"]), status["log"]
         assert client.get("/info").json()["run"] == str(Path(f"{run}-2").resolve())
         from tests.test_serve import png_bytes

@@ -161,7 +161,8 @@ graft fit labels.csv --out runs/csv --val val_labels.csv   # rows: path,label
         preflight=preflight_refit, tensorflow=True,
         examples="""
 graft refit runs/photos                    # runs/photos-2: same options, photos/ as it is now
-graft refit runs/photos --out runs/clean   # the log says how many images are new or relabelled
+graft refit runs/photos --out runs/clean   # the log says how many images are new or relabelled,
+                                           # the summary how it does against runs/photos
 """,
     ),
     Command(

@@ -56,6 +56,7 @@ class RunRecord:
     val_used_for: str | None = None
     test: JSON | None = None  # the held-out test split, scored once: first in the file
     label_issues: JSON | None = None  # count, checked, file, method, folds, seconds
+    previous_run: JSON | None = None  # a refit: both models on the same validation images
     task: str = "single_label"  # or "multi_label": several labels per image, sigmoid outputs
     multi_label: JSON | None = None  # mAP, F1s, thresholds and per-label scores (multi-label)
     schema: int = SCHEMA_VERSION

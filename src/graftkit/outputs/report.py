@@ -435,8 +435,13 @@ def _headline(m: dict) -> str:
     note = (f" (they chose {_e(used)}: optimistic"
             + ("" if test else "; a test/ folder beside train/ or --test gives a figure nothing "
                                "was chosen on") + ")") if used else ""
+    from graftkit.outputs.compare import line as compared
+
+    previous = m.get("previous_run")
+    against = (f"<p class=muted id=previous-run>against the last run: {_e(compared(previous))}"
+               "</p>" if previous else "")
     return (line + f"<p class=muted>final validation accuracy <b id=accuracy>"
-            f"{m['val_accuracy']:.4f}</b> on {m['num_val']} images{note}</p>")
+            f"{m['val_accuracy']:.4f}</b> on {m['num_val']} images{note}</p>" + against)
 
 
 def _test(m: dict) -> str:

@@ -63,6 +63,11 @@ def print_summary(m: dict, run_dir) -> None:
               f"{'looks' if issues['count'] == 1 else 'look'} wrong"
               + (f": {issues['file']}, ranked; graft serve {shlex.quote(str(run_dir))} --data "
                  f"{data} to review them" if issues["count"] else ""))
+    previous = m.get("previous_run")
+    if previous:
+        from graftkit.outputs.compare import line
+
+        print(f"  {'against the last run':<20} {line(previous)}")
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "

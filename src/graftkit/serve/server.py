@@ -202,6 +202,11 @@ class Service:
             self.inbox.start()
         old.close()
         accuracy = classifier.record.val_accuracy
+        previous = classifier.record.previous_run
+        if previous and "reason" not in previous:
+            from graftkit.outputs.compare import line
+
+            return f"now serving {run_dir}: {line(previous)}"
         return (f"now serving {run_dir}" + (f" (val accuracy {accuracy:.4f})"
                                             if isinstance(accuracy, float) else ""))
 

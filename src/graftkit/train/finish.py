@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import keras
 
     from graftkit.classifier import Classifier
+    from graftkit.data.folder import ImageFolder
     from graftkit.frozen.cut import SplitClassifier
 
 
@@ -85,6 +86,7 @@ def finish(run: RunContext, built: ModelPlan, data: PreparedData, training: Trai
     issues = _label_issues(run, built, data, training, pretrained)
     record = run_record(run, built, data, training, frozen, mode, final, engine_key, digest,
                         issues)
+    record.previous_run = _against_previous(run, folder, final)
     engine = frozen.part.int8_engine() if frozen is not None else None
     int8 = (frozen.part.int8_engine_name, engine) if frozen and engine is not None else None
     train_sha256 = write_run(run.run_dir, model, folder, final, record, training.plan.history,
@@ -217,6 +219,20 @@ def frozen_record(frozen: FrozenOutputs | None) -> dict | None:
             accepted["engine_sha256"] = hashlib.sha256(engine).hexdigest()
         out["int8"] = accepted
     return out
+
+
+def _against_previous(run: RunContext, folder: ImageFolder,
+                      final: FinalScores) -> dict | None:
+    """A refit: its model and the previous run's on the validation images both saw."""
+    if run.previous is None or folder.multi_label:
+        return None
+    from graftkit.outputs.compare import against_previous, line
+
+    result = against_previous(run.previous, folder.digests(folder.val),
+                              [folder.label_text(y) for y in folder.val.labels],
+                              [folder.classes[k] for k in final.probs.argmax(axis=1)])
+    run.log(f"against the last run: {line(result)}")
+    return result
 
 
 def run_record(run: RunContext, built: ModelPlan, data: PreparedData, training: Training,
