@@ -72,3 +72,5 @@ def test_a_run_that_cannot_be_paired_says_why(tmp_path):
     run = previous_run(tmp_path, [("d/ants/a.jpg", "A", "ants", "ants")])
     other = against_previous(run, ["Z"], ["ants"], ["ants"])
     assert other["reason"] == "no validation image of this run was a validation image of it"
+    (run / "predictions.csv").write_text("path,label\nd/ants/a.jpg,ants\n")  # no answers in it
+    assert "reason" in against_previous(run, ["A"], ["ants"], ["ants"])

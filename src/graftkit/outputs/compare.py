@@ -41,7 +41,8 @@ def against_previous(previous: Path, digests: list[str], labels: list[str],
         return {**out, "reason": f"its validation predictions cannot be read ({exc})"}
     digest_of = dict(zip((path for path, _label in split.get("val", [])),
                          split.get("val_sha256") or []))
-    before = {digest_of[r["path"]]: r["predicted"] for r in rows if r.get("path") in digest_of}
+    before = {digest_of[r["path"]]: r["predicted"] for r in rows
+              if r.get("path") in digest_of and r.get("predicted")}
     pairs = [(label, now, before[d]) for d, label, now in zip(digests, labels, predicted)
              if d in before]
     if not pairs:
