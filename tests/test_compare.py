@@ -74,3 +74,7 @@ def test_a_run_that_cannot_be_paired_says_why(tmp_path):
     assert other["reason"] == "no validation image of this run was a validation image of it"
     (run / "predictions.csv").write_text("path,label\nd/ants/a.jpg,ants\n")  # no answers in it
     assert "reason" in against_previous(run, ["A"], ["ants"], ["ants"])
+    (run / "split.json").write_text('{"val": [3, 4], "val_sha256": ["A"]}')  # edited by hand
+    assert "cannot be read" in against_previous(run, ["A"], ["ants"], ["ants"])["reason"]
+    (run / "split.json").write_text('["not", "a", "split"]')
+    assert "cannot be read" in against_previous(run, ["A"], ["ants"], ["ants"])["reason"]

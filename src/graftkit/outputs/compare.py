@@ -36,13 +36,13 @@ def against_previous(previous: Path, digests: list[str], labels: list[str],
     out: JSON = {"run": str(previous)}
     try:
         split = read_split(previous)
-        rows = read_predictions(previous)
-    except (RunError, OSError, ValueError) as exc:
+        digest_of = dict(zip((path for path, _label in split.get("val", [])),
+                             split.get("val_sha256") or []))
+        before = {digest_of[r["path"]]: r["predicted"] for r in read_predictions(previous)
+                  if r.get("path") in digest_of and r.get("predicted")}
+    except (RunError, OSError, ValueError, TypeError, AttributeError) as exc:
+        # a missing or hand-edited file: the new run is trained already and must be written
         return {**out, "reason": f"its validation predictions cannot be read ({exc})"}
-    digest_of = dict(zip((path for path, _label in split.get("val", [])),
-                         split.get("val_sha256") or []))
-    before = {digest_of[r["path"]]: r["predicted"] for r in rows
-              if r.get("path") in digest_of and r.get("predicted")}
     pairs = [(label, now, before[d]) for d, label, now in zip(digests, labels, predicted)
              if d in before]
     if not pairs:
