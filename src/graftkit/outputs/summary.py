@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from graftkit.frozen.runtimes import engine_label
+from graftkit.outputs.compare import line as compared
 
 
 def _plural(n: int, word: str) -> str:
@@ -63,11 +64,8 @@ def print_summary(m: dict, run_dir) -> None:
               f"{'looks' if issues['count'] == 1 else 'look'} wrong"
               + (f": {issues['file']}, ranked; graft serve {shlex.quote(str(run_dir))} --data "
                  f"{data} to review them" if issues["count"] else ""))
-    previous = m.get("previous_run")
-    if previous:
-        from graftkit.outputs.compare import line
-
-        print(f"  {'against the last run':<20} {line(previous)}")
+    if m.get("previous_run"):
+        print(f"  {'against the last run':<20} {compared(m['previous_run'])}")
     if m["skipped_files"]:
         print(f"  skipped files        {len(m['skipped_files'])} (listed in metrics.json)")
     print(f"  outputs              {run_dir}/ (model.keras, report.html, labels.json, "
